@@ -1,0 +1,7 @@
+"""Backends: one interface for the heavy ops and its implementations.
+
+Vendor modules are imported only inside the backend that needs them, when it is built.
+"""
+
+from backends.interface import Backend, Capabilities  # noqa: F401
+from backends.registry import BACKENDS, create_backend  # noqa: F401

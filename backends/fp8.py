@@ -1,0 +1,112 @@
+"""FP8 block-quantization math shared by every backend, the loader and `dsv3 convert`.
+
+Plain PyTorch only. The DeepSeek-V3 checkpoint stores each quantized linear as
+an e4m3fn weight [out, in] and a float32 `weight_scale_inv` with one entry per
+128x128 block (partial blocks at the edges included); activations are quantized
+per token per 128 channels at run time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 128
+SCALE_FLOOR = 1e-4  # keeps an all-zero block from giving 0/0 = NaN
+
+FP8_FORMATS: dict[str, torch.dtype] = {
+    "e4m3fn": torch.float8_e4m3fn,
+    "e4m3fnuz": torch.float8_e4m3fnuz,
+}
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an FP8 dtype (448 for e4m3fn, 240 for e4m3fnuz)."""
+    return float(torch.finfo(dtype).max)
+
+
+def num_blocks(size: int, block: int = BLOCK) -> int:
+    return math.ceil(size / block)
+
+
+def expand_block_scales(scale: torch.Tensor, rows: int, cols: int, block: int = BLOCK) -> torch.Tensor:
+    """Repeat a [ceil(rows/b), ceil(cols/b)] block-scale grid to [rows, cols] (last dims)."""
+    expanded = scale.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+    return expanded[..., :rows, :cols]
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """FP8 weight [..., out, in] times its 128x128 block scales, in `dtype`.
+
+    Args:
+        weight: FP8 tensor [..., out, in].
+        scale_inv: float32 [..., ceil(out/128), ceil(in/128)].
+        dtype: result dtype.
+    Returns:
+        The dequantized weight [..., out, in].
+    """
+    rows, cols = weight.shape[-2:]
+    scale = expand_block_scales(scale_inv.float(), rows, cols)
+    return (weight.float() * scale).to(dtype)
+
+
+def quantize_blocks(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantize a weight [..., out, in] with one scale per 128x128 block.
+
+    Returns:
+        (fp8 weight [..., out, in], float32 scale_inv [..., ceil(out/128), ceil(in/128)]).
+    """
+    rows, cols = weight.shape[-2:]
+    pad_r, pad_c = -rows % BLOCK, -cols % BLOCK
+    w = torch.nn.functional.pad(weight.float(), (0, pad_c, 0, pad_r))
+    lead = w.shape[:-2]
+    blocks = w.reshape(*lead, (rows + pad_r) // BLOCK, BLOCK, (cols + pad_c) // BLOCK, BLOCK)
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(SCALE_FLOOR)
+    scale = amax / fp8_max(fp8_dtype)
+    q = (blocks / scale[..., :, None, :, None]).reshape(w.shape)[..., :rows, :cols]
+    return q.to(fp8_dtype), scale
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    max_value: float | None = None,
+    power_of_two: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations per token per 128 channels.
+
+    s = max(amax, 1e-4) / max_value, optionally rounded up to a power of two
+    (DeepSeek-V3.1's ue8m0 scales); q = x / s cast to `fp8_dtype`.
+
+    Args:
+        x: [..., K]; K need not be a multiple of 128 (the last block is partial).
+        fp8_dtype: e4m3fn or e4m3fnuz.
+        max_value: the value amax maps to; defaults to the dtype's max.
+        power_of_two: round scales up to powers of two.
+    Returns:
+        (q [..., K] in fp8_dtype, scales float32 [..., ceil(K/128)]).
+    """
+    k = x.shape[-1]
+    max_value = fp8_max(fp8_dtype) if max_value is None else max_value
+    padded = torch.nn.functional.pad(x.float(), (0, -k % BLOCK))
+    blocks = padded.unflatten(-1, (-1, BLOCK))
+    scale = blocks.abs().amax(dim=-1).clamp_min(SCALE_FLOOR) / max_value
+    if power_of_two:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (blocks / scale[..., None]).clamp(-max_value, max_value).flatten(-2)[..., :k]
+    return q.to(fp8_dtype), scale
+
+
+def fn_to_fnuz(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert an e4m3fn block-quantized weight to e4m3fnuz for MI300X (gfx942).
+
+    The bits are reinterpreted; the pattern 0x80 (-0 in fn, NaN in fnuz) becomes 0,
+    and every scale is doubled because fnuz's exponent bias is one larger, so the
+    same bits mean half the value.
+    """
+    if weight.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"fn_to_fnuz expects float8_e4m3fn, got {weight.dtype}")
+    bits = weight.view(torch.uint8).clone()
+    bits[bits == 0x80] = 0
+    return bits.view(torch.float8_e4m3fnuz), scale_inv * 2.0

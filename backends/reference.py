@@ -1,0 +1,225 @@
+"""The reference backend: plain PyTorch on any device, written for clarity.
+
+It is the oracle every other backend is compared with. FP8 is emulated
+exactly: activations are quantized per token per 128 channels, each 128-wide
+K block is multiplied in fp32 and scaled by a_scale x b_scale, and the blocks
+are summed in fp32. Attention and routing run in fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from backends import fp8
+from backends.interface import (
+    Backend, Capabilities, CacheSpec, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig,
+)
+
+_DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class ReferenceBackend(Backend):
+    """Plain-PyTorch backend.
+
+    Args:
+        device: any torch device ("cpu" by default).
+        fp8_format: "e4m3fn" (NVIDIA, the checkpoint's) or "e4m3fnuz" (MI300X numerics).
+        fp8_max: the value activation amax maps to; defaults to 448 for fn and 224 for fnuz.
+        ue8m0: round activation scales up to powers of two (DeepSeek-V3.1's scale_fmt).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", fp8_format: str = "e4m3fn",
+                 fp8_max: float | None = None, ue8m0: bool = False):
+        if fp8_format not in fp8.FP8_FORMATS:
+            raise ValueError(f"fp8_format must be one of {sorted(fp8.FP8_FORMATS)}, got {fp8_format!r}")
+        dtype = fp8.FP8_FORMATS[fp8_format]
+        if fp8_max is None:
+            fp8_max = 224.0 if fp8_format == "e4m3fnuz" else fp8.fp8_max(dtype)
+        self.ue8m0 = ue8m0
+        self.capabilities = Capabilities(
+            name="reference",
+            device=str(torch.device(device)),
+            fp8_dtype=dtype,
+            fp8_max=fp8_max,
+            dist_backend="gloo" if torch.device(device).type == "cpu" else "nccl",
+            ops={
+                "linear_fp8": f"torch: {fp8_format} emulated, fp32 per 128-block",
+                "linear_bf16": "torch: F.linear",
+                "rms_norm": "torch: fp32",
+                "rotary": "torch: fp32 interleaved",
+                "mla_prefill": "torch: absorbed, fp32 softmax",
+                "mla_decode": "torch: absorbed, fp32 softmax",
+                "moe_route": "torch: fp32",
+                "moe_experts": "torch: loop over experts",
+            },
+        )
+
+    # ---- weight preparation ------------------------------------------------
+
+    def _to_fp8(self, weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight in this backend's FP8 format with block scales, from FP8 or dense input."""
+        if scale is None:
+            return fp8.quantize_blocks(weight, self.capabilities.fp8_dtype)
+        if self.capabilities.fp8_dtype == torch.float8_e4m3fnuz and weight.dtype == torch.float8_e4m3fn:
+            return fp8.fn_to_fnuz(weight, scale.float())
+        return weight, scale.float()
+
+    def _dense(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        if scale is not None:
+            return fp8.dequantize_blocks(weight, scale, dtype)
+        return weight.to(dtype)
+
+    def _prepare(self, weight, scale, precision):
+        if precision == "fp8":
+            return self._to_fp8(weight.to(self.device), None if scale is None else scale.to(self.device))
+        return self._dense(weight.to(self.device), None if scale is None else scale.to(self.device),
+                           _DENSE_DTYPES[precision]), None
+
+    def prepare_linear(self, weight, scale_inv, precision: Precision) -> LinearWeight:
+        w, s = self._prepare(weight, scale_inv, precision)
+        return LinearWeight(w, s, weight.shape[0], weight.shape[1])
+
+    def prepare_experts(self, gate_up, gate_up_scale, down, down_scale, precision: Precision) -> ExpertWeights:
+        gu, gus = self._prepare(gate_up, gate_up_scale, precision)
+        d, ds = self._prepare(down, down_scale, precision)
+        return ExpertWeights(gu, gus, d, ds)
+
+    def prepare_mla(self, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, dtype) -> MLAWeights:
+        w = kv_b_weight.to(self.device, torch.float32).view(num_heads, qk_nope_head_dim + v_head_dim, -1)
+        return MLAWeights(w_uk=w[:, :qk_nope_head_dim].contiguous(), w_uv=w[:, qk_nope_head_dim:].contiguous())
+
+    # ---- GEMM --------------------------------------------------------------
+
+    def _fp8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (float) @ FP8 weight [N, K]^T with 1x128 activation and 128x128 weight blocks."""
+        caps = self.capabilities
+        qa, sa = fp8.quantize_activation(x, caps.fp8_dtype, caps.fp8_max, self.ue8m0)
+        n, k = weight.shape
+        w_scale_rows = scale.repeat_interleave(fp8.BLOCK, dim=0)[:n]  # [N, K blocks]
+        out = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
+        for kb in range(fp8.num_blocks(k)):
+            cols = slice(kb * fp8.BLOCK, min(k, (kb + 1) * fp8.BLOCK))
+            partial = qa[:, cols].float() @ weight[:, cols].float().T
+            out += partial * sa[:, kb, None] * w_scale_rows[None, :, kb]
+        return out
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] @ weight^T in x's dtype, FP8-emulated when `scale` is given."""
+        if scale is None:
+            return F.linear(x, weight.to(x.dtype))
+        return self._fp8_matmul(x, weight, scale).to(x.dtype)
+
+    def linear(self, x, weight: LinearWeight):
+        y = self._matmul(x.reshape(-1, x.shape[-1]), weight.weight, weight.scale)
+        return y.view(*x.shape[:-1], weight.out_features)
+
+    # ---- small ops ---------------------------------------------------------
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if residual is not None:
+            x = x + residual
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight.to(x.dtype) * normed.to(x.dtype)
+        return (out, x) if residual is not None else out
+
+    def rotary(self, x, cos, sin):
+        extra = x.dim() - cos.dim()
+        cos = cos.view(*cos.shape[:2], *([1] * extra), cos.shape[-1])
+        sin = sin.view(*sin.shape[:2], *([1] * extra), sin.shape[-1])
+        xf = x.float()
+        even, odd = xf[..., 0::2], xf[..., 1::2]
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return rotated.flatten(-2).to(x.dtype)
+
+    # ---- MLA ---------------------------------------------------------------
+
+    def mla_cache_spec(self, max_batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
+        width = kv_lora_rank + rope_dim
+        return CacheSpec(shape=(max_batch_size, max_seq_len, width), dtype=dtype,
+                         layout="[batch, seq, kv_lora_rank + rope_dim]",
+                         bytes_per_token=width * torch.empty((), dtype=dtype).element_size())
+
+    def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
+        return torch.zeros(spec.shape, dtype=spec.dtype, device=self.device)
+
+    def _attend(self, q_nope, q_pe, kv, allowed, weights: MLAWeights, softmax_scale):
+        """Absorbed MLA over cached rows kv [B, S, C+R]; allowed [B, T, S] bool; q [B, T, H, *]."""
+        rank = weights.w_uk.shape[-1]
+        kv = kv.float()
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope.float(), weights.w_uk.float())
+        scores = (torch.einsum("bthc,bsc->bths", q_latent, kv[..., :rank])
+                  + torch.einsum("bthr,bsr->bths", q_pe.float(), kv[..., rank:])) * softmax_scale
+        scores = scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out_latent = torch.einsum("bths,bsc->bthc", probs, kv[..., :rank])
+        return torch.einsum("bthc,hvc->bthv", out_latent, weights.w_uv.float()).to(q_nope.dtype)
+
+    def mla_prefill(self, q_nope, q_pe, latent, k_pe, cache, slots, start_pos, weights, softmax_scale):
+        t = q_nope.shape[1]
+        end = start_pos + t
+        cache[slots, start_pos:end] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+        query_pos = torch.arange(start_pos, end, device=cache.device)
+        key_pos = torch.arange(end, device=cache.device)
+        allowed = (key_pos[None, :] <= query_pos[:, None]).expand(len(slots), t, end)
+        return self._attend(q_nope, q_pe, cache[slots, :end], allowed, weights, softmax_scale)
+
+    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale):
+        cache[slots, positions] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+        length = int(positions.max()) + 1
+        allowed = (torch.arange(length, device=cache.device)[None, :] <= positions[:, None])[:, None, :]
+        out = self._attend(q_nope[:, None], q_pe[:, None], cache[slots, :length], allowed, weights, softmax_scale)
+        return out[:, 0]
+
+    # ---- MoE ---------------------------------------------------------------
+
+    def moe_route(self, x, gate_weight, bias, config: RoutingConfig):
+        return route_experts(F.linear(x.float(), gate_weight.float()), bias, config)
+
+    def moe_experts(self, x, weights, ids, experts: ExpertWeights):
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        inter = experts.intermediate_size
+        for expert in ids.unique().tolist():
+            token, slot = (ids == expert).nonzero(as_tuple=True)
+            gate_up = self._matmul(x[token], experts.gate_up[expert],
+                                   None if experts.gate_up_scale is None else experts.gate_up_scale[expert])
+            hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            y = self._matmul(hidden, experts.down[expert],
+                             None if experts.down_scale is None else experts.down_scale[expert])
+            out.index_add_(0, token, y.float() * weights[token, slot, None])
+        return out.to(x.dtype)
+
+
+def route_experts(logits: torch.Tensor, bias: torch.Tensor | None, config: RoutingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek routing from gate logits [N, E] (float32) to (weights [N, k], ids [N, k]).
+
+    V3 (noaux_tc): sigmoid scores; the correction bias is added for selection only;
+    a group's score is the sum of its two best biased scores; the best topk_groups
+    groups stay; the top_k experts among them win; weights are the unbiased scores,
+    normalized, times routed_scaling_factor. V2 (group_limited_greedy): softmax, a
+    group scores its best expert. V2-Lite (greedy): softmax top-k.
+    """
+    if config.scoring == "sigmoid":
+        scores = logits.sigmoid()
+    elif config.scoring == "softmax":
+        scores = logits.softmax(dim=-1)
+    else:
+        raise ValueError(f"unknown scoring function {config.scoring!r}")
+    choice = scores if bias is None else scores + bias.float()
+    if config.method in ("noaux_tc", "group_limited_greedy") and config.num_groups > 1:
+        grouped = choice.view(choice.shape[0], config.num_groups, -1)
+        if config.method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        kept = group_scores.topk(config.topk_groups, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+    elif config.method not in ("noaux_tc", "group_limited_greedy", "greedy"):
+        raise ValueError(f"unknown routing method {config.method!r}")
+    ids = choice.topk(config.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if config.normalize and config.top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * config.scaling, ids

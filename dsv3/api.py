@@ -1,0 +1,122 @@
+"""The Python API: `load_model` and the `Model` it returns."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from backends.interface import Backend
+from backends.select import select_backend
+from dsv3.config import ModelConfig, load_config
+from dsv3.engine import Engine, SamplingParams
+from dsv3.errors import Dsv3Error
+from dsv3.model import Transformer
+from dsv3.precision import resolve_precision
+from dsv3.tokenizer import Tokenizer
+from dsv3.weights import CheckpointSource, RandomSource, WeightLoader
+
+TINY_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny"
+
+
+def info(message: str, quiet: bool = False) -> None:
+    """One line of status on stderr (stdout carries only generated text and reports)."""
+    if not quiet:
+        print(f"dsv3: {message}", file=sys.stderr, flush=True)
+
+
+class Model:
+    """A loaded model: logits, generation and chat.
+
+    Attributes:
+        config: the model config.
+        backend: the backend it runs on.
+        precision: "fp8", "bf16" or "fp32".
+        transformer: the model itself.
+        tokenizer: the checkpoint's tokenizer, or None (synthetic weights).
+    """
+
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None):
+        self.transformer = transformer
+        self.config = transformer.config
+        self.backend = transformer.backend
+        self.precision = transformer.precision
+        self.tokenizer = tokenizer
+        self.engine = Engine(transformer)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [B, T, vocab] for tokens [B, T] (LongTensor), every position, from position 0."""
+        return self.transformer.logits(tokens)
+
+    def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, on_token=None) -> list[str] | list[list[int]]:
+        """Continue each prompt; text in gives text out, token ids in give token ids out."""
+        as_text = bool(prompts) and isinstance(prompts[0], str)
+        if as_text and self.tokenizer is None:
+            raise Dsv3Error("this model has no tokenizer; pass token ids")
+        ids = [self.tokenizer.encode(p) for p in prompts] if as_text else [list(p) for p in prompts]
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, self._stop_ids())
+        out = self.engine.generate(ids, params, on_token)
+        return [self.tokenizer.decode(o) for o in out] if as_text else out
+
+    def _stop_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return tuple(sorted(ids))
+
+
+def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: str | Backend = "auto",
+               precision: str = "auto", device: str | None = None, max_batch_size: int = 8,
+               max_seq_len: int | None = None, load_mtp: bool = False, seed: int = 0, progress: bool = True,
+               quiet: bool = False) -> Model:
+    """Load a DeepSeek model.
+
+    Args:
+        path_or_config: a Hugging Face checkpoint directory; or a config (ModelConfig, a YAML/JSON
+            path or a built-in config name) for synthetic weights; None for the built-in tiny checkpoint.
+        backend: "auto" (picked from the hardware), a backend name, or a Backend instance.
+        precision: "auto", "fp8", "bf16" or "fp32".
+        device: torch device for the backend (its default when None).
+        max_batch_size, max_seq_len: size of the preallocated latent cache (max_seq_len defaults to
+            min(4096, the model's max_position_embeddings)).
+        load_mtp: also load the MTP module.
+        seed: seed of synthetic weights.
+        progress: show a progress bar while loading.
+        quiet: print no status lines.
+    Returns:
+        A Model.
+    """
+    if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 2):
+        raise Dsv3Error(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+    if path_or_config is None:
+        path_or_config = TINY_CHECKPOINT
+        info(f"no checkpoint given: using the built-in tiny checkpoint ({TINY_CHECKPOINT})", quiet)
+    if isinstance(backend, Backend):
+        chosen, reason = backend, f"{backend.capabilities.name} given"
+    else:
+        chosen, reason = select_backend(backend, device)
+    info(f"backend {chosen.capabilities.name} on {chosen.capabilities.device}: {reason}", quiet)
+
+    checkpoint = isinstance(path_or_config, (str, Path)) and (Path(path_or_config) / "config.json").exists()
+    if checkpoint:
+        config = load_config(path_or_config)
+        source = CheckpointSource(path_or_config)
+    else:
+        config = path_or_config if isinstance(path_or_config, ModelConfig) else load_config(path_or_config)
+    chosen_precision, why = resolve_precision(precision, chosen.capabilities, config.is_fp8 or not checkpoint)
+    info(why, quiet)
+    if not checkpoint:
+        source = RandomSource(config, fp8=chosen_precision == "fp8", seed=seed, device=chosen.device)
+    max_seq_len = max_seq_len or min(4096, config.max_position_embeddings)
+    if max_seq_len > config.max_position_embeddings:
+        raise Dsv3Error(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
+                        f"{config.max_position_embeddings}")
+    loader = WeightLoader(source, config, include_mtp=load_mtp, progress=progress and not quiet)
+    try:
+        transformer = Transformer(config, chosen, loader, chosen_precision, max_batch_size, max_seq_len, load_mtp)
+    finally:
+        loader.close()
+    tokenizer = Tokenizer(path_or_config) if checkpoint and (Path(path_or_config) / "tokenizer.json").exists() else None
+    return Model(transformer, tokenizer)

@@ -1,0 +1,41 @@
+"""The `dsv3` command: one subcommand per module in dsv3/commands/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dsv3.errors import Dsv3Error
+
+#: subcommand -> (module in dsv3.commands, one-line help)
+COMMANDS = {
+    "generate": ("generate", "generate text from a prompt, a file of prompts, or an interactive chat"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv3",
+        description="Run DeepSeek-V3/R1/V2 on NVIDIA, AMD and Ascend accelerators, or on the CPU.",
+        epilog="Run 'dsv3 COMMAND --help' for a command's options. Without --ckpt, commands use the "
+               "built-in tiny checkpoint.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        command = importlib.import_module(f"dsv3.commands.{module}")
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except Dsv3Error as e:
+        print(f"dsv3: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsv3: interrupted", file=sys.stderr)
+        return 130

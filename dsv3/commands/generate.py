@@ -1,0 +1,96 @@
+"""`dsv3 generate`: a prompt, a file of prompts (one per line, batched) or an interactive chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dsv3.commands.common import add_model_arguments, load_from_args
+from dsv3.errors import Dsv3Error
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="text to continue")
+    p.add_argument("--input-file", metavar="FILE", help="one prompt per line, generated as one batch")
+    p.add_argument("--interactive", action="store_true", help="chat in the terminal (/clear resets, /exit quits)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_model_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = sum(bool(x) for x in (args.prompt, args.input_file, args.interactive))
+    if modes != 1:
+        raise Dsv3Error("give exactly one of: a prompt, --input-file FILE, --interactive")
+    prompts = [args.prompt] if args.prompt else None
+    if args.input_file:
+        path = Path(args.input_file)
+        if not path.is_file():
+            raise Dsv3Error(f"{path}: no such file")
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise Dsv3Error(f"{path}: no prompts (one per line)")
+    model = load_from_args(args)
+    if model.tokenizer is None:
+        raise Dsv3Error("generate needs a checkpoint with a tokenizer (--config runs synthetic weights)")
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.interactive:
+        return chat_loop(model, sampling)
+    if args.chat:
+        prompts = [model.tokenizer.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    if len(prompts) == 1:
+        stream = Streamer(model.tokenizer)
+        model.generate(prompts, on_token=lambda i, t: stream.add(t), **sampling)
+        stream.finish()
+        return 0
+    for prompt, text in zip(prompts, model.generate(prompts, **sampling)):
+        print(f"{prompt}{text}")
+    return 0
+
+
+class Streamer:
+    """Prints text as tokens arrive, decoding the whole sequence so multi-token characters come out whole."""
+
+    def __init__(self, tokenizer, prefix: str = ""):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        self.prefix = prefix
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self) -> str:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return self.printed
+
+
+def chat_loop(model, sampling: dict) -> int:
+    print("dsv3 chat: type a message; /clear starts over, /exit quits.", file=sys.stderr)
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/clear":
+            messages = []
+            print("(cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = Streamer(model.tokenizer)
+        model.generate([model.tokenizer.chat_prompt(messages)], on_token=lambda i, t: stream.add(t), **sampling)
+        messages.append({"role": "assistant", "content": stream.finish()})

@@ -1,0 +1,298 @@
+"""The DeepSeek-V3 model: MLA with YaRN RoPE, DeepSeekMoE, MTP, on any backend.
+
+Reads bottom-up: rotary tables, the linear wrapper, MLA, MLP, MoE, Block, MTP,
+Transformer. Every heavy op goes through the backend object passed in; this
+file never looks at the hardware.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from backends.interface import Backend, LinearWeight, Precision, RoutingConfig
+from dsv3.config import ModelConfig, yarn_get_mscale
+from dsv3.weights import WeightLoader
+
+ACTIVATION_DTYPES = {"fp8": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def rope_tables(config: ModelConfig, max_seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_seq_len, rope_dim/2] with YaRN frequency interpolation and mscale.
+
+    YaRN keeps high frequencies (rotating more than beta_fast times over the original
+    context) as they are, divides low ones (fewer than beta_slow rotations) by the
+    factor, ramps linearly between, and scales cos/sin by
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    attention_factor = 1.0
+    y = config.rope_scaling
+    if y:
+        factor, original = y["factor"], y["original_max_position_embeddings"]
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(y.get("beta_fast", 32))), 0)
+        high = min(math.ceil(correction_dim(y.get("beta_slow", 1))), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        attention_factor = yarn_get_mscale(factor, y.get("mscale", 1)) / yarn_get_mscale(factor, y.get("mscale_all_dim", 0))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return (angles.cos() * attention_factor).to(device), (angles.sin() * attention_factor).to(device)
+
+
+@dataclass
+class ForwardState:
+    """What a forward pass needs besides the tokens.
+
+    Attributes:
+        slots: [B] cache rows of the sequences.
+        positions: [B, T] positions of the tokens.
+        start_pos: prefill: tokens already cached (same for the batch); None in decode.
+        cos, sin: [B, T, rope_dim/2] rotary tables at the positions.
+    """
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    start_pos: int | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @property
+    def is_decode(self) -> bool:
+        return self.start_pos is None
+
+
+class Linear:
+    """A linear layer whose weight the backend prepared; y = x @ W^T."""
+
+    def __init__(self, backend: Backend, weight: LinearWeight):
+        self.backend, self.weight = backend, weight
+
+    @classmethod
+    def load(cls, backend: Backend, loader: WeightLoader, module: str, precision: Precision) -> "Linear":
+        w, scale = loader.linear(module)
+        return cls(backend, backend.prepare_linear(w, scale, precision))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear(x, self.weight)
+
+
+class RMSNorm:
+    def __init__(self, backend: Backend, weight: torch.Tensor, eps: float):
+        self.backend, self.weight, self.eps = backend, weight, eps
+
+    @classmethod
+    def load(cls, backend: Backend, loader: WeightLoader, module: str, eps: float, dtype: torch.dtype) -> "RMSNorm":
+        return cls(backend, loader.tensor(module).to(backend.device, dtype), eps)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self.backend.rms_norm(x, self.weight, self.eps, residual)
+
+
+class MLA:
+    """Multi-head latent attention with the absorbed latent cache.
+
+    Per token the cache keeps the normalized latent (kv_lora_rank) and the rotated
+    shared rope key (qk_rope_head_dim), never per-head keys and values.
+    """
+
+    def __init__(self, config: ModelConfig, backend: Backend, loader: WeightLoader, prefix: str,
+                 precision: Precision, dtype: torch.dtype):
+        c = config
+        self.backend, self.config = backend, c
+        self.num_heads = c.num_attention_heads
+        if c.q_lora_rank is None:
+            self.q_proj = Linear.load(backend, loader, f"{prefix}.q_proj", precision)
+        else:
+            self.q_a_proj = Linear.load(backend, loader, f"{prefix}.q_a_proj", precision)
+            self.q_a_norm = RMSNorm.load(backend, loader, f"{prefix}.q_a_layernorm", c.rms_norm_eps, dtype)
+            self.q_b_proj = Linear.load(backend, loader, f"{prefix}.q_b_proj", precision)
+        self.kv_a_proj = Linear.load(backend, loader, f"{prefix}.kv_a_proj_with_mqa", precision)
+        self.kv_a_norm = RMSNorm.load(backend, loader, f"{prefix}.kv_a_layernorm", c.rms_norm_eps, dtype)
+        kv_b, kv_b_scale = loader.linear(f"{prefix}.kv_b_proj")
+        kv_b_dense = backend.prepare_linear(kv_b, kv_b_scale, "fp32").weight
+        self.absorbed = backend.prepare_mla(kv_b_dense, self.num_heads, c.qk_nope_head_dim, c.v_head_dim, dtype)
+        self.o_proj = Linear.load(backend, loader, f"{prefix}.o_proj", precision)
+        self.softmax_scale = c.softmax_scale()
+
+    def __call__(self, x: torch.Tensor, cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; writes this layer's cache at the state's positions."""
+        c, b, t = self.config, x.shape[0], x.shape[1]
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q = q.view(b, t, self.num_heads, c.qk_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q_pe = self.backend.rotary(q_pe, state.cos, state.sin)
+        latent, k_pe = self.kv_a_proj(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_norm(latent)
+        k_pe = self.backend.rotary(k_pe, state.cos, state.sin)
+        if state.is_decode:
+            out = self.backend.mla_decode(q_nope[:, 0], q_pe[:, 0], latent[:, 0], k_pe[:, 0], cache, state.slots,
+                                          state.positions[:, 0], self.absorbed, self.softmax_scale)[:, None]
+        else:
+            out = self.backend.mla_prefill(q_nope, q_pe, latent, k_pe, cache, state.slots, state.start_pos,
+                                           self.absorbed, self.softmax_scale)
+        return self.o_proj(out.flatten(2))
+
+
+class MLP:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+
+    def __init__(self, backend: Backend, loader: WeightLoader, prefix: str, precision: Precision):
+        self.gate_proj = Linear.load(backend, loader, f"{prefix}.gate_proj", precision)
+        self.up_proj = Linear.load(backend, loader, f"{prefix}.up_proj", precision)
+        self.down_proj = Linear.load(backend, loader, f"{prefix}.down_proj", precision)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE:
+    """DeepSeekMoE: routed experts picked per token by the backend's routing, plus shared experts."""
+
+    def __init__(self, config: ModelConfig, backend: Backend, loader: WeightLoader, prefix: str, precision: Precision):
+        c = config
+        self.backend = backend
+        self.routing = RoutingConfig(scoring=c.scoring_func, method=c.topk_method, top_k=c.num_experts_per_tok,
+                                     num_groups=c.n_group, topk_groups=c.topk_group, normalize=c.norm_topk_prob,
+                                     scaling=c.routed_scaling_factor)
+        self.gate_weight = loader.tensor(f"{prefix}.gate").to(backend.device, torch.float32)
+        self.bias = None
+        if c.topk_method == "noaux_tc":
+            self.bias = loader.tensor(f"{prefix}.gate.e_score_correction_bias").to(backend.device, torch.float32)
+        self.experts = backend.prepare_experts(*loader.experts(prefix, c.n_routed_experts), precision)
+        self.shared = MLP(backend, loader, f"{prefix}.shared_experts", precision) if c.n_shared_experts else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = self.backend.moe_route(flat, self.gate_weight, self.bias, self.routing)
+        out = self.backend.moe_experts(flat, weights, ids, self.experts)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(x.shape)
+
+
+class Block:
+    """Pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(...)); FFN is MLP or MoE."""
+
+    def __init__(self, config: ModelConfig, backend: Backend, loader: WeightLoader, index: int,
+                 precision: Precision, dtype: torch.dtype, moe: bool):
+        p = f"model.layers.{index}"
+        eps = config.rms_norm_eps
+        self.attn_norm = RMSNorm.load(backend, loader, f"{p}.input_layernorm", eps, dtype)
+        self.attn = MLA(config, backend, loader, f"{p}.self_attn", precision, dtype)
+        self.ffn_norm = RMSNorm.load(backend, loader, f"{p}.post_attention_layernorm", eps, dtype)
+        self.ffn = MoE(config, backend, loader, f"{p}.mlp", precision) if moe else MLP(backend, loader, f"{p}.mlp", precision)
+
+    def __call__(self, x, residual, cache, state):
+        """Returns (block output, residual stream); the residual add is fused into the next norm."""
+        h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm(x, residual)
+        h, residual = self.ffn_norm(self.attn(h, cache, state), residual)
+        return self.ffn(h), residual
+
+
+class MTP:
+    """The multi-token-prediction module: predicts token t+2 from the hidden state at t and token t+1."""
+
+    def __init__(self, config: ModelConfig, backend: Backend, loader: WeightLoader, index: int,
+                 precision: Precision, dtype: torch.dtype):
+        p = f"model.layers.{index}"
+        eps = config.rms_norm_eps
+        self.embed = loader.tensor(f"{p}.embed_tokens").to(backend.device, dtype)
+        self.enorm = RMSNorm.load(backend, loader, f"{p}.enorm", eps, dtype)
+        self.hnorm = RMSNorm.load(backend, loader, f"{p}.hnorm", eps, dtype)
+        self.eh_proj = Linear.load(backend, loader, f"{p}.eh_proj", precision)
+        self.block = Block(config, backend, loader, index, precision, dtype, moe=config.n_routed_experts is not None)
+        self.norm = RMSNorm.load(backend, loader, f"{p}.shared_head.norm", eps, dtype)
+        self.head = loader.tensor(f"{p}.shared_head.head").to(backend.device, dtype)
+
+
+class Transformer:
+    """DeepSeek-V3: embedding, blocks (dense first, then MoE), final norm, head; optional MTP.
+
+    Args:
+        config: model config.
+        backend: the backend every heavy op runs on.
+        loader: where weights come from (a checkpoint or synthetic).
+        precision: "fp8" (block-scaled FP8 linears), "bf16" or "fp32".
+        max_batch_size, max_seq_len: size of the preallocated latent cache.
+        load_mtp: also load the MTP module (layer index num_hidden_layers).
+    """
+
+    def __init__(self, config: ModelConfig, backend: Backend, loader: WeightLoader, precision: Precision,
+                 max_batch_size: int, max_seq_len: int, load_mtp: bool = False):
+        self.config, self.backend, self.precision = config, backend, precision
+        self.dtype = dtype = ACTIVATION_DTYPES[precision]
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        device = backend.device
+        self.embed = loader.tensor("model.embed_tokens").to(device, dtype)
+        self.layers = [Block(config, backend, loader, i, precision, dtype, config.is_moe_layer(i))
+                       for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm.load(backend, loader, "model.norm", config.rms_norm_eps, dtype)
+        self.head = self.embed if config.tie_word_embeddings else loader.tensor("lm_head").to(device, dtype)
+        self.mtp = [MTP(config, backend, loader, config.num_hidden_layers + j, precision, dtype)
+                    for j in range(config.num_nextn_predict_layers)] if load_mtp else []
+        self.cos, self.sin = rope_tables(config, max_seq_len, device)
+        self.cache_spec = backend.mla_cache_spec(max_batch_size, max_seq_len, config.kv_lora_rank,
+                                                 config.qk_rope_head_dim, dtype)
+        self.caches = [backend.allocate_mla_cache(self.cache_spec) for _ in range(len(self.layers) + len(self.mtp))]
+
+    # ---- forward -------------------------------------------------------------
+
+    def _state(self, slots: torch.Tensor, positions: torch.Tensor, start_pos: int | None) -> ForwardState:
+        return ForwardState(slots, positions, start_pos, self.cos[positions], self.sin[positions])
+
+    def hidden(self, tokens: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D] for tokens [B, T]."""
+        x, residual = F.embedding(tokens, self.embed), None
+        for layer, cache in zip(self.layers, self.caches):
+            x, residual = layer(x, residual, cache, state)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits from final hidden states."""
+        return F.linear(hidden, self.head).float()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Run tokens [B, T] at positions start_pos.. for cache rows `slots`; returns logits [B, T, V]."""
+        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        return self.project(self.hidden(tokens, self._state(slots, positions, start_pos)))
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: tokens [B], positions [B] -> logits [B, V]."""
+        state = self._state(slots, positions[:, None], None)
+        return self.project(self.hidden(tokens[:, None], state))[:, 0]
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [B, T, V] of a whole batch of sequences from position 0."""
+        b, t = tokens.shape
+        if b > self.max_batch_size or t > self.max_seq_len:
+            raise ValueError(f"tokens {list(tokens.shape)} exceed max_batch_size={self.max_batch_size}, "
+                             f"max_seq_len={self.max_seq_len}")
+        tokens = tokens.to(self.backend.device)
+        return self.prefill(tokens, torch.arange(b, device=tokens.device))
+
+    @torch.inference_mode()
+    def mtp_logits(self, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of the MTP module [B, T, V]: from the main model's hidden state at each position of
+        `tokens` [B, T] (from position 0) and the embedding of the following token `next_tokens` [B, T]."""
+        if not self.mtp:
+            raise ValueError("the MTP module was not loaded (load_model(..., load_mtp=True))")
+        b, t = tokens.shape
+        slots = torch.arange(b, device=tokens.device)
+        state = self._state(slots, torch.arange(t, device=tokens.device).expand(tokens.shape), 0)
+        h = self.hidden(tokens, state)
+        mtp = self.mtp[0]
+        x = mtp.eh_proj(torch.cat((mtp.enorm(F.embedding(next_tokens, mtp.embed)), mtp.hnorm(h)), dim=-1))
+        x, residual = mtp.block(x, None, self.caches[len(self.layers)], state)
+        x, _ = mtp.norm(x, residual)
+        return F.linear(x, mtp.head).float()

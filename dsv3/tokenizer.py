@@ -1,0 +1,77 @@
+"""The checkpoint's tokenizer (tokenizer.json) and DeepSeek's chat format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from dsv3.errors import Dsv3Error
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+
+
+class Tokenizer:
+    """Text <-> token ids with the checkpoint's tokenizer.json.
+
+    Args:
+        path: the checkpoint directory (tokenizer.json, optionally tokenizer_config.json).
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise Dsv3Error(f"{path}: no tokenizer.json (pass token ids, or a checkpoint with its tokenizer files)")
+        try:
+            self._tok = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises its own Exception type
+            raise Dsv3Error(f"{file}: unreadable tokenizer ({e})")
+        settings = {}
+        if (path / "tokenizer_config.json").exists():
+            settings = json.loads((path / "tokenizer_config.json").read_text())
+        self.bos_token = _token_text(settings.get("bos_token")) or BOS
+        self.eos_token = _token_text(settings.get("eos_token")) or EOS
+        self.add_bos = settings.get("add_bos_token", True)
+        self.bos_id = self._tok.token_to_id(self.bos_token)
+        self.eos_id = self._tok.token_to_id(self.eos_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        add = self.add_bos if add_bos is None else add_bos
+        if add and self.bos_id is not None and not text.startswith(self.bos_token):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """DeepSeek's chat format, ending with the assistant tag so the model answers.
+
+        bos, then the system prompt, then per turn <｜User｜>text and
+        <｜Assistant｜>text<｜end▁of▁sentence｜>, then <｜Assistant｜>.
+        """
+        parts = [self.bos_token]
+        for m in messages:
+            role, content = m.get("role"), m.get("content", "")
+            if role == "system":
+                parts.append(content)
+            elif role == "user":
+                parts.append(USER + content)
+            elif role == "assistant":
+                parts.append(ASSISTANT + content + self.eos_token)
+            else:
+                raise Dsv3Error(f"chat message role must be system, user or assistant, got {role!r}")
+        return "".join(parts) + ASSISTANT
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores special tokens as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value

@@ -1,0 +1,236 @@
+"""Reading weights: a sharded safetensors checkpoint or synthetic weights, one tensor at a time.
+
+Every tensor the model will ask for is checked against the layout from the
+safetensors headers before any data is read: a missing, unexpected,
+misshaped or wrongly typed tensor is one error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from backends import fp8
+from dsv3 import layout
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointSource:
+    """Tensors of a Hugging Face safetensors checkpoint, read lazily by name.
+
+    Args:
+        path: the checkpoint directory (config.json, model.safetensors.index.json or
+            model.safetensors, *.safetensors shards).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._handles: dict[Path, object] = {}
+        index = self.path / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})")
+            self.files = {name: self.path / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(self.files.values())):
+                if not shard.exists():
+                    raise CheckpointError(f"{index}: names shard {shard.name}, which does not exist")
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{self.path}: no {INDEX_FILE} and no *.safetensors files")
+            self.files = {}
+            for shard in shards:
+                for name in self._open(shard).keys():
+                    self.files[name] = shard
+
+    def _open(self, shard: Path):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{shard}: unreadable safetensors file ({e})")
+        return self._handles[shard]
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) from the file header, without reading the data."""
+        shard = self.files[name]
+        try:
+            s = self._open(shard).get_slice(name)
+            shape, dtype = tuple(s.get_shape()), _DTYPES.get(s.get_dtype())
+        except SafetensorError as e:
+            raise CheckpointError(f"{shard}: tensor {name}: {e}")
+        if dtype is None:
+            raise CheckpointError(f"{shard}: tensor {name} has unsupported dtype {s.get_dtype()}")
+        return shape, dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.files[name]
+        try:
+            return self._open(shard).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}")
+
+
+_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
+           "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2}
+
+
+class RandomSource:
+    """Synthetic weights in the checkpoint layout, deterministic per tensor name.
+
+    Linear weights are N(0, 1/sqrt(in)) and, with fp8=True, block-quantized to
+    e4m3fn with scales as in the real checkpoint; norms are 1.
+
+    Args:
+        config: the model config.
+        fp8: store linears as FP8 + weight_scale_inv.
+        seed: base seed; each tensor's generator is seeded from it and the name.
+        device: where tensors are made (a GPU makes large models quickly).
+    """
+
+    def __init__(self, config: ModelConfig, fp8: bool = True, seed: int = 0, device: str | torch.device = "cpu"):
+        self.config, self.fp8, self.seed, self.device = config, fp8, seed, torch.device(device)
+        self.specs = layout.module_specs(config)
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for module, spec in self.specs.items():
+            name = layout.tensor_name(module)
+            if spec.kind == layout.LINEAR and fp8:
+                self._meta[name] = (spec.shape, torch.float8_e4m3fn)
+                rows, cols = (math.ceil(n / fp8_block) for n, fp8_block in zip(spec.shape, (128, 128)))
+                self._meta[f"{module}.weight_scale_inv"] = ((rows, cols), torch.float32)
+            else:
+                self._meta[name] = (spec.shape, torch.float32 if spec.kind == layout.FP32 else torch.bfloat16)
+
+    def names(self) -> set[str]:
+        return set(self._meta)
+
+    def meta(self, name: str):
+        return self._meta[name]
+
+    def _generator(self, name: str) -> torch.Generator:
+        g = torch.Generator(self.device)
+        g.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return g
+
+    def get(self, name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight_scale_inv").removesuffix(".weight")
+        spec = self.specs.get(module) or self.specs[name]
+        g = self._generator(module)
+        if spec.kind == layout.FP32:
+            return torch.randn(spec.shape, generator=g, device=self.device) * 1e-3
+        if module.endswith("norm"):
+            return torch.ones(spec.shape, dtype=torch.bfloat16, device=self.device)
+        w = torch.randn(spec.shape, generator=g, device=self.device) * spec.shape[-1] ** -0.5
+        if spec.kind == layout.LINEAR and self.fp8:
+            q, s = fp8.quantize_blocks(w)
+            return s if name.endswith("weight_scale_inv") else q
+        return w.to(torch.bfloat16)
+
+
+class WeightLoader:
+    """Hands the model its tensors, checked against the layout, with a progress bar.
+
+    Args:
+        source: a CheckpointSource or RandomSource.
+        config: the model config the checkpoint must match.
+        include_mtp: load the MTP module too (else its tensors are ignored).
+        progress: show a progress bar on stderr.
+    """
+
+    def __init__(self, source, config: ModelConfig, include_mtp: bool = False, progress: bool = True):
+        self.source, self.config = source, config
+        self.specs = layout.module_specs(config, include_mtp=True)
+        skipped = () if include_mtp else layout.mtp_prefixes(config)
+        self.specs = {m: s for m, s in self.specs.items() if not (skipped and m.startswith(skipped))}
+        self._where = getattr(source, "path", "synthetic weights")
+        self._check(skipped)
+        self._bar = tqdm(total=len(self.specs), desc="loading weights", unit="tensor", file=sys.stderr,
+                         disable=not progress, leave=False)
+
+    def _check(self, skipped: tuple[str, ...]) -> None:
+        names = self.source.names()
+        expected = set()
+        for module, spec in self.specs.items():
+            name = layout.tensor_name(module)
+            expected.add(name)
+            if name not in names:
+                raise CheckpointError(f"{self._where}: missing tensor {name} (expected shape {list(spec.shape)})")
+            shape, dtype = self.source.meta(name)
+            if shape != spec.shape:
+                raise CheckpointError(f"{self._where}: tensor {name} has shape {list(shape)}, expected {list(spec.shape)}")
+            scale = f"{module}.weight_scale_inv"
+            if dtype == torch.float8_e4m3fn and spec.kind == layout.LINEAR:
+                if scale not in names:
+                    raise CheckpointError(f"{self._where}: FP8 tensor {name} has no {scale}")
+                want = tuple(math.ceil(n / fp8.BLOCK) for n in spec.shape)
+                s_shape, s_dtype = self.source.meta(scale)
+                if s_shape != want or s_dtype != torch.float32:
+                    raise CheckpointError(f"{self._where}: tensor {scale} is {str(s_dtype)[6:]} {list(s_shape)}, "
+                                          f"expected float32 {list(want)}")
+                expected.add(scale)
+            elif not dtype.is_floating_point or dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise CheckpointError(f"{self._where}: tensor {name} has dtype {str(dtype)[6:]}, expected "
+                                      f"{'float8_e4m3fn or ' if spec.kind == layout.LINEAR else ''}bf16/fp16/fp32")
+            elif spec.kind == layout.FP32 and dtype != torch.float32:
+                raise CheckpointError(f"{self._where}: tensor {name} has dtype {str(dtype)[6:]}, expected float32")
+        unexpected = sorted(n for n in names - expected if not (skipped and n.startswith(skipped)))
+        if unexpected:
+            raise CheckpointError(f"{self._where}: unexpected tensor {unexpected[0]} "
+                                  f"({len(unexpected)} unexpected in all; does config.json match the weights?)")
+
+    def tensor(self, module: str) -> torch.Tensor:
+        """A non-quantized tensor (norm, embedding, router) by module name."""
+        self._bar.update(1)
+        return self.source.get(layout.tensor_name(module))
+
+    def linear(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, weight_scale_inv or None) of a linear by module name."""
+        self._bar.update(1)
+        weight = self.source.get(f"{module}.weight")
+        scale = self.source.get(f"{module}.weight_scale_inv") if weight.dtype == torch.float8_e4m3fn else None
+        return weight, scale
+
+    def experts(self, module: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                              torch.Tensor, torch.Tensor | None]:
+        """Stacked routed experts of one layer: (gate_up [E, 2I, D], its scales, down [E, D, I], its scales).
+
+        Raises CheckpointError where experts mix FP8 and dense weights, or where an FP8
+        intermediate size is not a multiple of 128 (gate and up blocks could not be stacked).
+        """
+        gate_up, gate_up_scale, down, down_scale = [], [], [], []
+        for e in range(num_experts):
+            p = f"{module}.experts.{e}"
+            (g, gs), (u, us), (d, ds) = self.linear(f"{p}.gate_proj"), self.linear(f"{p}.up_proj"), self.linear(f"{p}.down_proj")
+            if len({g.dtype, u.dtype, d.dtype}) != 1:
+                raise CheckpointError(f"{self._where}: expert {p} mixes dtypes {g.dtype}, {u.dtype}, {d.dtype}")
+            if gs is not None and g.shape[0] % fp8.BLOCK:
+                raise CheckpointError(f"{self._where}: {p}.gate_proj has {g.shape[0]} rows; FP8 experts need a "
+                                      f"moe_intermediate_size that is a multiple of {fp8.BLOCK}")
+            gate_up.append(torch.cat((g, u)))
+            down.append(d)
+            if gs is not None:
+                gate_up_scale.append(torch.cat((gs, us)))
+                down_scale.append(ds)
+        stack = lambda ts: torch.stack(ts) if ts else None  # noqa: E731
+        if gate_up_scale and len(gate_up_scale) != num_experts:
+            raise CheckpointError(f"{self._where}: {module}.experts mix FP8 and dense weights")
+        return stack(gate_up), stack(gate_up_scale), stack(down), stack(down_scale)
+
+    def close(self) -> None:
+        self._bar.close()
