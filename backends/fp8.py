@@ -46,6 +46,11 @@ def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torc
     Returns:
         The dequantized weight [..., out, in].
     """
+    if weight.dim() > 2:  # stacked experts: one matrix at a time keeps the fp32 temporaries small
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        for index in range(weight.shape[0]):
+            out[index] = dequantize_blocks(weight[index], scale_inv[index], dtype)
+        return out
     rows, cols = weight.shape[-2:]
     scale = expand_block_scales(scale_inv.float(), rows, cols)
     return (weight.float() * scale).to(dtype)
@@ -63,7 +68,7 @@ def quantize_blocks(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_
     lead = w.shape[:-2]
     blocks = w.reshape(*lead, (rows + pad_r) // BLOCK, BLOCK, (cols + pad_c) // BLOCK, BLOCK)
     amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(SCALE_FLOOR)
-    scale = amax / fp8_max(fp8_dtype)
+    scale = amax / torch.full_like(amax, fp8_max(fp8_dtype))
     q = (blocks / scale[..., :, None, :, None]).reshape(w.shape)[..., :rows, :cols]
     return q.to(fp8_dtype), scale
 
@@ -91,9 +96,12 @@ def quantize_activation(
     max_value = fp8_max(fp8_dtype) if max_value is None else max_value
     padded = torch.nn.functional.pad(x.float(), (0, -k % BLOCK))
     blocks = padded.unflatten(-1, (-1, BLOCK))
-    scale = blocks.abs().amax(dim=-1).clamp_min(SCALE_FLOOR) / max_value
-    if power_of_two:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    amax = blocks.abs().amax(dim=-1).clamp_min(SCALE_FLOOR)
+    # a true division on every device: CUDA turns division by a Python scalar into a reciprocal multiply
+    scale = amax / torch.full_like(amax, max_value)
+    if power_of_two:  # exact ceil to 2^n (log2 in fp32 rounds 2^n * (1 + 2^-23) down to n)
+        mantissa, exponent = torch.frexp(scale)
+        scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
     q = (blocks / scale[..., None]).clamp(-max_value, max_value).flatten(-2)[..., :k]
     return q.to(fp8_dtype), scale
 

@@ -27,10 +27,12 @@ class ReferenceBackend(Backend):
         fp8_format: "e4m3fn" (NVIDIA, the checkpoint's) or "e4m3fnuz" (MI300X numerics).
         fp8_max: the value activation amax maps to; defaults to 448 for fn and 224 for fnuz.
         ue8m0: round activation scales up to powers of two (DeepSeek-V3.1's scale_fmt).
+        chip: accepted like every backend's; unused (pass fp8_format to emulate a chip's FP8).
     """
 
-    def __init__(self, device: str | torch.device = "cpu", fp8_format: str = "e4m3fn",
-                 fp8_max: float | None = None, ue8m0: bool = False):
+    def __init__(self, device: str | torch.device | None = None, fp8_format: str = "e4m3fn",
+                 fp8_max: float | None = None, ue8m0: bool = False, chip=None):
+        device = "cpu" if device is None else device
         if fp8_format not in fp8.FP8_FORMATS:
             raise ValueError(f"fp8_format must be one of {sorted(fp8.FP8_FORMATS)}, got {fp8_format!r}")
         dtype = fp8.FP8_FORMATS[fp8_format]
@@ -220,6 +222,6 @@ def route_experts(logits: torch.Tensor, bias: torch.Tensor | None, config: Routi
         raise ValueError(f"unknown routing method {config.method!r}")
     ids = choice.topk(config.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
-    if config.normalize and config.top_k > 1:
+    if config.normalize and (config.top_k > 1 or config.scoring == "sigmoid"):  # V3 normalizes even one weight
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * config.scaling, ids

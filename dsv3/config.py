@@ -162,6 +162,9 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> ModelConfig:
         raw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raw.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    for name in ("n_group", "topk_group"):  # null (transformers' V2 default) means no expert groups
+        if name in raw and raw[name] is None:
+            del raw[name]
     if raw.get("model_type") == "deepseek_v2":
         raw.setdefault("scoring_func", "softmax")
         raw.setdefault("topk_method", "greedy")
@@ -173,6 +176,14 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> ModelConfig:
         raise ConfigError(f"{source}: missing required field {missing[0]!r}")
     values = {k: v for k, v in raw.items() if k in names and k != "source"}
     return validate(ModelConfig(**values, source=source))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(ok: bool, config: ModelConfig, name: str, expected: str) -> None:
@@ -201,6 +212,12 @@ def validate(c: ModelConfig) -> ModelConfig:
     _check(isinstance(c.rms_norm_eps, (int, float)) and 0 < c.rms_norm_eps < 1, c, "rms_norm_eps", "in (0, 1)")
     _check(isinstance(c.rope_theta, (int, float)) and c.rope_theta > 0, c, "rope_theta", "a positive number")
     _check(c.model_type in _MODEL_TYPES, c, "model_type", f"one of {_MODEL_TYPES}")
+    for name in ("tie_word_embeddings", "norm_topk_prob"):
+        _check(isinstance(getattr(c, name), bool), c, name, "true or false")
+    _check(c.bos_token_id is None or _is_int(c.bos_token_id), c, "bos_token_id", "an integer or null")
+    eos = c.eos_token_id
+    _check(eos is None or _is_int(eos) or (isinstance(eos, list) and all(_is_int(t) for t in eos)),
+           c, "eos_token_id", "an integer, a list of integers or null")
     if c.n_routed_experts is not None:
         positive_int("n_routed_experts")
         positive_int("num_experts_per_tok")
@@ -225,8 +242,15 @@ def validate(c: ModelConfig) -> ModelConfig:
         _check(kind == "yarn", c, "rope_scaling", "null or a 'yarn' mapping (the only scaling DeepSeek uses)")
         factor = c.rope_scaling.get("factor")
         _check(isinstance(factor, (int, float)) and factor >= 1, c, "rope_scaling", "a mapping whose factor is >= 1")
-        _check(isinstance(c.rope_scaling.get("original_max_position_embeddings"), int), c, "rope_scaling",
-               "a mapping with an integer original_max_position_embeddings")
+        original = c.rope_scaling.get("original_max_position_embeddings")
+        _check(_is_int(original) and original > 0, c, "rope_scaling",
+               "a mapping with a positive integer original_max_position_embeddings")
+        beta_fast, beta_slow = c.rope_scaling.get("beta_fast", 32), c.rope_scaling.get("beta_slow", 1)
+        _check(_is_number(beta_fast) and _is_number(beta_slow) and beta_fast > beta_slow > 0, c, "rope_scaling",
+               "a mapping with beta_fast > beta_slow > 0")
+        for name in ("mscale", "mscale_all_dim"):
+            value = c.rope_scaling.get(name, 0)
+            _check(_is_number(value) and value >= 0, c, "rope_scaling", f"a mapping whose {name} is a number >= 0")
     if c.quantization_config:
         q = c.quantization_config
         _check(q.get("quant_method") == "fp8", c, "quantization_config", "quant_method 'fp8' (or absent)")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from backends.interface import Backend, LinearWeight, Precision, RoutingConfig
 from dsv3.config import ModelConfig, yarn_get_mscale
+from dsv3.errors import Dsv3Error
 from dsv3.weights import WeightLoader
 
 ACTIVATION_DTYPES = {"fp8": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -117,7 +118,8 @@ class MLA:
         self.kv_a_proj = Linear.load(backend, loader, f"{prefix}.kv_a_proj_with_mqa", precision)
         self.kv_a_norm = RMSNorm.load(backend, loader, f"{prefix}.kv_a_layernorm", c.rms_norm_eps, dtype)
         kv_b, kv_b_scale = loader.linear(f"{prefix}.kv_b_proj")
-        kv_b_dense = backend.prepare_linear(kv_b, kv_b_scale, "fp32").weight
+        # dequantized to the activation dtype, as a BF16 checkpoint would store it
+        kv_b_dense = backend.prepare_linear(kv_b, kv_b_scale, "fp32" if dtype == torch.float32 else "bf16").weight
         self.absorbed = backend.prepare_mla(kv_b_dense, self.num_heads, c.qk_nope_head_dim, c.v_head_dim, dtype)
         self.o_proj = Linear.load(backend, loader, f"{prefix}.o_proj", precision)
         self.softmax_scale = c.softmax_scale()
@@ -248,9 +250,13 @@ class Transformer:
     def _state(self, slots: torch.Tensor, positions: torch.Tensor, start_pos: int | None) -> ForwardState:
         return ForwardState(slots, positions, start_pos, self.cos[positions], self.sin[positions])
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, D] for tokens [B, T]."""
+        return F.embedding(tokens, self.embed)
+
     def hidden(self, tokens: torch.Tensor, state: ForwardState) -> torch.Tensor:
         """Final-norm hidden states [B, T, D] for tokens [B, T]."""
-        x, residual = F.embedding(tokens, self.embed), None
+        x, residual = self.embed_tokens(tokens), None
         for layer, cache in zip(self.layers, self.caches):
             x, residual = layer(x, residual, cache, state)
         x, _ = self.norm(x, residual)
@@ -276,7 +282,7 @@ class Transformer:
         """Float32 logits [B, T, V] of a whole batch of sequences from position 0."""
         b, t = tokens.shape
         if b > self.max_batch_size or t > self.max_seq_len:
-            raise ValueError(f"tokens {list(tokens.shape)} exceed max_batch_size={self.max_batch_size}, "
+            raise Dsv3Error(f"tokens {list(tokens.shape)} exceed max_batch_size={self.max_batch_size}, "
                              f"max_seq_len={self.max_seq_len}")
         tokens = tokens.to(self.backend.device)
         return self.prefill(tokens, torch.arange(b, device=tokens.device))
@@ -286,7 +292,7 @@ class Transformer:
         """Logits of the MTP module [B, T, V]: from the main model's hidden state at each position of
         `tokens` [B, T] (from position 0) and the embedding of the following token `next_tokens` [B, T]."""
         if not self.mtp:
-            raise ValueError("the MTP module was not loaded (load_model(..., load_mtp=True))")
+            raise Dsv3Error("the MTP module was not loaded (load_model(..., load_mtp=True))")
         b, t = tokens.shape
         slots = torch.arange(b, device=tokens.device)
         state = self._state(slots, torch.arange(t, device=tokens.device).expand(tokens.shape), 0)
