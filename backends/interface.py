@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import torch
 
@@ -160,9 +160,15 @@ class CacheSpec:
 
 
 class Backend(ABC):
-    """Base class of every backend. Subclasses set `capabilities` in __init__."""
+    """Base class of every backend. Subclasses set `capabilities` in __init__.
+
+    `emulation` stays None for a backend that runs on its own device; a backend whose vendor ops are
+    stood in for (a CPU emulation of torch_npu, TRITON_INTERPRET=1) says what is emulated, and
+    `dsv3 conformance` then reports its passing cases as "emulated", never as "pass".
+    """
 
     capabilities: Capabilities
+    emulation: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -283,6 +289,18 @@ class Backend(ABC):
         Returns:
             [N, D] in x's dtype.
         """
+
+    # ---- graphs ------------------------------------------------------------
+
+    def graph_runner(self, step: Callable[[], None]) -> Callable[[], None] | None:
+        """Record `step` for cheap replay; None where this backend cannot (the default).
+
+        `step` reads and writes only tensors allocated before the call (static inputs and
+        outputs) and never waits for the device. The backend may run it while recording (a
+        warm-up), so running it twice in a row must be harmless. The returned callable reruns
+        the recorded work on the same tensors.
+        """
+        return None
 
     # ---- device helpers ----------------------------------------------------
 

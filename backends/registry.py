@@ -9,6 +9,9 @@ from backends.interface import Backend
 #: name -> (module, class, pip extra that provides its vendor packages)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "reference": ("backends.reference", "ReferenceBackend", None),
+    "cuda": ("backends.cuda", "CudaBackend", "cuda"),
+    "rocm": ("backends.rocm", "RocmBackend", "rocm"),
+    "ascend": ("backends.ascend", "AscendBackend", "ascend"),
 }
 
 

@@ -1,24 +1,232 @@
-"""Choosing a backend for this machine."""
+"""Choosing the backend for this machine: probe the chip, decide, build.
+
+`decide` is a pure function of the chip, the request, the environment and the
+installed vendor packages, so every case is testable with a described chip.
+Rules: `--backend NAME` (the `requested` argument), else DSV3_BACKEND, else
+the chip's vendor: huawei -> ascend, amd -> rocm, nvidia -> cuda, cpu ->
+reference. Where auto picks a backend that is not installed, the reference
+backend runs on the same device and the reason says what to install; a backend
+asked for by name that cannot run is an error that says the same.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Mapping
 
+from backends.chips import ChipInfo
+from backends.errors import BackendUnavailable
 from backends.interface import Backend
-from backends.registry import create_backend
+from backends.probe import probe
+from backends.registry import BACKENDS, create_backend
+
+#: chip vendor -> the backend auto picks
+VENDOR_BACKENDS = {"huawei": "ascend", "amd": "rocm", "nvidia": "cuda", "cpu": "reference"}
+#: hardware backend -> the chip vendor it runs on
+BACKEND_VENDORS = {backend: vendor for vendor, backend in VENDOR_BACKENDS.items() if backend != "reference"}
+#: chip vendor -> the torch device type PyTorch drives it with (ROCm builds use "cuda")
+TORCH_DEVICES = {"huawei": "npu", "amd": "cuda", "nvidia": "cuda", "cpu": "cpu"}
+#: pip extra -> the modules it installs that the backend imports
+EXTRA_PACKAGES = {"cuda": ("triton",), "rocm": ("triton",), "ascend": ("torch_npu",)}
+#: the largest finite value of each FP8 format, the bound for DSV3_FP8_MAX
+FP8_FORMAT_MAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which backend to build and why.
+
+    Attributes:
+        backend: registry name ("reference", "cuda", "rocm", "ascend").
+        chip: the chip handed to the backend's constructor, or None (the backend finds its own).
+        device: torch device for the backend, or None for the backend's default.
+        reason: one line for the user.
+        source: "auto", "requested" (--backend or the API) or "DSV3_BACKEND".
+    """
+
+    backend: str
+    chip: ChipInfo | None
+    device: str | None
+    reason: str
+    source: str = "auto"
+
+    @property
+    def native_fp8_format(self) -> str | None:
+        """The FP8 format the chosen backend runs natively (None for the reference backend, which emulates)."""
+        if self.backend == "reference" or self.chip is None:
+            return None
+        return self.chip.fp8_format
+
+
+def describe(chip: ChipInfo) -> str:
+    """E.g. "8 x NVIDIA H100 80GB HBM3 (sm_90, FP8 e4m3fn)"."""
+    if chip.vendor == "cpu":
+        return f"CPU ({chip.name})" if chip.name and chip.name != "CPU" else "CPU"
+    count = f"{chip.count} x " if chip.count > 1 else ""
+    fp8 = f"FP8 {chip.fp8_format}" if chip.fp8_format else "no FP8"
+    return f"{count}{chip.name or chip.vendor} ({chip.arch}, {fp8})"
+
+
+def installed_packages() -> frozenset[str]:
+    """The vendor modules of EXTRA_PACKAGES that are installed (found, not imported)."""
+    found = set()
+    for name in {m for modules in EXTRA_PACKAGES.values() for m in modules}:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                found.add(name)
+        except (ImportError, ValueError):
+            pass
+    return frozenset(found)
+
+
+def missing_reason(name: str, available_packages: frozenset[str] | set[str],
+                   registry: Mapping[str, tuple] = BACKENDS) -> str | None:
+    """Why backend `name` cannot be built here (not registered, vendor packages missing), or None."""
+    if name not in registry:
+        return f"this dsv3 has no {name} backend (backends/{name}.py is not registered)"
+    extra = registry[name][2]
+    missing = [m for m in EXTRA_PACKAGES.get(extra, ()) if m not in available_packages]
+    if missing:
+        return f"the {name} backend needs {', '.join(missing)}: pip install 'dsv3[{extra}]'"
+    return None
+
+
+def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str] | None = None,
+           available_packages: frozenset[str] | set[str] = frozenset(),
+           registry: Mapping[str, tuple] = BACKENDS) -> Decision:
+    """Pick the backend for `chip` (pure: no probing, no imports).
+
+    Args:
+        chip: the probed or described chip.
+        requested: "auto" (or None), or a backend name (from --backend); overrides DSV3_BACKEND.
+        env: environment variables; DSV3_BACKEND names a backend, DSV3_FP8_MAX sets the
+            activation FP8 max (e.g. 240 instead of 224 on gfx942).
+        available_packages: importable vendor modules (see installed_packages()).
+        registry: backend name -> (module, class, pip extra).
+    Returns:
+        The Decision.
+    Raises:
+        BackendUnavailable: a named backend is unknown or cannot run here, or DSV3_FP8_MAX is invalid.
+    """
+    env = {} if env is None else env
+    chip = _with_fp8_max(chip, env.get("DSV3_FP8_MAX"))
+    if requested not in (None, "", "auto"):
+        name, source, said = requested, "requested", "requested"
+    elif env.get("DSV3_BACKEND", "auto") not in ("", "auto"):
+        name, source, said = env["DSV3_BACKEND"], "DSV3_BACKEND", f"DSV3_BACKEND={env['DSV3_BACKEND']}"
+    else:
+        return _decide_auto(chip, available_packages, registry)
+
+    if name not in registry and name not in BACKEND_VENDORS:
+        known = ", ".join(sorted(set(registry) | set(BACKEND_VENDORS)))
+        raise BackendUnavailable(f"unknown backend {name!r} ({said}); choose auto, {known}")
+    problem = missing_reason(name, available_packages, registry)
+    if problem:
+        raise BackendUnavailable(f"backend {name} ({said}) cannot run: {problem}")
+    if name == "reference":
+        return Decision("reference", chip, None, said, source)
+    vendor = BACKEND_VENDORS.get(name)
+    if vendor is None or vendor == chip.vendor:
+        return Decision(name, chip, None, f"{said}; {describe(chip)} found", source)
+    return Decision(name, None, None, f"{said}, though this machine has no {vendor} device "
+                    f"(found: {describe(chip)}); the backend picks its own device", source)
+
+
+def _decide_auto(chip: ChipInfo, available_packages, registry) -> Decision:
+    wanted = VENDOR_BACKENDS.get(chip.vendor, "reference")
+    if wanted == "reference":
+        return Decision("reference", chip, None, f"no accelerator found: {describe(chip)}")
+    problem = missing_reason(wanted, available_packages, registry)
+    if problem is None:
+        return Decision(wanted, chip, None, f"{describe(chip)} found")
+    return _fallback(chip, problem)
+
+
+def _fallback(chip: ChipInfo, problem: str) -> Decision:
+    device = TORCH_DEVICES.get(chip.vendor, "cpu")
+    return Decision("reference", chip, device, f"{describe(chip)} found, but {problem}; running the "
+                    f"reference backend (plain PyTorch, slow) on {device} meanwhile")
+
+
+def _with_fp8_max(chip: ChipInfo, value: str | None) -> ChipInfo:
+    if value in (None, "") or chip.fp8_format is None:
+        return chip
+    limit = FP8_FORMAT_MAX[chip.fp8_format]
+    try:
+        fp8_max = float(value)
+    except ValueError:
+        fp8_max = float("nan")
+    if not 0 < fp8_max <= limit:
+        raise BackendUnavailable(f"DSV3_FP8_MAX={value}: expected a number in (0, {limit:g}] for {chip.fp8_format}")
+    return dataclasses.replace(chip, fp8_max=fp8_max)
+
+
+def build(decision: Decision, device: str | None = None, **options) -> tuple[Backend, Decision]:
+    """Construct the decided backend.
+
+    Args:
+        decision: from decide().
+        device: overrides decision.device.
+        options: more constructor arguments.
+    Returns:
+        (backend, the decision that was built: where auto picked a backend whose module or vendor
+        package does not import, or whose constructor raises ValueError, the reference backend
+        runs instead and the reason says why).
+    Raises:
+        BackendUnavailable: the same for a backend asked for by name.
+    """
+    kwargs = dict(options)
+    if device or decision.device:
+        kwargs["device"] = device or decision.device
+    if decision.chip is not None:
+        kwargs["chip"] = decision.chip
+    try:
+        return create_backend(decision.backend, **kwargs), decision
+    except (ModuleNotFoundError, ValueError) as e:
+        if decision.backend == "reference":
+            raise
+        module, _, extra = BACKENDS[decision.backend]
+        if not isinstance(e, ModuleNotFoundError):
+            problem = f"the {decision.backend} backend refused to start ({e})"
+        elif e.name == module:
+            problem = f"the {decision.backend} backend module {module} is missing"
+        else:
+            problem = f"the {decision.backend} backend cannot import {e.name}" + (
+                f": pip install 'dsv3[{extra}]'" if extra else "")
+        if decision.source != "auto" or decision.chip is None:
+            raise BackendUnavailable(f"backend {decision.backend} cannot run here: {problem}") from e
+        return build(_fallback(decision.chip, problem), device, **options)
+
+
+def select(requested: str | None = "auto", device: str | None = None, chip: ChipInfo | None = None,
+           env: Mapping[str, str] | None = None, **options) -> tuple[Backend, Decision]:
+    """Probe (unless `chip` is given), decide and build.
+
+    Args:
+        requested: "auto" or a backend name.
+        device: torch device for the backend (its default when None).
+        chip: a described chip instead of probing.
+        env: environment (os.environ when None).
+        options: more constructor arguments for the backend.
+    Returns:
+        (backend, decision).
+    """
+    chip = probe() if chip is None else chip
+    decision = decide(chip, requested, os.environ if env is None else env, installed_packages())
+    return build(decision, device, **options)
 
 
 def select_backend(requested: str | None = "auto", device: str | None = None) -> tuple[Backend, str]:
     """The backend to run on and why.
 
     Args:
-        requested: "auto", or a backend name; DSV3_BACKEND overrides "auto".
+        requested: "auto", or a backend name; DSV3_BACKEND applies only to "auto".
         device: torch device for the backend (its default when None).
     Returns:
         (backend, a one-line reason).
     """
-    name = requested if requested not in (None, "auto") else os.environ.get("DSV3_BACKEND", "auto")
-    options = {} if device is None else {"device": device}
-    if name == "auto":
-        return create_backend("reference", **options), "no accelerator backend available: reference on the CPU"
-    return create_backend(name, **options), f"{name} requested"
+    backend, decision = select(requested, device)
+    return backend, decision.reason

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from backends.interface import Backend
-from backends.select import select_backend
+from backends.select import select
+from dsv3 import parallel
 from dsv3.config import ModelConfig, load_config
 from dsv3.engine import Engine, SamplingParams
 from dsv3.errors import Dsv3Error
@@ -70,7 +71,7 @@ class Model:
 def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: str | Backend = "auto",
                precision: str = "auto", device: str | None = None, max_batch_size: int = 8,
                max_seq_len: int | None = None, load_mtp: bool = False, seed: int = 0, progress: bool = True,
-               quiet: bool = False) -> Model:
+               quiet: bool = False, tp: int | None = None, ep: int | None = None) -> Model:
     """Load a DeepSeek model.
 
     Args:
@@ -85,18 +86,24 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         seed: seed of synthetic weights.
         progress: show a progress bar while loading.
         quiet: print no status lines.
+        tp, ep: under torchrun, ranks sharing attention/dense layers and expert groups (dsv3.parallel);
+            None means the world size (1 without torchrun). Each rank then holds only its part.
     Returns:
         A Model.
     """
     if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 2):
         raise Dsv3Error(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+    plan = parallel.plan_for(tp, ep)  # None in a single process
+    quiet = quiet or (plan is not None and not plan.is_primary)
     if path_or_config is None:
         path_or_config = TINY_CHECKPOINT
         info(f"no checkpoint given: using the built-in tiny checkpoint ({TINY_CHECKPOINT})", quiet)
     if isinstance(backend, Backend):
-        chosen, reason = backend, f"{backend.capabilities.name} given"
+        chosen, reason, chip = backend, f"{backend.capabilities.name} given", None
     else:
-        chosen, reason = select_backend(backend, device)
+        chosen, decision = select(backend, device) if plan is None else parallel.select_rank_backend(
+            backend, device, plan, select)
+        reason, chip = decision.reason, decision.chip
     info(f"backend {chosen.capabilities.name} on {chosen.capabilities.device}: {reason}", quiet)
 
     checkpoint = isinstance(path_or_config, (str, Path)) and (Path(path_or_config) / "config.json").exists()
@@ -105,7 +112,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         source = CheckpointSource(path_or_config)
     else:
         config = path_or_config if isinstance(path_or_config, ModelConfig) else load_config(path_or_config)
-    chosen_precision, why = resolve_precision(precision, chosen.capabilities, config.is_fp8 or not checkpoint)
+    chosen_precision, why = resolve_precision(precision, chosen.capabilities, config.is_fp8 or not checkpoint, chip)
     info(why, quiet)
     if not checkpoint:
         source = RandomSource(config, fp8=chosen_precision == "fp8", seed=seed, device=chosen.device)
@@ -113,10 +120,15 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     if max_seq_len > config.max_position_embeddings:
         raise Dsv3Error(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                         f"{config.max_position_embeddings}")
-    loader = WeightLoader(source, config, include_mtp=load_mtp, progress=progress and not quiet)
-    try:
-        transformer = Transformer(config, chosen, loader, chosen_precision, max_batch_size, max_seq_len, load_mtp)
-    finally:
-        loader.close()
+    if plan is not None:
+        info(plan.describe(), quiet)
+        transformer = parallel.build(plan, config, chosen, source, chosen_precision, max_batch_size, max_seq_len,
+                                     load_mtp, progress and not quiet)
+    else:
+        loader = WeightLoader(source, config, include_mtp=load_mtp, progress=progress and not quiet)
+        try:
+            transformer = Transformer(config, chosen, loader, chosen_precision, max_batch_size, max_seq_len, load_mtp)
+        finally:
+            loader.close()
     tokenizer = Tokenizer(path_or_config) if checkpoint and (Path(path_or_config) / "tokenizer.json").exists() else None
     return Model(transformer, tokenizer)

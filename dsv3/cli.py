@@ -6,11 +6,16 @@ import argparse
 import importlib
 import sys
 
+from backends.errors import BackendError
 from dsv3.errors import Dsv3Error
 
 #: subcommand -> (module in dsv3.commands, one-line help)
 COMMANDS = {
     "generate": ("generate", "generate text from a prompt, a file of prompts, or an interactive chat"),
+    "conformance": ("conformance", "check every backend op against the reference backend and print the matrix"),
+    "doctor": ("doctor", "show the device, versions, the backend and precision dsv3 picks, and each op's implementation"),
+    "convert": ("convert", "convert an FP8 checkpoint to BF16, or to e4m3fnuz for MI300X"),
+    "bench": ("bench", "time GEMM, MoE and MLA at the DeepSeek-V3 shapes beside their peers and the roofline"),
 }
 
 
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except Dsv3Error as e:
+    except (Dsv3Error, BackendError) as e:
         print(f"dsv3: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -85,10 +85,23 @@ class CheckpointSource:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}")
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor; only those bytes are read."""
+        shard = self.files[name]
+        try:
+            part = self._open(shard).get_slice(name)
+            return (part[start:stop] if dim == 0 else part[:, start:stop]).contiguous()
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}")
+
 
 _DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
            "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2}
+
+
+#: standard deviation of RandomSource(fast=True)'s FP8 expert values (7 of them fit under e4m3fn's 448)
+FAST_FP8_STD = 64.0
 
 
 class RandomSource:
@@ -102,10 +115,17 @@ class RandomSource:
         fp8: store linears as FP8 + weight_scale_inv.
         seed: base seed; each tensor's generator is seeded from it and the name.
         device: where tensors are made (a GPU makes large models quickly).
+        fast: with fp8, make each layer's routed experts already stacked (`stacked_experts`):
+            FP8 values cast straight from N(0, FAST_FP8_STD) and one scale for all blocks, so that
+            the weights are still N(0, 1/sqrt(in)); no per-expert tensors to stack (which would
+            hold a layer twice) and no block quantization. For single-process loading (a
+            ShardedLoader that splits experts would get them whole).
     """
 
-    def __init__(self, config: ModelConfig, fp8: bool = True, seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, config: ModelConfig, fp8: bool = True, seed: int = 0, device: str | torch.device = "cpu",
+                 fast: bool = False):
         self.config, self.fp8, self.seed, self.device = config, fp8, seed, torch.device(device)
+        self.fast = fast
         self.specs = layout.module_specs(config)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for module, spec in self.specs.items():
@@ -141,6 +161,29 @@ class RandomSource:
             q, s = fp8.quantize_blocks(w)
             return s if name.endswith("weight_scale_inv") else q
         return w.to(torch.bfloat16)
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor (made whole, then cut)."""
+        return self.get(name).narrow(dim, start, stop - start).clone()
+
+    def stacked_experts(self, module: str, ids: range) -> tuple[torch.Tensor, ...] | None:
+        """With fast and fp8: the routed experts `ids` of MoE `module`, stacked as WeightLoader.experts
+        returns them (gate_up [E, 2I, D], its scales, down [E, D, I], its scales); else None."""
+        if not (self.fast and self.fp8):
+            return None
+        hidden, inter = self.config.hidden_size, self.config.moe_intermediate_size
+        largest = fp8.fp8_max(torch.float8_e4m3fn)
+        parts = []
+        for rows, cols, name in ((2 * inter, hidden, "gate_up"), (hidden, inter, "down")):
+            weight = torch.empty(len(ids), rows, cols, dtype=torch.float8_e4m3fn, device=self.device)
+            for index, expert in enumerate(ids):
+                g = self._generator(f"{module}.experts.{expert}.{name}")
+                values = torch.randn(rows, cols, generator=g, device=self.device).mul_(FAST_FP8_STD)
+                weight[index] = values.clamp_(-largest, largest)
+            scale = torch.full((len(ids), math.ceil(rows / fp8.BLOCK), math.ceil(cols / fp8.BLOCK)),
+                               1.0 / (FAST_FP8_STD * cols ** 0.5), device=self.device)
+            parts += [weight, scale]
+        return tuple(parts)
 
 
 class WeightLoader:
@@ -206,15 +249,26 @@ class WeightLoader:
         scale = self.source.get(f"{module}.weight_scale_inv") if weight.dtype == torch.float8_e4m3fn else None
         return weight, scale
 
-    def experts(self, module: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                              torch.Tensor, torch.Tensor | None]:
+    def experts(self, module: str, num_experts: int, ids: range | None = None) -> tuple[
+            torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Stacked routed experts of one layer: (gate_up [E, 2I, D], its scales, down [E, D, I], its scales).
+
+        Args:
+            module: the MoE module name ("model.layers.3.mlp").
+            num_experts: routed experts in the layer.
+            ids: the experts to stack (default all); E is then len(ids).
 
         Raises CheckpointError where experts mix FP8 and dense weights, or where an FP8
         intermediate size is not a multiple of 128 (gate and up blocks could not be stacked).
         """
+        ids = range(num_experts) if ids is None else ids
+        stacked = getattr(self.source, "stacked_experts", None)
+        stacked = stacked(module, ids) if stacked is not None else None
+        if stacked is not None:  # a source that makes them stacked (RandomSource(fast=True))
+            self._bar.update(3 * len(ids))
+            return stacked
         gate_up, gate_up_scale, down, down_scale = [], [], [], []
-        for e in range(num_experts):
+        for e in ids:
             p = f"{module}.experts.{e}"
             (g, gs), (u, us), (d, ds) = self.linear(f"{p}.gate_proj"), self.linear(f"{p}.up_proj"), self.linear(f"{p}.down_proj")
             if len({g.dtype, u.dtype, d.dtype}) != 1:
@@ -228,7 +282,7 @@ class WeightLoader:
                 gate_up_scale.append(torch.cat((gs, us)))
                 down_scale.append(ds)
         stack = lambda ts: torch.stack(ts) if ts else None  # noqa: E731
-        if gate_up_scale and len(gate_up_scale) != num_experts:
+        if gate_up_scale and len(gate_up_scale) != len(ids):
             raise CheckpointError(f"{self._where}: {module}.experts mix FP8 and dense weights")
         return stack(gate_up), stack(gate_up_scale), stack(down), stack(down_scale)
 

@@ -19,6 +19,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="tokens per sequence in the cache "
                    "(default: min(4096, the model's max_position_embeddings))")
     p.add_argument("--quiet", action="store_true", help="print no status lines on stderr")
+    p.add_argument("--tp", type=int, help="under torchrun: ranks sharing attention, dense MLPs, embedding and "
+                   "head (default: all)")
+    p.add_argument("--ep", type=int, help="under torchrun: expert groups the routed experts are split into "
+                   "(default: one per rank); see docs/parallel.md")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -26,4 +30,5 @@ def load_from_args(args: argparse.Namespace):
 
     source = args.ckpt or args.config
     return load_model(source, backend=args.backend, precision=args.precision, device=args.device,
-                      max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, quiet=args.quiet)
+                      max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, quiet=args.quiet,
+                      tp=args.tp, ep=args.ep)

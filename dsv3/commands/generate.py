@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from dsv3.commands.common import add_model_arguments, load_from_args
+from dsv3.distributed import broadcast_object, is_primary, quiet_other_ranks, read_line
 from dsv3.errors import Dsv3Error
 
 
@@ -27,37 +28,51 @@ def run(args: argparse.Namespace) -> int:
     if modes != 1:
         raise Dsv3Error("give exactly one of: a prompt, --input-file FILE, --interactive")
     prompts = [args.prompt] if args.prompt else None
-    if args.input_file:
-        path = Path(args.input_file)
-        if not path.is_file():
-            raise Dsv3Error(f"{path}: no such file")
-        prompts = [line for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise Dsv3Error(f"{path}: no prompts (one per line)")
+    if args.input_file and is_primary():  # under torchrun rank 0 reads, then broadcasts
+        prompts = read_prompts(Path(args.input_file))
     model = load_from_args(args)
+    prompts = broadcast_object(prompts)
+    quiet_other_ranks()
     if model.tokenizer is None:
         raise Dsv3Error("generate needs a checkpoint with a tokenizer (--config runs synthetic weights)")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.interactive:
         return chat_loop(model, sampling)
+    inputs = prompts
     if args.chat:
-        prompts = [model.tokenizer.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
-    if len(prompts) == 1:
+        inputs = [model.tokenizer.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    if len(inputs) == 1:
         stream = Streamer(model.tokenizer)
-        model.generate(prompts, on_token=lambda i, t: stream.add(t), **sampling)
+        model.generate(inputs, on_token=lambda i, t: stream.add(t), **sampling)
         stream.finish()
         return 0
-    for prompt, text in zip(prompts, model.generate(prompts, **sampling)):
-        print(f"{prompt}{text}")
+    size = model.transformer.max_batch_size
+    for start in range(0, len(inputs), size):  # a file longer than the cache runs in several batches
+        texts = model.generate(inputs[start:start + size], **sampling)
+        for prompt, text in zip(prompts[start:start + size], texts):
+            print(f"{prompt}{text}", flush=True)
     return 0
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file."""
+    if not path.is_file():
+        raise Dsv3Error(f"{path}: no such file (--input-file takes a text file with one prompt per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise Dsv3Error(f"{path}: cannot read it as UTF-8 text ({e})")
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise Dsv3Error(f"{path}: no prompts (one per line)")
+    return prompts
 
 
 class Streamer:
     """Prints text as tokens arrive, decoding the whole sequence so multi-token characters come out whole."""
 
-    def __init__(self, tokenizer, prefix: str = ""):
+    def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.printed = tokenizer, [], ""
-        self.prefix = prefix
 
     def add(self, token: int) -> None:
         self.ids.append(token)
@@ -78,7 +93,7 @@ def chat_loop(model, sampling: dict) -> int:
     messages: list[dict[str, str]] = []
     while True:
         try:
-            line = input("> ")
+            line = read_line("> " if sys.stdin.isatty() else "")  # no prompt clutter when piped
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -92,5 +107,10 @@ def chat_loop(model, sampling: dict) -> int:
             continue
         messages.append({"role": "user", "content": line})
         stream = Streamer(model.tokenizer)
-        model.generate([model.tokenizer.chat_prompt(messages)], on_token=lambda i, t: stream.add(t), **sampling)
+        try:
+            model.generate([model.tokenizer.chat_prompt(messages)], on_token=lambda i, t: stream.add(t), **sampling)
+        except Dsv3Error as e:  # e.g. the conversation outgrew max_seq_len: say so and keep chatting
+            print(f"dsv3: error: {e} (/clear starts over)", file=sys.stderr)
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": stream.finish()})

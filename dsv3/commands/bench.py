@@ -1,0 +1,71 @@
+"""`dsv3 bench gemm|moe|mla|all`: kernels at the DeepSeek-V3 shapes beside their peers and the roofline;
+`dsv3 bench decode|prefill`: whole model steps at DeepSeek-V3's layer dimensions beside their floor."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dsv3.errors import Dsv3Error
+
+WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=WHAT, help="which ops to time (all: gemm, moe and mla), or whole decode or "
+                   "prefill steps")
+    p.add_argument("--backend", default="cuda", help="backend under test (default cuda)")
+    p.add_argument("--device", help="torch device for the backend (default: the backend's)")
+    p.add_argument("--json", metavar="FILE", help="also write the roofline, environment and records as JSON")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference-backend peer")
+    steps = p.add_argument_group("decode and prefill")
+    steps.add_argument("--config", default="deepseek-v3", help="model config whose layer dimensions to use "
+                       "(default deepseek-v3)")
+    steps.add_argument("--layers", type=int, help="layers to build (default: as many as fit, dense first)")
+    steps.add_argument("--batch", type=int, nargs="+", help="decode batch sizes (default 1 16 64 128)")
+    steps.add_argument("--context", type=int, nargs="+", help="tokens cached per sequence (default 1024 8192)")
+    steps.add_argument("--tokens", type=int, default=4096, help="prefill tokens (default 4096)")
+
+
+def _bench_module(name: str):
+    """dsv3.bench.<name>, or None where that module does not exist (yet)."""
+    try:
+        return importlib.import_module(f"dsv3.bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"dsv3.bench.{name}":
+            raise
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from backends.registry import create_backend
+    from dsv3.bench import common
+
+    try:
+        backend = create_backend(args.backend, **({"device": args.device} if args.device else {}))
+    except (ValueError, RuntimeError) as e:
+        raise Dsv3Error(f"bench: cannot build backend {args.backend!r}: {e}")
+    if args.what in ("decode", "prefill"):
+        from dsv3.bench import e2e
+
+        return e2e.run_command(args, backend)
+    if backend.device.type == "cpu":
+        raise Dsv3Error(f"bench: backend {args.backend!r} runs on the CPU; the benchmarks time an accelerator")
+    names = ("gemm", "moe", "mla") if args.what == "all" else (args.what,)
+    roofline = common.measure_roofline(backend.device, backend.capabilities.fp8_dtype)
+    print(common.format_roofline(roofline), flush=True)
+    records = []
+    for name in names:
+        module = _bench_module(name)
+        if module is None:
+            print(f"dsv3 bench {name}: dsv3/bench/{name}.py is not there yet; skipped", file=sys.stderr)
+            continue
+        records += module.run(backend, quick=args.quick, reference=not args.no_reference)
+    common.finish(records, roofline)
+    print(common.format_table(records))
+    if args.json:
+        common.save_json(args.json, roofline, records,
+                         {"backend": backend.capabilities.name, "ops": dict(backend.capabilities.ops)})
+    return 0
