@@ -1,0 +1,404 @@
+"""The Ascend backend: Huawei 910B/910C in BF16 (and Ascend 950 with FP8) through torch_npu.
+
+910B and 910C have no FP8, so an FP8 checkpoint is dequantized to BF16 while it
+loads (the precision policy picks bf16 because `native_fp8` is False there).
+The heavy ops run on the fused torch_npu ops vllm-ascend runs DeepSeek on:
+
+    rms_norm     npu_rms_norm, npu_add_rms_norm with a residual
+    rope         npu_rotary_mul(rotary_mode="interleave")
+    attention    npu_fused_infer_attention_score, MLA form (query_rope/key_rope, paged latent cache)
+    moe_gating   npu_moe_gating_top_k (only where its A2/A3 limits hold)
+    moe_experts  npu_moe_init_routing_v2, npu_grouped_matmul, npu_swiglu, npu_grouped_matmul, then a gather
+
+Each fused op has a plain-PyTorch path beside it. A path whose documented limits
+do not hold for the model falls back to plain by itself; a user bisecting a
+wrong result on real hardware can force any of them plain with the constructor
+(`use_fused`) or DSV3_ASCEND_PLAIN="rope,moe_gating" (or "all").
+
+Every documented behaviour a call relies on is noted at the call. "the 2.14 docs"
+is torch_npu/_op_plugin_docs.py in the torch-npu 2.14.0 wheel; "the 7.0.0 docs" is
+the torch_npu API reference for Ascend Extension for PyTorch 7.0.0 on hiascend.com.
+Nothing here has been run on an Ascend chip: the tests run it on a CPU emulation of
+these ops (tests/npu_emulation), written from the same documents.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from backends import fp8
+from backends.chips import ChipInfo, describe_chip
+from backends.interface import (
+    Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig,
+)
+from backends.probe import ascend_arch
+from backends.reference import ReferenceBackend, route_experts
+from backends.errors import BackendError, BackendUnavailable
+
+#: The fused paths a user can switch to plain, by name.
+FUSED_PATHS: tuple[str, ...] = ("rms_norm", "rope", "attention", "moe_gating", "moe_experts")
+PLAIN_ENV = "DSV3_ASCEND_PLAIN"
+
+#: Tokens per page of the latent cache (the MLA form of npu_fused_infer_attention_score takes 16 or 128
+#: without sparse_mode 4, and 64 or 128 with it: the 2.14 docs, "query_rope和key_rope参数约束").
+BLOCK_SIZE = 128
+#: The MLA form needs the latent (D) 512 and the rope part 64 wide, as in DeepSeek-V2/V3.
+MLA_LATENT_DIM, MLA_ROPE_DIM = 512, 64
+#: Query heads the MLA form takes: 32, 64 or 128 without sparse_mode 4, exactly 128 with it.
+MLA_DECODE_HEADS, MLA_PREFILL_HEADS = (32, 64, 128), 128
+#: sparse_mode 4 keeps the key sequence at most this long.
+MLA_PREFILL_MAX_KV = 131088
+#: The compressed causal mask sparse_modes 2-4 take: 2048 x 2048, True (masked) above the diagonal.
+MASK_SIZE = 2048
+INT32_MAX = 2**31 - 1
+
+_DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def fused_settings(use_fused: bool | Mapping[str, bool] = True,
+                   environ: Mapping[str, str] = os.environ) -> dict[str, bool]:
+    """Which paths run fused: the constructor setting, then DSV3_ASCEND_PLAIN forces the listed paths plain.
+
+    Args:
+        use_fused: True (all fused), False (all plain), or {path: bool} over the defaults (all fused).
+        environ: where DSV3_ASCEND_PLAIN is read ("rope,moe_gating", "all" or empty).
+    Returns:
+        {path: True if fused} for every name in FUSED_PATHS.
+    """
+    if isinstance(use_fused, bool):
+        settings = dict.fromkeys(FUSED_PATHS, use_fused)
+    elif isinstance(use_fused, Mapping):
+        unknown = sorted(set(use_fused) - set(FUSED_PATHS))
+        if unknown:
+            raise BackendError(f"AscendBackend use_fused: unknown path {unknown[0]!r}; "
+                            f"expected any of {', '.join(FUSED_PATHS)}")
+        settings = {name: bool(use_fused.get(name, True)) for name in FUSED_PATHS}
+    else:
+        raise BackendError(f"AscendBackend use_fused must be true, false or a mapping of paths, found {use_fused!r}")
+    plain = [name.strip() for name in environ.get(PLAIN_ENV, "").split(",") if name.strip()]
+    for name in plain:
+        if name == "all":
+            settings = dict.fromkeys(FUSED_PATHS, False)
+        elif name in settings:
+            settings[name] = False
+        else:
+            raise BackendError(f"{PLAIN_ENV}={environ[PLAIN_ENV]!r}: unknown path {name!r}; "
+                            f"expected 'all' or any of {', '.join(FUSED_PATHS)}")
+    return settings
+
+
+def probe_chip(torch_npu, index: int = 0) -> ChipInfo:
+    """Describe NPU `index` from torch_npu's device queries (the arch from the SoC id where torch_npu gives it)."""
+    name = torch_npu.npu.get_device_name(index)
+    memory = getattr(torch_npu.npu.get_device_properties(index), "total_memory", 0)
+    try:
+        soc_id = int(torch_npu._C._npu_get_soc_version())
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        soc_id = None
+    return describe_chip("huawei", ascend_arch(name, soc_id), name=name, memory_bytes=int(memory or 0),
+                         count=torch_npu.npu.device_count())
+
+
+class AscendBackend(Backend):
+    """Huawei Ascend NPUs through torch_npu (imported when the backend is built).
+
+    Args:
+        device: "npu" or "npu:N" (default "npu:0"); "cpu" only with the test emulation of torch_npu.
+        chip: the chip, or None to ask torch_npu (e.g. describe_chip("huawei", "ascend910b")).
+        use_fused: True, False, or {path: bool} for the paths in FUSED_PATHS; DSV3_ASCEND_PLAIN
+            forces paths plain on top of it.
+    """
+
+    def __init__(self, device: str | None = None, chip: ChipInfo | None = None,
+                 use_fused: bool | Mapping[str, bool] = True):
+        try:
+            import torch_npu  # noqa: PLC0415 (vendor import only when this backend is chosen)
+        except (ImportError, OSError) as e:  # without CANN's libraries torch_npu fails to import
+            raise BackendUnavailable(f"backend ascend needs torch_npu and Huawei CANN (pip install -e '.[ascend]', "
+                            f"then source CANN's set_env.sh): {e}") from e
+        self.npu = torch_npu
+        device = "npu:0" if device in (None, "npu") else device
+        self._device = torch.device(device)
+        self.chip = chip if chip is not None else probe_chip(torch_npu, self._device.index or 0)
+        if self.chip.vendor != "huawei":
+            raise BackendError(f"AscendBackend: chip {self.chip.arch!r} ({self.chip.vendor}) is not a Huawei Ascend chip")
+        self.fused = fused_settings(use_fused)
+        #: set by tests/npu_emulation: the ops are a CPU emulation, not an NPU
+        self.emulation: str | None = getattr(torch_npu, "DSV3_EMULATION", None)
+        fp8_format = self.chip.fp8_format
+        self._plain = ReferenceBackend(self._device, fp8_format or "e4m3fn", self.chip.fp8_max)
+        self._mask: torch.Tensor | None = None
+        self.capabilities = Capabilities(
+            name="ascend",
+            device=str(self._device),
+            fp8_dtype=fp8.FP8_FORMATS[fp8_format] if fp8_format else None,
+            fp8_max=self.chip.fp8_max,
+            dist_backend="hccl",
+            native_fp8=self.chip.has_fp8,
+            ops=self._describe_ops(),
+        )
+
+    def _describe_ops(self) -> dict[str, str]:
+        on = self.fused
+        suffix = f" [{self.emulation}]" if self.emulation else ""
+        mla = ("torch_npu.npu_fused_infer_attention_score, MLA form ({}) where kv_lora_rank is 512, "
+               "the rope dim 64 and heads <= 128 (padded); else torch")
+        ops = {
+            "linear_fp8": ("torch: block-scaled FP8 emulated in fp32 (no torch_npu block-FP8 GEMM wired)"
+                           if self.chip.has_fp8 else f"none: {self.chip.arch} has no FP8 (BF16 dequantized at load)"),
+            "linear_bf16": "torch: F.linear",
+            "rms_norm": "torch_npu.npu_rms_norm / npu_add_rms_norm" if on["rms_norm"] else "torch: fp32 (plain)",
+            "rotary": "torch_npu.npu_rotary_mul interleave, fp32" if on["rope"] else "torch: fp32 interleaved (plain)",
+            "mla_prefill": mla.format("sparse_mode 4, paged BSND") if on["attention"] else "torch: fp32 (plain)",
+            "mla_decode": mla.format("sparse_mode 0, paged BSND") if on["attention"] else "torch: fp32 (plain)",
+            "moe_route": ("torch_npu.npu_moe_gating_top_k for sigmoid noaux_tc with 256 experts in 8 groups, "
+                          "topk_group 4; else torch" if on["moe_gating"] else "torch: fp32 (plain)"),
+            "moe_experts": ("torch_npu.npu_moe_init_routing_v2 + npu_grouped_matmul + npu_swiglu + "
+                            "npu_grouped_matmul + torch gather (dense experts); else torch loop"
+                            if on["moe_experts"] else "torch: loop over experts (plain)"),
+        }
+        return {name: text + suffix if text.startswith("torch_npu") else text for name, text in ops.items()}
+
+    # ---- weight preparation (once, at load) --------------------------------
+
+    def _prepare(self, weight: torch.Tensor, scale: torch.Tensor | None, precision: Precision):
+        """(weight on the device, scale or None); FP8 is dequantized on the host, before the copy."""
+        if precision == "fp8":
+            if not self.chip.has_fp8:
+                raise BackendError(f"precision fp8: {self.chip.arch} has no FP8; use bf16 (auto picks it)")
+            if scale is None:
+                return fp8.quantize_blocks(weight.to(self.device), self.capabilities.fp8_dtype)
+            return weight.to(self.device), scale.to(self.device, torch.float32)
+        dtype = _DENSE_DTYPES[precision]
+        dense = fp8.dequantize_blocks(weight, scale, dtype) if scale is not None else weight.to(dtype)
+        return dense.to(self.device), None
+
+    def prepare_linear(self, weight, scale_inv, precision: Precision) -> LinearWeight:
+        w, s = self._prepare(weight, scale_inv, precision)
+        return LinearWeight(w, s, weight.shape[0], weight.shape[1])
+
+    def prepare_experts(self, gate_up, gate_up_scale, down, down_scale, precision: Precision) -> ExpertWeights:
+        if precision == "fp8":
+            (gu, gus), (d, ds) = self._prepare(gate_up, gate_up_scale, "fp8"), self._prepare(down, down_scale, "fp8")
+            return ExpertWeights(gu, gus, d, ds)
+        # npu_grouped_matmul multiplies x [M, K] by weight [E, K, N] (2.14 docs, group_type 0, "单单单"), so the
+        # experts are kept as [E, in, out] and ExpertWeights holds transposed views of them (no second copy).
+        dtype = _DENSE_DTYPES[precision]
+        kn = []
+        for w, s in ((gate_up, gate_up_scale), (down, down_scale)):
+            dense = fp8.dequantize_blocks(w, s, dtype) if s is not None else w.to(dtype)
+            kn.append(dense.transpose(1, 2).contiguous().to(self.device))
+        gate_up_kn, down_kn = kn
+        return ExpertWeights(gate_up_kn.transpose(1, 2), None, down_kn.transpose(1, 2), None,
+                             extra={"gate_up_kn": gate_up_kn, "down_kn": down_kn})
+
+    def prepare_mla(self, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, dtype) -> MLAWeights:
+        w = kv_b_weight.to(self.device, torch.float32).view(num_heads, qk_nope_head_dim + v_head_dim, -1)
+        return MLAWeights(w_uk=w[:, :qk_nope_head_dim].to(dtype).contiguous(),
+                          w_uv=w[:, qk_nope_head_dim:].to(dtype).contiguous())
+
+    # ---- GEMM --------------------------------------------------------------
+
+    def linear(self, x, weight: LinearWeight):
+        return self._plain.linear(x, weight)
+
+    # ---- small ops ---------------------------------------------------------
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if not self.fused["rms_norm"] or not 2 <= x.dim() <= 8:
+            return self._plain.rms_norm(x, weight, eps, residual)
+        gamma = weight.to(x.dtype)  # gamma must have self's dtype; self is 2-8-D (2.14 docs, npu_rms_norm)
+        if residual is None:
+            return self.npu.npu_rms_norm(x, gamma, epsilon=eps)[0]  # -> (y, rstd)
+        # npu_add_rms_norm(x1, x2, gamma, epsilon) -> (y, rstd, x1 + x2) (not in the 2.14 docs file; the
+        # op-plugin test test_npu_add_rms_norm.py and the hiascend API page give this signature)
+        y, _, summed = self.npu.npu_add_rms_norm(x, residual, gamma, eps)
+        return y, summed
+
+    def rotary(self, x, cos, sin):
+        rope_dim = x.shape[-1]
+        heads = math.prod(x.shape[2:-1])
+        # interleave mode: input 4-D BSND with r1/r2 1S1D, D even and < 896, B * N < 1000 (2.14 docs)
+        if not self.fused["rope"] or x.dim() < 3 or rope_dim % 2 or rope_dim >= 896 or heads >= 1000:
+            return self._plain.rotary(x, cos, sin)
+        tokens = x.shape[0] * x.shape[1]
+        # B = 1 and every token on the S axis, so the per-position tables fit the 1S1D form; fp32 input
+        # (supported) keeps the reference's precision. output = r1 * x + r2 * x_new with
+        # x_new[2i] = -x[2i+1], x_new[2i+1] = x[2i], so r1/r2 repeat cos/sin over each pair.
+        x4 = x.float().reshape(1, tokens, heads, rope_dim).contiguous()
+        r1 = cos.float().reshape(1, tokens, 1, -1).repeat_interleave(2, dim=-1).contiguous()
+        r2 = sin.float().reshape(1, tokens, 1, -1).repeat_interleave(2, dim=-1).contiguous()
+        out = self.npu.npu_rotary_mul(x4, r1, r2, rotary_mode="interleave")
+        return out.view(x.shape).to(x.dtype)
+
+    # ---- MLA: a paged latent cache -----------------------------------------
+
+    def mla_cache_spec(self, max_batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
+        blocks_per_seq = math.ceil(max_seq_len / BLOCK_SIZE)
+        width = kv_lora_rank + rope_dim
+        return CacheSpec(
+            shape=(max_batch_size, blocks_per_seq, BLOCK_SIZE * width), dtype=dtype,
+            layout=(f"one buffer: latent pages [{max_batch_size * blocks_per_seq}, {BLOCK_SIZE}, {kv_lora_rank}] "
+                    f"then rope pages [{max_batch_size * blocks_per_seq}, {BLOCK_SIZE}, {rope_dim}], each "
+                    f"contiguous; sequence slot s owns pages s*{blocks_per_seq} .. "
+                    f"s*{blocks_per_seq}+{blocks_per_seq - 1}"),
+            bytes_per_token=width * torch.empty((), dtype=dtype).element_size())
+
+    def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
+        return torch.zeros(spec.shape, dtype=spec.dtype, device=self.device)
+
+    @staticmethod
+    def _pages(cache: torch.Tensor, rank: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent pages [P, 128, rank], rope pages [P, 128, R]): contiguous views into the cache buffer."""
+        flat = cache.view(-1)
+        num_pages = cache.shape[0] * cache.shape[1]
+        split = num_pages * BLOCK_SIZE * rank
+        return flat[:split].view(num_pages, BLOCK_SIZE, rank), flat[split:].view(num_pages, BLOCK_SIZE, rope_dim)
+
+    def _write(self, cache, latent_pages, rope_pages, slots, positions, latent, k_pe):
+        """Store latent/k_pe [B, T, *] at positions [B, T] of the sequences in `slots`."""
+        per_seq = cache.shape[1] * BLOCK_SIZE
+        rows = slots[:, None] * per_seq + positions
+        latent_pages.view(-1, latent.shape[-1])[rows] = latent.to(cache.dtype)
+        rope_pages.view(-1, k_pe.shape[-1])[rows] = k_pe.to(cache.dtype)
+
+    def _fia_heads(self, num_heads: int, rank: int, rope_dim: int, dtype: torch.dtype, prefill: bool) -> int | None:
+        """Heads to pad the query to for the MLA form of npu_fused_infer_attention_score, or None to run plain."""
+        if (not self.fused["attention"] or rank != MLA_LATENT_DIM or rope_dim != MLA_ROPE_DIM
+                or dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        choices = (MLA_PREFILL_HEADS,) if prefill else MLA_DECODE_HEADS
+        return next((n for n in choices if n >= num_heads), None)
+
+    def _causal_mask(self) -> torch.Tensor:
+        if self._mask is None:
+            ones = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool, device=self.device)
+            self._mask = torch.triu(ones, diagonal=1)
+        return self._mask
+
+    def _fused_attention(self, q_nope, q_pe, cache, slots, q_lens, kv_lens, heads, weights, softmax_scale,
+                         prefill: bool):
+        """q_nope [B, T, H, nope], q_pe [B, T, H, R] -> [B, T, H, v] through the MLA form of the fused op."""
+        h = q_nope.shape[2]
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, weights.w_uk.to(q_nope.dtype))
+        # The op takes N of 32/64/128 (128 with sparse_mode 4): extra heads are zero queries, dropped after.
+        query = F.pad(q_latent, (0, 0, 0, heads - h)).contiguous()
+        query_rope = F.pad(q_pe, (0, 0, 0, heads - h)).to(query.dtype).contiguous()
+        latent_pages, rope_pages = self._pages(cache, MLA_LATENT_DIM, MLA_ROPE_DIM)
+        blocks_per_seq = cache.shape[1]
+        table = (slots[:, None] * blocks_per_seq + torch.arange(blocks_per_seq, device=slots.device)).to(torch.int32)
+        # MLA form (2.14 docs, "query_rope和key_rope参数约束"): query D 512 with query_rope D 64, key = value =
+        # the latent cache with KV_N 1, key_rope D 64. With BSND the paged cache must be (blocknum, block_size,
+        # H); block_table [B, pages] int32 and actual_seq_lengths_kv (per batch, required with pages) say
+        # which pages and how many keys each sequence has. Without sparse_mode 4, Q_S is 1-16 and Q_S = 1
+        # takes sparse_mode 0 with no mask. sparse_mode 4 (band) starts at the bottom-right corner of each
+        # batch's [Q_S, KV_S] score matrix and keeps keys within pre_tokens before and next_tokens after the
+        # diagonal: next_tokens 0 with unlimited pre_tokens is causal with the new tokens last; it takes the
+        # 2048 x 2048 mask, True above the diagonal. Key/value/query must be contiguous.
+        extra = dict(sparse_mode=4, atten_mask=self._causal_mask(), pre_tokens=INT32_MAX, next_tokens=0,
+                     actual_seq_lengths=q_lens) if prefill else dict(sparse_mode=0)
+        out, _ = self.npu.npu_fused_infer_attention_score(
+            query, latent_pages, latent_pages, query_rope=query_rope, key_rope=rope_pages,
+            num_heads=heads, num_key_value_heads=1, input_layout="BSND", scale=softmax_scale,
+            block_table=table, block_size=BLOCK_SIZE, actual_seq_lengths_kv=kv_lens, **extra)
+        return torch.einsum("bthc,hvc->bthv", out[:, :, :h], weights.w_uv.to(out.dtype)).to(q_nope.dtype)
+
+    def _plain_attention(self, q_nope, q_pe, latent_pages, rope_pages, cache, slots, kv_len, allowed, weights,
+                         softmax_scale):
+        """Absorbed MLA in fp32 over the first kv_len cached tokens of each sequence; allowed [B, T, S] bool."""
+        per_seq = cache.shape[1] * BLOCK_SIZE
+        latent = latent_pages.view(cache.shape[0], per_seq, -1)[slots, :kv_len].float()
+        rope = rope_pages.view(cache.shape[0], per_seq, -1)[slots, :kv_len].float()
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope.float(), weights.w_uk.float())
+        scores = (torch.einsum("bthc,bsc->bths", q_latent, latent)
+                  + torch.einsum("bthr,bsr->bths", q_pe.float(), rope)) * softmax_scale
+        probs = scores.masked_fill(~allowed[:, :, None, :], float("-inf")).softmax(dim=-1)
+        out_latent = torch.einsum("bths,bsc->bthc", probs, latent)
+        return torch.einsum("bthc,hvc->bthv", out_latent, weights.w_uv.float()).to(q_nope.dtype)
+
+    def mla_prefill(self, q_nope, q_pe, latent, k_pe, cache, slots, start_pos, weights, softmax_scale):
+        b, t, h, _ = q_nope.shape
+        end = start_pos + t
+        latent_pages, rope_pages = self._pages(cache, latent.shape[-1], k_pe.shape[-1])
+        positions = torch.arange(start_pos, end, device=slots.device).expand(b, t)
+        self._write(cache, latent_pages, rope_pages, slots, positions, latent, k_pe)
+        heads = self._fia_heads(h, latent.shape[-1], k_pe.shape[-1], q_nope.dtype, prefill=True)
+        if heads is not None and end <= MLA_PREFILL_MAX_KV:
+            return self._fused_attention(q_nope, q_pe, cache, slots, [t] * b, [end] * b, heads, weights,
+                                         softmax_scale, prefill=True)
+        query_pos = torch.arange(start_pos, end, device=slots.device)
+        allowed = (torch.arange(end, device=slots.device)[None, :] <= query_pos[:, None]).expand(b, t, end)
+        return self._plain_attention(q_nope, q_pe, latent_pages, rope_pages, cache, slots, end, allowed, weights,
+                                     softmax_scale)
+
+    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale):
+        latent_pages, rope_pages = self._pages(cache, latent.shape[-1], k_pe.shape[-1])
+        self._write(cache, latent_pages, rope_pages, slots, positions[:, None], latent[:, None], k_pe[:, None])
+        heads = self._fia_heads(q_nope.shape[1], latent.shape[-1], k_pe.shape[-1], q_nope.dtype, prefill=False)
+        if heads is not None:
+            kv_lens = (positions + 1).tolist()  # a host list: the op takes SymInt[] lengths
+            return self._fused_attention(q_nope[:, None], q_pe[:, None], cache, slots, None, kv_lens, heads,
+                                         weights, softmax_scale, prefill=False)[:, 0]
+        length = int(positions.max()) + 1
+        allowed = (torch.arange(length, device=slots.device)[None, :] <= positions[:, None])[:, None, :]
+        out = self._plain_attention(q_nope[:, None], q_pe[:, None], latent_pages, rope_pages, cache, slots, length,
+                                    allowed, weights, softmax_scale)
+        return out[:, 0]
+
+    # ---- MoE ---------------------------------------------------------------
+
+    def _gating_fits(self, num_experts: int, bias, config: RoutingConfig) -> bool:
+        """npu_moe_gating_top_k's limits on A2/A3 (7.0.0 docs): 256 experts, k in [1, 32], k_group 4, a bias.
+
+        It always renormalizes the chosen weights (yOut = y / (sum(y) + eps) * routed_scaling_factor), so
+        only configs that normalize with k > 1 match; group_count 8 is DeepSeek-V3's, as vllm-ascend runs it.
+        """
+        return (self.fused["moe_gating"] and config.scoring == "sigmoid" and config.method == "noaux_tc"
+                and bias is not None and num_experts == 256 and config.num_groups == 8 and config.topk_groups == 4
+                and 1 < config.top_k <= 32 and config.normalize)
+
+    def moe_route(self, x, gate_weight, bias, config: RoutingConfig):
+        logits = F.linear(x.float(), gate_weight.float())
+        if not self._gating_fits(gate_weight.shape[0], bias, config):
+            return route_experts(logits, bias, config)
+        # norm_type 1: sigmoid; the bias is added for selection only (normValue = normOut + bias); a group
+        # scores the sum of its top 2 (group_select_mode 1); the best k_group groups stay; y is normOut at
+        # the top-k of normValue, renormalized and scaled. bias has x's dtype (float32 here). The expert
+        # index comes back as int32 (2.14 docs; ops-transformer aclnnMoeGatingTopK for the step order).
+        weights, ids, _ = self.npu.npu_moe_gating_top_k(
+            logits, config.top_k, bias=bias.float(), k_group=config.topk_groups, group_count=config.num_groups,
+            group_select_mode=1, renorm=0, norm_type=1, out_flag=False,
+            routed_scaling_factor=config.scaling, eps=1e-20)
+        return weights.float(), ids.long()
+
+    def moe_experts(self, x, weights, ids, experts: ExpertWeights):
+        num_experts = experts.num_experts
+        if (not self.fused["moe_experts"] or experts.is_fp8 or "gate_up_kn" not in experts.extra
+                or num_experts > 1024):
+            return self._plain.moe_experts(x, weights, ids, experts)
+        tokens, top_k = ids.shape
+        # Dropless routing (drop_pad_mode 0, quant_mode -1): expert_idx must be int32 [N, K]; it is flattened
+        # row-major and sorted by expert; expanded_x [N*K, D] holds the tokens grouped by expert, and with
+        # row_idx_type 0 expanded_row_idx[n*K + k] is the row of expanded_x holding token n's copy for its
+        # k-th expert. expert_tokens_num_type 1 gives per-expert counts, int64 (only 1 and 2 are supported,
+        # and expert_tokens_num_flag must be True). (2.14 docs; aclnnMoeInitRoutingV2.)
+        expanded_x, expanded_row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
+            x, ids.to(torch.int32), active_num=tokens * top_k, expert_num=num_experts, drop_pad_mode=0,
+            expert_tokens_num_type=1, expert_tokens_num_flag=True, active_expert_range=[0, num_experts],
+            quant_mode=-1, row_idx_type=0)
+        # One x and one weight [E, K, N] with group_type 0 and split_item 2/3 give one y; group_list_type 1
+        # reads group_list as per-group row counts (0 would read a cumsum); int64, at most 1024 groups.
+        gmm = dict(group_list=counts.to(torch.int64), group_list_type=1, group_type=0, split_item=2)
+        gate_up = self.npu.npu_grouped_matmul([expanded_x], [experts.extra["gate_up_kn"].to(x.dtype)], **gmm)[0]
+        hidden = self.npu.npu_swiglu(gate_up, dim=-1)  # silu(first half) * second half: gate rows come first
+        down = self.npu.npu_grouped_matmul([hidden], [experts.extra["down_kn"].to(x.dtype)], **gmm)[0]
+        # The unpermute is a gather + weighted sum in fp32: the two torch_npu docs of npu_moe_token_unpermute
+        # disagree on which way sorted_indices maps, and npu_moe_finalize_routing had accuracy problems in
+        # vllm-ascend, so neither is relied on.
+        per_choice = down[expanded_row_idx.long()].view(tokens, top_k, -1).float()
+        return (per_choice * weights[..., None]).sum(dim=1).to(x.dtype)

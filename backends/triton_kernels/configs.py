@@ -1,0 +1,110 @@
+"""Block sizes and launch settings of the shared Triton kernels, per chip arch.
+
+A backend picks its table with `kernel_configs(arch)` and passes it to the
+kernels; nothing in the kernels' code depends on the vendor. `launch` holds
+the keyword arguments of a Triton launch: num_warps and num_stages everywhere,
+and on AMD also waves_per_eu and matrix_instr_nonkdim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One kernel's tile shape and launch settings.
+
+    Attributes:
+        block_m, block_n: output tile; block_k is always 128 (the scale block).
+        group_m: row tiles grouped together in the launch order (L2 reuse of weight tiles).
+        launch: Triton launch keywords (num_warps, num_stages, and vendor-specific ones).
+    """
+
+    block_m: int
+    block_n: int
+    group_m: int = 8
+    launch: dict = field(default_factory=dict)
+
+    def with_launch(self, **changes) -> "TileConfig":
+        return replace(self, launch={**self.launch, **changes})
+
+
+@dataclass(frozen=True)
+class KernelConfigs:
+    """Every kernel's settings for one arch.
+
+    Attributes:
+        gemm_prefill: the tiled FP8 GEMM for M above `decode_max_m`.
+        gemm_decode: the split-K FP8 GEMM for M <= decode_max_m (block_m is the smallest M tile).
+        decode_max_m: largest M that takes the decode kernel.
+        scaled_mm_min_m: smallest M that takes torch._scaled_mm block-wise where the backend has it
+            (on an H100 the decode kernel ties or wins up to M = 16, cuBLAS wins at M = 64 for
+            N a multiple of 128).
+        moe_decode, moe_prefill: grouped MoE GEMMs, chosen by tokens x top_k per expert on average
+            (block_n must be 128: the SwiGLU epilogue quantizes whole 128-wide blocks).
+        moe_prefill_min_rows: average rows per expert from which moe_prefill is used.
+        moe_dense_max_stages: pipeline depth cap of the BF16/FP32 MoE (its tiles are 2-4x larger).
+        quant: rows per program and launch settings of activation quantization.
+        norm: launch settings of RMSNorm.
+    """
+
+    gemm_prefill: TileConfig
+    gemm_decode: TileConfig
+    decode_max_m: int
+    scaled_mm_min_m: int
+    moe_decode: TileConfig
+    moe_prefill: TileConfig
+    moe_prefill_min_rows: int
+    moe_dense_max_stages: int
+    quant: TileConfig
+    norm: TileConfig
+
+
+# NVIDIA Hopper (sm_90) and newer; also the default for NVIDIA chips with FP8 (sm_89).
+# Measured on an H100 80GB HBM3 (scripts/gpu_round_gemm.sh sweep, docs/performance.md).
+NVIDIA_SM90 = KernelConfigs(
+    gemm_prefill=TileConfig(128, 128, 8, {"num_warps": 8, "num_stages": 4}),
+    gemm_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 4}),
+    decode_max_m=64,
+    scaled_mm_min_m=17,
+    moe_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 3}),
+    moe_prefill=TileConfig(64, 128, 8, {"num_warps": 8, "num_stages": 5}),
+    moe_prefill_min_rows=32,
+    moe_dense_max_stages=2,
+    quant=TileConfig(4, 128, 1, {"num_warps": 4}),
+    norm=TileConfig(1, 128, 1, {"num_warps": 8}),
+)
+
+# Ampere (sm_80/sm_86): no FP8; only the BF16 MoE and the norms run there.
+NVIDIA_SM80 = replace(NVIDIA_SM90, gemm_prefill=TileConfig(128, 128, 8, {"num_warps": 8, "num_stages": 3}),
+                      moe_prefill=TileConfig(64, 128, 8, {"num_warps": 4, "num_stages": 3}))
+
+# A small, safe table for the CPU interpreter (TRITON_INTERPRET=1) and unknown chips.
+PORTABLE = KernelConfigs(
+    gemm_prefill=TileConfig(32, 32, 2, {"num_warps": 4, "num_stages": 2}),
+    gemm_decode=TileConfig(16, 32, 1, {"num_warps": 4, "num_stages": 2}),
+    decode_max_m=16,
+    scaled_mm_min_m=17,
+    moe_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 2}),
+    moe_prefill=TileConfig(32, 128, 2, {"num_warps": 4, "num_stages": 2}),
+    moe_prefill_min_rows=8,
+    moe_dense_max_stages=2,
+    quant=TileConfig(2, 128, 1, {"num_warps": 4}),
+    norm=TileConfig(1, 128, 1, {"num_warps": 4}),
+)
+
+CONFIGS: dict[str, KernelConfigs] = {
+    "sm_90": NVIDIA_SM90,
+    "sm_89": NVIDIA_SM90,
+    "sm_100": NVIDIA_SM90,
+    "sm_120": NVIDIA_SM90,
+    "sm_80": NVIDIA_SM80,
+    "sm_86": NVIDIA_SM80,
+    "portable": PORTABLE,
+}
+
+
+def kernel_configs(arch: str) -> KernelConfigs:
+    """The table for `arch` ("sm_90", "gfx942", ...), or the portable one for an arch not listed."""
+    return CONFIGS.get(arch, PORTABLE)

@@ -1,0 +1,457 @@
+"""MLA attention over the latent cache: a Triton flash-decoding kernel and an SDPA prefill.
+
+The cache of one layer is [max_batch, max_seq, kv_lora_rank + rope_dim]: per token
+the normalized latent (C = 512 for DeepSeek-V3) followed by the rotated shared rope
+key (R = 64), contiguous, so one token is one 1152-byte row in BF16.
+
+Decode runs the absorbed form. The latent query q_nope @ w_uk ([B, H, C]) and the
+rope query ([B, H, R]) meet every cached row of their sequence: scores use all
+C + R columns, values are the latent itself, and one shared KV head serves all H
+query heads, so each program multiplies a block of heads [BLOCK_H, C + R] by a KV
+tile [C + R, BLOCK_N]. The sequence is split in num_splits pieces (flash-decoding):
+each program keeps an online softmax over its piece and writes a partial output
+with its log-sum-exp; a second kernel combines the pieces and, for few splits,
+applies w_uv in the same pass. Split lengths follow each sequence's own length
+(positions[b] + 1, read on the device), so the grid depends only on the batch,
+the heads and the cache's max_seq_len: no host synchronisation, and the op can be
+captured in a CUDA graph. The new token is taken from the op's inputs and written
+to the cache by the attention kernel itself (no program reads that row back).
+
+Prefill runs the non-absorbed form: the cached latents are expanded through
+kv_b_proj (w_uk and w_uv) into per-head keys and values, and PyTorch's fused
+attention does the rest.
+
+The kernels take BF16/FP16 or FP32 inputs; FP32 runs the dots in IEEE precision,
+which is what the CPU interpreter (TRITON_INTERPRET=1) needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from backends.interface import CacheSpec, MLAWeights
+from dsv3.errors import Dsv3Error
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes and split policy of the split-K decode kernel.
+
+    Attributes:
+        block_h: query heads per program.
+        block_n: cached tokens per KV tile.
+        num_warps, num_stages: Triton launch settings of the first kernel.
+        programs_per_sm: programs to aim for per SM when splitting the sequence (about the number of
+            programs one SM holds at once: one wave, no tail).
+        min_split_tokens: fewest tokens per split (each split writes a partial output of
+            heads x kv_lora_rank floats, which must stay small beside the cache bytes it reads).
+        launch: more Triton launch keywords of the first kernel (AMD: waves_per_eu, matrix_instr_nonkdim).
+    """
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 2
+    min_split_tokens: int = 256
+    launch: dict = field(default_factory=dict)
+
+
+#: splits up to which one kernel combines the splits and projects through w_uv (one loop step per split).
+FUSED_COMBINE_MAX_SPLITS = 4
+
+
+def default_decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
+    """Tile sizes for `num_heads` query heads (measured on an H100, docs/perf_mla.md)."""
+    if dtype == torch.float32:
+        return DecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
+    if num_heads <= 16:
+        return DecodeConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
+    return DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=2)
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_latent_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, cache_ptr, slots_ptr, positions_ptr,
+    partial_out_ptr, partial_lse_ptr,
+    stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_lb, stride_kb, stride_cb, stride_cs,
+    num_heads, num_splits, scale_log2,
+    RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (head block, split, sequence): online softmax over its share of the sequence.
+
+    The new token (position seq_len - 1) comes from latent/k_pe rather than the cache, and the
+    first head block of the split that holds it writes it to the cache: no program reads that row.
+    Writes partial_out [B, H, num_splits, RANK] (normalized) and partial_lse [B, H, num_splits]
+    (log2 domain) for the splits that hold at least one token.
+    """
+    head_block = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    seq_len = tl.load(positions_ptr + seq).to(tl.int32) + 1
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    if start >= end:
+        return
+    last = seq_len - 1
+
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_C)
+    rope_cols = tl.arange(0, BLOCK_R)
+    head_ok = heads < num_heads
+    col_ok = cols < RANK
+    rope_ok = rope_cols < ROPE
+
+    q_latent = tl.load(q_latent_ptr + seq * stride_qlb + heads[:, None] * stride_qlh + cols[None, :],
+                       mask=head_ok[:, None] & col_ok[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + seq * stride_qpb + heads[:, None] * stride_qph + rope_cols[None, :],
+                   mask=head_ok[:, None] & rope_ok[None, :], other=0.0)
+
+    # The new token starts the online softmax of the split that ends the sequence: score, weight 1.
+    holds_new = end == seq_len
+    new_latent = tl.load(latent_ptr + seq * stride_lb + cols, mask=col_ok, other=0.0).to(cache_ptr.dtype.element_ty)
+    new_k_pe = tl.load(k_pe_ptr + seq * stride_kb + rope_cols, mask=rope_ok, other=0.0).to(cache_ptr.dtype.element_ty)
+    new_score = (tl.sum(q_latent.to(tl.float32) * new_latent.to(tl.float32)[None, :], axis=1)
+                 + tl.sum(q_pe.to(tl.float32) * new_k_pe.to(tl.float32)[None, :], axis=1)) * scale_log2
+    max_score = tl.where(holds_new, new_score, float("-inf"))
+    denominator = tl.where(holds_new, 1.0, 0.0) + tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.where(holds_new, new_latent.to(tl.float32), 0.0)[None, :] + tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+
+    row_base = cache_ptr + tl.load(slots_ptr + seq) * stride_cb
+    cache_end = tl.minimum(end, seq_len - 1)  # cached tokens of this split (the new one is not read back)
+    for tile_start in range(start, cache_end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        token_ok = tokens < cache_end
+        rows = row_base + tokens[:, None] * stride_cs
+        kv = tl.load(rows + cols[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)
+        k_pe = tl.load(rows + RANK + rope_cols[None, :], mask=token_ok[:, None] & rope_ok[None, :], other=0.0)
+        scores = tl.dot(q_latent, tl.trans(kv), input_precision=DOT_PRECISION)
+        scores = tl.dot(q_pe, tl.trans(k_pe), acc=scores, input_precision=DOT_PRECISION)
+        scores = tl.where(token_ok[None, :], scores * scale_log2, float("-inf"))
+        new_max = tl.maximum(max_score, tl.max(scores, axis=1))
+        rescale = tl.exp2(max_score - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        denominator = denominator * rescale + tl.sum(probs, axis=1)
+        acc = tl.dot(probs.to(kv.dtype), kv, acc=acc * rescale[:, None], input_precision=DOT_PRECISION)
+        max_score = new_max
+
+    if holds_new & (head_block == 0):  # nobody reads this row in this launch: no race
+        tl.store(row_base + (seq_len - 1) * stride_cs + cols, new_latent, mask=col_ok)
+        tl.store(row_base + (seq_len - 1) * stride_cs + RANK + rope_cols, new_k_pe, mask=rope_ok)
+
+    out_rows = (seq * num_heads + heads) * num_splits + split
+    tl.store(partial_out_ptr + out_rows[:, None] * RANK + cols[None, :], acc / denominator[:, None],
+             mask=head_ok[:, None] & col_ok[None, :])
+    tl.store(partial_lse_ptr + out_rows, max_score + tl.log2(denominator), mask=head_ok)
+
+
+@triton.jit
+def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """How many splits hold tokens of a sequence of seq_len tokens (the partial kernel's division)."""
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    return tl.cdiv(seq_len, split_len)
+
+
+@triton.jit
+def _combine_kernel(
+    partial_out_ptr, partial_lse_ptr, positions_ptr, out_ptr,
+    stride_ob, stride_oh, num_heads, num_splits,
+    RANK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):
+    """One (sequence, head): the log-sum-exp weighted sum of its splits' partial outputs."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    used = _used_splits(tl.load(positions_ptr + seq).to(tl.int32) + 1, num_splits, BLOCK_N)
+    first = (seq * num_heads + head) * num_splits
+    split_ids = tl.arange(0, SPLITS_POW2)
+    lse = tl.load(partial_lse_ptr + first + split_ids, mask=split_ids < used, other=float("-inf"))
+    max_lse = tl.max(lse, axis=0)
+    total = tl.sum(tl.exp2(lse - max_lse), axis=0)
+
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < RANK
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for chunk in range(0, used, SPLIT_CHUNK):
+        ids = chunk + tl.arange(0, SPLIT_CHUNK)
+        ok = ids < used
+        weight = tl.exp2(tl.load(partial_lse_ptr + first + ids, mask=ok, other=float("-inf")) - max_lse)
+        parts = tl.load(partial_out_ptr + (first + ids)[:, None] * RANK + cols[None, :],
+                        mask=ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.sum(weight[:, None] * parts, axis=0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + cols, (acc / total).to(out_ptr.dtype.element_ty),
+             mask=col_ok)
+
+
+@triton.jit
+def _combine_project_kernel(
+    partial_out_ptr, partial_lse_ptr, positions_ptr, w_uv_ptr, out_ptr,
+    batch, num_heads, stride_wh, stride_wv, stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, RANK: tl.constexpr, V_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+    V_CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (head, block of sequences): combine the splits, then out = latent @ w_uv[head]^T.
+
+    For few splits (the loop over them is unrolled, so their loads are in flight together).
+    """
+    num_splits = NUM_SPLITS
+    head = tl.program_id(0)
+    seqs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    seq_ok = seqs < batch
+    used = _used_splits(tl.load(positions_ptr + seqs, mask=seq_ok, other=0).to(tl.int32) + 1, num_splits, BLOCK_N)
+    first = (seqs * num_heads + head) * num_splits
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < RANK
+
+    max_lse = tl.full([BLOCK_B], -1e30, tl.float32)
+    total = tl.zeros([BLOCK_B], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    for split in tl.static_range(NUM_SPLITS):
+        ok = seq_ok & (split < used)
+        lse = tl.load(partial_lse_ptr + first + split, mask=ok, other=-1e30)
+        part = tl.load(partial_out_ptr + (first + split)[:, None] * RANK + cols[None, :],
+                       mask=ok[:, None] & col_ok[None, :], other=0.0)
+        new_max = tl.maximum(max_lse, lse)
+        rescale = tl.exp2(max_lse - new_max)
+        weight = tl.where(ok, tl.exp2(lse - new_max), 0.0)
+        acc = acc * rescale[:, None] + weight[:, None] * part
+        total = total * rescale + weight
+        max_lse = new_max
+    latent = (acc / tl.where(seq_ok, total, 1.0)[:, None]).to(w_uv_ptr.dtype.element_ty)
+
+    for value_start in tl.static_range(0, V_DIM, V_CHUNK):
+        values = value_start + tl.arange(0, V_CHUNK)
+        value_ok = values < V_DIM
+        w_uv_t = tl.load(w_uv_ptr + head * stride_wh + values[None, :] * stride_wv + cols[:, None],
+                         mask=col_ok[:, None] & value_ok[None, :], other=0.0)  # [BLOCK_C, V_CHUNK]
+        out = tl.dot(latent, w_uv_t, input_precision=DOT_PRECISION)
+        tl.store(out_ptr + seqs[:, None] * stride_ob + head * stride_oh + values[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=seq_ok[:, None] & value_ok[None, :])
+
+
+def mla_cache_spec(max_batch_size: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int,
+                   dtype: torch.dtype) -> CacheSpec:
+    """[max_batch, max_seq, kv_lora_rank + rope_dim]: latent then rope key, one row per token."""
+    width = kv_lora_rank + rope_dim
+    return CacheSpec(shape=(max_batch_size, max_seq_len, width), dtype=dtype,
+                     layout="[batch, seq, kv_lora_rank + rope_dim]",
+                     bytes_per_token=width * torch.empty((), dtype=dtype).element_size())
+
+
+def allocate_mla_cache(spec: CacheSpec, device: torch.device | str) -> torch.Tensor:
+    """A zeroed cache as described by `spec`."""
+    return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+
+
+def prepare_mla(kv_b_weight: torch.Tensor, num_heads: int, qk_nope_head_dim: int, v_head_dim: int,
+                dtype: torch.dtype) -> MLAWeights:
+    """Split kv_b_proj [H * (nope + v), C] into w_uk [H, nope, C] and w_uv [H, v, C], kept in `dtype`.
+
+    The dense weight in `dtype` stays in extra for the prefill's expansion of the latents.
+    """
+    dense = kv_b_weight.to(dtype).contiguous()
+    per_head = dense.view(num_heads, qk_nope_head_dim + v_head_dim, -1)
+    return MLAWeights(w_uk=per_head[:, :qk_nope_head_dim].contiguous(),
+                      w_uv=per_head[:, qk_nope_head_dim:].contiguous(),
+                      extra={_dtype_key("kv_b", dtype): dense})
+
+
+def _dtype_key(name: str, dtype: torch.dtype) -> str:
+    return f"{name}_{str(dtype).removeprefix('torch.')}"
+
+
+def _weight(weights: MLAWeights, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """weights.<name> in `dtype`, converted once and kept in weights.extra."""
+    tensor = getattr(weights, name)
+    if tensor.dtype == dtype:
+        return tensor
+    key = _dtype_key(name, dtype)
+    if key not in weights.extra:
+        weights.extra[key] = tensor.to(dtype).contiguous()
+    return weights.extra[key]
+
+
+def _kv_b(weights: MLAWeights, dtype: torch.dtype) -> torch.Tensor:
+    """kv_b_proj [H * (nope + v), C] in `dtype`, rebuilt once from w_uk and w_uv."""
+    key = _dtype_key("kv_b", dtype)
+    if key not in weights.extra:
+        rank = weights.w_uk.shape[-1]
+        weights.extra[key] = torch.cat((weights.w_uk, weights.w_uv), dim=1).reshape(-1, rank).to(dtype).contiguous()
+    return weights.extra[key]
+
+
+def _check_cache(cache: torch.Tensor, rank: int, rope: int) -> None:
+    if cache.dim() != 3 or cache.shape[-1] != rank + rope or cache.stride(-1) != 1:
+        raise Dsv3Error(f"MLA cache: expected a [batch, seq, {rank + rope}] tensor with contiguous rows, "
+                        f"found shape {tuple(cache.shape)} strides {cache.stride()}")
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def choose_num_splits(batch: int, heads: int, max_seq_len: int, config: DecodeConfig, num_sms: int) -> int:
+    """Splits per sequence: about config.programs_per_sm programs per SM at full length, each split at
+    least config.min_split_tokens long."""
+    programs = batch * triton.cdiv(heads, config.block_h)
+    wanted = max(1, config.programs_per_sm * num_sms // programs)
+    return max(1, min(wanted, triton.cdiv(max_seq_len, max(config.min_split_tokens, config.block_n))))
+
+
+def _attend_splits(q_latent, q_pe, latent, k_pe, cache, slots, positions, softmax_scale, config, num_splits):
+    """Launch the partial kernel; returns (partial_out [B, H, splits, C] fp32, partial_lse [B, H, splits])."""
+    batch, heads, rank = q_latent.shape
+    rope = q_pe.shape[-1]
+    _check_cache(cache, rank, rope)
+    q_latent, q_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_latent, q_pe))
+    latent, k_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (latent, k_pe))
+    partial_out = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=cache.device)
+    partial_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=cache.device)
+    _decode_partial_kernel[(triton.cdiv(heads, config.block_h), num_splits, batch)](
+        q_latent, q_pe, latent, k_pe, cache, slots, positions, partial_out, partial_lse,
+        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), k_pe.stride(0),
+        cache.stride(0), cache.stride(1), heads, num_splits, softmax_scale * _LOG2E,
+        RANK=rank, ROPE=rope, BLOCK_C=triton.next_power_of_2(rank), BLOCK_R=triton.next_power_of_2(rope),
+        BLOCK_H=config.block_h, BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(cache.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
+    return partial_out, partial_lse
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """IEEE dots for fp32 inputs; for 16-bit inputs the target's default (tf32 is not valid on gfx950)."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _combine(partial_out, partial_lse, positions, out, block_n):
+    """Combine the splits into out [B, H, C] (any strides with a contiguous last dim)."""
+    batch, heads, num_splits, rank = partial_out.shape
+    _combine_kernel[(batch, heads)](
+        partial_out, partial_lse, positions, out, out.stride(0), out.stride(1), heads, num_splits,
+        RANK=rank, BLOCK_C=triton.next_power_of_2(rank), BLOCK_N=block_n,
+        SPLITS_POW2=triton.next_power_of_2(num_splits), SPLIT_CHUNK=8, num_warps=4)
+
+
+def _plan(batch, heads, cache, config, num_splits):
+    config = config or default_decode_config(heads, cache.dtype)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, heads, cache.shape[1], config, _num_sms(cache.device))
+    return config, num_splits
+
+
+def mla_decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                      cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, softmax_scale: float,
+                      config: DecodeConfig | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """The attention part of decode alone: write the new token, attend in latent space.
+
+    Args:
+        q_latent: [B, H, C] (q_nope @ w_uk); q_pe: [B, H, R] rotated; latent: [B, C]; k_pe: [B, R].
+        cache: [max_batch, max_seq, C + R]; slots: [B] cache rows; positions: [B] new positions.
+        config, num_splits: override the tile sizes and the number of sequence splits.
+    Returns:
+        [B, H, C] softmax-weighted sums of the cached latents, in the cache's dtype.
+    """
+    batch, heads, rank = q_latent.shape
+    config, num_splits = _plan(batch, heads, cache, config, num_splits)
+    partial_out, partial_lse = _attend_splits(q_latent, q_pe, latent, k_pe, cache, slots, positions, softmax_scale,
+                                              config, num_splits)
+    out = torch.empty(batch, heads, rank, dtype=cache.dtype, device=cache.device)
+    _combine(partial_out, partial_lse, positions, out, config.block_n)
+    return out
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+               cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, weights: MLAWeights,
+               softmax_scale: float, config: DecodeConfig | None = None,
+               num_splits: int | None = None) -> torch.Tensor:
+    """One new token per sequence: write it to the cache, attend over [0, positions[b]] (absorbed form).
+
+    Three launches: the latent query (a batched GEMM over heads), the split attention kernel, and a
+    combine kernel that also applies w_uv (up to FUSED_COMBINE_MAX_SPLITS splits; beyond, the combine
+    writes latents and a batched GEMM applies w_uv).
+
+    Args:
+        q_nope: [B, H, nope]; q_pe: [B, H, R] rotated; latent: [B, C]; k_pe: [B, R] rotated.
+        cache: [max_batch, max_seq, C + R]; slots: [B] cache rows; positions: [B] int64 new positions.
+        weights: w_uk [H, nope, C] and w_uv [H, v, C] (any float dtype; converted once to the cache's).
+        config, num_splits: override the kernel's tile sizes and sequence splits.
+    Returns:
+        [B, H, v] in q_nope's dtype.
+    """
+    dtype = cache.dtype
+    w_uk, w_uv = _weight(weights, "w_uk", dtype), _weight(weights, "w_uv", dtype)
+    batch, heads = q_nope.shape[:2]
+    rank, v_dim = w_uk.shape[-1], w_uv.shape[1]
+    config, num_splits = _plan(batch, heads, cache, config, num_splits)
+    q_latent = torch.bmm(q_nope.to(dtype).transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]
+    partial_out, partial_lse = _attend_splits(q_latent, q_pe.to(dtype), latent, k_pe, cache, slots, positions,
+                                              softmax_scale, config, num_splits)
+    if num_splits <= FUSED_COMBINE_MAX_SPLITS:
+        out = torch.empty(batch, heads, v_dim, dtype=q_nope.dtype, device=cache.device)
+        block_b = 16
+        _combine_project_kernel[(heads, triton.cdiv(batch, block_b))](
+            partial_out, partial_lse, positions, w_uv, out, batch, heads,
+            w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+            RANK=rank, V_DIM=v_dim, BLOCK_C=triton.next_power_of_2(rank),
+            V_CHUNK=min(32, triton.next_power_of_2(v_dim)), BLOCK_B=block_b, BLOCK_N=config.block_n,
+            DOT_PRECISION=_dot_precision(dtype), num_warps=8)
+        return out
+    latent_out = torch.empty(heads, batch, rank, dtype=dtype, device=cache.device)
+    _combine(partial_out, partial_lse, positions, latent_out.transpose(0, 1), config.block_n)
+    out = torch.bmm(latent_out, w_uv.transpose(1, 2))  # [H, B, v]
+    return out.transpose(0, 1).to(q_nope.dtype).contiguous()
+
+
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                cache: torch.Tensor, slots: torch.Tensor, start_pos: int, weights: MLAWeights,
+                softmax_scale: float) -> torch.Tensor:
+    """Write T new tokens per sequence and attend causally over [0, start_pos + T) (non-absorbed form).
+
+    Args:
+        q_nope: [B, T, H, nope]; q_pe: [B, T, H, R] rotated; latent: [B, T, C]; k_pe: [B, T, R] rotated.
+        cache: [max_batch, max_seq, C + R]; slots: [B] cache rows; start_pos: tokens already cached.
+        weights: w_uk [H, nope, C] and w_uv [H, v, C].
+    Returns:
+        [B, T, H, v] in q_nope's dtype.
+    """
+    batch, length, heads, nope = q_nope.shape
+    rank, rope = latent.shape[-1], k_pe.shape[-1]
+    _check_cache(cache, rank, rope)
+    end = start_pos + length
+    if end > cache.shape[1]:
+        raise Dsv3Error(f"MLA prefill: positions up to {end} exceed the cache's max_seq_len {cache.shape[1]}")
+    cache[slots, start_pos:end] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+    dtype = q_nope.dtype
+    cached = cache[slots, :end]  # [B, S, C + R]
+    per_head = F.linear(cached[..., :rank].to(dtype), _kv_b(weights, dtype))  # [B, S, H * (nope + v)]
+    per_head = per_head.view(batch, end, heads, -1)
+    keys = torch.empty(batch, end, heads, nope + rope, dtype=dtype, device=cache.device)
+    keys[..., :nope] = per_head[..., :nope]
+    keys[..., nope:] = cached[:, :, None, rank:].to(dtype)
+    values = per_head[..., nope:]
+    queries = torch.cat((q_nope, q_pe.to(dtype)), dim=-1)
+    if start_pos == 0:
+        mask, causal = None, True
+    else:
+        query_pos = torch.arange(start_pos, end, device=cache.device)
+        mask, causal = torch.arange(end, device=cache.device)[None, :] <= query_pos[:, None], False
+    out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask, is_causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2).contiguous()

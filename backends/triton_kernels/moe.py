@@ -1,0 +1,268 @@
+"""Grouped MoE: tokens sorted by expert, two grouped GEMMs, a weighted combine.
+
+    out[n] = sum_j weights[n, j] * down_e(silu(gate_e(x_n)) * up_e(x_n)),  e = ids[n, j]
+
+1. `align_by_expert` (torch ops on the device, no host sync, fixed sizes): the
+   N*k (token, choice) pairs are sorted by expert and each expert's run is
+   padded to a multiple of BLOCK_M, so that every row tile belongs to one
+   expert. The grid covers the most tiles any routing can need; tiles past the
+   end are marked with expert = E and exit at once. The op can therefore be
+   captured in a CUDA graph.
+2. `_gate_up_kernel`: per (tile, 128 columns of I), the gate and up rows of the
+   tile's expert times the tile's tokens (gathered from x), SwiGLU in the
+   epilogue, and in FP8 mode the 1x128 quantization of the result too (the
+   tile holds whole 128-wide blocks), written in sorted order.
+3. `_down_kernel`: per (tile, BLOCK_N columns of D), the down projection, times
+   each pair's routing weight, atomically added (fp32) to its token's row.
+
+FP8 mode uses block scales (1x128 activations, 128x128 weights) as the dense
+GEMM does; the BF16 variant runs the same kernels without scales. Rounding
+follows the reference backend: gate/up and the down output are rounded to the
+activation dtype, silu and the product too, before the next step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton_kernels.configs import KernelConfigs, TileConfig
+from backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
+
+SCALE_BLOCK = 128  # K block of the scales, in Python
+BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, choice) pairs by expert, each expert's run padded to a multiple of block_m.
+
+    Args:
+        ids: [N, k] int64 expert of each choice.
+        num_experts: E.
+        block_m: rows per tile.
+    Returns:
+        sorted_pairs: int32 [max_rows]: pair index n*k + j in expert order; padding rows hold N*k.
+        tile_expert: int32 [max_rows / block_m]: each tile's expert, E past the last used tile.
+    """
+    flat = ids.flatten()
+    num_pairs = flat.numel()
+    used = min(num_experts, num_pairs)
+    max_rows = triton.cdiv(num_pairs + used * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    expert_of_sorted = flat[order]
+    rank = torch.arange(num_pairs, device=ids.device) - (counts.cumsum(0) - counts)[expert_of_sorted]
+    dest = (padded_end - padded)[expert_of_sorted] + rank
+    sorted_pairs = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
+    sorted_pairs[dest] = order.to(torch.int32)
+    tile_start = torch.arange(0, max_rows, block_m, device=ids.device)
+    tile_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
+    return sorted_pairs, tile_expert
+
+
+@triton.jit
+def _dot(a, b, IEEE_FP32: tl.constexpr):
+    if IEEE_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, sorted_pairs_ptr, tile_expert_ptr,
+                    num_pairs, num_experts, top_k, K, I,
+                    stride_xm, stride_xsm, stride_xsg, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
+                    stride_hm, stride_hsm, stride_hsg,
+                    FP8: tl.constexpr, ACT_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                    NEG_ZERO: tl.constexpr, UE8M0: tl.constexpr, IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # a tile past the last used one (expert == num_experts) loops zero times and stores nothing
+    tile_expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    expert = tl.minimum(tile_expert, num_experts - 1)
+    k_blocks = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_used = tl.zeros((BLOCK_M,), dtype=tl.int64) + tile_expert < num_experts  # [BLOCK_M], all alike
+    pair = tl.load(sorted_pairs_ptr + rows)
+    valid = (pair < num_pairs) & tile_used
+    token = tl.where(valid, pair // top_k, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    cols = offs_n % I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    gate_scale_ptr = w_scale_ptr + expert * stride_wse + (pid_n * BLOCK_N // BLOCK_K) * stride_wsn
+    up_scale_ptr = w_scale_ptr + expert * stride_wse + ((I + pid_n * BLOCK_N) // BLOCK_K) * stride_wsn
+
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, k_blocks):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = kb * BLOCK_K + offs_k < K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            a_scale = tl.load(x_scale_ptr + token * stride_xsm + kb * stride_xsg)
+            acc_gate += _dot(a, g, IEEE_FP32) * a_scale[:, None] * tl.load(gate_scale_ptr + kb * stride_wsg)
+            acc_up += _dot(a, u, IEEE_FP32) * a_scale[:, None] * tl.load(up_scale_ptr + kb * stride_wsg)
+        else:
+            acc_gate += _dot(a, g, IEEE_FP32)
+            acc_up += _dot(a, u, IEEE_FP32)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+
+    gate = cast_rne(acc_gate, ACT_DTYPE).to(tl.float32)
+    up = cast_rne(acc_up, ACT_DTYPE).to(tl.float32)
+    silu = cast_rne(gate / (1.0 + tl.exp(-gate)), ACT_DTYPE).to(tl.float32)
+    hidden = cast_rne(silu * up, ACT_DTYPE).to(tl.float32)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    # padding rows of a used tile are written too (as zeros)
+    if FP8:
+        scale = block_scale(tl.max(tl.abs(hidden), axis=1), FP8_MAX, UE8M0)
+        q = quantize_tile(hidden, scale, FP8_MAX, MIN_NORMAL, NEG_ZERO)
+        tl.store(h_ptrs, q.to(h_ptr.dtype.element_ty), mask=tile_used[:, None])
+        tl.store(h_scale_ptr + rows * stride_hsm + pid_n * stride_hsg, scale, mask=tile_used)
+    else:
+        tl.store(h_ptrs, hidden.to(h_ptr.dtype.element_ty), mask=n_ok[None, :] & tile_used[:, None])
+
+
+@triton.jit
+def _down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, routing_ptr, sorted_pairs_ptr, tile_expert_ptr,
+                 num_pairs, num_experts, top_k, K, N,
+                 stride_hm, stride_hsm, stride_hsg, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
+                 stride_om,
+                 FP8: tl.constexpr, ACT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # a tile past the last used one (expert == num_experts) loops zero times and stores nothing
+    tile_expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    expert = tl.minimum(tile_expert, num_experts - 1)
+    k_blocks = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_used = tl.zeros((BLOCK_M,), dtype=tl.int64) + tile_expert < num_experts  # [BLOCK_M], all alike
+    pair = tl.load(sorted_pairs_ptr + rows)
+    valid = (pair < num_pairs) & tile_used
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    b_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    a_scale_ptrs = h_scale_ptr + rows * stride_hsm
+    b_scale_ptrs = w_scale_ptr + expert * stride_wse + (cols // BLOCK_K) * stride_wsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, k_blocks):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = kb * BLOCK_K + offs_k < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            a_scale = tl.load(a_scale_ptrs + kb * stride_hsg)
+            b_scale = tl.load(b_scale_ptrs + kb * stride_wsg)
+            acc += _dot(a, b, IEEE_FP32) * a_scale[:, None] * b_scale[None, :]
+        else:
+            acc += _dot(a, b, IEEE_FP32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    weight = tl.load(routing_ptr + pair, mask=valid, other=0.0)
+    y = cast_rne(acc, ACT_DTYPE).to(tl.float32) * weight[:, None]
+    token = tl.where(valid, pair // top_k, 0).to(tl.int64)
+    mask = valid[:, None] & (offs_n[None, :] < N)
+    tl.atomic_add(out_ptr + token[:, None] * stride_om + offs_n[None, :], y, mask=mask, sem="relaxed")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                gate_up_scale: torch.Tensor | None, down: torch.Tensor, down_scale: torch.Tensor | None,
+                configs: KernelConfigs, quant: tuple[float, bool] | None = None,
+                tile: TileConfig | None = None) -> torch.Tensor:
+    """The routed experts' output for every token.
+
+    Args:
+        x: [N, D] activations (bf16, fp16 or fp32).
+        weights: [N, k] float32 routing weights; ids: [N, k] int64 experts.
+        gate_up: [E, 2I, D] (gate rows, then up rows); down: [E, D, I]; FP8 with their
+            block scales [E, 2I/128, D/128] and [E, D/128, I/128], or dense with None.
+        configs: the arch's kernel table (moe_decode or moe_prefill by rows per expert).
+        quant: (fp8 max, ue8m0) of the activation quantization; required with FP8 weights.
+        tile: override the tile config (tuning and tests); block_n of the gate/up GEMM is always 128.
+    Returns:
+        [N, D] in x's dtype.
+    """
+    from backends.triton_kernels.quant import quantize_activation
+
+    n_tokens, hidden = x.shape
+    num_experts, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    top_k = ids.shape[1]
+    fp8 = gate_up_scale is not None
+    out = torch.zeros((n_tokens, hidden), dtype=torch.float32, device=x.device)
+    if n_tokens == 0:
+        return out.to(x.dtype)
+    if tile is None:
+        rows_per_expert = n_tokens * top_k / num_experts
+        tile = configs.moe_prefill if rows_per_expert >= configs.moe_prefill_min_rows else configs.moe_decode
+    if not fp8:
+        stages = min(tile.launch.get("num_stages", 2), configs.moe_dense_max_stages)
+        tile = tile.with_launch(num_stages=stages)
+    block_m = tile.block_m
+    sorted_pairs, tile_expert = align_by_expert(ids, num_experts, block_m)
+    max_rows = sorted_pairs.numel()
+    act_dtype = _TL_DTYPES[x.dtype]
+    ieee = gate_up.dtype == torch.float32 or (not fp8 and _interpreting())
+    x = x.contiguous()
+    if fp8:
+        if quant is None:
+            raise ValueError("moe_experts: FP8 experts need quant=(fp8_max, ue8m0)")
+        fp8_max, ue8m0 = quant
+        x_in, x_scale = quantize_activation(x, gate_up.dtype, fp8_max, ue8m0, configs.quant)
+        h = torch.empty((max_rows, inter), dtype=gate_up.dtype, device=x.device)
+        h_scale = torch.empty((max_rows, triton.cdiv(inter, SCALE_BLOCK)), dtype=torch.float32, device=x.device)
+        w1_scale, w2_scale = gate_up_scale, down_scale
+        constants = fp8_constants(gate_up.dtype)
+    else:
+        fp8_max, ue8m0, constants = 448.0, False, fp8_constants(torch.float8_e4m3fn)
+        x_in = x.to(gate_up.dtype)
+        x_scale = h_scale = w1_scale = w2_scale = out  # unused placeholders
+        h = torch.empty((max_rows, inter), dtype=gate_up.dtype, device=x.device)
+    s = lambda t, d: t.stride(d) if fp8 else 0  # noqa: E731
+    num_tiles = max_rows // block_m
+    _gate_up_kernel[(num_tiles, triton.cdiv(inter, 128))](
+        x_in, x_scale, gate_up, w1_scale, h, h_scale, sorted_pairs, tile_expert,
+        ids.numel(), num_experts, top_k, hidden, inter,
+        x_in.stride(0), s(x_scale, 0), s(x_scale, 1), gate_up.stride(0), gate_up.stride(1),
+        s(w1_scale, 0), s(w1_scale, 1), s(w1_scale, 2), h.stride(0), s(h_scale, 0), s(h_scale, 1),
+        FP8=fp8, ACT_DTYPE=act_dtype, FP8_MAX=float(fp8_max), **constants, UE8M0=bool(ue8m0),
+        IEEE_FP32=ieee, EVEN_K=hidden % SCALE_BLOCK == 0, BLOCK_M=block_m, BLOCK_N=128, **tile.launch)
+    routing = weights.to(torch.float32).contiguous()
+    _down_kernel[(num_tiles, triton.cdiv(hidden, tile.block_n))](
+        h, h_scale, down, w2_scale, out, routing, sorted_pairs, tile_expert,
+        ids.numel(), num_experts, top_k, inter, hidden,
+        h.stride(0), s(h_scale, 0), s(h_scale, 1), down.stride(0), down.stride(1),
+        s(w2_scale, 0), s(w2_scale, 1), s(w2_scale, 2), out.stride(0),
+        FP8=fp8, ACT_DTYPE=act_dtype, IEEE_FP32=ieee, EVEN_K=inter % SCALE_BLOCK == 0,
+        BLOCK_M=block_m, BLOCK_N=tile.block_n, **tile.launch)
+    return out.to(x.dtype)

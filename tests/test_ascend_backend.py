@@ -1,0 +1,329 @@
+"""The Ascend backend on the CPU emulation of torch_npu, op by op and end to end, against the reference backend.
+
+Everything here is emulated (tests/npu_emulation stands in for torch_npu): it shows the backend calls the
+documented ops within their documented limits and gets the reference's numbers from them; it says nothing
+about a real 910B. Each op runs fused and plain (the bisect switch), and the emulation's call counter
+shows which path ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backends.chips import describe_chip
+from backends.interface import OPS, RoutingConfig
+from backends.reference import ReferenceBackend
+from backends.registry import create_backend
+from dsv3.checkpoint import save_checkpoint
+from dsv3.config import load_config
+from backends.errors import BackendError
+from dsv3.weights import RandomSource
+
+pytestmark = [pytest.mark.ascend, pytest.mark.emulated]
+
+EMULATION_DIR = Path(__file__).resolve().parent / "npu_emulation"
+ASCEND_910B = describe_chip("huawei", "ascend910b", name="Ascend910B2")
+ASCEND_950 = describe_chip("huawei", "ascend950", name="Ascend950PR")
+FUSED_OPS = {  # fused path -> the torch_npu ops it calls
+    "rms_norm": ("npu_rms_norm", "npu_add_rms_norm"),
+    "rope": ("npu_rotary_mul",),
+    "attention": ("npu_fused_infer_attention_score",),
+    "moe_gating": ("npu_moe_gating_top_k",),
+    "moe_experts": ("npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu"),
+}
+
+
+@pytest.fixture(scope="module")
+def npu():
+    """The emulated torch_npu, importable as `torch_npu` only while this module's tests run."""
+    saved = sys.modules.pop("torch_npu", None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(EMULATION_DIR))
+        mp.delenv("DSV3_ASCEND_PLAIN", raising=False)
+        module = importlib.import_module("torch_npu")
+        assert Path(module.__file__).is_relative_to(EMULATION_DIR), "a real torch_npu shadowed the emulation"
+        try:
+            yield module
+        finally:
+            sys.modules.pop("torch_npu", None)
+            if saved is not None:
+                sys.modules["torch_npu"] = saved
+
+
+@pytest.fixture
+def calls(npu):
+    npu.CALLS.clear()
+    return npu.CALLS
+
+
+def ascend(fused: bool = True, chip=ASCEND_910B):
+    from backends.ascend import AscendBackend
+
+    return AscendBackend(device="cpu", chip=chip, use_fused=fused)
+
+
+def ran(calls, path: str) -> bool:
+    return any(calls[op] for op in FUSED_OPS[path])
+
+
+def assert_close_bf16(actual, expected, scale_tol=2e-2):
+    """Within a bf16-sized error of the reference, relative to the reference's magnitude."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    error = (actual.float() - expected.float()).abs().max().item()
+    assert error <= scale_tol * max(expected.float().abs().max().item(), 1.0), f"max error {error}"
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- construction and settings ------------------------------------------------------------------------
+
+def test_capabilities_on_910b(npu):
+    caps = ascend().capabilities
+    assert (caps.name, caps.device, caps.dist_backend) == ("ascend", "cpu", "hccl")
+    assert caps.fp8_dtype is None and not caps.native_fp8 and not caps.has_fp8
+    assert set(OPS) <= set(caps.ops)
+    assert caps.ops["mla_decode"].startswith("torch_npu.npu_fused_infer_attention_score")
+    assert "emulated" in caps.ops["moe_experts"]                  # the emulation is named in what runs
+    assert not ascend().supports("linear_fp8", "fp8") and ascend().supports("linear_bf16", "bf16")
+
+
+def test_capabilities_on_950_have_fp8(npu):
+    caps = ascend(chip=ASCEND_950).capabilities
+    assert caps.fp8_dtype == torch.float8_e4m3fn and caps.native_fp8 and caps.fp8_max == 448.0
+
+
+def test_chip_is_probed_from_torch_npu(npu):
+    from backends.ascend import AscendBackend
+
+    backend = AscendBackend(device="cpu")                          # asks the (emulated) torch_npu.npu
+    assert (backend.chip.arch, backend.chip.name, backend.chip.memory_bytes) == ("ascend910b", "Ascend910B2", 64 << 30)
+
+
+def test_registry_builds_it_and_rejects_other_chips(npu):
+    backend = create_backend("ascend", device="cpu", chip=ASCEND_910B)
+    assert backend.capabilities.name == "ascend"
+    with pytest.raises(BackendError, match="not a Huawei Ascend chip"):
+        create_backend("ascend", device="cpu", chip=describe_chip("nvidia", "sm_90"))
+
+
+def test_without_torch_npu_the_error_says_what_to_install(npu, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)           # `import torch_npu` now fails
+    with pytest.raises(BackendError, match=r"needs torch_npu and Huawei CANN \(pip install -e '.\[ascend\]'"):
+        ascend()
+
+
+def test_plain_switch_from_constructor_and_environment(npu, monkeypatch):
+    from backends.ascend import FUSED_PATHS, fused_settings
+
+    assert fused_settings(True, {}) == dict.fromkeys(FUSED_PATHS, True)
+    assert fused_settings(False, {}) == dict.fromkeys(FUSED_PATHS, False)
+    assert fused_settings({"rope": False}, {})["rope"] is False
+    settings = fused_settings(True, {"DSV3_ASCEND_PLAIN": "rope, moe_gating"})
+    assert [p for p, fused in settings.items() if not fused] == ["rope", "moe_gating"]
+    assert not any(fused_settings(True, {"DSV3_ASCEND_PLAIN": "all"}).values())
+    with pytest.raises(BackendError, match="DSV3_ASCEND_PLAIN='ropes'.*unknown path 'ropes'"):
+        fused_settings(True, {"DSV3_ASCEND_PLAIN": "ropes"})
+    with pytest.raises(BackendError, match="unknown path 'mla'"):
+        fused_settings({"mla": False}, {})
+    monkeypatch.setenv("DSV3_ASCEND_PLAIN", "attention")
+    backend = ascend()
+    assert backend.capabilities.ops["mla_decode"].startswith("torch") and backend.fused["rope"]
+
+
+# ---- ops against the reference (bf16), fused and plain -------------------------------------------------
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_rms_norm(npu, calls, fused):
+    backend, ref = ascend(fused), ReferenceBackend()
+    x = torch.randn(2, 5, 64, generator=gen(0)).bfloat16()
+    residual = torch.randn(2, 5, 64, generator=gen(1)).bfloat16()
+    weight = (torch.rand(64, generator=gen(2)) + 0.5).bfloat16()
+    assert_close_bf16(backend.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6))
+    out, summed = backend.rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_summed = ref.rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(summed, ref_summed)
+    assert_close_bf16(out, ref_out)
+    assert ran(calls, "rms_norm") == fused
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_rotary(npu, calls, fused):
+    backend, ref = ascend(fused), ReferenceBackend()
+    angles = torch.rand(3, 4, 8, generator=gen(3)) * 6
+    cos, sin = angles.cos(), angles.sin()
+    q_pe = torch.randn(3, 4, 16, 16, generator=gen(4)).bfloat16()   # [B, T, H, R]
+    k_pe = torch.randn(3, 4, 16, generator=gen(5)).bfloat16()       # [B, T, R]
+    for x in (q_pe, k_pe):
+        assert_close_bf16(backend.rotary(x, cos, sin), ref.rotary(x, cos, sin), scale_tol=1e-2)
+    assert ran(calls, "rope") == fused
+
+
+def test_linear_from_an_fp8_checkpoint_in_bf16(npu):
+    from backends import fp8
+
+    backend, ref = ascend(), ReferenceBackend()
+    weight, scale = fp8.quantize_blocks(torch.randn(192, 320, generator=gen(6)))
+    x = torch.randn(4, 320, generator=gen(7)).bfloat16()
+    out = backend.linear(x, backend.prepare_linear(weight, scale, "bf16"))
+    assert_close_bf16(out, ref.linear(x, ref.prepare_linear(weight, scale, "bf16")))
+    with pytest.raises(BackendError, match="ascend910b has no FP8"):
+        backend.prepare_linear(weight, scale, "fp8")
+    on_950 = ascend(chip=ASCEND_950)        # FP8 kept with its block scales where the chip has FP8
+    kept = on_950.prepare_linear(weight, scale, "fp8")
+    assert kept.is_fp8 and torch.equal(on_950.linear(x, kept), ref.linear(x, ref.prepare_linear(weight, scale, "fp8")))
+
+
+DEEPSEEK_ROUTING = RoutingConfig(scoring="sigmoid", method="noaux_tc", top_k=8, num_groups=8, topk_groups=4,
+                                 normalize=True, scaling=2.5)
+TINY_ROUTING = RoutingConfig(scoring="sigmoid", method="noaux_tc", top_k=2, num_groups=4, topk_groups=2,
+                             normalize=True, scaling=2.5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("routing, experts", [(DEEPSEEK_ROUTING, 256), (TINY_ROUTING, 8)], ids=["256x8", "tiny"])
+def test_moe_route(npu, calls, fused, routing, experts):
+    backend, ref = ascend(fused), ReferenceBackend()
+    x = torch.randn(9, 64, generator=gen(8)).bfloat16()
+    gate = torch.randn(experts, 64, generator=gen(9)) * 0.2
+    bias = torch.randn(experts, generator=gen(10)) * 0.05
+    weights, ids = backend.moe_route(x, gate, bias, routing)
+    ref_weights, ref_ids = ref.moe_route(x, gate, bias, routing)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)          # the same experts, any order
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), atol=1e-5, rtol=1e-5)
+    assert ran(calls, "moe_gating") == (fused and experts == 256)      # 8 experts are outside the op's limits
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_moe_experts(npu, calls, fused):
+    from backends import fp8
+
+    backend, ref = ascend(fused), ReferenceBackend()
+    num_experts, inter, hidden = 8, 128, 64
+    gate_up, gate_up_scale = fp8.quantize_blocks(torch.randn(num_experts, 2 * inter, hidden, generator=gen(11)) / 8)
+    down, down_scale = fp8.quantize_blocks(torch.randn(num_experts, hidden, inter, generator=gen(12)) / 11)
+    experts = backend.prepare_experts(gate_up, gate_up_scale, down, down_scale, "bf16")
+    ref_experts = ref.prepare_experts(gate_up, gate_up_scale, down, down_scale, "bf16")
+    x = torch.randn(11, hidden, generator=gen(13)).bfloat16()
+    ids = torch.stack([torch.randperm(num_experts, generator=gen(14 + n))[:3] for n in range(11)])
+    ids[:, 0] = 5                                                         # one expert gets every token, some get none
+    weights = torch.rand(11, 3, generator=gen(30))
+    assert_close_bf16(backend.moe_experts(x, weights, ids, experts), ref.moe_experts(x, weights, ids, ref_experts))
+    assert ran(calls, "moe_experts") == fused
+
+
+def _attention_case(num_heads, rank, rope_dim, seed=20):
+    """Absorbed MLA weights and a prefill-then-decode sequence of inputs for two sequences."""
+    nope = v = 32
+    kv_b = torch.randn(num_heads * (nope + v), rank, generator=gen(seed)) / rank ** 0.5
+
+    def rnd(*shape, s):
+        return torch.randn(*shape, generator=gen(seed + s)).bfloat16()
+
+    chunks = [(0, rnd(2, 5, num_heads, nope, s=1), rnd(2, 5, num_heads, rope_dim, s=2), rnd(2, 5, rank, s=3),
+               rnd(2, 5, rope_dim, s=4)),
+              (5, rnd(2, 3, num_heads, nope, s=5), rnd(2, 3, num_heads, rope_dim, s=6), rnd(2, 3, rank, s=7),
+               rnd(2, 3, rope_dim, s=8))]
+    step = (rnd(2, num_heads, nope, s=9), rnd(2, num_heads, rope_dim, s=10), rnd(2, rank, s=11), rnd(2, rope_dim, s=12))
+    return kv_b, nope, v, chunks, step
+
+
+def _run_attention(backend, kv_b, num_heads, nope, v, rank, rope_dim, chunks, step):
+    weights = backend.prepare_mla(kv_b, num_heads, nope, v, torch.bfloat16)
+    cache = backend.allocate_mla_cache(backend.mla_cache_spec(4, 200, rank, rope_dim, torch.bfloat16))
+    slots = torch.tensor([3, 1])
+    outs = [backend.mla_prefill(q_nope, q_pe, latent, k_pe, cache, slots, start, weights, 0.07)
+            for start, q_nope, q_pe, latent, k_pe in chunks]
+    positions = torch.tensor([8, 8])
+    outs.append(backend.mla_decode(*step, cache, slots, positions, weights, 0.07))
+    return outs
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("num_heads, rank, rope_dim", [(16, 512, 64), (4, 64, 16)], ids=["deepseek-dims", "tiny-dims"])
+def test_mla_prefill_chunks_then_decode(npu, calls, fused, num_heads, rank, rope_dim):
+    kv_b, nope, v, chunks, step = _attention_case(num_heads, rank, rope_dim)
+    outs = _run_attention(ascend(fused), kv_b, num_heads, nope, v, rank, rope_dim, chunks, step)
+    ref_outs = _run_attention(ReferenceBackend(), kv_b, num_heads, nope, v, rank, rope_dim, chunks, step)
+    for out, ref_out in zip(outs, ref_outs):
+        assert_close_bf16(out, ref_out)
+    # the MLA form of the op needs kv_lora_rank 512 and rope 64; other models run plain
+    assert calls["npu_fused_infer_attention_score"] == (3 if fused and rank == 512 else 0)
+
+
+def test_mla_cache_spec_is_paged_and_split(npu):
+    backend = ascend()
+    spec = backend.mla_cache_spec(2, 300, 512, 64, torch.bfloat16)
+    assert spec.shape == (2, 3, 128 * 576) and spec.bytes_per_token == 576 * 2
+    cache = backend.allocate_mla_cache(spec)
+    latent, rope = backend._pages(cache, 512, 64)
+    assert latent.shape == (6, 128, 512) and rope.shape == (6, 128, 64)
+    assert latent.is_contiguous() and rope.is_contiguous() and latent.data_ptr() == cache.data_ptr()
+
+
+# ---- the model end to end ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_fp8_checkpoint(tmp_path_factory):
+    config = load_config("tiny")
+    source = RandomSource(config, fp8=True, seed=3)
+    tensors = {name: source.get(name) for name in sorted(source.names())}
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-fp8", tensors, config.to_dict())
+
+
+def assert_same_greedy(model, ref_model, prompts, steps=6, tie=0.05):
+    """Greedy tokens agree with the reference's, except after a step where the reference's two best tokens
+    are within `tie` (relative to the logits' range) of each other, where bf16 rounding may pick either."""
+    ours = model.generate(prompts, max_new_tokens=steps)
+    theirs = ref_model.generate(prompts, max_new_tokens=steps)
+    for prompt, a, b in zip(prompts, ours, theirs):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None:
+            assert len(a) == len(b)
+            continue
+        logits = ref_model.logits(torch.tensor([prompt + b[:first]]))[0, -1]
+        gap = (logits[b[first]] - logits[a[first]]).item()
+        assert gap <= tie * (logits.max() - logits.min()).item(), f"token {first}: {a[first]} vs {b[first]}, gap {gap}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_tiny_fp8_checkpoint_end_to_end(npu, calls, tiny_fp8_checkpoint, fused):
+    from dsv3 import load_model
+
+    model = load_model(tiny_fp8_checkpoint, backend=ascend(fused), max_seq_len=64, quiet=True)
+    ref_model = load_model(tiny_fp8_checkpoint, backend="reference", precision="bf16", max_seq_len=64, quiet=True)
+    assert model.precision == "bf16"                  # auto: no FP8 on a 910B, the FP8 checkpoint is dequantized
+    tokens = torch.randint(2, 512, (3, 12), generator=gen(40))
+    logits, ref_logits = model.logits(tokens), ref_model.logits(tokens)
+    assert_close_bf16(logits, ref_logits, scale_tol=3e-2)
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.9
+    assert_same_greedy(model, ref_model, [[5, 9, 33, 2], [100, 7]])
+    # tiny has 8 experts and kv_lora_rank 64: the gating and attention ops' limits fail, so those run plain
+    assert {path: ran(calls, path) for path in FUSED_OPS} == {
+        "rms_norm": fused, "rope": fused, "attention": False, "moe_gating": False, "moe_experts": fused}
+
+
+@pytest.mark.slow
+def test_deepseek_shaped_model_runs_every_fused_op(npu, calls):
+    """DeepSeek-V3's attention and routing shapes (kv_lora_rank 512, rope 64, 256 experts in 8 groups, top-4
+    groups, 8 experts per token) at a small width, so that every fused op is in play."""
+    from dsv3 import load_model
+
+    config = load_config("tiny").replace(
+        num_hidden_layers=2, kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16, n_routed_experts=256,
+        n_group=8, topk_group=4, num_experts_per_tok=8, moe_intermediate_size=32, num_nextn_predict_layers=0)
+    model = load_model(config, backend=ascend(), precision="bf16", max_seq_len=32, seed=1, quiet=True)
+    ref_model = load_model(config, backend="reference", precision="bf16", max_seq_len=32, seed=1, quiet=True)
+    tokens = torch.randint(2, 512, (2, 6), generator=gen(41))
+    assert_close_bf16(model.logits(tokens), ref_model.logits(tokens), scale_tol=3e-2)
+    assert_same_greedy(model, ref_model, [[5, 9, 33, 2, 17]], steps=3)
+    assert all(ran(calls, path) for path in FUSED_OPS), dict(calls)

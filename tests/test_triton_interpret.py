@@ -1,0 +1,164 @@
+"""The shared Triton kernels (quant, gemm, moe) on the CPU under TRITON_INTERPRET=1, with e4m3fn and
+e4m3fnuz inputs, against the reference backend's emulation.
+
+TRITON_INTERPRET must be set before triton is imported, so each group of checks runs in a
+subprocess. Exact where the math allows it: quantization is bit-identical; GEMM and MoE outputs
+differ from the reference only by the order of fp32 sums (and the MoE's atomic combine).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.emulated
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRELUDE = """
+import torch
+from backends import fp8
+from backends.reference import ReferenceBackend
+from backends.triton_kernels.configs import PORTABLE
+FORMATS = (("e4m3fn", torch.float8_e4m3fn, 448.0), ("e4m3fnuz", torch.float8_e4m3fnuz, 224.0))
+g = torch.Generator().manual_seed(0)
+
+def row_error(got, expected):
+    got, expected = got.float().flatten(0, -2), expected.float().flatten(0, -2)
+    assert torch.isfinite(got).all()
+    scale = expected.abs().amax(-1).clamp_min(1e-6 * expected.abs().max().clamp_min(1e-30))
+    return ((got - expected).abs().amax(-1) / scale).max().item()
+
+def adversarial(m, k):
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    x[0, :128] = 0                 # an all-zero 128-block
+    if m > 1:
+        x[1, 3] = 3000.0           # beyond e4m3's 448
+        x[-1] = 0                  # an all-zero row
+    return x
+"""
+
+QUANT = """
+from backends.triton_kernels import quant
+for name, dtype, fp8_max in FORMATS:
+    for ue8m0 in (False, True):
+        x = adversarial(5, 300) * 3
+        q, s = quant.quantize_activation(x, dtype, fp8_max, ue8m0, PORTABLE.quant)
+        rq, rs = fp8.quantize_activation(x, dtype, fp8_max, ue8m0)
+        assert s.stride() == (1, 5), s.stride()
+        assert torch.equal(s, rs), (name, ue8m0)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (name, ue8m0)
+        ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
+        w = torch.rand(300, generator=g).to(torch.bfloat16) + 0.5
+        r = torch.randn(5, 300, generator=g).to(torch.bfloat16)
+        for residual in (None, r):
+            out, h, nq, ns = quant.rms_norm(x, w, 1e-6, residual, PORTABLE.norm, (dtype, fp8_max, ue8m0))
+            expected = ref.rms_norm(x, w, 1e-6, residual)
+            expected_out = expected[0] if residual is not None else expected
+            assert torch.equal(out, expected_out), (name, "rms_norm")
+            if residual is not None:
+                assert torch.equal(h, expected[1])
+            eq, es = fp8.quantize_activation(expected_out, dtype, fp8_max, ue8m0)
+            assert torch.equal(ns, es) and torch.equal(nq.view(torch.uint8), eq.view(torch.uint8))
+print("quant ok")
+"""
+
+GEMM = """
+from backends.triton_kernels import gemm, quant
+for name, dtype, fp8_max in FORMATS:
+    ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
+    # decode (split-K), decode with N and K not multiples of 128, tiled with partial tiles everywhere
+    for m, n, k, splits in ((1, 96, 512, None), (3, 200, 300, None), (16, 130, 256, 1), (20, 200, 300, None)):
+        x = adversarial(m, k)
+        w, s = fp8.quantize_blocks(torch.randn(n, k, generator=g) / k ** 0.5, dtype)
+        qa, sa = quant.quantize_activation(x, dtype, fp8_max, False, PORTABLE.quant)
+        got = gemm.fp8_gemm(qa, sa, w, s, torch.bfloat16, PORTABLE, num_sms=4, num_splits=splits)
+        expected = ref.linear(x, ref.prepare_linear(w, s, "fp8"))
+        assert row_error(got, expected) <= 8e-3, (name, m, n, k, row_error(got, expected))
+        if m > 1:
+            assert (got[-1] == 0).all()
+print("gemm ok")
+"""
+
+MOE = """
+from backends.triton_kernels import moe
+num_experts, hidden, inter, top_k, tokens = 6, 256, 128, 2, 9
+def routing(pattern):
+    ids = torch.rand(tokens, num_experts, generator=g).topk(top_k, dim=-1).indices
+    if pattern == "one_expert_gets_all":
+        ids[:, 0] = 4
+        ids[:, 1] = torch.where(ids[:, 1] == 4, 5, ids[:, 1])
+    elif pattern == "few_experts":  # experts 2..5 receive nothing
+        ids = torch.stack((torch.zeros(tokens, dtype=torch.long), torch.ones(tokens, dtype=torch.long)), dim=1)
+    return torch.rand(tokens, top_k, generator=g) + 0.1, ids
+gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
+down = torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5
+for name, dtype, fp8_max in FORMATS:
+    ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
+    for precision in ("fp8", "bf16"):
+        if precision == "bf16" and name == "e4m3fnuz":
+            continue
+        experts = ref.prepare_experts(gate_up, None, down, None, precision)
+        for pattern in ("random", "one_expert_gets_all", "few_experts"):
+            weights, ids = routing(pattern)
+            x = adversarial(tokens, hidden)
+            got = moe.moe_experts(x, weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
+                                  experts.down_scale, PORTABLE, quant=(fp8_max, False))
+            expected = ref.moe_experts(x, weights, ids, experts)
+            assert row_error(got, expected) <= 8e-3, (name, precision, pattern, row_error(got, expected))
+            assert (got[-1] == 0).all()
+# the sorting: every pair lands once, in its expert's tiles, padding rows hold the sentinel
+ids = torch.tensor([[3, 0], [3, 1], [3, 0]])
+pairs, tile_expert = moe.align_by_expert(ids, 4, 2)
+valid = pairs[pairs < 6]
+assert sorted(valid.tolist()) == list(range(6))
+flat = ids.flatten()
+for t, e in enumerate(tile_expert.tolist()):
+    rows = pairs[2 * t: 2 * t + 2]
+    rows = rows[rows < 6]
+    assert e == 4 or (flat[rows] == e).all()
+assert (tile_expert[:5] == torch.tensor([0, 1, 3, 3, 4], dtype=torch.int32)).all(), tile_expert
+print("moe ok")
+"""
+
+
+def run_interpreted(code: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(PRELUDE + code)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_quantization_and_fused_rms_norm_bit_exact():
+    run_interpreted(QUANT)
+
+
+def test_fp8_gemm_decode_and_tiled():
+    run_interpreted(GEMM)
+
+
+def test_grouped_moe_fp8_and_bf16():
+    run_interpreted(MOE)
+
+
+def test_cuda_backend_capabilities_per_arch():
+    """sm_90 has FP8 (e4m3fn, 448); sm_80 falls back to BF16; a non-NVIDIA chip is refused."""
+    from backends.chips import describe_chip
+    from backends.cuda import CudaBackend
+
+    hopper = CudaBackend("cuda", chip=describe_chip("nvidia", "sm_90"))
+    assert hopper.capabilities.fp8_dtype is not None and hopper.capabilities.fp8_max == 448.0
+    assert hopper.capabilities.native_fp8 and hopper.supports("linear_fp8", "fp8")
+    assert hopper.capabilities.dist_backend == "nccl" and hopper.capabilities.name == "cuda"
+    ampere = CudaBackend("cuda", chip=describe_chip("nvidia", "sm_80"))
+    assert ampere.capabilities.fp8_dtype is None and not ampere.supports("linear_fp8", "fp8")
+    assert ampere.supports("linear_bf16", "bf16") and "BF16 fallback" in ampere.capabilities.ops["linear_fp8"]
+    with pytest.raises(ValueError, match="NVIDIA"):
+        CudaBackend("cuda", chip=describe_chip("amd", "gfx942"))
