@@ -118,3 +118,15 @@ def fn_to_fnuz(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Ten
     bits = weight.view(torch.uint8).clone()
     bits[bits == 0x80] = 0
     return bits.view(torch.float8_e4m3fnuz), scale_inv * 2.0
+
+
+def fnuz_to_fn(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of fn_to_fnuz: e4m3fnuz blocks back to e4m3fn with halved scales, values unchanged.
+
+    The bits are kept; fnuz's NaN pattern 0x80 (which is -0 in fn) becomes fn's NaN 0x7F.
+    """
+    if weight.dtype != torch.float8_e4m3fnuz:
+        raise TypeError(f"fnuz_to_fn expects float8_e4m3fnuz, got {weight.dtype}")
+    bits = weight.view(torch.uint8).clone()
+    bits[bits == 0x80] = 0x7F
+    return bits.view(torch.float8_e4m3fn), scale_inv * 0.5

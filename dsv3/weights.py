@@ -76,12 +76,27 @@ class CheckpointSource:
             raise CheckpointError(f"{shard}: tensor {name}: {e}")
         if dtype is None:
             raise CheckpointError(f"{shard}: tensor {name} has unsupported dtype {s.get_dtype()}")
-        return shape, dtype
+        return shape, (torch.float8_e4m3fn if dtype == torch.float8_e4m3fnuz else dtype)
+
+    def _is_fnuz(self, name: str) -> bool:
+        shard = self.files.get(name)
+        try:
+            return shard is not None and self._open(shard).get_slice(name).get_dtype() == "F8_E4M3FNUZ"
+        except SafetensorError:
+            return False
+
+    def _as_fn(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """e4m3fnuz files (`dsv3 convert --to e4m3fnuz`) read as the e4m3fn checkpoint they came from."""
+        if tensor.dtype == torch.float8_e4m3fnuz:
+            return fp8.fnuz_to_fn(tensor, torch.ones(()))[0]
+        if name.endswith(".weight_scale_inv") and self._is_fnuz(name.removesuffix("_scale_inv")):
+            return tensor * 0.5
+        return tensor
 
     def get(self, name: str) -> torch.Tensor:
         shard = self.files[name]
         try:
-            return self._open(shard).get_tensor(name)
+            return self._as_fn(name, self._open(shard).get_tensor(name))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}")
 
@@ -90,13 +105,13 @@ class CheckpointSource:
         shard = self.files[name]
         try:
             part = self._open(shard).get_slice(name)
-            return (part[start:stop] if dim == 0 else part[:, start:stop]).contiguous()
+            return self._as_fn(name, (part[start:stop] if dim == 0 else part[:, start:stop]).contiguous())
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}")
 
 
-_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
-           "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "BF16": torch.bfloat16,
+           "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E5M2": torch.float8_e5m2}
 
 

@@ -137,6 +137,28 @@ def test_fn_to_fnuz_values_equal_after_scale_doubling(fp8_checkpoint, tmp_path):
     assert config["quantization_config"]["fmt"] == "e4m3fnuz"
 
 
+def test_fnuz_checkpoint_loads_as_the_one_it_came_from(fp8_checkpoint, tmp_path):
+    """An MI300X owner's converted files run anywhere: read back as e4m3fn, the same model."""
+    out = convert_checkpoint(fp8_checkpoint, tmp_path / "fnuz", to="e4m3fnuz", progress=False)
+    original, reread = read_all(fp8_checkpoint), read_all(out)
+    source = CheckpointSource(out)
+    for name, tensor in original.items():
+        assert source.meta(name) == (tuple(tensor.shape), tensor.dtype), name
+        assert reread[name].dtype == tensor.dtype, name
+        if tensor.dtype == torch.float8_e4m3fn:  # bits equal but for -0, which fnuz cannot hold
+            assert torch.equal(reread[name].float(), tensor.float()), name
+        else:
+            assert torch.equal(reread[name], tensor), name
+    assert torch.equal(source.get_slice(SPECIAL_WEIGHT, 0, 3, 7).float(), original[SPECIAL_WEIGHT][3:7].float())
+    scale = SPECIAL_WEIGHT + "_scale_inv"
+    assert torch.equal(source.get_slice(scale, 1, 0, 1), original[scale][:, :1])
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    for precision in ("fp8", "bf16"):
+        theirs = load_model(fp8_checkpoint, backend="reference", precision=precision, quiet=True, progress=False)
+        ours = load_model(out, backend="reference", precision=precision, quiet=True, progress=False)
+        assert torch.equal(ours.logits(tokens), theirs.logits(tokens)), precision
+
+
 class Interrupt(KeyboardInterrupt):
     pass
 

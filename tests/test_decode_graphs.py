@@ -99,7 +99,8 @@ def test_padded_bucket_equals_eager_and_leaves_real_caches_alone(model):
     assert got.shape == expected.shape
     assert close(got, expected)
     for cache, eager, saved in zip(t.caches, after_eager, before):
-        assert torch.allclose(cache[slots], eager[slots], rtol=1e-5, atol=1e-6)
+        # fp32 GEMMs over 4 rows instead of 3 may block differently: a few 1e-6 apart on some CPUs
+        assert torch.allclose(cache[slots], eager[slots], rtol=1e-4, atol=1e-5)
         assert torch.equal(cache[1, 1:], saved[1, 1:])  # the padding row wrote position 0 of slot 1 only
         assert not torch.equal(cache[1, 0], saved[1, 0])
 

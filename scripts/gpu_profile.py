@@ -1,0 +1,57 @@
+"""Where a decode step at batch 1 and a 4096-token prefill spend their device time (one GPU, one call).
+
+Builds DeepSeek-V3 layers with synthetic FP8 weights (as `dsv3 bench decode` does), then prints:
+the graph-replayed batch-1 step time, the kernels of an eager batch-1 step ranked by device time (their
+sum against the graph time shows what the launches between them cost), and the same for the prefill.
+Usage (repository root, on the GPU machine): python3 scripts/gpu_profile.py [--layers N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from backends.cuda import CudaBackend
+from dsv3.bench import e2e
+from dsv3.config import load_config
+from dsv3.engine import DecodeRunner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    backend = CudaBackend()
+    config = e2e.bench_config(load_config("deepseek-v3"), args.layers)
+    model = e2e.build_model(config, backend, "fp8", 1, max(args.tokens, args.context) + 1)
+    e2e.fill_caches(model)
+    device = backend.device
+    g = torch.Generator(device).manual_seed(1)
+    tokens = torch.randint(0, config.vocab_size, (1,), device=device, generator=g)
+    slots, positions = torch.zeros(1, dtype=torch.long, device=device), torch.full((1,), args.context, device=device)
+    prompt = torch.randint(0, config.vocab_size, (1, args.tokens), device=device, generator=g)
+    out = {}
+    with torch.inference_mode():
+        decode = e2e.profile_step(lambda: model.decode(tokens, slots, positions), top=args.top)
+        prefill = e2e.profile_step(lambda: e2e.prefill_last_logits(model, prompt), steps=2, top=args.top)
+        prefill_ms, _ = e2e.time_calls(lambda: e2e.prefill_last_logits(model, prompt), device, min_reps=3)
+        runner = DecodeRunner(model, graphs=True)
+        runner(tokens, slots, positions)
+        graph_ms, _ = e2e.time_calls(lambda: runner(tokens, slots, positions), device, target_ms=500)
+    for name, profile, ms in (("decode batch 1", decode, graph_ms), ("prefill", prefill, prefill_ms)):
+        print(f"\n== {name}: {ms:.3f} ms measured (graph for decode), kernels sum to {profile['step_us'] / 1e3:.3f} ms")
+        print(e2e.format_profile(profile))
+        out[name] = {"measured_ms": ms, "profile": profile}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
