@@ -85,6 +85,36 @@ class Linear:
         return self.backend.linear(x, self.weight)
 
 
+class FusedLinear:
+    """Linears that read the same input (q_a + kv_a, gate + up), run as one GEMM where their weights stack.
+
+    One launch and one activation quantization instead of several; the output is split back. The
+    weights stack where they have the same kind and every part but the last ends on a 128-row block
+    (so FP8 block scales stack too, and a dense weight quantized at load gets the blocks it would
+    get alone); otherwise each part stays its own linear.
+    """
+
+    def __init__(self, backend: Backend, loader: WeightLoader, modules: list[str], precision: Precision):
+        parts = [loader.linear(m) for m in modules]
+        self.sizes = [w.shape[0] for w, _ in parts]
+        if _stackable(parts):
+            scales = [s for _, s in parts]
+            stacked = (torch.cat([w for w, _ in parts]), None if scales[0] is None else torch.cat(scales))
+            parts = [stacked]
+        self.linears = [Linear(backend, backend.prepare_linear(w, s, precision)) for w, s in parts]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if len(self.linears) == 1:
+            return list(self.linears[0](x).split(self.sizes, dim=-1))
+        return [linear(x) for linear in self.linears]
+
+
+def _stackable(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    if len({(w.dtype, w.shape[1], w.device) for w, _ in parts}) != 1 or len({s is None for _, s in parts}) != 1:
+        return False
+    return all(w.shape[0] % 128 == 0 for w, _ in parts[:-1])
+
+
 class RMSNorm:
     def __init__(self, backend: Backend, weight: torch.Tensor, eps: float):
         self.backend, self.weight, self.eps = backend, weight, eps
@@ -112,10 +142,13 @@ class MLA:
         if c.q_lora_rank is None:
             self.q_proj = Linear.load(backend, loader, f"{prefix}.q_proj", precision)
         else:
-            self.q_a_proj = Linear.load(backend, loader, f"{prefix}.q_a_proj", precision)
+            self.kv_a_proj = None
+            self.qkv_a_proj = FusedLinear(backend, loader, [f"{prefix}.q_a_proj", f"{prefix}.kv_a_proj_with_mqa"],
+                                          precision)
             self.q_a_norm = RMSNorm.load(backend, loader, f"{prefix}.q_a_layernorm", c.rms_norm_eps, dtype)
             self.q_b_proj = Linear.load(backend, loader, f"{prefix}.q_b_proj", precision)
-        self.kv_a_proj = Linear.load(backend, loader, f"{prefix}.kv_a_proj_with_mqa", precision)
+        if c.q_lora_rank is None:  # V2-Lite: q_proj is split over TP ranks, kv_a is not; they stay apart
+            self.kv_a_proj = Linear.load(backend, loader, f"{prefix}.kv_a_proj_with_mqa", precision)
         self.kv_a_norm = RMSNorm.load(backend, loader, f"{prefix}.kv_a_layernorm", c.rms_norm_eps, dtype)
         kv_b, kv_b_scale = loader.linear(f"{prefix}.kv_b_proj")
         # dequantized to the activation dtype, as a BF16 checkpoint would store it
@@ -127,11 +160,15 @@ class MLA:
     def __call__(self, x: torch.Tensor, cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; writes this layer's cache at the state's positions."""
         c, b, t = self.config, x.shape[0], x.shape[1]
-        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        if c.q_lora_rank is None:
+            q, kv_a = self.q_proj(x), self.kv_a_proj(x)
+        else:
+            q_a, kv_a = self.qkv_a_proj(x)
+            q = self.q_b_proj(self.q_a_norm(q_a))
         q = q.view(b, t, self.num_heads, c.qk_head_dim)
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         q_pe = self.backend.rotary(q_pe, state.cos, state.sin)
-        latent, k_pe = self.kv_a_proj(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_norm(latent)
         k_pe = self.backend.rotary(k_pe, state.cos, state.sin)
         if state.is_decode:
@@ -147,12 +184,12 @@ class MLP:
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
 
     def __init__(self, backend: Backend, loader: WeightLoader, prefix: str, precision: Precision):
-        self.gate_proj = Linear.load(backend, loader, f"{prefix}.gate_proj", precision)
-        self.up_proj = Linear.load(backend, loader, f"{prefix}.up_proj", precision)
+        self.gate_up_proj = FusedLinear(backend, loader, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], precision)
         self.down_proj = Linear.load(backend, loader, f"{prefix}.down_proj", precision)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE:

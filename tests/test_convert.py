@@ -91,7 +91,9 @@ def test_fp8_checkpoint_run_in_bf16_matches_its_converted_copy(fp8_checkpoint, b
     from_bf16 = load_model(bf16_checkpoint, backend="reference", precision="bf16", quiet=True, progress=False)
     assert from_fp8.tokenizer is not None and from_bf16.tokenizer is not None
     for a, b in zip(from_fp8.transformer.layers, from_bf16.transformer.layers):
-        for name in ("q_a_proj", "q_b_proj", "kv_a_proj", "o_proj"):
+        for x, y in zip(a.attn.qkv_a_proj.linears, b.attn.qkv_a_proj.linears, strict=True):
+            assert torch.equal(x.weight.weight, y.weight.weight)
+        for name in ("q_b_proj", "o_proj"):
             assert torch.equal(getattr(a.attn, name).weight.weight, getattr(b.attn, name).weight.weight), name
         for part in ("w_uk", "w_uv"):
             assert torch.equal(getattr(a.attn.absorbed, part), getattr(b.attn.absorbed, part)), part

@@ -113,7 +113,9 @@ def test_bf16_checkpoint_with_fp8_is_block_quantized_at_load(tmp_path):
     dense = load_model(ckpt, backend="reference", precision="bf16", quiet=True, progress=False)
     stored = CheckpointSource(ckpt).get("model.layers.0.self_attn.q_a_proj.weight")
     want_weight, want_scale = fp8.quantize_blocks(stored)
-    q_a = quantized.transformer.layers[0].attn.q_a_proj.weight
+    fused = quantized.transformer.layers[0].attn.qkv_a_proj
+    assert len(fused.linears) == 2  # q_a's 64 rows end inside a block: q_a and kv_a stay apart
+    q_a = fused.linears[0].weight
     assert q_a.weight.dtype == torch.float8_e4m3fn
     assert tuple(q_a.scale.shape) == (math.ceil(64 / 128), math.ceil(128 / 128))
     assert torch.equal(q_a.weight.view(torch.uint8), want_weight.view(torch.uint8))
