@@ -12,7 +12,7 @@ Which implementation runs for each op (Capabilities.ops says it in words):
   start; torch 2.11 does not), such weights keep a zero-padded copy (576 -> 640
   rows) and the extra columns are dropped.
 - BF16/FP32 linear: F.linear (cuBLAS).
-- RMSNorm (with the residual add fused) in Triton; rotary and routing in torch.
+- RMSNorm (with the residual add fused) and rotary in Triton; routing in torch.
 - MLA: backends/triton_kernels/mla.py; where that module is absent, the
   reference backend's torch code.
 - Routed experts: the grouped Triton MoE of backends/triton_kernels/moe.py.
@@ -37,6 +37,7 @@ from backends.interface import (
 )
 from backends.reference import ReferenceBackend, route_experts
 from backends.triton_kernels import gemm, moe, quant
+from backends.triton_kernels.rotary import rotary as triton_rotary
 from backends.triton_kernels.configs import kernel_configs
 
 _DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -134,7 +135,7 @@ class CudaBackend(Backend):
                               f"unavailable on {chip.arch}: BF16 fallback",
                 "linear_bf16": "torch F.linear (cuBLAS)",
                 "rms_norm": "triton (residual add fused)",
-                "rotary": "torch: fp32 interleaved",
+                "rotary": "triton (one launch, fp32 math)",
                 "mla_prefill": mla,
                 "mla_decode": mla,
                 "moe_route": "torch on the GPU (no host sync)",
@@ -267,7 +268,7 @@ class CudaBackend(Backend):
         return (out.view(shape), h.view(shape)) if residual is not None else out.view(shape)
 
     def rotary(self, x, cos, sin):
-        return self._reference.rotary(x, cos, sin)
+        return triton_rotary(x, cos, sin)
 
     # ---- MLA ---------------------------------------------------------------
 

@@ -290,7 +290,7 @@ class RocmBackend(CudaBackend):
             "linear_fp8": linear_fp8,
             "linear_bf16": "torch F.linear (hipBLASLt on ROCm)",
             "rms_norm": f"triton (residual add fused), {tiles}",
-            "rotary": "torch: fp32 interleaved",
+            "rotary": "triton (one launch, fp32 math)",
             "mla_prefill": f"{mla}: latents expanded, torch SDPA",
             "mla_decode": (f"{mla}: split flash-decoding, {tiles} ({few.block_h} or {many.block_h} heads x "
                            f"{few.block_n} tokens); aiter MLA not used (its paged cache layout differs)"),

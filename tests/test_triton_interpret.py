@@ -71,6 +71,7 @@ print("quant ok")
 """
 
 GEMM = """
+import dataclasses
 from backends.triton_kernels import gemm, quant
 for name, dtype, fp8_max in FORMATS:
     ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
@@ -84,7 +85,30 @@ for name, dtype, fp8_max in FORMATS:
         assert row_error(got, expected) <= 8e-3, (name, m, n, k, row_error(got, expected))
         if m > 1:
             assert (got[-1] == 0).all()
+        # the split fixup (the last program of a tile sums the partials) gives the second kernel's bits
+        fixup = dataclasses.replace(PORTABLE, gemm_split_fixup=True)
+        again = gemm.fp8_gemm(qa, sa, w, s, torch.bfloat16, fixup, num_sms=4, num_splits=splits)
+        assert torch.equal(again, got), (name, m, n, k)
+        assert (gemm._COUNTS[qa.device] == 0).all()
+assert gemm._COUNTS, "no GEMM above took the split fixup"
 print("gemm ok")
+"""
+
+ROTARY = """
+from backends.triton_kernels.rotary import rotary
+ref = ReferenceBackend()
+# q's rope columns (a strided view of [B, T, H, 192]), kv_a's (3-d, strided), a contiguous fp32 tensor
+q = torch.randn(3, 4, 5, 192, generator=g).to(torch.bfloat16)
+kv = torch.randn(3, 4, 576, generator=g).to(torch.bfloat16)
+for x in (q[..., 128:], kv[..., 512:], torch.randn(2, 1, 64, generator=g), q[:1, :, :, 128:]):
+    b, t = x.shape[:2]
+    angles = torch.rand(b, t, 32, generator=g) * 40
+    got = rotary(x, angles.cos(), angles.sin())
+    expected = ref.rotary(x, angles.cos(), angles.sin())
+    assert got.shape == x.shape and got.dtype == x.dtype and got.is_contiguous()
+    # fp32 math rounded once, like the reference; an FMA may move an fp32 result by one ulp
+    assert row_error(got, expected) <= (1e-5 if x.dtype == torch.float32 else 8e-3), row_error(got, expected)
+print("rotary ok")
 """
 
 MOE = """
@@ -125,6 +149,17 @@ for t, e in enumerate(tile_expert.tolist()):
     rows = rows[rows < 6]
     assert e == 4 or (flat[rows] == e).all()
 assert (tile_expert[:5] == torch.tensor([0, 1, 3, 3, 4], dtype=torch.int32)).all(), tile_expert
+# one token (batch-1 decode): a tile per choice, no sort
+pairs, tile_expert = moe.align_by_expert(torch.tensor([[5, 2]]), 6, 4)
+assert pairs.tolist() == [0, 2, 2, 2, 1, 2, 2, 2] and tile_expert.tolist() == [5, 2], (pairs, tile_expert)
+for name, dtype, fp8_max in FORMATS:
+    ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
+    experts = ref.prepare_experts(gate_up, None, down, None, "fp8")
+    weights, ids = torch.rand(1, top_k, generator=g) + 0.1, torch.tensor([[5, 2]])
+    x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
+    got = moe.moe_experts(x, weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
+                          experts.down_scale, PORTABLE, quant=(fp8_max, False))
+    assert row_error(got, ref.moe_experts(x, weights, ids, experts)) <= 8e-3, name
 print("moe ok")
 """
 
@@ -142,6 +177,10 @@ def test_quantization_and_fused_rms_norm_bit_exact():
 
 def test_fp8_gemm_decode_and_tiled():
     run_interpreted(GEMM)
+
+
+def test_rotary_on_strided_views():
+    run_interpreted(ROTARY)
 
 
 def test_grouped_moe_fp8_and_bf16():

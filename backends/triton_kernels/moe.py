@@ -48,6 +48,8 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
         sorted_pairs: int32 [max_rows]: pair index n*k + j in expert order; padding rows hold N*k.
         tile_expert: int32 [max_rows / block_m]: each tile's expert, E past the last used tile.
     """
+    if ids.shape[0] == 1:  # one token (batch-1 decode): a tile per choice, no sort
+        return _one_token_pairs(ids.shape[1], block_m, ids.device), ids.flatten().to(torch.int32)
     flat = ids.flatten()
     num_pairs = flat.numel()
     used = min(num_experts, num_pairs)
@@ -65,6 +67,24 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     tile_start = torch.arange(0, max_rows, block_m, device=ids.device)
     tile_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
     return sorted_pairs, tile_expert
+
+
+_ONE_TOKEN_PAIRS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _one_token_pairs(top_k: int, block_m: int, device: torch.device) -> torch.Tensor:
+    """sorted_pairs of one token: tile j holds choice j in its first row, padding rows the sentinel top_k.
+
+    Made once per shape and device (so a recorded decode step launches nothing for it). Correct
+    for any ids; without a sort two choices of one expert would read its weights twice, which
+    top-k choices (distinct experts) never do.
+    """
+    key = (top_k, block_m, device)
+    if key not in _ONE_TOKEN_PAIRS:
+        pairs = torch.full((top_k, block_m), top_k, dtype=torch.int32)
+        pairs[:, 0] = torch.arange(top_k, dtype=torch.int32)
+        _ONE_TOKEN_PAIRS[key] = pairs.flatten().to(device)
+    return _ONE_TOKEN_PAIRS[key]
 
 
 @triton.jit
