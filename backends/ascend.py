@@ -154,6 +154,7 @@ class AscendBackend(Backend):
             "linear_bf16": "torch: F.linear",
             "rms_norm": "torch_npu.npu_rms_norm / npu_add_rms_norm" if on["rms_norm"] else "torch: fp32 (plain)",
             "rotary": "torch_npu.npu_rotary_mul interleave, fp32" if on["rope"] else "torch: fp32 interleaved (plain)",
+            "swiglu": "torch: silu, then the product",
             "mla_prefill": mla.format("sparse_mode 4, paged BSND") if on["attention"] else "torch: fp32 (plain)",
             "mla_decode": mla.format("sparse_mode 0, paged BSND") if on["attention"] else "torch: fp32 (plain)",
             "moe_route": ("torch_npu.npu_moe_gating_top_k for sigmoid noaux_tc with 256 experts in 8 groups, "

@@ -12,7 +12,8 @@ Which implementation runs for each op (Capabilities.ops says it in words):
   start; torch 2.11 does not), such weights keep a zero-padded copy (576 -> 640
   rows) and the extra columns are dropped.
 - BF16/FP32 linear: F.linear (cuBLAS).
-- RMSNorm (with the residual add fused) and rotary in Triton; routing in torch.
+- RMSNorm (with the residual add fused), rotary, SwiGLU and routing (after the fp32
+  router GEMM) in Triton.
 - MLA: backends/triton_kernels/mla.py; where that module is absent, the
   reference backend's torch code.
 - Routed experts: the grouped Triton MoE of backends/triton_kernels/moe.py.
@@ -35,9 +36,9 @@ from backends.chips import ChipInfo, describe_chip
 from backends.interface import (
     Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig,
 )
-from backends.reference import ReferenceBackend, route_experts
+from backends.reference import ReferenceBackend
 from backends.triton_kernels import gemm, moe, quant
-from backends.triton_kernels.rotary import rotary as triton_rotary
+from backends.triton_kernels import elementwise, routing
 from backends.triton_kernels.configs import kernel_configs
 
 _DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -136,9 +137,10 @@ class CudaBackend(Backend):
                 "linear_bf16": "torch F.linear (cuBLAS)",
                 "rms_norm": "triton (residual add fused)",
                 "rotary": "triton (one launch, fp32 math)",
+                "swiglu": "triton (one launch)",
                 "mla_prefill": mla,
                 "mla_decode": mla,
-                "moe_route": "torch on the GPU (no host sync)",
+                "moe_route": "fp32 router GEMM (cuBLAS), then one triton routing kernel",
                 "moe_experts": "triton grouped GEMM: gate+up with SwiGLU (and FP8 quant) fused, down with "
                                "weighted atomic combine",
             },
@@ -268,7 +270,10 @@ class CudaBackend(Backend):
         return (out.view(shape), h.view(shape)) if residual is not None else out.view(shape)
 
     def rotary(self, x, cos, sin):
-        return triton_rotary(x, cos, sin)
+        return elementwise.rotary(x, cos, sin)
+
+    def swiglu(self, gate, up):
+        return elementwise.swiglu(gate, up)
 
     # ---- MLA ---------------------------------------------------------------
 
@@ -292,7 +297,7 @@ class CudaBackend(Backend):
     # ---- MoE ---------------------------------------------------------------
 
     def moe_route(self, x, gate_weight, bias, config: RoutingConfig):
-        return route_experts(F.linear(x.float(), gate_weight.float()), bias, config)
+        return routing.route(F.linear(x.float(), gate_weight.float()), bias, config)
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         quant_args = (self.capabilities.fp8_max, self.ue8m0) if experts.is_fp8 else None

@@ -17,13 +17,14 @@ from types import MappingProxyType
 from typing import Callable, Literal, Mapping
 
 import torch
+import torch.nn.functional as F
 
 Precision = Literal["fp8", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("fp8", "bf16", "fp32")
 
 #: The ops every backend reports an implementation for, in `Capabilities.ops`.
 OPS: tuple[str, ...] = (
-    "linear_fp8", "linear_bf16", "rms_norm", "rotary",
+    "linear_fp8", "linear_bf16", "rms_norm", "rotary", "swiglu",
     "mla_prefill", "mla_decode", "moe_route", "moe_experts",
 )
 
@@ -217,6 +218,13 @@ class Backend(ABC):
 
         With `residual`, first h = x + residual and return (rms_norm(h), h).
         """
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up in gate's dtype, silu rounded to it before the product (the MLPs' activation).
+
+        This torch version serves every backend that does not fuse it.
+        """
+        return F.silu(gate) * up
 
     @abstractmethod
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ class ReferenceBackend(Backend):
                 "linear_bf16": "torch: F.linear",
                 "rms_norm": "torch: fp32",
                 "rotary": "torch: fp32 interleaved",
+                "swiglu": "torch: silu, then the product",
                 "mla_prefill": "torch: absorbed, fp32 softmax",
                 "mla_decode": "torch: absorbed, fp32 softmax",
                 "moe_route": "torch: fp32",

@@ -69,6 +69,7 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "linear_bf16": {"bf16": Tolerance(1.6e-2), "fp32": Tolerance(2e-3)},
     "rms_norm": {"bf16": Tolerance(1.6e-2), "fp32": Tolerance(1e-5)},
     "rotary": {"bf16": Tolerance(1.6e-2), "fp32": Tolerance(1e-5)},
+    "swiglu": {"bf16": Tolerance(1.6e-2), "fp32": Tolerance(1e-5)},
     "mla_prefill": {"bf16": Tolerance(2e-2), "fp32": Tolerance(2e-3)},
     "mla_decode": {"bf16": Tolerance(2e-2), "fp32": Tolerance(2e-3)},
     "moe_route": {"bf16": Tolerance(2e-2, tie=2e-3), "fp32": Tolerance(1e-3, tie=5e-4)},
@@ -439,6 +440,32 @@ def rotary_cases(plan: Plan, precision: str) -> list[Case]:
     ]
 
 
+def swiglu_cases(plan: Plan, precision: str) -> list[Case]:
+    dtype = ACTIVATION_DTYPES[precision]
+
+    def case(name, rows, inter, check="close", poisoned=()):
+        def inputs(ctx):
+            g = generator(f"swiglu{precision}{name}")
+            fused = randn(g, rows, 2 * inter, scale=4.0)  # a gate+up GEMM's output; the op gets its halves
+            for row in poisoned:
+                fused[row, 1] = float("nan") if row % 2 == 0 else float("inf")
+            fused = fused.to(dtype)
+            inp = dict(gate=fused[:, :inter], up=fused[:, inter:])
+            if poisoned:
+                inp["poisoned"] = torch.zeros(rows, dtype=torch.bool)
+                inp["poisoned"][list(poisoned)] = True
+            return inp
+        return Case("swiglu", precision, name, inputs, lambda backend, inp: backend.swiglu(inp["gate"], inp["up"]),
+                    check)
+
+    return [
+        case("dense MLP, 1 token, I=18432", 1, 18432),
+        case("expert I=2048, 64 tokens", 64, 2048),
+        case("unaligned I=1000, 7 tokens", 7, 1000),
+        case("NaN and inf rows", 4, 2048, "propagate", (0, 3)),
+    ]
+
+
 def _mla_weights(backend: Backend, inp: dict):
     heads = inp["heads"]
     return backend.prepare_mla(inp["kv_b"], heads, NOPE, VALUE, inp["dtype"])
@@ -671,6 +698,7 @@ def build_cases(plan: str | Plan = "quick", precisions=SUITE_PRECISIONS, ops=SUI
         "linear_bf16": (lambda p: linear_cases(plan, p), dense),
         "rms_norm": (lambda p: rms_norm_cases(plan, p), dense),
         "rotary": (lambda p: rotary_cases(plan, p), dense),
+        "swiglu": (lambda p: swiglu_cases(plan, p), dense),
         "mla_prefill": (lambda p: mla_prefill_cases(plan, p), dense),
         "mla_decode": (lambda p: mla_decode_cases(plan, p), dense),
         "moe_route": (lambda p: moe_route_cases(plan, p), dense),

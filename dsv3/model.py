@@ -186,10 +186,10 @@ class MLP:
     def __init__(self, backend: Backend, loader: WeightLoader, prefix: str, precision: Precision):
         self.gate_up_proj = FusedLinear(backend, loader, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], precision)
         self.down_proj = Linear.load(backend, loader, f"{prefix}.down_proj", precision)
+        self.backend = backend
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.backend.swiglu(*self.gate_up_proj(x)))
 
 
 class MoE:

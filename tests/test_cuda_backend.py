@@ -155,6 +155,14 @@ def test_rotary(backends):
     assert row_error(got, ref.rotary(x, angles.cos(), angles.sin())) <= TOL["rotary"]["bf16"]
 
 
+@pytest.mark.parametrize("rows, inter", [(1, 18432), (4096, 2048), (7, 1000)])
+def test_swiglu_on_fused_halves(backends, rows, inter):
+    cuda, ref = backends
+    fused = activations(rows, 2 * inter, False) * 4
+    gate, up = fused[:, :inter], fused[:, inter:]
+    assert row_error(cuda.swiglu(gate, up), ref.swiglu(gate, up)) <= 8e-3
+
+
 def test_moe_route_on_gpu(backends):
     cuda, ref = backends
     config = RoutingConfig("sigmoid", "noaux_tc", 8, 8, 4, True, 2.5)

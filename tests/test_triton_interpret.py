@@ -95,7 +95,7 @@ print("gemm ok")
 """
 
 ROTARY = """
-from backends.triton_kernels.rotary import rotary
+from backends.triton_kernels.elementwise import rotary, swiglu
 ref = ReferenceBackend()
 # q's rope columns (a strided view of [B, T, H, 192]), kv_a's (3-d, strided), a contiguous fp32 tensor
 q = torch.randn(3, 4, 5, 192, generator=g).to(torch.bfloat16)
@@ -108,7 +108,13 @@ for x in (q[..., 128:], kv[..., 512:], torch.randn(2, 1, 64, generator=g), q[:1,
     assert got.shape == x.shape and got.dtype == x.dtype and got.is_contiguous()
     # fp32 math rounded once, like the reference; an FMA may move an fp32 result by one ulp
     assert row_error(got, expected) <= (1e-5 if x.dtype == torch.float32 else 8e-3), row_error(got, expected)
-print("rotary ok")
+fused = (torch.randn(5, 2 * 1000, generator=g) * 4).to(torch.bfloat16)  # a gate+up output's halves
+for gate, up in ((fused[:, :1000], fused[:, 1000:]), (fused[:2, :64].float(), fused[:2, 64:128].float())):
+    got = swiglu(gate, up)
+    expected = ref.swiglu(gate, up)
+    assert got.dtype == gate.dtype and got.shape == gate.shape
+    assert row_error(got, expected) <= (1e-5 if gate.dtype == torch.float32 else 8e-3), row_error(got, expected)
+print("rotary and swiglu ok")
 """
 
 MOE = """
@@ -179,7 +185,7 @@ def test_fp8_gemm_decode_and_tiled():
     run_interpreted(GEMM)
 
 
-def test_rotary_on_strided_views():
+def test_rotary_and_swiglu_on_strided_views():
     run_interpreted(ROTARY)
 
 

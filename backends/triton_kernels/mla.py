@@ -446,7 +446,9 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, 
     keys[..., :nope] = per_head[..., :nope]
     keys[..., nope:] = cached[:, :, None, rank:].to(dtype)
     values = per_head[..., nope:]
-    queries = torch.cat((q_nope, q_pe.to(dtype)), dim=-1)
+    queries = torch.empty(batch, length, heads, nope + rope, dtype=dtype, device=cache.device)
+    queries[..., :nope] = q_nope  # two slice copies: torch.cat of these strided views runs 3x slower
+    queries[..., nope:] = q_pe
     if start_pos == 0:
         mask, causal = None, True
     else:
