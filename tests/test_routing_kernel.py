@@ -121,6 +121,20 @@ def check_all(device: str) -> None:
     assert torch.equal(ids, torch.arange(config.top_k, device=device).expand(2, -1)), ids
     assert torch.equal(weights, torch.full_like(weights, 1 / num_experts)), weights
 
+    # a NaN token: distinct experts (NaN ranks first, as in torch.topk), NaN weights, other tokens untouched
+    for name, (num_experts, config), with_bias in generations:
+        logits = rand(4, num_experts)
+        logits[2, 3] = float("nan")
+        if config.scoring == "sigmoid":
+            logits[2] = float("nan")  # sigmoid keeps other lanes finite: poison the whole token
+        bias = rand(num_experts, scale=0.05) if with_bias else None
+        weights, ids = routing.route(logits, bias, config)
+        expected_weights, expected_ids = route_experts(logits, bias, config)
+        assert ids[2].unique().numel() == config.top_k and weights[2].isnan().all(), (name, ids[2], weights[2])
+        rows = [0, 1, 3]
+        assert torch.equal(ids[rows], expected_ids[rows]), name
+        torch.testing.assert_close(weights[rows], expected_weights[rows], rtol=TOLERANCES[device], atol=0)
+
     # cases the kernel leaves to the reference (same results, whatever the device)
     many = (2048, RoutingConfig("softmax", "greedy", 8, 1, 1, False, 1.0))
     few_kept = (64, RoutingConfig("sigmoid", "noaux_tc", 40, 8, 4, True, 2.5))  # 40 > 4 groups x 8 experts

@@ -53,7 +53,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_logits, sca
     choice = scores
     if HAS_BIAS:
         choice = scores + tl.load(bias_ptr + expert, mask=valid, other=0.0)
-    choice = tl.where(valid, choice, float("-inf"))
+    # NaN ranks above everything, as in torch.topk: a NaN token still picks distinct experts (NaN weights)
+    choice = tl.where(valid, tl.where(choice != choice, float("inf"), choice), float("-inf"))
 
     if NUM_GROUPS > 1:
         if GROUP_TOP2:  # the best plus the best of the rest (the first holder of the best masked out)
@@ -78,7 +79,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_logits, sca
     ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
     for j in range(TOP_K):  # argmax, the lowest expert on ties
         pick = tl.min(tl.where(choice == tl.max(choice), expert, NUM_EXPERTS))
-        pick = tl.minimum(pick, NUM_EXPERTS - 1)  # NaN logits match nothing; keep the id in range anyway
+        pick = tl.minimum(pick, NUM_EXPERTS - 1)  # an id in range whatever the input
         rank = tl.where(expert == pick, j, rank)
         ids = tl.where(out == j, pick.to(tl.int64), ids)
         choice = tl.where(expert == pick, float("-inf"), choice)
