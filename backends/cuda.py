@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,7 @@ class CudaBackend(Backend):
                                                           else (None, False))
         self._mla = _load_mla()
         self._graph_pool = self._graph_stream = None  # made on the first graph_runner call
+        self._graphs = weakref.WeakSet()  # the live graphs recorded in _graph_pool
         if self._scaled_mm_scale_b:
             first_large, large_m = self.configs.scaled_mm_min_m, "torch._scaled_mm block-wise (cuBLAS)"
         else:
@@ -312,15 +314,17 @@ class CudaBackend(Backend):
         on the CPU), and where capture fails.
 
         Two warm-up runs on a side stream first compile the kernels and make the tensors an op
-        caches on first use (outside the graph's memory). Every graph of this backend allocates from
-        one memory pool: the graphs run one at a time, and their inputs and outputs live outside it.
+        caches on first use (outside the graph's memory). The graphs of this backend allocate from
+        one memory pool while any of them lives (they run one at a time, and their inputs and outputs
+        live outside it); once all are gone, the next capture starts a new pool.
         """
         if self._mla is None or self.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
             return None
         with torch.cuda.device(self.device):
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
+            if self._graph_stream is None:
                 self._graph_stream = torch.cuda.Stream(self.device)
+            if not self._graphs:  # a pool whose graphs are all gone cannot be reopened (torch asserts)
+                self._graph_pool = torch.cuda.graph_pool_handle()
             self._graph_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._graph_stream):
                 for _ in range(GRAPH_WARMUP_RUNS):
@@ -335,4 +339,5 @@ class CudaBackend(Backend):
                 warnings.warn(f"cuda backend: a step could not be captured in a CUDA graph; it runs eagerly "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=2)
                 return None
+        self._graphs.add(graph)
         return graph.replay

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import weakref
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Mapping
@@ -250,6 +251,7 @@ class RocmBackend(CudaBackend):
         self._scaled_mm_scale_b = self.libraries.scaled_mm_scale_b
         self._scaled_mm_pad_n = self._scaled_mm_scale_b is not None  # pad N to 128 where it is used: always safe
         self._graph_pool = self._graph_stream = None  # made on the first graph_runner call (HIP graphs on ROCm)
+        self._graphs = weakref.WeakSet()  # the live graphs recorded in _graph_pool
         self.emulation = None if on_amd else self._emulation_note(device, on_gpu)
         self.capabilities = Capabilities(
             name="rocm",

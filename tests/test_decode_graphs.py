@@ -233,3 +233,23 @@ def test_cuda_greedy_tokens_equal_with_and_without_graphs(cuda_backend):
         row = model.logits(torch.tensor([prompt + expected], device="cuda"))[0, len(prompt) - 1 + parted]
         top2 = row.topk(2).values
         assert ((top2[0] - top2[1]) / row.abs().max()).item() < 1e-2, f"tokens part at step {parted}"
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+def test_cuda_graphs_record_again_after_every_graph_is_gone(cuda_backend):
+    """A model, its runner and their graphs dropped, a new model on the same backend still records its
+    steps (torch cannot reopen a graph pool whose graphs are all gone: the backend starts a new one)."""
+    import gc
+    import warnings
+
+    for round_ in range(3):
+        model = _tiny_on_cuda(cuda_backend, "bf16", 2)
+        runner = DecodeRunner(model.transformer)
+        tokens, slots = torch.tensor([3, 4], device="cuda"), torch.arange(2, device="cuda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed capture warns and decodes eagerly
+            runner(tokens, slots, torch.tensor([0, 0], device="cuda"))
+        assert runner.recorded_buckets == (2,), f"round {round_}"
+        del model, runner
+        gc.collect()
