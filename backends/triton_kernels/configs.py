@@ -47,8 +47,6 @@ class KernelConfigs:
         moe_dense_max_stages: pipeline depth cap of the BF16/FP32 MoE (its tiles are 2-4x larger).
         quant: rows per program and launch settings of activation quantization.
         norm: launch settings of RMSNorm.
-        gemm_split_fixup: the split-K GEMM sums its partials in the last program of each tile
-            (no second launch); where False (not yet run on the chip) a second kernel sums them.
     """
 
     gemm_prefill: TileConfig
@@ -61,7 +59,6 @@ class KernelConfigs:
     moe_dense_max_stages: int
     quant: TileConfig
     norm: TileConfig
-    gemm_split_fixup: bool = False
 
 
 # NVIDIA Hopper (sm_90) and newer; also the default for NVIDIA chips with FP8 (sm_89).
@@ -77,7 +74,6 @@ NVIDIA_SM90 = KernelConfigs(
     moe_dense_max_stages=2,
     quant=TileConfig(4, 128, 1, {"num_warps": 4}),
     norm=TileConfig(1, 128, 1, {"num_warps": 8}),
-    gemm_split_fixup=True,
 )
 
 # Ampere (sm_80/sm_86): no FP8; only the BF16 MoE and the norms run there.

@@ -9,12 +9,8 @@ added to an fp32 accumulator: the block math of backends/fp8, for any M, N, K
 One kernel serves both regimes. Prefill (large M) tiles the output and walks
 all of K. Decode (M <= 64) is bound by reading B once: the M rows fit one tile,
 so to put every multiprocessor to work the K blocks are split among
-`num_splits` programs per output tile (split-K); each writes an fp32 partial.
-Where the arch's table says `gemm_split_fixup`, the last program of a tile to
-finish (an atomic count per tile) sums the partials itself, in split order, and
-sets the count back to zero; else a second small kernel sums them. Both give
-the same bits. The count lives in a per-device buffer, so GEMMs that use it must
-not run concurrently on two streams of one device (dsv3 runs one).
+`num_splits` programs per output tile (split-K); each writes an fp32 partial
+and a second small kernel sums them.
 """
 
 from __future__ import annotations
@@ -31,10 +27,9 @@ BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, out_ptr, count_ptr, M, N, K, k_blocks_per_split,
-                     num_splits, stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_asg, stride_bsn,
-                     stride_bsg, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                     EVEN_K: tl.constexpr, FIXUP: tl.constexpr):
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, K, k_blocks_per_split,
+                     stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_asg, stride_bsn, stride_bsg,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -72,17 +67,9 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, out_ptr, cou
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    tile_offs = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_ptrs = c_ptr + split * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + split * stride_cs + tile_offs, cast_rne(acc, c_ptr.dtype.element_ty), mask=mask)
-    if FIXUP:
-        tl.debug_barrier()  # every thread's partial is stored before the count says so
-        if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == num_splits - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(num_splits):  # from L2 (".cg"): this SM's L1 may hold an older call's partials
-                total += tl.load(c_ptr + s * stride_cs + tile_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + tile_offs, cast_rne(total, out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(count_ptr + pid, 0)
+    tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -93,17 +80,6 @@ def _sum_splits_kernel(partial_ptr, c_ptr, num_elements, NUM_SPLITS: tl.constexp
     for s in range(NUM_SPLITS):
         total += tl.load(partial_ptr + s * num_elements + offs, mask=mask, other=0.0)
     tl.store(c_ptr + offs, cast_rne(total, c_ptr.dtype.element_ty), mask=mask)
-
-
-_COUNTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counts(tiles: int, device: torch.device) -> torch.Tensor:
-    """The per-tile arrival counts of the split fixup: zeros, and zero again after every GEMM."""
-    counts = _COUNTS.get(device)
-    if counts is None or counts.numel() < tiles:
-        counts = _COUNTS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return counts
 
 
 def choose_splits(m_tiles: int, n_tiles: int, k_blocks: int, num_sms: int, waves: float = 2.0) -> int:
@@ -153,15 +129,13 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     per_split = triton.cdiv(k_blocks, num_splits)
     num_splits = triton.cdiv(k_blocks, per_split)
     target = c if num_splits == 1 else torch.empty((num_splits, m, n), dtype=torch.float32, device=a.device)
-    fixup = num_splits > 1 and configs.gemm_split_fixup
-    counts = _tile_counts(m_tiles * n_tiles, a.device) if fixup else target
     _fp8_gemm_kernel[(m_tiles * n_tiles, num_splits)](
-        a, a_scale, b, b_scale, target, c, counts, m, n, k, per_split, num_splits,
+        a, a_scale, b, b_scale, target, m, n, k, per_split,
         a.stride(0), b.stride(0), target.stride(0) if num_splits > 1 else 0, n,
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, GROUP_M=tile.group_m, EVEN_K=k % SCALE_BLOCK == 0,
-        FIXUP=fixup, **tile.launch)
-    if num_splits > 1 and not fixup:
+        **tile.launch)
+    if num_splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, c, m * n, NUM_SPLITS=num_splits, BLOCK=block,
                                                          num_warps=4)
