@@ -234,7 +234,8 @@ class CudaBackend(Backend):
     def quantize_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [M, K] -> (FP8 [M, K], float32 scales [M, K/128] column-major), per token per 128 channels."""
         caps = self.capabilities
-        return quant.quantize_activation(x, caps.fp8_dtype, caps.fp8_max, self.ue8m0, self.configs.quant)
+        return quant.quantize_activation(x, caps.fp8_dtype, caps.fp8_max, self.ue8m0,
+                                         self.configs.quant_tile(x.shape[0]))
 
     def _use_scaled_mm(self, m: int, weight: LinearWeight) -> bool:
         """torch._scaled_mm from scaled_mm_min_m rows, but the decode kernel up to decode_max_m rows where

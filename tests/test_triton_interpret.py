@@ -26,7 +26,7 @@ PRELUDE = """
 import torch
 from backends import fp8
 from backends.reference import ReferenceBackend
-from backends.triton_kernels.configs import PORTABLE
+from backends.triton_kernels.configs import NVIDIA_SM90, PORTABLE
 FORMATS = (("e4m3fn", torch.float8_e4m3fn, 448.0), ("e4m3fnuz", torch.float8_e4m3fnuz, 224.0))
 g = torch.Generator().manual_seed(0)
 
@@ -50,11 +50,12 @@ from backends.triton_kernels import quant
 for name, dtype, fp8_max in FORMATS:
     for ue8m0 in (False, True):
         x = adversarial(5, 300) * 3
-        q, s = quant.quantize_activation(x, dtype, fp8_max, ue8m0, PORTABLE.quant)
         rq, rs = fp8.quantize_activation(x, dtype, fp8_max, ue8m0)
-        assert s.stride() == (1, 5), s.stride()
-        assert torch.equal(s, rs), (name, ue8m0)
-        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (name, ue8m0)
+        for tile in (PORTABLE.quant, NVIDIA_SM90.quant_prefill):  # 16 rows a program: one, partly masked
+            q, s = quant.quantize_activation(x, dtype, fp8_max, ue8m0, tile)
+            assert s.stride() == (1, 5), s.stride()
+            assert torch.equal(s, rs), (name, ue8m0)
+            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (name, ue8m0)
         ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
         w = torch.rand(300, generator=g).to(torch.bfloat16) + 0.5
         r = torch.randn(5, 300, generator=g).to(torch.bfloat16)

@@ -258,7 +258,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
         if quant is None:
             raise ValueError("moe_experts: FP8 experts need quant=(fp8_max, ue8m0)")
         fp8_max, ue8m0 = quant
-        x_in, x_scale = quantize_activation(x, gate_up.dtype, fp8_max, ue8m0, configs.quant)
+        x_in, x_scale = quantize_activation(x, gate_up.dtype, fp8_max, ue8m0, configs.quant_tile(n_tokens))
         h = torch.empty((max_rows, inter), dtype=gate_up.dtype, device=x.device)
         h_scale = torch.empty((max_rows, triton.cdiv(inter, SCALE_BLOCK)), dtype=torch.float32, device=x.device)
         w1_scale, w2_scale = gate_up_scale, down_scale

@@ -1,0 +1,45 @@
+"""Rows per program and warps of the 1x128 activation quantization, timed on the GPU in CUDA graphs.
+
+Usage (repository root, on the GPU machine): python3 scripts/gpu_quant_sweep.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backends.triton_kernels import quant
+from backends.triton_kernels.configs import TileConfig
+
+SHAPES = ((1, 7168), (64, 7168), (4096, 7168), (4096, 18432), (4096, 2048))
+
+
+def graph_time_us(fn, reps: int = 20) -> float:
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[2]
+
+
+def main() -> None:
+    tiles = [(rows, warps) for rows in (4, 8, 16, 32) for warps in (4, 8)]
+    print("M x K".rjust(12), *(f"{r}r/{w}w".rjust(9) for r, w in tiles), "GB/s (best)")
+    for m, k in SHAPES:
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        times = [graph_time_us(lambda r=r, w=w: quant.quantize_activation(
+            x, torch.float8_e4m3fn, 448.0, False, TileConfig(r, 128, 1, {"num_warps": w}))) for r, w in tiles]
+        best = min(times)
+        print(f"{m:>5}x{k:<6}", *(f"{t:9.2f}" for t in times), f"{m * k * 3.0 / best / 1e3:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
