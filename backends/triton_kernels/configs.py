@@ -48,6 +48,7 @@ class KernelConfigs:
         quant: rows per program and launch settings of activation quantization.
         norm: launch settings of RMSNorm.
         quant_prefill: the same above decode_max_m rows (None: `quant`); see `quant_tile`.
+        decode_waves: programs per multiprocessor the split-K decode GEMM aims at (sets its split).
     """
 
     gemm_prefill: TileConfig
@@ -61,6 +62,7 @@ class KernelConfigs:
     quant: TileConfig
     norm: TileConfig
     quant_prefill: TileConfig | None = None
+    decode_waves: float = 2.0
 
     def quant_tile(self, rows: int) -> TileConfig:
         """The activation quantization's tile for `rows` rows."""
@@ -71,7 +73,10 @@ class KernelConfigs:
 # Measured on an H100 80GB HBM3 (scripts/gpu_round_gemm.sh sweep, docs/performance.md).
 NVIDIA_SM90 = KernelConfigs(
     gemm_prefill=TileConfig(128, 128, 8, {"num_warps": 8, "num_stages": 4}),
-    gemm_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 4}),
+    # scripts/gpu_decode_gemm_sweep.py on V3's seven decode weights at M = 1 and 16: 64-column tiles,
+    # 8 warps, 3 stages and 4 programs per SM came within 1-5% of each shape's best (128 columns,
+    # 4 warps, 4 stages, 2 per SM: up to 8% slower, on the 264 MB dense gate+up)
+    gemm_decode=TileConfig(16, 64, 1, {"num_warps": 8, "num_stages": 3}),
     decode_max_m=64,
     scaled_mm_min_m=17,
     moe_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 3}),
@@ -82,6 +87,7 @@ NVIDIA_SM90 = KernelConfigs(
     norm=TileConfig(1, 128, 1, {"num_warps": 8}),
     # scripts/gpu_quant_sweep.py: 16 rows run 1.26x faster than 4 at 4096 rows (2.1 TB/s), 2x slower at 1 row
     quant_prefill=TileConfig(16, 128, 1, {"num_warps": 4}),
+    decode_waves=4.0,
 )
 
 # Ampere (sm_80/sm_86): no FP8; only the BF16 MoE and the norms run there.

@@ -125,7 +125,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
             tile = TileConfig(decode_tile(m, tile), tile.block_n, 1, tile.launch)
     m_tiles, n_tiles = triton.cdiv(m, tile.block_m), triton.cdiv(n, tile.block_n)
     if num_splits is None:
-        num_splits = choose_splits(m_tiles, n_tiles, k_blocks, num_sms) if decode else 1
+        num_splits = choose_splits(m_tiles, n_tiles, k_blocks, num_sms, configs.decode_waves) if decode else 1
     per_split = triton.cdiv(k_blocks, num_splits)
     num_splits = triton.cdiv(k_blocks, per_split)
     target = c if num_splits == 1 else torch.empty((num_splits, m, n), dtype=torch.float32, device=a.device)
