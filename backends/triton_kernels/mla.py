@@ -103,7 +103,6 @@ def _decode_partial_kernel(
     end = tl.minimum(start + split_len, seq_len)
     if start >= end:
         return
-    last = seq_len - 1
 
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_C)
