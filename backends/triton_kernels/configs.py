@@ -73,9 +73,9 @@ class KernelConfigs:
 # Measured on an H100 80GB HBM3 (scripts/gpu_round_gemm.sh sweep, docs/performance.md).
 NVIDIA_SM90 = KernelConfigs(
     gemm_prefill=TileConfig(128, 128, 8, {"num_warps": 8, "num_stages": 4}),
-    # scripts/gpu_decode_gemm_sweep.py on V3's seven decode weights at M = 1 and 16: 64-column tiles,
-    # 8 warps, 3 stages and 4 programs per SM came within 1-5% of each shape's best (128 columns,
-    # 4 warps, 4 stages, 2 per SM: up to 8% slower, on the 264 MB dense gate+up)
+    # scripts/gpu_decode_gemm_sweep.py on V3's seven decode weights at M = 1: 64-column tiles, 8 warps,
+    # 3 stages and 4 programs per SM ranked within 1-4% of the best on five of them (the old 128-column,
+    # 4-warp, 4-stage, 2-per-SM tiles: up to 8% slower, on the 264 MB dense gate+up)
     gemm_decode=TileConfig(16, 64, 1, {"num_warps": 8, "num_stages": 3}),
     decode_max_m=64,
     scaled_mm_min_m=17,
