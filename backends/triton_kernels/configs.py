@@ -41,8 +41,9 @@ class KernelConfigs:
         scaled_mm_min_m: smallest M that takes torch._scaled_mm block-wise where the backend has it
             (on an H100 the decode kernel ties or wins up to M = 16, cuBLAS wins at M = 64 for
             N a multiple of 128).
-        moe_decode, moe_prefill: grouped MoE GEMMs, chosen by tokens x top_k per expert on average
-            (block_n must be 128: the SwiGLU epilogue quantizes whole 128-wide blocks).
+        moe_decode, moe_prefill: grouped MoE GEMMs, chosen by tokens x top_k per expert on average;
+            block_n is the down GEMM's (the gate/up GEMM always takes 128 columns: its SwiGLU epilogue
+            quantizes whole 128-wide blocks).
         moe_prefill_min_rows: average rows per expert from which moe_prefill is used.
         moe_dense_max_stages: pipeline depth cap of the BF16/FP32 MoE (its tiles are 2-4x larger).
         quant: rows per program and launch settings of activation quantization.
@@ -80,7 +81,10 @@ NVIDIA_SM90 = KernelConfigs(
     decode_max_m=64,
     scaled_mm_min_m=17,
     moe_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 3}),
-    moe_prefill=TileConfig(64, 128, 8, {"num_warps": 8, "num_stages": 5}),
+    # 4096 tokens (2026-11-23 21:15 UTC, gate/up and down tiles swept apart): 256-column down tiles,
+    # 4 stages 8.5 ms against 9.8 ms for 128 columns, 5 stages; 128-row tiles 10.7 ms or slower.
+    # scripts/gpu_moe_sweep.py sweeps the one config both kernels share.
+    moe_prefill=TileConfig(64, 256, 8, {"num_warps": 8, "num_stages": 4}),
     moe_prefill_min_rows=32,
     moe_dense_max_stages=2,
     quant=TileConfig(4, 128, 1, {"num_warps": 4}),
