@@ -337,7 +337,8 @@ class AscendBackend(Backend):
         return self._plain_attention(q_nope, q_pe, latent_pages, rope_pages, cache, slots, end, allowed, weights,
                                      softmax_scale)
 
-    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale):
+    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale, rope=None):
+        q_pe, k_pe = self.rotate_for_decode(q_pe, k_pe, rope)
         latent_pages, rope_pages = self._pages(cache, latent.shape[-1], k_pe.shape[-1])
         self._write(cache, latent_pages, rope_pages, slots, positions[:, None], latent[:, None], k_pe[:, None])
         heads = self._fia_heads(q_nope.shape[1], latent.shape[-1], k_pe.shape[-1], q_nope.dtype, prefill=False)

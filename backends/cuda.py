@@ -301,9 +301,13 @@ class CudaBackend(Backend):
         source = self._mla or self._reference
         return source.mla_prefill(q_nope, q_pe, latent, k_pe, cache, slots, start_pos, weights, softmax_scale)
 
-    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale):
-        source = self._mla or self._reference
-        return source.mla_decode(q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale)
+    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale, rope=None):
+        if self._mla is None:
+            q_pe, k_pe = self.rotate_for_decode(q_pe, k_pe, rope)
+            return self._reference.mla_decode(q_nope, q_pe, latent, k_pe, cache, slots, positions, weights,
+                                              softmax_scale)
+        return self._mla.mla_decode(q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale,
+                                    rope=rope)
 
     # ---- MoE ---------------------------------------------------------------
 

@@ -295,15 +295,27 @@ class Backend(ABC):
     @abstractmethod
     def mla_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                    cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, weights: MLAWeights,
-                   softmax_scale: float) -> torch.Tensor:
+                   softmax_scale: float, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One new token per sequence at its own position; attend over [0, position].
 
         Args:
             q_nope: [B, H, nope]; q_pe: [B, H, R]; latent: [B, kv_lora_rank]; k_pe: [B, R].
             slots: [B] cache rows; positions: [B] int64 position of the new token.
+            rope: None when q_pe and k_pe come rotated; else (cos, sin) [B, R/2] float32 of the new
+                positions, and the backend rotates them as `rotary` does (a fused backend inside the
+                attention kernel, which also writes the rotated key to the cache; see `rotate_for_decode`).
         Returns:
             [B, H, v_head_dim].
         """
+
+    def rotate_for_decode(self, q_pe: torch.Tensor, k_pe: torch.Tensor,
+                          rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_pe [B, H, R] and k_pe [B, R] rotated by rope = (cos, sin) [B, R/2] with `rotary` (unchanged
+        for None): what mla_decode does first in a backend that does not fuse the rotation."""
+        if rope is None:
+            return q_pe, k_pe
+        cos, sin = (t.reshape(t.shape[0], 1, -1) for t in rope)
+        return self.rotary(q_pe[:, None], cos, sin)[:, 0], self.rotary(k_pe[:, None], cos, sin)[:, 0]
 
     # ---- MoE ---------------------------------------------------------------
 

@@ -169,7 +169,8 @@ class ReferenceBackend(Backend):
         allowed = (key_pos[None, :] <= query_pos[:, None]).expand(len(slots), t, end)
         return self._attend(q_nope, q_pe, cache[slots, :end], allowed, weights, softmax_scale)
 
-    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale):
+    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale, rope=None):
+        q_pe, k_pe = self.rotate_for_decode(q_pe, k_pe, rope)
         cache[slots, positions] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
         length = int(positions.max()) + 1
         allowed = (torch.arange(length, device=cache.device)[None, :] <= positions[:, None])[:, None, :]

@@ -346,12 +346,13 @@ class RocmBackend(CudaBackend):
 
     # ---- MLA ---------------------------------------------------------------
 
-    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale):
+    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale, rope=None):
         if self._mla is None:
-            return super().mla_decode(q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale)
+            return super().mla_decode(q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale,
+                                      rope)
         config = amd_configs.mla_decode_config(self.arch, q_nope.shape[1], cache.dtype, self.amd_launch)
         return self._mla.mla_decode(q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale,
-                                    config=config)
+                                    config=config, rope=rope)
 
     # ---- graphs ------------------------------------------------------------
 

@@ -172,14 +172,15 @@ class MLA:
             q = self.q_b_proj(self.q_a_norm(q_a))
         q = q.view(b, t, self.num_heads, c.qk_head_dim)
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        q_pe = self.backend.rotary(q_pe, state.cos, state.sin)
         latent, k_pe = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_norm(latent)
-        k_pe = self.backend.rotary(k_pe, state.cos, state.sin)
-        if state.is_decode:
+        if state.is_decode:  # the backend rotates q_pe and k_pe (a fused one as it writes the cache)
             out = self.backend.mla_decode(q_nope[:, 0], q_pe[:, 0], latent[:, 0], k_pe[:, 0], cache, state.slots,
-                                          state.positions[:, 0], self.absorbed, self.softmax_scale)[:, None]
+                                          state.positions[:, 0], self.absorbed, self.softmax_scale,
+                                          rope=(state.cos[:, 0], state.sin[:, 0]))[:, None]
         else:
+            q_pe = self.backend.rotary(q_pe, state.cos, state.sin)
+            k_pe = self.backend.rotary(k_pe, state.cos, state.sin)
             out = self.backend.mla_prefill(q_nope, q_pe, latent, k_pe, cache, state.slots, state.start_pos,
                                            self.absorbed, self.softmax_scale)
         return self.o_proj(out.flatten(2))

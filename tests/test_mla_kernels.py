@@ -73,6 +73,27 @@ def check_decode(mla, inputs: dict, positions: torch.Tensor, tolerance: float, s
     assert error < tolerance, f"decode error {error:.2e} >= {tolerance:.0e} ({kernel_options})"
 
 
+def check_fused_rope(mla, inputs: dict, positions: torch.Tensor, **kernel_options) -> None:
+    """Unrotated q_pe/k_pe with cos/sin (rope=...) against the rotary op first: the same output and cache, bit
+    for bit (the kernel rotates with the rotary kernel's own function and rounds as it does)."""
+    from backends.triton_kernels.elementwise import rotary
+
+    batch, half = positions.shape[0], inputs["k_pe"].shape[-1] // 2
+    g = torch.Generator(positions.device).manual_seed(5)
+    angles = torch.rand(batch, half, device=positions.device, generator=g) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    fused_cache, cache = inputs["cache"].clone(), inputs["cache"].clone()
+    q_pe = rotary(inputs["q_pe"][:, None], cos[:, None], sin[:, None])[:, 0]
+    k_pe = rotary(inputs["k_pe"][:, None], cos[:, None], sin[:, None])[:, 0]
+    common = (inputs["slots"], positions, inputs["weights"], 0.1)
+    fused = mla.mla_decode(inputs["q_nope"], inputs["q_pe"], inputs["latent"], inputs["k_pe"], fused_cache, *common,
+                           rope=(cos, sin), **kernel_options)
+    apart = mla.mla_decode(inputs["q_nope"], q_pe, inputs["latent"], k_pe, cache, *common, **kernel_options)
+    assert torch.equal(fused_cache, cache), "the fused rotation wrote another rope key to the cache"
+    assert torch.equal(fused, apart)
+    assert not torch.equal(fused_cache, inputs["cache"])
+
+
 def _emulated_decode_check() -> None:
     """Run inside a subprocess with TRITON_INTERPRET=1: tiny FP32 shapes through the real kernels."""
     from backends.triton_kernels import mla
@@ -91,6 +112,8 @@ def _emulated_decode_check() -> None:
     ]
     for options in cases:
         check_decode(mla, inputs, positions, tolerance, **options)
+    check_fused_rope(mla, inputs, positions)
+    check_fused_rope(mla, inputs, positions, config=small_tiles, num_splits=3)
     print("emulated decode ok")
 
 
@@ -177,6 +200,17 @@ def test_decode_matches_reference(heads, batch, lengths):
     inputs = make_decode_inputs(batch, heads, max_batch=batch + 3, max_seq=max_seq, dims=DEEPSEEK,
                                 dtype=torch.bfloat16, device="cuda", seed=batch + heads)
     check_decode(mla, inputs, positions, TOLERANCES[("decode", torch.bfloat16)], softmax_scale=192 ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads", [16, 128])
+def test_decode_with_rope_in_the_kernel(heads):
+    from backends.triton_kernels import mla
+
+    inputs = make_decode_inputs(8, heads, max_batch=9, max_seq=4096, dims=DEEPSEEK, dtype=torch.bfloat16,
+                                device="cuda", seed=heads)
+    check_fused_rope(mla, inputs, torch.tensor([0, 1, 63, 64, 65, 1000, 4094, 4095], device="cuda"))
 
 
 @pytest.mark.gpu

@@ -19,18 +19,28 @@ from backends.triton_kernels.quant import cast_rne
 
 
 @triton.jit
+def rotate_pairs(x, cos, sin, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """x [ROWS, 2 * HALF] with pairs (x[2i], x[2i+1]) rotated by cos[i], sin[i] ([1, HALF] float32), in fp32.
+
+    Whole rows come in (one coalesced load) and are split into pairs in registers. The MLA decode
+    kernel rotates with this too, so a fused rotation rounds as the rotary op does.
+    """
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), (ROWS, HALF, 2)))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (ROWS, 2 * HALF))
+
+
+@triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, half, stride_xt, stride_xh, stride_ct,
                    BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    j = tl.arange(0, 2 * BLOCK_I)  # whole rows in one coalesced load, split into pairs in registers
+    j = tl.arange(0, 2 * BLOCK_I)
     mask = (h[:, None] < heads) & (j[None, :] < 2 * half)
     x = tl.load(x_ptr + token * stride_xt + h[:, None] * stride_xh + j[None, :], mask=mask, other=0.0)
-    even, odd = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_H, BLOCK_I, 2)))
     i = tl.arange(0, BLOCK_I)
     cos = tl.load(cos_ptr + token * stride_ct + i, mask=i < half, other=0.0)[None, :]
     sin = tl.load(sin_ptr + token * stride_ct + i, mask=i < half, other=0.0)[None, :]
-    out = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_H, 2 * BLOCK_I))
+    out = rotate_pairs(x, cos, sin, BLOCK_H, BLOCK_I)
     dst = out_ptr + (token * heads + h[:, None]) * (2 * half) + j[None, :]
     tl.store(dst, cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
 

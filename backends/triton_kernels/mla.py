@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 
 from backends.interface import CacheSpec, MLAWeights
+from backends.triton_kernels.elementwise import rotate_pairs
+from backends.triton_kernels.quant import cast_rne
 from dsv3.errors import Dsv3Error
 
 _LOG2E = 1.4426950408889634
@@ -79,19 +81,21 @@ def default_decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
 
 @triton.jit
 def _decode_partial_kernel(
-    q_latent_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, cache_ptr, slots_ptr, positions_ptr,
+    q_latent_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, cache_ptr, slots_ptr, positions_ptr, cos_ptr, sin_ptr,
     partial_out_ptr, partial_lse_ptr,
-    stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_lb, stride_kb, stride_cb, stride_cs,
+    stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_lb, stride_kb, stride_cb, stride_cs, stride_rope,
     num_heads, num_splits, scale_log2,
     RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """One (head block, split, sequence): online softmax over its share of the sequence.
 
     The new token (position seq_len - 1) comes from latent/k_pe rather than the cache, and the
     first head block of the split that holds it writes it to the cache: no program reads that row.
     Writes partial_out [B, H, num_splits, RANK] (normalized) and partial_lse [B, H, num_splits]
-    (log2 domain) for the splits that hold at least one token.
+    (log2 domain) for the splits that hold at least one token. With ROTATE, q_pe and k_pe come
+    unrotated and are rotated here by the sequence's cos/sin (rounded to their dtype, as the rotary
+    op rounds), so the rope key goes to the cache rotated without a launch of its own.
     """
     head_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -119,7 +123,15 @@ def _decode_partial_kernel(
     # The new token starts the online softmax of the split that ends the sequence: score, weight 1.
     holds_new = end == seq_len
     new_latent = tl.load(latent_ptr + seq * stride_lb + cols, mask=col_ok, other=0.0).to(cache_ptr.dtype.element_ty)
-    new_k_pe = tl.load(k_pe_ptr + seq * stride_kb + rope_cols, mask=rope_ok, other=0.0).to(cache_ptr.dtype.element_ty)
+    new_k_pe = tl.load(k_pe_ptr + seq * stride_kb + rope_cols, mask=rope_ok, other=0.0)
+    if ROTATE:
+        pair = tl.arange(0, BLOCK_R // 2)
+        cos = tl.load(cos_ptr + seq * stride_rope + pair, mask=pair < ROPE // 2, other=0.0)[None, :]
+        sin = tl.load(sin_ptr + seq * stride_rope + pair, mask=pair < ROPE // 2, other=0.0)[None, :]
+        q_pe = cast_rne(rotate_pairs(q_pe, cos, sin, BLOCK_H, BLOCK_R // 2), q_pe_ptr.dtype.element_ty)
+        new_k_pe = cast_rne(tl.reshape(rotate_pairs(new_k_pe[None, :], cos, sin, 1, BLOCK_R // 2), (BLOCK_R,)),
+                            k_pe_ptr.dtype.element_ty)
+    new_k_pe = new_k_pe.to(cache_ptr.dtype.element_ty)
     new_score = (tl.sum(q_latent.to(tl.float32) * new_latent.to(tl.float32)[None, :], axis=1)
                  + tl.sum(q_pe.to(tl.float32) * new_k_pe.to(tl.float32)[None, :], axis=1)) * scale_log2
     max_score = tl.where(holds_new, new_score, float("-inf"))
@@ -315,22 +327,28 @@ def choose_num_splits(batch: int, heads: int, max_seq_len: int, config: DecodeCo
     return max(1, min(wanted, triton.cdiv(max_seq_len, max(config.min_split_tokens, config.block_n))))
 
 
-def _attend_splits(q_latent, q_pe, latent, k_pe, cache, slots, positions, softmax_scale, config, num_splits):
-    """Launch the partial kernel; returns (partial_out [B, H, splits, C] fp32, partial_lse [B, H, splits])."""
+def _attend_splits(q_latent, q_pe, latent, k_pe, cache, slots, positions, softmax_scale, config, num_splits,
+                   rope=None):
+    """Launch the partial kernel; returns (partial_out [B, H, splits, C] fp32, partial_lse [B, H, splits]).
+    rope: None (q_pe and k_pe rotated already) or (cos, sin) [B, R/2] to rotate them in the kernel."""
     batch, heads, rank = q_latent.shape
-    rope = q_pe.shape[-1]
-    _check_cache(cache, rank, rope)
+    rope_dim = q_pe.shape[-1]
+    _check_cache(cache, rank, rope_dim)
     q_latent, q_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_latent, q_pe))
     latent, k_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (latent, k_pe))
     partial_out = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=cache.device)
     partial_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=cache.device)
+    if rope is None:
+        cos = sin = positions  # not read
+    else:
+        cos, sin = (t.reshape(batch, rope_dim // 2).float().contiguous() for t in rope)
     _decode_partial_kernel[(triton.cdiv(heads, config.block_h), num_splits, batch)](
-        q_latent, q_pe, latent, k_pe, cache, slots, positions, partial_out, partial_lse,
+        q_latent, q_pe, latent, k_pe, cache, slots, positions, cos, sin, partial_out, partial_lse,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), k_pe.stride(0),
-        cache.stride(0), cache.stride(1), heads, num_splits, softmax_scale * _LOG2E,
-        RANK=rank, ROPE=rope, BLOCK_C=triton.next_power_of_2(rank), BLOCK_R=triton.next_power_of_2(rope),
+        cache.stride(0), cache.stride(1), cos.stride(0), heads, num_splits, softmax_scale * _LOG2E,
+        RANK=rank, ROPE=rope_dim, BLOCK_C=triton.next_power_of_2(rank), BLOCK_R=triton.next_power_of_2(rope_dim),
         BLOCK_H=config.block_h, BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(cache.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
+        ROTATE=rope is not None, num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
     return partial_out, partial_lse
 
 
@@ -379,7 +397,8 @@ def mla_decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, weights: MLAWeights,
                softmax_scale: float, config: DecodeConfig | None = None,
-               num_splits: int | None = None) -> torch.Tensor:
+               num_splits: int | None = None,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One new token per sequence: write it to the cache, attend over [0, positions[b]] (absorbed form).
 
     Three launches: the latent query (a batched GEMM over heads), the split attention kernel, and a
@@ -387,10 +406,13 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k
     writes latents and a batched GEMM applies w_uv).
 
     Args:
-        q_nope: [B, H, nope]; q_pe: [B, H, R] rotated; latent: [B, C]; k_pe: [B, R] rotated.
+        q_nope: [B, H, nope]; q_pe: [B, H, R]; latent: [B, C]; k_pe: [B, R]; q_pe and k_pe rotated,
+            or not yet with `rope`.
         cache: [max_batch, max_seq, C + R]; slots: [B] cache rows; positions: [B] int64 new positions.
         weights: w_uk [H, nope, C] and w_uv [H, v, C] (any float dtype; converted once to the cache's).
         config, num_splits: override the kernel's tile sizes and sequence splits.
+        rope: (cos, sin) [B, R/2] float32 of the new positions: the attention kernel rotates q_pe and k_pe
+            (the same rounding as the rotary op where q_pe's dtype is the cache's, as in the model).
     Returns:
         [B, H, v] in q_nope's dtype.
     """
@@ -401,7 +423,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k
     config, num_splits = _plan(batch, heads, cache, config, num_splits)
     q_latent = torch.bmm(q_nope.to(dtype).transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]
     partial_out, partial_lse = _attend_splits(q_latent, q_pe.to(dtype), latent, k_pe, cache, slots, positions,
-                                              softmax_scale, config, num_splits)
+                                              softmax_scale, config, num_splits, rope)
     if num_splits <= FUSED_COMBINE_MAX_SPLITS:
         out = torch.empty(batch, heads, v_dim, dtype=q_nope.dtype, device=cache.device)
         block_b = 16

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from backends.interface import Backend
-from dsv3.conformance.cases import expert_weights, generator, poison, randn, v3_softmax_scale
+from dsv3.conformance.cases import expert_weights, generator, poison, randn, v3_rope, v3_softmax_scale
 from dsv3.conformance.suite import (
     LITE_HEADS, NOPE, PREFILL_CHUNK, RANK, ROPE, ROUTINGS, V3_HEADS, VALUE, Case, Plan,
 )
@@ -72,10 +72,11 @@ def mla_prefill_cases(plan: Plan, precision: str) -> list[Case]:
 def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
     dtype = ACTIVATION_DTYPES[precision]
 
-    def case(name, heads, lengths, nan=False):
+    def case(name, heads, lengths, nan=False, rope=False):
         def inputs(ctx):
             g = generator(f"decode{precision}{name}")
             inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), lengths=lengths,
+                       rope=[t[:, 0] for t in v3_rope(ctx, torch.tensor(lengths)[:, None])] if rope else None,
                        kv_b=randn(g, heads * (NOPE + VALUE), RANK, scale=RANK ** -0.5),
                        history=[_attention_inputs(g, 1, n, heads, dtype) if n else None for n in lengths],
                        new={k: v[:, 0] for k, v in _attention_inputs(g, len(lengths), 1, heads, dtype).items()})
@@ -99,13 +100,15 @@ def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
             new = inp["new"]
             return backend.mla_decode(new["q_nope"], new["q_pe"], new["latent"], new["k_pe"], cache,
                                       torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device), weights, inp["scale"])
+                                      torch.tensor(lengths, device=device), weights, inp["scale"], rope=inp["rope"])
         return Case("mla_decode", precision, name, inputs, call, "propagate" if nan else "close")
 
     long, large = plan.long_seq, plan.large_batch
     return [
         case("batch 1 at position 0 (no history)", V3_HEADS, [0]),
         case("B=4 at positions [5, 17, 1, 64]", V3_HEADS, [5, 17, 1, 64]),
+        case("B=4 at positions [5, 17, 1, 64], rope in the op (unrotated q_pe, k_pe and YaRN cos/sin)", V3_HEADS,
+             [5, 17, 1, 64], rope=True),
         case(f"large batch B={large} at positions 1, 9, 33, 64", V3_HEADS,
              [(1, 9, 33, 64)[i % 4] for i in range(large)]),
         case(f"long context {long} and {long // 2 + 3}, 16 heads", LITE_HEADS, [long, long // 2 + 3]),
