@@ -141,7 +141,7 @@ class CudaBackend(Backend):
                 "rotary": "triton (one launch, fp32 math)",
                 "swiglu": "triton (one launch)",
                 "mla_prefill": mla,
-                "mla_decode": mla,
+                "mla_decode": f"{mla}; rope and the cache write in the attention kernel" if self._mla else mla,
                 "moe_route": "fp32 router GEMM (cuBLAS), then one triton routing kernel",
                 "moe_experts": "triton grouped GEMM: gate+up with SwiGLU (and FP8 quant) fused, down with "
                                "weighted atomic combine",
