@@ -95,6 +95,23 @@ def _dot(a, b, IEEE_FP32: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, BLOCK_M: tl.constexpr):
+    """This program's row tile: (expert, K blocks to run, rows, tile_used, pair of each row, valid rows).
+
+    A tile past the last used one (expert == num_experts) gets 0 K blocks and tile_used all False, so it
+    loops zero times and stores nothing; its expert is clamped so that addresses stay in bounds.
+    """
+    tile_expert = tl.load(tile_expert_ptr + tl.program_id(0)).to(tl.int64)
+    expert = tl.minimum(tile_expert, num_experts - 1)
+    k_blocks = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_used = tl.zeros((BLOCK_M,), dtype=tl.int64) + tile_expert < num_experts  # [BLOCK_M], all alike
+    pair = tl.load(sorted_pairs_ptr + rows)
+    valid = (pair < num_pairs) & tile_used
+    return expert, k_blocks, rows, tile_used, pair, valid
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, sorted_pairs_ptr, tile_expert_ptr,
                     num_pairs, num_experts, top_k, K, I,
                     stride_xm, stride_xsm, stride_xsg, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
@@ -102,16 +119,9 @@ def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, 
                     FP8: tl.constexpr, ACT_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr,
                     NEG_ZERO: tl.constexpr, UE8M0: tl.constexpr, IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # a tile past the last used one (expert == num_experts) loops zero times and stores nothing
-    tile_expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    expert = tl.minimum(tile_expert, num_experts - 1)
-    k_blocks = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    tile_used = tl.zeros((BLOCK_M,), dtype=tl.int64) + tile_expert < num_experts  # [BLOCK_M], all alike
-    pair = tl.load(sorted_pairs_ptr + rows)
-    valid = (pair < num_pairs) & tile_used
+    expert, k_blocks, rows, tile_used, pair, valid = _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs,
+                                                                num_experts, K, BLOCK_M)
     token = tl.where(valid, pair // top_k, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
@@ -178,16 +188,9 @@ def _down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, routing_ptr, s
                  stride_om,
                  FP8: tl.constexpr, ACT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # a tile past the last used one (expert == num_experts) loops zero times and stores nothing
-    tile_expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    expert = tl.minimum(tile_expert, num_experts - 1)
-    k_blocks = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    tile_used = tl.zeros((BLOCK_M,), dtype=tl.int64) + tile_expert < num_experts  # [BLOCK_M], all alike
-    pair = tl.load(sorted_pairs_ptr + rows)
-    valid = (pair < num_pairs) & tile_used
+    expert, k_blocks, rows, tile_used, pair, valid = _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs,
+                                                                num_experts, K, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
