@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from backends import fp8
 from backends.chips import ChipInfo, describe_chip
 from backends.interface import (
-    Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig,
+    Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig, plain,
 )
 from backends.probe import ascend_arch
 from backends.reference import ReferenceBackend, route_experts
@@ -210,7 +210,7 @@ class AscendBackend(Backend):
 
     # ---- small ops ---------------------------------------------------------
 
-    def rms_norm(self, x, weight, eps, residual=None):
+    def rms_norm(self, x, weight, eps, residual=None, quantize=False):
         if not self.fused["rms_norm"] or not 2 <= x.dim() <= 8:
             return self._plain.rms_norm(x, weight, eps, residual)
         gamma = weight.to(x.dtype)  # gamma must have self's dtype; self is 2-8-D (2.14 docs, npu_rms_norm)
@@ -379,6 +379,7 @@ class AscendBackend(Backend):
         return weights.float(), ids.long()
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
+        x = plain(x)
         num_experts = experts.num_experts
         if (not self.fused["moe_experts"] or experts.is_fp8 or "gate_up_kn" not in experts.extra
                 or num_experts > 1024):

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from backends import fp8
 from backends.chips import ChipInfo, describe_chip
 from backends.interface import (
-    Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig,
+    Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, QuantizedActivation,
+    RoutingConfig, plain,
 )
 from backends.reference import ReferenceBackend
 from backends.triton_kernels import gemm, moe, quant
@@ -218,6 +219,7 @@ class CudaBackend(Backend):
     # ---- GEMM --------------------------------------------------------------
 
     def linear(self, x, weight: LinearWeight):
+        quantized, x = (x, x.values) if isinstance(x, QuantizedActivation) else (None, x)
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
@@ -227,7 +229,10 @@ class CudaBackend(Backend):
             m = x2.shape[0]
             # cuBLAS wants the column-major activation scales' leading dimension 16-byte aligned
             pad = -m % SCALED_MM_M_ALIGN if self._use_scaled_mm(m, weight) else 0
-            qa, sa = self.quantize_activation(F.pad(x2, (0, 0, 0, pad)) if pad else x2)
+            if quantized is not None and not pad:
+                qa, sa = quantized.q, quantized.scales
+            else:
+                qa, sa = self.quantize_activation(F.pad(x2, (0, 0, 0, pad)) if pad else x2)
             y = self.fp8_gemm(qa, sa, weight, x.dtype)[:m]
         return y.view(*x.shape[:-1], weight.out_features)
 
@@ -265,12 +270,15 @@ class CudaBackend(Backend):
 
     # ---- small ops ---------------------------------------------------------
 
-    def rms_norm(self, x, weight, eps, residual=None):
+    def rms_norm(self, x, weight, eps, residual=None, quantize=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
-        out, h, _, _ = quant.rms_norm(x2, weight, eps, r2, self.configs.norm)
-        return (out.view(shape), h.view(shape)) if residual is not None else out.view(shape)
+        caps = self.capabilities
+        fused = (caps.fp8_dtype, caps.fp8_max, self.ue8m0) if quantize and caps.has_fp8 else None
+        out, h, q, s = quant.rms_norm(x2, weight, eps, r2, self.configs.norm, quant=fused)
+        out = out.view(shape) if q is None else QuantizedActivation(out.view(shape), q, s)
+        return (out, h.view(shape)) if residual is not None else out
 
     def rotary(self, x, cos, sin):
         return elementwise.rotary(x, cos, sin)
@@ -308,8 +316,9 @@ class CudaBackend(Backend):
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         quant_args = (self.capabilities.fp8_max, self.ue8m0) if experts.is_fp8 else None
-        return moe.moe_experts(x, weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
-                               experts.down_scale, self.configs, quant=quant_args)
+        quantized = (x.q, x.scales) if isinstance(x, QuantizedActivation) and experts.is_fp8 else None
+        return moe.moe_experts(plain(x), weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
+                               experts.down_scale, self.configs, quant=quant_args, quantized=quantized)
 
     # ---- graphs ------------------------------------------------------------
 

@@ -129,6 +129,34 @@ class MLAWeights:
 
 
 @dataclass(frozen=True)
+class QuantizedActivation:
+    """An activation together with its FP8 copy, made by the op that produced it (RMSNorm).
+
+    The copy is what an FP8 linear would make itself (per token per 128 channels, the backend's FP8
+    format), so a linear or the routed experts that receive this skip their own quantization; the
+    result is the same bit for bit. Anything else reads `values`.
+
+    Attributes:
+        values: [..., K] in the activation dtype.
+        q: [M, K] FP8, M = values.numel() / K.
+        scales: float32 [M, ceil(K/128)], column-major.
+    """
+
+    values: torch.Tensor
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+
+def plain(x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    """The activation values, whether or not an FP8 copy came with them."""
+    return x.values if isinstance(x, QuantizedActivation) else x
+
+
+@dataclass(frozen=True)
 class RoutingConfig:
     """How a MoE layer picks experts (from the model config).
 
@@ -206,17 +234,20 @@ class Backend(ABC):
     # ---- GEMM --------------------------------------------------------------
 
     @abstractmethod
-    def linear(self, x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
-        """y = x @ W^T. x [..., in] -> [..., out] in x's dtype; FP8 weights quantize x per 1x128 block."""
+    def linear(self, x: torch.Tensor | QuantizedActivation, weight: LinearWeight) -> torch.Tensor:
+        """y = x @ W^T. x [..., in] -> [..., out] in x's dtype; FP8 weights quantize x per 1x128 block
+        (or take the FP8 copy a QuantizedActivation brings)."""
 
     # ---- small ops ---------------------------------------------------------
 
     @abstractmethod
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 quantize: bool = False):
         """RMSNorm over the last dim, in fp32, result in x's dtype.
 
         With `residual`, first h = x + residual and return (rms_norm(h), h).
+        `quantize` says the result feeds FP8 linears: a backend that quantizes in the same kernel returns a
+        QuantizedActivation in place of the normalized tensor; one that does not ignores the flag.
         """
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -300,12 +331,12 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+    def moe_experts(self, x: torch.Tensor | QuantizedActivation, weights: torch.Tensor, ids: torch.Tensor,
                     experts: ExpertWeights) -> torch.Tensor:
         """sum_j weights[n, j] * down(silu(gate(x_n)) * up(x_n)) over the chosen experts ids[n, j].
 
         Args:
-            x: [N, D]; weights: [N, k] float32; ids: [N, k] int64.
+            x: [N, D], or a QuantizedActivation of it; weights: [N, k] float32; ids: [N, k] int64.
         Returns:
             [N, D] in x's dtype.
         """

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from backends import fp8
 from backends.interface import (
-    Backend, Capabilities, CacheSpec, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig,
+    Backend, Capabilities, CacheSpec, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig, plain,
 )
 
 _DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -114,12 +114,13 @@ class ReferenceBackend(Backend):
         return self._fp8_matmul(x, weight, scale).to(x.dtype)
 
     def linear(self, x, weight: LinearWeight):
+        x = plain(x)
         y = self._matmul(x.reshape(-1, x.shape[-1]), weight.weight, weight.scale)
         return y.view(*x.shape[:-1], weight.out_features)
 
     # ---- small ops ---------------------------------------------------------
 
-    def rms_norm(self, x, weight, eps, residual=None):
+    def rms_norm(self, x, weight, eps, residual=None, quantize=False):
         if residual is not None:
             x = x + residual
         xf = x.float()
@@ -182,6 +183,7 @@ class ReferenceBackend(Backend):
         return route_experts(F.linear(x.float(), gate_weight.float()), bias, config)
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
+        x = plain(x)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         inter = experts.intermediate_size
         for expert in ids.unique().tolist():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backends.interface import Backend, LinearWeight, Precision, RoutingConfig
+from backends.interface import Backend, LinearWeight, Precision, QuantizedActivation, RoutingConfig, plain
 from dsv3.config import ModelConfig, yarn_get_mscale
 from dsv3.errors import Dsv3Error
 from dsv3.weights import WeightLoader
@@ -116,15 +116,19 @@ def _stackable(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
 
 
 class RMSNorm:
-    def __init__(self, backend: Backend, weight: torch.Tensor, eps: float):
-        self.backend, self.weight, self.eps = backend, weight, eps
+    """RMSNorm; `quantize` where only FP8 linears (and the router, which reads the values) take the result:
+    a backend that can then returns a QuantizedActivation, and the linears skip their own quantization."""
+
+    def __init__(self, backend: Backend, weight: torch.Tensor, eps: float, quantize: bool = False):
+        self.backend, self.weight, self.eps, self.quantize = backend, weight, eps, quantize
 
     @classmethod
-    def load(cls, backend: Backend, loader: WeightLoader, module: str, eps: float, dtype: torch.dtype) -> "RMSNorm":
-        return cls(backend, loader.tensor(module).to(backend.device, dtype), eps)
+    def load(cls, backend: Backend, loader: WeightLoader, module: str, eps: float, dtype: torch.dtype,
+             quantize: bool = False) -> "RMSNorm":
+        return cls(backend, loader.tensor(module).to(backend.device, dtype), eps, quantize)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return self.backend.rms_norm(x, self.weight, self.eps, residual)
+        return self.backend.rms_norm(x, self.weight, self.eps, residual, quantize=self.quantize)
 
 
 class MLA:
@@ -145,7 +149,8 @@ class MLA:
             self.kv_a_proj = None
             self.qkv_a_proj = FusedLinear(backend, loader, [f"{prefix}.q_a_proj", f"{prefix}.kv_a_proj_with_mqa"],
                                           precision)
-            self.q_a_norm = RMSNorm.load(backend, loader, f"{prefix}.q_a_layernorm", c.rms_norm_eps, dtype)
+            self.q_a_norm = RMSNorm.load(backend, loader, f"{prefix}.q_a_layernorm", c.rms_norm_eps, dtype,
+                                         quantize=precision == "fp8")
             self.q_b_proj = Linear.load(backend, loader, f"{prefix}.q_b_proj", precision)
         if c.q_lora_rank is None:  # V2-Lite: q_proj is split over TP ranks, kv_a is not; they stay apart
             self.kv_a_proj = Linear.load(backend, loader, f"{prefix}.kv_a_proj_with_mqa", precision)
@@ -157,7 +162,7 @@ class MLA:
         self.o_proj = Linear.load(backend, loader, f"{prefix}.o_proj", precision)
         self.softmax_scale = c.softmax_scale()
 
-    def __call__(self, x: torch.Tensor, cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | QuantizedActivation, cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; writes this layer's cache at the state's positions."""
         c, b, t = self.config, x.shape[0], x.shape[1]
         if c.q_lora_rank is None:
@@ -209,12 +214,14 @@ class MoE:
         self.experts = backend.prepare_experts(*loader.experts(prefix, c.n_routed_experts), precision)
         self.shared = MLP(backend, loader, f"{prefix}.shared_experts", precision) if c.n_shared_experts else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+    def __call__(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        flat = plain(x).reshape(-1, x.shape[-1])
+        # the router reads the values; the experts take the FP8 copy where one came (already [N, D])
+        inp = QuantizedActivation(flat, x.q, x.scales) if isinstance(x, QuantizedActivation) else flat
         weights, ids = self.backend.moe_route(flat, self.gate_weight, self.bias, self.routing)
-        out = self.backend.moe_experts(flat, weights, ids, self.experts)
+        out = self.backend.moe_experts(inp, weights, ids, self.experts)
         if self.shared is not None:
-            out = out + self.shared(flat)
+            out = out + self.shared(inp)
         return out.view(x.shape)
 
 
@@ -225,9 +232,10 @@ class Block:
                  precision: Precision, dtype: torch.dtype, moe: bool):
         p = f"model.layers.{index}"
         eps = config.rms_norm_eps
-        self.attn_norm = RMSNorm.load(backend, loader, f"{p}.input_layernorm", eps, dtype)
+        fp8 = precision == "fp8"  # both norms feed FP8 linears only (and the router)
+        self.attn_norm = RMSNorm.load(backend, loader, f"{p}.input_layernorm", eps, dtype, quantize=fp8)
         self.attn = MLA(config, backend, loader, f"{p}.self_attn", precision, dtype)
-        self.ffn_norm = RMSNorm.load(backend, loader, f"{p}.post_attention_layernorm", eps, dtype)
+        self.ffn_norm = RMSNorm.load(backend, loader, f"{p}.post_attention_layernorm", eps, dtype, quantize=fp8)
         self.ffn = MoE(config, backend, loader, f"{p}.mlp", precision) if moe else MLP(backend, loader, f"{p}.mlp", precision)
 
     def __call__(self, x, residual, cache, state):

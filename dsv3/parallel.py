@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from backends import fp8
-from backends.interface import Backend
+from backends.interface import Backend, QuantizedActivation, plain
 from dsv3 import distributed, layout
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
@@ -319,8 +319,8 @@ class ParallelMoE:
         self.shared = moe.shared if plan.replica == 0 else None
         self.first_expert = plan.local_experts(num_experts).start
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+    def __call__(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        flat = plain(x).reshape(-1, x.shape[-1])  # rows are picked per expert below: the values, requantized
         weights, ids = self.backend.moe_route(flat, self.gate_weight, self.bias, self.routing)
         local = ids - self.first_expert
         token, slot = ((local >= 0) & (local < self.experts.num_experts)).nonzero(as_tuple=True)

@@ -18,7 +18,7 @@ from backends.reference import ReferenceBackend
 class WrongRmsNormBackend(ReferenceBackend):
     """Normalizes by the mean |x| instead of the root mean square."""
 
-    def rms_norm(self, x, weight, eps, residual=None):
+    def rms_norm(self, x, weight, eps, residual=None, quantize=False):
         if residual is not None:
             x = x + residual
         xf = x.float()
@@ -51,7 +51,7 @@ class NoScaleFloorBackend(ReferenceBackend):
 class NanSwallowingBackend(ReferenceBackend):
     """Replaces NaN/inf in rms_norm's input by 0, hiding corrupt activations."""
 
-    def rms_norm(self, x, weight, eps, residual=None):
+    def rms_norm(self, x, weight, eps, residual=None, quantize=False):
         return super().rms_norm(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), weight, eps, residual)
 
 

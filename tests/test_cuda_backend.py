@@ -114,6 +114,26 @@ def test_rms_norm(backends, rows, residual, dtype):
         assert row_error(g, e) <= TOL["rms_norm"][precision]
 
 
+@pytest.mark.parametrize("rows", [1, 16, 80, 81])
+def test_rms_norm_hands_its_fp8_copy_to_the_linear(backends, rows):
+    """quantize=True: the fused copy is bit for bit the linear's own, and the linear's result is the same
+    from it: the split-K kernel (1, 16 rows), torch._scaled_mm (80), and 81 rows, which _scaled_mm pads
+    (the linear then quantizes the padded rows itself)."""
+    from backends.interface import QuantizedActivation
+
+    cuda, _ = backends
+    x = activations(rows, 7168, True) * 3
+    r = activations(rows, 7168, False, seed=5)
+    w = torch.rand(7168, device="cuda", dtype=torch.bfloat16) + 0.5
+    (fused, h), (values, h_plain) = cuda.rms_norm(x, w, 1e-6, r, quantize=True), cuda.rms_norm(x, w, 1e-6, r)
+    assert isinstance(fused, QuantizedActivation)
+    assert torch.equal(fused.values, values) and torch.equal(h, h_plain)
+    q, s = cuda.quantize_activation(values)
+    assert torch.equal(fused.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused.scales, s)
+    linear = cuda.prepare_linear(*fp8_weight(2112, 7168), "fp8")
+    assert torch.equal(cuda.linear(fused, linear), cuda.linear(values, linear))
+
+
 def test_rotary(backends):
     cuda, ref = backends
     x = torch.randn(2, 5, 16, 64, device="cuda", dtype=torch.bfloat16)
@@ -185,6 +205,20 @@ def test_moe_experts_deepseek_shape(backends, oracle):
     got = cuda.moe_experts(x, weights, ids, cuda.prepare_experts(*stack, "fp8"))
     expected = oracle.moe_experts(*cpu(x, weights, ids), oracle.prepare_experts(*cpu(*stack), "fp8"))
     assert row_error(got.cpu(), expected) <= TOL["moe_experts"]["fp8"]
+
+
+@pytest.mark.parametrize("tokens", [1, 256])
+def test_moe_experts_from_the_norms_fp8_copy(backends, tokens):
+    cuda, _ = backends
+    experts = cuda.prepare_experts(*expert_stack(32, 1024, 256), "fp8")
+    weights, ids = routing(tokens, 32, 8, "random")
+    fused = cuda.rms_norm(activations(tokens, 1024, True), torch.ones(1024, device="cuda", dtype=torch.bfloat16),
+                          1e-6, quantize=True)
+    # the same bits but for the order of the fp32 atomic adds into each token's row, which can move the
+    # bf16 result by one unit in the last place (2^-8 of the row's largest value at most); a wrong copy
+    # or wrong scales would be off by far more
+    error = row_error(cuda.moe_experts(fused, weights, ids, experts), cuda.moe_experts(fused.values, weights, ids, experts))
+    assert error <= 2 ** -8, error
 
 
 @pytest.mark.parametrize("lengths", [[1, 300], [2048, 17, 1]])

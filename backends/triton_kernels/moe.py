@@ -239,7 +239,8 @@ def _interpreting() -> bool:
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                 gate_up_scale: torch.Tensor | None, down: torch.Tensor, down_scale: torch.Tensor | None,
                 configs: KernelConfigs, quant: tuple[float, bool] | None = None,
-                tile: TileConfig | None = None) -> torch.Tensor:
+                tile: TileConfig | None = None,
+                quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts' output for every token.
 
     Args:
@@ -250,6 +251,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
         configs: the arch's kernel table (moe_decode or moe_prefill by rows per expert).
         quant: (fp8 max, ue8m0) of the activation quantization; required with FP8 weights.
         tile: override the tile config (tuning and tests); block_n of the gate/up GEMM is always 128.
+        quantized: x already quantized as `quant` says (FP8 [N, D], scales [N, D/128]), from a fused op.
     Returns:
         [N, D] in x's dtype.
     """
@@ -279,7 +281,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
         if quant is None:
             raise ValueError("moe_experts: FP8 experts need quant=(fp8_max, ue8m0)")
         fp8_max, ue8m0 = quant
-        x_in, x_scale = quantize_activation(x, gate_up.dtype, fp8_max, ue8m0, configs.quant_tile(n_tokens))
+        if quantized is None:
+            quantized = quantize_activation(x, gate_up.dtype, fp8_max, ue8m0, configs.quant_tile(n_tokens))
+        x_in, x_scale = quantized
         h = torch.empty((max_rows, inter), dtype=gate_up.dtype, device=x.device)
         h_scale = torch.empty((max_rows, triton.cdiv(inter, SCALE_BLOCK)), dtype=torch.float32, device=x.device)
         w1_scale, w2_scale = gate_up_scale, down_scale

@@ -4,6 +4,7 @@ tables, the tiny checkpoint) and the cases of the linears, rms_norm, rotary, swi
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -102,6 +103,13 @@ def _linear(precision: str):
     return call
 
 
+def _normed_linear(backend: Backend, inp: dict):
+    """RMSNorm asked for its FP8 copy, then the FP8 linear on what it returned (the model's hand-off)."""
+    weight = backend.prepare_linear(inp["weight"], inp["scale"], "fp8")
+    gamma = torch.linspace(0.5, 1.5, inp["x"].shape[-1], dtype=inp["x"].dtype, device=inp["x"].device)
+    return backend.linear(backend.rms_norm(inp["x"], gamma, 1e-6, quantize=True), weight)
+
+
 def linear_cases(plan: Plan, precision: str) -> list[Case]:
     op = "linear_fp8" if precision == "fp8" else "linear_bf16"
     dtype = ACTIVATION_DTYPES[precision]
@@ -153,6 +161,8 @@ def linear_cases(plan: Plan, precision: str) -> list[Case]:
     ]
     if precision == "fp8":
         cases += [
+            dataclasses.replace(case("after RMSNorm, from its FP8 copy, 2112x7168 M=16", 2112, 7168, (16,)),
+                                call=_normed_linear),
             case("activations beyond FP8 range (x1e4), 576x7168", 576, 7168, (4,), beyond_range),
             case("mixed block magnitudes (1e4 and 1), 576x7168", 576, 7168, (4,), mixed_blocks),
             case("BF16 weight quantized at load, 576x7168", 576, 7168, (4,), None, dense_weight=True),
