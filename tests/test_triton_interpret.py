@@ -61,8 +61,9 @@ for name, dtype, fp8_max in FORMATS:
         ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
         w = torch.rand(300, generator=g).to(torch.bfloat16) + 0.5
         r = torch.randn(5, 300, generator=g).to(torch.bfloat16)
-        # one program a row (5 rows > 4), and the row split over 3 and 2 programs (the last partly masked)
-        splits = (PORTABLE.norm, replace(PORTABLE.norm, block_m=8, block_n=128), replace(PORTABLE.norm, block_m=8))
+        # one program a row (5 rows > 4), and the row split over 3 and 2 programs (the last partly masked),
+        # with and without the quantization (32 rows: both split)
+        splits = (PORTABLE.norm, replace(PORTABLE.norm, block_m=32, block_n=128), replace(PORTABLE.norm, block_m=32))
         for residual, tile in itertools.product((None, r), splits):
             out, h, nq, ns = quant.rms_norm(x, w, 1e-6, residual, tile, (dtype, fp8_max, ue8m0))
             expected = ref.rms_norm(x, w, 1e-6, residual)
@@ -70,7 +71,7 @@ for name, dtype, fp8_max in FORMATS:
             assert torch.equal(out, expected_out), (name, "rms_norm")
             if residual is not None:
                 assert torch.equal(h, expected[1])
-            plain_out, plain_h, _, _ = quant.rms_norm(x, w, 1e-6, residual, tile)  # the tile normalized as read
+            plain_out, plain_h, _, _ = quant.rms_norm(x, w, 1e-6, residual, tile)  # the norm alone: the same values
             assert torch.equal(plain_out, out) and (residual is None or torch.equal(plain_h, h))
             eq, es = fp8.quantize_activation(expected_out, dtype, fp8_max, ue8m0)
             assert torch.equal(ns, es) and torch.equal(nq.view(torch.uint8), eq.view(torch.uint8)), tile

@@ -47,7 +47,8 @@ class KernelConfigs:
         moe_prefill_min_rows: average rows per expert from which moe_prefill is used.
         moe_dense_max_stages: pipeline depth cap of the BF16/FP32 MoE (its tiles are 2-4x larger).
         quant: rows per program and launch settings of activation quantization.
-        norm: RMSNorm: block_n columns per program, the row split over programs up to block_m rows.
+        norm: RMSNorm: block_n columns per program, the row split over programs up to block_m rows
+            (block_m / 4 without the quantization).
         quant_prefill: the same above decode_max_m rows (None: `quant`); see `quant_tile`.
         decode_waves: programs per multiprocessor the split-K decode GEMM aims at (sets its split).
     """
@@ -88,8 +89,8 @@ NVIDIA_SM90 = KernelConfigs(
     moe_prefill_min_rows=32,
     moe_dense_max_stages=2,
     quant=TileConfig(4, 128, 1, {"num_warps": 4}),
-    # scripts/gpu_norm_sweep.py (H100): 1024 columns a program, 8 warps; norm + quantization 3.2 us at 1 row,
-    # 6.8 us at 64 (4.2 and 8.0 us as two kernels)
+    # scripts/gpu_norm_sweep.py (H100): 1024 columns a program, 8 warps; norm + quantization 3.3 us at 1 row,
+    # 6.8 us at 64 (4.2 and 8.1 us as two kernels)
     norm=TileConfig(64, 1024, 1, {"num_warps": 8}),
     # scripts/gpu_quant_sweep.py: 16 rows run 1.26x faster than 4 at 4096 rows (2.1 TB/s), 2x slower at 1 row
     quant_prefill=TileConfig(16, 128, 1, {"num_warps": 4}),
