@@ -79,15 +79,20 @@ print("quant ok")
 """
 
 GEMM = """
+import itertools
 from backends.triton_kernels import gemm, quant
-for name, dtype, fp8_max in FORMATS:
+from dataclasses import replace
+from backends.triton_kernels.configs import TileConfig
+# the portable table, and one with a tile of its own for 2-16 rows (as sm_90's)
+batch_tile = replace(PORTABLE, gemm_decode_batch=TileConfig(16, 64, 1, {"num_warps": 4, "num_stages": 2}))
+for (name, dtype, fp8_max), configs in itertools.product(FORMATS, (PORTABLE, batch_tile)):
     ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
     # decode (split-K), decode with N and K not multiples of 128, tiled with partial tiles everywhere
     for m, n, k, splits in ((1, 96, 512, None), (3, 200, 300, None), (16, 130, 256, 1), (20, 200, 300, None)):
         x = adversarial(m, k)
         w, s = fp8.quantize_blocks(torch.randn(n, k, generator=g) / k ** 0.5, dtype)
         qa, sa = quant.quantize_activation(x, dtype, fp8_max, False, PORTABLE.quant)
-        got = gemm.fp8_gemm(qa, sa, w, s, torch.bfloat16, PORTABLE, num_sms=4, num_splits=splits)
+        got = gemm.fp8_gemm(qa, sa, w, s, torch.bfloat16, configs, num_sms=4, num_splits=splits)
         expected = ref.linear(x, ref.prepare_linear(w, s, "fp8"))
         assert row_error(got, expected) <= 8e-3, (name, m, n, k, row_error(got, expected))
         if m > 1:
@@ -192,6 +197,18 @@ def test_rotary_and_swiglu_on_strided_views():
 
 def test_grouped_moe_fp8_and_bf16():
     run_interpreted(MOE)
+
+
+def test_decode_gemm_tile_per_rows():
+    """sm_90 runs one split-K tile at M = 1 and another at 2-16 rows; above 16, and on a table without the
+    second tile, the M = 1 tile."""
+    from backends.triton_kernels.configs import NVIDIA_SM90, PORTABLE
+
+    assert NVIDIA_SM90.decode_gemm_tile(1) is NVIDIA_SM90.gemm_decode
+    assert NVIDIA_SM90.gemm_decode_batch not in (None, NVIDIA_SM90.gemm_decode)
+    assert NVIDIA_SM90.decode_gemm_tile(2) is NVIDIA_SM90.decode_gemm_tile(16) is NVIDIA_SM90.gemm_decode_batch
+    assert NVIDIA_SM90.decode_gemm_tile(17) is NVIDIA_SM90.gemm_decode
+    assert PORTABLE.decode_gemm_tile(8) is PORTABLE.gemm_decode
 
 
 def test_cuda_backend_capabilities_per_arch():

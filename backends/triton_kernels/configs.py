@@ -30,6 +30,10 @@ class TileConfig:
         return replace(self, launch={**self.launch, **changes})
 
 
+#: the most rows that take KernelConfigs.gemm_decode_batch (the sweeps went up to 16)
+BATCH_TILE_MAX_M = 16
+
+
 @dataclass(frozen=True)
 class KernelConfigs:
     """Every kernel's settings for one arch.
@@ -37,6 +41,7 @@ class KernelConfigs:
     Attributes:
         gemm_prefill: the tiled FP8 GEMM for M above `decode_max_m`.
         gemm_decode: the split-K FP8 GEMM for M <= decode_max_m (block_m is the smallest M tile).
+        gemm_decode_batch: the same for 2 <= M <= BATCH_TILE_MAX_M, where it was swept (None: gemm_decode).
         decode_max_m: largest M that takes the decode kernel.
         scaled_mm_min_m: smallest M that takes torch._scaled_mm block-wise where the backend has it
             (on an H100 the decode kernel ties or wins up to M = 16, cuBLAS wins at M = 64 for
@@ -65,6 +70,13 @@ class KernelConfigs:
     norm: TileConfig
     quant_prefill: TileConfig | None = None
     decode_waves: float = 2.0
+    gemm_decode_batch: TileConfig | None = None
+
+    def decode_gemm_tile(self, rows: int) -> TileConfig:
+        """The split-K decode GEMM's tile for `rows` rows (rows <= decode_max_m)."""
+        if self.gemm_decode_batch is not None and 2 <= rows <= BATCH_TILE_MAX_M:
+            return self.gemm_decode_batch
+        return self.gemm_decode
 
     def quant_tile(self, rows: int) -> TileConfig:
         """The activation quantization's tile for `rows` rows."""
@@ -95,6 +107,9 @@ NVIDIA_SM90 = KernelConfigs(
     # scripts/gpu_quant_sweep.py: 16 rows run 1.26x faster than 4 at 4096 rows (2.1 TB/s), 2x slower at 1 row
     quant_prefill=TileConfig(16, 128, 1, {"num_warps": 4}),
     decode_waves=4.0,
+    # the same sweep at M = 2, 4, 8, 16 (--few, 22:50 UTC): 4 warps summed over the seven weights 249-257 us
+    # against 288-298 us for the M = 1 tile's 8 (dense gate+up at M = 16: 97 against 121 us)
+    gemm_decode_batch=TileConfig(16, 64, 1, {"num_warps": 4, "num_stages": 3}),
 )
 
 # Ampere (sm_80/sm_86): no FP8; only the BF16 MoE and the norms run there.

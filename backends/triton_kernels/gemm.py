@@ -120,7 +120,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     k_blocks = triton.cdiv(k, SCALE_BLOCK)
     decode = m <= configs.decode_max_m
     if tile is None:
-        tile = configs.gemm_decode if decode else configs.gemm_prefill
+        tile = configs.decode_gemm_tile(m) if decode else configs.gemm_prefill
         if decode:
             tile = TileConfig(decode_tile(m, tile), tile.block_n, 1, tile.launch)
     m_tiles, n_tiles = triton.cdiv(m, tile.block_m), triton.cdiv(n, tile.block_n)
