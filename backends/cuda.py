@@ -138,7 +138,7 @@ class CudaBackend(Backend):
                                f"{large_m} from there") if fp8_dtype else
                               f"unavailable on {chip.arch}: BF16 fallback",
                 "linear_bf16": "torch F.linear (cuBLAS)",
-                "rms_norm": "triton (residual add fused)",
+                "rms_norm": "triton (residual add fused; the 1x128 quantization too where FP8 linears read it)",
                 "rotary": "triton (one launch, fp32 math)",
                 "swiglu": "triton (one launch)",
                 "mla_prefill": mla,

@@ -291,7 +291,7 @@ class RocmBackend(CudaBackend):
         return {
             "linear_fp8": linear_fp8,
             "linear_bf16": "torch F.linear (hipBLASLt on ROCm)",
-            "rms_norm": f"triton (residual add fused), {tiles}",
+            "rms_norm": f"triton (residual add fused; the 1x128 quantization too where FP8 linears read it), {tiles}",
             "rotary": "triton (one launch, fp32 math)",
             "swiglu": "triton (one launch)",
             "mla_prefill": f"{mla}: latents expanded, torch SDPA",
