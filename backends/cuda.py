@@ -275,8 +275,14 @@ class CudaBackend(Backend):
         x2 = x.reshape(-1, shape[-1]).contiguous()
         r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
         caps = self.capabilities
-        fused = (caps.fp8_dtype, caps.fp8_max, self.ue8m0) if quantize and caps.has_fp8 else None
+        quantize = quantize and caps.has_fp8
+        # the kernel quantizes while the row is split over programs; above that, the norm and then the
+        # quantization kernel are faster (H100: 6.2 against 6.6 us at 64 rows), and the copy is still handed on
+        in_kernel = quantize and x2.shape[0] <= self.configs.norm.block_m
+        fused = (caps.fp8_dtype, caps.fp8_max, self.ue8m0) if in_kernel else None
         out, h, q, s = quant.rms_norm(x2, weight, eps, r2, self.configs.norm, quant=fused)
+        if quantize and not in_kernel:
+            q, s = self.quantize_activation(out)
         out = out.view(shape) if q is None else QuantizedActivation(out.view(shape), q, s)
         return (out, h.view(shape)) if residual is not None else out
 

@@ -9,25 +9,14 @@ import torch
 
 from backends.triton_kernels import quant
 from backends.triton_kernels.configs import TileConfig
+from scripts.gpu_decode_gemm_sweep import graph_time_us as rotating_graph_time_us
 
 SHAPES = ((1, 7168), (64, 7168), (4096, 7168), (4096, 18432), (4096, 2048))
 
 
 def graph_time_us(fn, reps: int = 20) -> float:
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[2]
+    """Per-call time of fn() over reps calls in one CUDA graph (the median of five replays)."""
+    return rotating_graph_time_us(lambda _: fn(), 1, reps)
 
 
 def main() -> None:

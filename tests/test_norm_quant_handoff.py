@@ -52,7 +52,9 @@ g = torch.Generator().manual_seed(0)
 for arch in ("gfx950", "gfx942"):
     backend = RocmBackend("cpu", describe_chip("amd", arch))
     caps = backend.capabilities
-    for rows in (1, 5, 80):  # split-K decode GEMM, and the tiled one above 64 rows
+    # 1 and 5 rows: the norm kernel quantizes (up to 16), 80: the norm, then the quantization kernel; the
+    # linear takes the split-K decode GEMM up to 64 rows, the tiled one above
+    for rows in (1, 5, 80):
         x = torch.randn(rows, 384, generator=g).bfloat16()
         x[0, :128] = 0  # an all-zero 128-block
         residual = torch.randn(rows, 384, generator=g).bfloat16()

@@ -53,7 +53,7 @@ class KernelConfigs:
         moe_dense_max_stages: pipeline depth cap of the BF16/FP32 MoE (its tiles are 2-4x larger).
         quant: rows per program and launch settings of activation quantization.
         norm: RMSNorm: block_n columns per program, the row split over programs up to block_m rows
-            (block_m / 4 without the quantization).
+            (where the backend also quantizes in it).
         quant_prefill: the same above decode_max_m rows (None: `quant`); see `quant_tile`.
         decode_waves: programs per multiprocessor the split-K decode GEMM aims at (sets its split).
     """
@@ -101,9 +101,10 @@ NVIDIA_SM90 = KernelConfigs(
     moe_prefill_min_rows=32,
     moe_dense_max_stages=2,
     quant=TileConfig(4, 128, 1, {"num_warps": 4}),
-    # scripts/gpu_norm_sweep.py (H100): 1024 columns a program, 8 warps; norm + quantization 3.3 us at 1 row,
-    # 6.8 us at 64 (4.2 and 8.1 us as two kernels)
-    norm=TileConfig(64, 1024, 1, {"num_warps": 8}),
+    # scripts/gpu_norm_sweep.py (H100, K 7168): the row split over 1024-column programs, 8 warps, up to 16
+    # rows: norm + quantization 3.2-3.7 us against 4.2-4.8 us as two kernels, the norm alone 2.9-3.1 against
+    # 3.5-3.7 us whole; at 64 rows splitting loses (6.6 against 6.2 us; the norm alone 5.6 against 3.9)
+    norm=TileConfig(16, 1024, 1, {"num_warps": 8}),
     # scripts/gpu_quant_sweep.py: 16 rows run 1.26x faster than 4 at 4096 rows (2.1 TB/s), 2x slower at 1 row
     quant_prefill=TileConfig(16, 128, 1, {"num_warps": 4}),
     decode_waves=4.0,

@@ -200,9 +200,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     Args:
         x: [M, K]; residual: [M, K] or None; weight: [K].
         config: block_n = columns per program, block_m = the most rows whose row is split over
-            programs when quantizing, a quarter of it without (more rows: one program a row, the
-            quantization done block_n columns at a time);
-            launch keywords in config.launch.
+            programs (every part reads the whole row for its sum, so this pays at few rows only); more
+            rows: one program a row, the quantization done block_n columns at a time; launch keywords in
+            config.launch.
         quant: (fp8 dtype, fp8 max, ue8m0) to also return the quantized result, else None.
     Returns:
         (out [M, K], h = x + residual or None, q [M, K] or None, scales [M, K/128] column-major or None).
@@ -217,11 +217,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if m == 0:
         return out, h, q, s
     row_groups = triton.next_power_of_2(triton.cdiv(k, BLOCK))
-    # every part reads the whole row: worth it for the quantization's arithmetic up to block_m rows, for
-    # the norm alone only up to a quarter of that (H100, 7168 columns: 2.6 against 3.4 us at 1 row, 5.6
-    # against 3.9 us at 64)
-    split_rows = config.block_m if quant is not None else config.block_m // 4
-    parts = triton.cdiv(k, config.block_n) if m <= split_rows else 1
+    parts = triton.cdiv(k, config.block_n) if m <= config.block_m else 1
     # a whole row without quantization is normalized as read (H100: 83 against 94 us for 4096 x 7168);
     # the quantization goes faster block_n columns at a time (125 against 144 us)
     groups = row_groups if parts == 1 and quant is None else config.block_n // BLOCK
