@@ -9,15 +9,13 @@ and decode is captured in a CUDA graph and replayed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from backends.interface import MLAWeights
 from backends.reference import ReferenceBackend
+from tests.run_helpers import check_ran, run_python
 
 #: relative Frobenius error allowed against the reference backend (fp32 math), per op and cache dtype.
 TOLERANCES = {
@@ -123,12 +121,7 @@ def _emulated_decode_check() -> None:
 def test_decode_kernel_under_triton_interpreter():
     pytest.importorskip("triton")
     code = f"import runpy; runpy.run_path({__file__!r})['_emulated_decode_check']()"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "emulated decode ok" in result.stdout
+    check_ran(run_python(code, interpret=True), "emulated decode ok")
 
 
 def make_prefill_inputs(batch: int, length: int, heads: int, max_seq: int, dims: dict, dtype, device, seed=0):

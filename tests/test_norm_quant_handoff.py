@@ -14,7 +14,7 @@ import torch
 
 from backends.interface import QuantizedActivation, plain
 from backends.reference import ReferenceBackend
-from tests.test_rocm_backend import check_ran, run_python
+from tests.run_helpers import check_ran, run_python
 
 
 def test_reference_ignores_the_request_and_reads_the_values():

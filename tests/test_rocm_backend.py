@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import types
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,28 +30,11 @@ from backends.chips import describe_chip
 from backends.interface import OPS
 from backends.reference import ReferenceBackend
 from dsv3.errors import Dsv3Error
+from tests.run_helpers import check_ran, run_python
 
 pytestmark = [pytest.mark.rocm, pytest.mark.emulated]
 
-ROOT = Path(__file__).resolve().parents[1]
 AMD_ONLY = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
-
-
-def run_python(code: str, interpret: bool, args: tuple[str, ...] = (), timeout: int = 300
-               ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "TRITON_DEFAULT_FP_FUSION": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def check_ran(result: subprocess.CompletedProcess, marker: str) -> str:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert marker in result.stdout, result.stdout[-3000:]
-    return result.stdout
 
 
 # ---- 1. fnuz conversion and the reference's fnuz numerics, exactly ------------------------------------------

@@ -13,15 +13,13 @@ on an NVIDIA GPU the same checks run compiled, and a CUDA graph capture is repla
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from backends.interface import RoutingConfig
 from backends.reference import route_experts
+from tests.run_helpers import check_ran, run_python
 
 pytest.importorskip("triton")
 
@@ -146,12 +144,7 @@ def check_all(device: str) -> None:
 @pytest.mark.emulated
 def test_route_under_triton_interpreter():
     code = f"import runpy; runpy.run_path({__file__!r})['check_all']('cpu'); print('routing ok')"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "routing ok" in result.stdout
+    check_ran(run_python(code, interpret=True), "routing ok")
 
 
 # ---- NVIDIA GPU ---------------------------------------------------------------------------------------------

@@ -8,19 +8,13 @@ differ from the reference only by the order of fp32 sums (and the MoE's atomic c
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
+
+from tests.run_helpers import check_ran, run_python
 
 pytest.importorskip("triton")
 
 pytestmark = pytest.mark.emulated
-
-ROOT = Path(__file__).resolve().parents[1]
 
 PRELUDE = """
 import torch
@@ -177,10 +171,7 @@ print("moe ok")
 
 
 def run_interpreted(code: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(PRELUDE + code)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    check_ran(run_python(PRELUDE + code, interpret=True), " ok")
 
 
 def test_quantization_and_fused_rms_norm_bit_exact():
