@@ -3,5 +3,5 @@
 Vendor modules are imported only inside the backend that needs them, when it is built.
 """
 
-from backends.interface import Backend, Capabilities  # noqa: F401
-from backends.registry import BACKENDS, create_backend  # noqa: F401
+from dsv3.backends.interface import Backend, Capabilities  # noqa: F401
+from dsv3.backends.registry import BACKENDS, create_backend  # noqa: F401

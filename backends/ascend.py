@@ -30,15 +30,22 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-
-from backends import fp8
-from backends.chips import ChipInfo, describe_chip
-from backends.interface import (
-    Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig, plain,
+from dsv3.backends import fp8
+from dsv3.backends.chips import ChipInfo, describe_chip
+from dsv3.backends.errors import BackendError, BackendUnavailable
+from dsv3.backends.interface import (
+    Backend,
+    CacheSpec,
+    Capabilities,
+    ExpertWeights,
+    LinearWeight,
+    MLAWeights,
+    Precision,
+    RoutingConfig,
+    plain,
 )
-from backends.probe import ascend_arch
-from backends.reference import ReferenceBackend, route_experts
-from backends.errors import BackendError, BackendUnavailable
+from dsv3.backends.probe import ascend_arch
+from dsv3.backends.reference import ReferenceBackend, route_experts
 
 #: The fused paths a user can switch to plain, by name.
 FUSED_PATHS: tuple[str, ...] = ("rms_norm", "rope", "attention", "moe_gating", "moe_experts")

@@ -31,20 +31,26 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-
-from backends import fp8
-from backends.chips import ChipInfo, describe_chip
-from backends.interface import (
-    Backend, CacheSpec, Capabilities, ExpertWeights, LinearWeight, MLAWeights, Precision, QuantizedActivation,
-    RoutingConfig, plain,
+from dsv3.backends import fp8
+from dsv3.backends.chips import ChipInfo, describe_chip
+from dsv3.backends.interface import (
+    Backend,
+    CacheSpec,
+    Capabilities,
+    ExpertWeights,
+    LinearWeight,
+    MLAWeights,
+    Precision,
+    QuantizedActivation,
+    RoutingConfig,
+    plain,
 )
-from backends.reference import ReferenceBackend
-from backends.triton_kernels import gemm, moe, quant
-from backends.triton_kernels import elementwise, routing
-from backends.triton_kernels.configs import kernel_configs
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.triton_kernels import elementwise, gemm, moe, quant, routing
+from dsv3.backends.triton_kernels.configs import kernel_configs
 
 _DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_MLA_MODULE = "backends.triton_kernels.mla"
+_MLA_MODULE = "dsv3.backends.triton_kernels.mla"
 #: cuBLAS's 128x128 weight scales are [round_up(K/128, 4), N/128] with strides (1, that): the plain
 #: transposed scale tensor has this layout when K/128 is a multiple of 4 (every DeepSeek-V3 K is).
 SCALED_MM_K_ALIGN = 4 * fp8.BLOCK

@@ -18,7 +18,7 @@ import platform
 from types import ModuleType
 from typing import Callable
 
-from backends.chips import ChipInfo, describe_chip
+from dsv3.backends.chips import ChipInfo, describe_chip
 
 #: Ascend SoC ids (torch_npu._C._npu_get_soc_version()) -> arch
 ASCEND_SOC_IDS: dict[range, str] = {

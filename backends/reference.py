@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from backends import fp8
-from backends.interface import (
-    Backend, Capabilities, CacheSpec, ExpertWeights, LinearWeight, MLAWeights, Precision, RoutingConfig, plain,
+from dsv3.backends import fp8
+from dsv3.backends.interface import (
+    Backend,
+    CacheSpec,
+    Capabilities,
+    ExpertWeights,
+    LinearWeight,
+    MLAWeights,
+    Precision,
+    RoutingConfig,
+    plain,
 )
 
 _DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

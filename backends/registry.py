@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-from backends.interface import Backend
+from dsv3.backends.interface import Backend
 
 #: name -> (module, class, pip extra that provides its vendor packages)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
-    "reference": ("backends.reference", "ReferenceBackend", None),
-    "cuda": ("backends.cuda", "CudaBackend", "cuda"),
-    "rocm": ("backends.rocm", "RocmBackend", "rocm"),
-    "ascend": ("backends.ascend", "AscendBackend", "ascend"),
+    "reference": ("dsv3.backends.reference", "ReferenceBackend", None),
+    "cuda": ("dsv3.backends.cuda", "CudaBackend", "cuda"),
+    "rocm": ("dsv3.backends.rocm", "RocmBackend", "rocm"),
+    "ascend": ("dsv3.backends.ascend", "AscendBackend", "ascend"),
 }
 
 

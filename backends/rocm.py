@@ -36,13 +36,13 @@ from types import ModuleType
 from typing import Callable, Mapping
 
 import torch
+from dsv3.backends import fp8
+from dsv3.backends.chips import FP8_ACTIVATION_MAX, ChipInfo, describe_chip
+from dsv3.backends.cuda import CudaBackend, _load_mla
+from dsv3.backends.interface import Capabilities, LinearWeight, Precision
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.triton_kernels import amd_configs
 
-from backends import fp8
-from backends.chips import FP8_ACTIVATION_MAX, ChipInfo, describe_chip
-from backends.cuda import CudaBackend, _load_mla
-from backends.interface import Capabilities, LinearWeight, Precision
-from backends.reference import ReferenceBackend
-from backends.triton_kernels import amd_configs
 from dsv3.errors import Dsv3Error
 
 #: the largest finite value of each FP8 format, the bound for an activation max

@@ -17,11 +17,11 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from backends.chips import ChipInfo
-from backends.errors import BackendUnavailable
-from backends.interface import Backend
-from backends.probe import probe
-from backends.registry import BACKENDS, create_backend
+from dsv3.backends.chips import ChipInfo
+from dsv3.backends.errors import BackendUnavailable
+from dsv3.backends.interface import Backend
+from dsv3.backends.probe import probe
+from dsv3.backends.registry import BACKENDS, create_backend
 
 #: chip vendor -> the backend auto picks
 VENDOR_BACKENDS = {"huawei": "ascend", "amd": "rocm", "nvidia": "cuda", "cpu": "reference"}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from backends.interface import Backend
-from backends.select import select
 from dsv3 import parallel
+from dsv3.backends.interface import Backend
+from dsv3.backends.select import select
 from dsv3.config import ModelConfig, load_config
 from dsv3.engine import Engine, SamplingParams
 from dsv3.errors import Dsv3Error

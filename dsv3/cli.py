@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from backends.errors import BackendError
+from dsv3.backends.errors import BackendError
 from dsv3.errors import Dsv3Error
 
 #: subcommand -> (module in dsv3.commands, one-line help)

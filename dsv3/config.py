@@ -7,6 +7,7 @@ config.json written as YAML. Every field is checked; a wrong one is named.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ import yaml
 
 from dsv3.errors import ConfigError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: the built-in configs: configs/ in the repository, installed as the package dsv3.configs
+CONFIGS_DIR = Path(str(importlib.resources.files("dsv3.configs")))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ temporary directory that is renamed into place only when complete.
 - bf16: every FP8 weight is multiplied by its 128x128 block scales and stored
   in BF16; the weight_scale_inv tensors go; config.json loses quantization_config.
 - e4m3fnuz: the FP8 bits are reinterpreted as e4m3fnuz, 0x80 (NaN in fnuz) becomes
-  0 and every scale doubles (backends.fp8.fn_to_fnuz); config.json records fmt e4m3fnuz.
+  0 and every scale doubles (dsv3.backends.fp8.fn_to_fnuz); config.json records fmt e4m3fnuz.
 Other files beside the weights (tokenizer, generation config, code, license) are copied.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from backends import fp8
+from dsv3.backends import fp8
 from dsv3.checkpoint import ShardWriter, atomic_directory, write_config
 from dsv3.config import from_dict
 from dsv3.errors import CheckpointError, Dsv3Error

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backends.interface import Backend, LinearWeight, Precision, QuantizedActivation, RoutingConfig, plain
+from dsv3.backends.interface import Backend, LinearWeight, Precision, QuantizedActivation, RoutingConfig, plain
 from dsv3.config import ModelConfig, yarn_get_mscale
 from dsv3.errors import Dsv3Error
 from dsv3.weights import WeightLoader

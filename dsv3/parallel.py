@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from backends import fp8
-from backends.interface import Backend, QuantizedActivation, plain
 from dsv3 import distributed, layout
+from dsv3.backends import fp8
+from dsv3.backends.interface import Backend, QuantizedActivation, plain
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
 from dsv3.model import MoE, Transformer

@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-from backends.chips import ChipInfo
-from backends.interface import Capabilities
-from backends.select import describe
+from dsv3.backends.chips import ChipInfo
+from dsv3.backends.interface import Capabilities
+from dsv3.backends.select import describe
 from dsv3.errors import Dsv3Error
 
 CHOICES = ("auto", "fp8", "bf16", "fp32")

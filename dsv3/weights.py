@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from backends import fp8
 from dsv3 import layout
+from dsv3.backends import fp8
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 

@@ -11,11 +11,11 @@ import argparse
 import itertools
 
 import torch
+from dsv3.backends import fp8
+from dsv3.backends.cuda import CudaBackend
+from dsv3.backends.triton_kernels import gemm
+from dsv3.backends.triton_kernels.configs import TileConfig
 
-from backends import fp8
-from backends.cuda import CudaBackend
-from backends.triton_kernels import gemm
-from backends.triton_kernels.configs import TileConfig
 from dsv3.bench.common import measure_roofline
 
 #: (N, K): fused q_a+kv_a, q_b, o_proj, dense gate+up, dense down, shared gate+up, shared down

@@ -14,9 +14,9 @@ import argparse
 import itertools
 
 import torch
+from dsv3.backends.triton_kernels.configs import TileConfig, kernel_configs
+from dsv3.backends.triton_kernels.moe import moe_experts
 
-from backends.triton_kernels.configs import TileConfig, kernel_configs
-from backends.triton_kernels.moe import moe_experts
 from dsv3.bench.common import time_op
 from dsv3.bench.moe import HIDDEN, INTER, NUM_EXPERTS, TOP_K, make_routing, random_fp8_bytes
 

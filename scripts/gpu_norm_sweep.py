@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from dsv3.backends.triton_kernels import quant
+from dsv3.backends.triton_kernels.configs import NVIDIA_SM90, TileConfig
 
-from backends.triton_kernels import quant
-from backends.triton_kernels.configs import NVIDIA_SM90, TileConfig
 from scripts.gpu_quant_sweep import graph_time_us
 
 FP8 = (torch.float8_e4m3fn, 448.0, False)

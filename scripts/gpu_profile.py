@@ -12,8 +12,8 @@ import argparse
 import json
 
 import torch
+from dsv3.backends.cuda import CudaBackend
 
-from backends.cuda import CudaBackend
 from dsv3.bench import e2e
 from dsv3.config import load_config
 from dsv3.engine import DecodeRunner

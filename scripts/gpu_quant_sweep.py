@@ -6,9 +6,9 @@ Usage (repository root, on the GPU machine): python3 scripts/gpu_quant_sweep.py
 from __future__ import annotations
 
 import torch
+from dsv3.backends.triton_kernels import quant
+from dsv3.backends.triton_kernels.configs import TileConfig
 
-from backends.triton_kernels import quant
-from backends.triton_kernels.configs import TileConfig
 from scripts.gpu_decode_gemm_sweep import graph_time_us as rotating_graph_time_us
 
 SHAPES = ((1, 7168), (64, 7168), (4096, 7168), (4096, 18432), (4096, 2048))

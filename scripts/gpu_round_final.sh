@@ -39,8 +39,8 @@ step() {
   tail -n 12 "$OUT/$name.log"
 }
 
-step tests 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_backend.py tests/test_routing_kernel.py \
-  tests/test_mla_kernels.py tests/test_decode_graphs.py tests/test_e2e_bench.py
+step tests 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/*/test_cuda_backend.py tests/*/test_routing_kernel.py \
+  tests/*/test_mla_kernels.py tests/*/test_decode_graphs.py tests/test_e2e_bench.py
 step conformance 150 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"
 step bench_gemm 50 python3 -m dsv3 bench gemm --quick --json "$OUT/bench_gemm.json"
 step bench_decode 160 python3 -m dsv3 bench decode --json "$OUT/bench_decode.json"

@@ -17,13 +17,13 @@ for name in ("triton", "tqdm", "yaml", "safetensors", "tokenizers"):
     except Exception as e:
         print(name, "MISSING", e)
 print("torch", torch.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
-from backends.cuda import CudaBackend
+from dsv3.backends.cuda import CudaBackend
 for op, impl in CudaBackend().capabilities.ops.items():
     print(f"  {op}: {impl}")
 PY
 
 if [[ $what == all || $what == final || $what == tests ]]; then
-  timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout 130 python3 -m pytest -q -p no:cacheprovider tests/*/test_cuda_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 
 if [[ $what == all || $what == final || $what == bench ]]; then
@@ -36,9 +36,9 @@ if [[ $what == all || $what == sweep ]]; then
   timeout ${SWEEP_TIMEOUT:-120} python3 - <<'PY' 2>&1 | tee "$OUT/sweep.log"
 # Decode-GEMM and MoE tile sweep: which tiles and splits read the weights fastest.
 import torch
-from backends.cuda import CudaBackend
-from backends.triton_kernels import gemm, moe
-from backends.triton_kernels.configs import TileConfig
+from dsv3.backends.cuda import CudaBackend
+from dsv3.backends.triton_kernels import gemm, moe
+from dsv3.backends.triton_kernels.configs import TileConfig
 from dsv3.bench.common import time_op, rotation_count, measure_roofline
 from dsv3.bench.moe import random_fp8_bytes, make_routing
 b = CudaBackend()

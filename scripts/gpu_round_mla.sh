@@ -15,7 +15,7 @@ case $step in
 sweep)
 python3 - <<'EOF' 2>&1 | tee "$OUT/sweep.txt"
 import torch
-from backends.triton_kernels import mla
+from dsv3.backends.triton_kernels import mla
 from dsv3.bench.common import time_op, rotation_count, measure_roofline, format_roofline
 
 dev = torch.device("cuda")
@@ -74,7 +74,7 @@ for heads, batch, ctx in cases:
 EOF
 ;;
 tests)
-python3 -m pytest -q -x -m gpu tests/test_mla_kernels.py 2>&1 | tee "$OUT/tests.txt" | tail -30
+python3 -m pytest -q -x -m gpu tests/*/test_mla_kernels.py 2>&1 | tee "$OUT/tests.txt" | tail -30
 ;;
 bench|quick)
 flag=""; [ "$step" = quick ] && flag="--quick"

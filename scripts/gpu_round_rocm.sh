@@ -22,10 +22,10 @@ kernels|model|conformance)
 timeout ${STEP_TIMEOUT:-150} python3 - "$step" <<'EOF' 2>&1 | tee "$OUT/$step.txt"
 import json, os, sys, tempfile, time
 import torch
-from backends import fp8
-from backends.chips import ChipInfo, describe_chip
-from backends.reference import ReferenceBackend
-from backends.rocm import RocmBackend
+from dsv3.backends import fp8
+from dsv3.backends.chips import ChipInfo, describe_chip
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.rocm import RocmBackend
 from dsv3.conformance import TOLERANCES
 
 step = sys.argv[1]
@@ -97,7 +97,7 @@ if step == "kernels":
         for a, b in zip(rocm.rms_norm(x, wn, 1e-6, r), ref.rms_norm(x, wn, 1e-6, r)):
             report(f"{label} rms_norm", row_error(a, b), TOL["rms_norm"]["bf16"])
         # MLA decode (BF16 cache) with the AMD tiles: 16 and 128 heads, mixed lengths up to 32k
-        from backends.interface import MLAWeights
+        from dsv3.backends.interface import MLAWeights
         for heads, batch, max_seq in ((16, 64, 4096), (128, 4, 32768), (16, 1, 32768), (128, 64, 2048)):
             rand = lambda *shape: torch.randn(*shape, device=dev, generator=g).to(torch.bfloat16)
             weights = MLAWeights(torch.randn(heads, 128, 512, device=dev, generator=g) / 512 ** 0.5,
@@ -124,7 +124,7 @@ if step == "model":
     # its logits by ~25% from the reference's FP32 attention. So the AMD tiles are compared with the CUDA
     # backend's NVIDIA tiles on the same GPU (same ops, other tiles), and, with the reference's attention, with
     # the reference itself.
-    from backends.cuda import CudaBackend
+    from dsv3.backends.cuda import CudaBackend
     from dsv3 import load_model
     from dsv3.checkpoint import save_checkpoint
     from dsv3.config import load_config
@@ -174,7 +174,7 @@ EOF
 mla_tests)
 # the MLA kernels' own GPU tests, after dsv3's change to their dot precision for 16-bit caches
 timeout ${STEP_TIMEOUT:-150} python3 -m pytest -q -x -p no:cacheprovider -m gpu -k "${MLA_TESTS:-split_count or graph}" \
-  tests/test_mla_kernels.py 2>&1 | tee "$OUT/mla_tests.txt" | tail -5
+  tests/*/test_mla_kernels.py 2>&1 | tee "$OUT/mla_tests.txt" | tail -5
 ;;
 esac
 done

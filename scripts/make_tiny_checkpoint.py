@@ -42,7 +42,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backends import fp8  # noqa: E402
+from dsv3.backends import fp8  # noqa: E402
+
 from dsv3 import layout  # noqa: E402
 from dsv3.checkpoint import save_checkpoint  # noqa: E402
 from dsv3.config import ModelConfig, load_config  # noqa: E402

@@ -10,9 +10,8 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-
-from backends import fp8
-from backends.reference import ReferenceBackend
+from dsv3.backends import fp8
+from dsv3.backends.reference import ReferenceBackend
 
 
 class WrongRmsNormBackend(ReferenceBackend):

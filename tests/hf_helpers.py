@@ -8,7 +8,7 @@ config.json written the way DeepSeek's checkpoints write it (rope_scaling, not
 transformers 5's rope_parameters).
 
 None of this uses dsv3's model code: only dsv3.checkpoint.save_checkpoint (a file
-writer) and backends.fp8.quantize_blocks (any valid FP8 blocks will do: what they
+writer) and dsv3.backends.fp8.quantize_blocks (any valid FP8 blocks will do: what they
 mean is computed here independently, in `dequantized`).
 """
 
@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 
 import torch
+from dsv3.backends.fp8 import quantize_blocks
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
-from backends.fp8 import quantize_blocks
 from dsv3.checkpoint import save_checkpoint
 
 #: Tiny shapes shared by the variants; a variant overrides what it needs.

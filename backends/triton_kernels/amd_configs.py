@@ -31,9 +31,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-
-from backends.triton_kernels.configs import NVIDIA_SM90, KernelConfigs, TileConfig
-from backends.triton_kernels.mla import DecodeConfig, default_decode_config
+from dsv3.backends.triton_kernels.configs import NVIDIA_SM90, KernelConfigs, TileConfig
+from dsv3.backends.triton_kernels.mla import DecodeConfig, default_decode_config
 
 #: launch keywords that only Triton's AMD (HIP) backend accepts
 AMD_ONLY_LAUNCH_KEYS: tuple[str, ...] = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")

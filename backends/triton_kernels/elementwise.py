@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from backends.triton_kernels.quant import cast_rne
+from dsv3.backends.triton_kernels.quant import cast_rne
 
 
 @triton.jit

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from backends.triton_kernels.configs import KernelConfigs, TileConfig
-from backends.triton_kernels.quant import cast_rne
+from dsv3.backends.triton_kernels.configs import KernelConfigs, TileConfig
+from dsv3.backends.triton_kernels.quant import cast_rne
 
 SCALE_BLOCK = 128  # K block of the scales, in Python
 BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from dsv3.backends.interface import CacheSpec, MLAWeights
+from dsv3.backends.triton_kernels.elementwise import rotate_pairs
+from dsv3.backends.triton_kernels.quant import cast_rne
 
-from backends.interface import CacheSpec, MLAWeights
-from backends.triton_kernels.elementwise import rotate_pairs
-from backends.triton_kernels.quant import cast_rne
 from dsv3.errors import Dsv3Error
 
 _LOG2E = 1.4426950408889634

@@ -28,9 +28,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from backends.triton_kernels.configs import KernelConfigs, TileConfig
-from backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
+from dsv3.backends.triton_kernels.configs import KernelConfigs, TileConfig
+from dsv3.backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
 
 SCALE_BLOCK = 128  # K block of the scales, in Python
 BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels
@@ -255,7 +254,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     Returns:
         [N, D] in x's dtype.
     """
-    from backends.triton_kernels.quant import quantize_activation
+    from dsv3.backends.triton_kernels.quant import quantize_activation
 
     n_tokens, hidden = x.shape
     num_experts, two_i, _ = gate_up.shape

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from backends.triton_kernels.configs import TileConfig
+from dsv3.backends.triton_kernels.configs import TileConfig
 
 BLOCK = 128
 SCALE_FLOOR = 1e-4

@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from backends.interface import RoutingConfig
-from backends.reference import route_experts
+from dsv3.backends.interface import RoutingConfig
+from dsv3.backends.reference import route_experts
 
 MAX_LANES = 1024  # padded experts one program holds; beyond it, the reference path
 
@@ -111,7 +110,7 @@ def _grouping(num_experts: int, config: RoutingConfig) -> tuple[int, int] | None
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor | None, config: RoutingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek routing, one Triton program per token; the semantics of backends.reference.route_experts.
+    """DeepSeek routing, one Triton program per token; the semantics of dsv3.backends.reference.route_experts.
 
     Cases the kernel does not take go to route_experts itself (same results, a dozen launches):
     more than MAX_LANES experts after padding groups and group size to powers of two (E > 1024 for

@@ -34,16 +34,44 @@ from typing import Sequence
 
 import torch
 
-from backends.interface import Backend
+from dsv3.backends.interface import Backend
 from dsv3.bench.common import Roofline, environment, format_roofline, measure_roofline
 from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests and scripts/gpu_profile.py use them as e2e.*
-    HEADROOM, WORKSPACE_BYTES, ExpertCounter, bench_config, build_model, fill_caches, fit_layers, format_profile,
-    free_memory, model_memory_bytes, model_weight_bytes, prefill_last_logits, profile_step, time_calls,
+    HEADROOM,
+    WORKSPACE_BYTES,
+    ExpertCounter,
+    bench_config,
+    build_model,
+    fill_caches,
+    fit_layers,
+    format_profile,
+    free_memory,
+    model_memory_bytes,
+    model_weight_bytes,
+    prefill_last_logits,
+    profile_step,
+    time_calls,
 )
 from dsv3.bench.steps import (  # noqa: F401 - re-exported: tests use them as e2e.*
-    BLOCK, WEIGHT_BYTES, Floor, StepCost, StepRecord, _moe_layers, attention_linears, decode_cost, expected_experts_hit,
-    expert_bytes, format_records, layer_read_bytes, linear_bytes, link_reference, make_record, mlp_linears,
-    prefill_cost, step_floor, summary_lines,
+    BLOCK,
+    WEIGHT_BYTES,
+    Floor,
+    StepCost,
+    StepRecord,
+    _moe_layers,
+    attention_linears,
+    decode_cost,
+    expected_experts_hit,
+    expert_bytes,
+    format_records,
+    layer_read_bytes,
+    linear_bytes,
+    link_reference,
+    make_record,
+    mlp_linears,
+    prefill_cost,
+    step_floor,
+    summary_lines,
 )
 from dsv3.config import ModelConfig
 from dsv3.engine import DecodeRunner
@@ -199,7 +227,7 @@ def _profile_decode(model: Transformer, report: Report, batch: int, context: int
 def _time_reference(backend: Backend, config: ModelConfig, precision: str, roofline: Roofline, report: Report,
                     contexts: Sequence[int]) -> None:
     """The reference backend on the same device at batch 1 (eager; few steps: it is slow)."""
-    from backends.reference import ReferenceBackend
+    from dsv3.backends.reference import ReferenceBackend
 
     device = backend.device
     reference = ReferenceBackend(device)

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from backends import fp8
-from backends.interface import Backend
+from dsv3.backends import fp8
+from dsv3.backends.interface import Backend
 from dsv3.bench.common import (
-    Record, column_major, random_fp8, rotation_count, run_case, scaled_mm_blockwise,
+    Record,
+    column_major,
+    random_fp8,
+    rotation_count,
+    run_case,
+    scaled_mm_blockwise,
 )
 
 #: (N, K): fused q_a+kv_a, q_b, kv_b, o_proj, expert w1+w3, expert w2, kv_a alone
@@ -38,7 +43,7 @@ def run(backend: Backend, quick: bool = False, reference: bool = True, shapes=SH
     g = torch.Generator(device).manual_seed(0)
     ref = None
     if reference:
-        from backends.reference import ReferenceBackend
+        from dsv3.backends.reference import ReferenceBackend
 
         ref = ReferenceBackend(device)
     m_values = m_values or ((1, 64, 4096) if quick else DECODE_M + PREFILL_M)

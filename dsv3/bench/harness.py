@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from backends.interface import Backend
+from dsv3.backends.interface import Backend
 from dsv3.bench.steps import _absorbed_mla_bytes, _activation_bytes, layer_read_bytes
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error

@@ -18,9 +18,17 @@ from typing import Callable
 
 import torch
 
-from backends.interface import Backend, MLAWeights
-from dsv3.bench.common import Record, finish, format_roofline, format_table, measure_roofline, rotation_count, \
-    run_case, save_json
+from dsv3.backends.interface import Backend, MLAWeights
+from dsv3.bench.common import (
+    Record,
+    finish,
+    format_roofline,
+    format_table,
+    measure_roofline,
+    rotation_count,
+    run_case,
+    save_json,
+)
 
 NOPE, ROPE, RANK, V_DIM = 128, 64, 512, 128
 SOFTMAX_SCALE = (NOPE + ROPE) ** -0.5
@@ -141,7 +149,7 @@ def run_mla_bench(backend: Backend, device, records: list[Record], quick: bool =
 
 def run(backend: Backend, quick: bool = False, reference: bool = True) -> list[Record]:
     """The records of `dsv3 bench mla` for `backend` (the reference backend as a peer where `reference`)."""
-    from backends.reference import ReferenceBackend
+    from dsv3.backends.reference import ReferenceBackend
 
     records: list[Record] = []
     run_mla_bench(backend, backend.device, records, quick,
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[Record]:
     parser.add_argument("--quick", action="store_true", help="a few representative cases")
     parser.add_argument("--json", help="save the roofline and the records here")
     args = parser.parse_args(argv)
-    from backends.registry import create_backend
+    from dsv3.backends.registry import create_backend
 
     backend = create_backend(args.backend)
     roofline = measure_roofline(backend.device)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backends import fp8
-from backends.interface import Backend
+from dsv3.backends import fp8
+from dsv3.backends.interface import Backend
 from dsv3.bench.common import Record, column_major, run_case, scaled_mm_blockwise
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTER = 256, 8, 7168, 2048
@@ -84,7 +84,7 @@ def run(backend: Backend, quick: bool = False, reference: bool = True) -> list[R
     per_expert = 3 * INTER * HIDDEN * (1 if has_fp8 else 2)
     ref = ref_experts = None
     if reference:
-        from backends.reference import ReferenceBackend
+        from dsv3.backends.reference import ReferenceBackend
 
         ref = ReferenceBackend(device)
         ref_experts = ref.prepare_experts(gate_up, gate_up_scale, down, down_scale, "fp8")

@@ -40,7 +40,7 @@ def _bench_module(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from backends.registry import create_backend
+    from dsv3.backends.registry import create_backend
     from dsv3.bench import common
 
     try:

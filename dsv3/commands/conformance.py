@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_backend(name: str, device: str | None):
     """(backend, reason), or (None, why it cannot be built here); an unknown name is a usage error."""
-    from backends.registry import BACKENDS
-    from backends.select import select_backend
+    from dsv3.backends.registry import BACKENDS
+    from dsv3.backends.select import select_backend
 
     if name != "auto" and name not in BACKENDS:
         raise Dsv3Error(f"--backend: unknown backend {name!r}; choose auto or one of {', '.join(sorted(BACKENDS))}")

@@ -15,10 +15,10 @@ import platform
 import sys
 from pathlib import Path
 
-from backends.errors import BackendUnavailable
-from backends.interface import OPS
-from backends.probe import probe
-from backends.select import build, decide, describe, installed_packages
+from dsv3.backends.errors import BackendUnavailable
+from dsv3.backends.interface import OPS
+from dsv3.backends.probe import probe
+from dsv3.backends.select import build, decide, describe, installed_packages
 from dsv3.errors import Dsv3Error
 from dsv3.precision import resolve_precision
 

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import torch
 
-from backends import fp8
-from backends.interface import Backend
-from backends.reference import ReferenceBackend
-from dsv3.conformance.suite import LITE_HEADS, MODEL, ROPE, V3_HEADS, Case, Greedy, Plan
+from dsv3.backends import fp8
+from dsv3.backends.interface import Backend
+from dsv3.backends.reference import ReferenceBackend
 from dsv3.config import load_config
+from dsv3.conformance.suite import LITE_HEADS, MODEL, ROPE, V3_HEADS, Case, Greedy, Plan
 from dsv3.model import ACTIVATION_DTYPES, rope_tables
 
 

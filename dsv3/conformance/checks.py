@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.interface import RoutingConfig
+from dsv3.backends.interface import RoutingConfig
 from dsv3.conformance.suite import Greedy, Tolerance
 
 

@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import torch
 
-from backends.interface import Backend
+from dsv3.backends.interface import Backend
 from dsv3.conformance.cases import expert_weights, generator, poison, randn, v3_rope, v3_softmax_scale
 from dsv3.conformance.suite import (
-    LITE_HEADS, NOPE, PREFILL_CHUNK, RANK, ROPE, ROUTINGS, V3_HEADS, VALUE, Case, Plan,
+    LITE_HEADS,
+    NOPE,
+    PREFILL_CHUNK,
+    RANK,
+    ROPE,
+    ROUTINGS,
+    V3_HEADS,
+    VALUE,
+    Case,
+    Plan,
 )
 from dsv3.model import ACTIVATION_DTYPES
 

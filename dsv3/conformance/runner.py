@@ -13,16 +13,32 @@ from typing import Callable
 
 import torch
 
-from backends import fp8
-from backends.interface import Backend
-from backends.reference import ReferenceBackend
+from dsv3.backends import fp8
+from dsv3.backends.interface import Backend
+from dsv3.backends.reference import ReferenceBackend
 from dsv3.conformance.cases import (
-    Context, linear_cases, model_cases, rms_norm_cases, rotary_cases, swiglu_cases,
+    Context,
+    linear_cases,
+    model_cases,
+    rms_norm_cases,
+    rotary_cases,
+    swiglu_cases,
 )
 from dsv3.conformance.checks import CHECKS, Mismatch
 from dsv3.conformance.mla_moe_cases import mla_decode_cases, mla_prefill_cases, moe_experts_cases, moe_route_cases
 from dsv3.conformance.suite import (
-    EMULATED, FAIL, MODEL, PASS, PLANS, SKIPPED, SUITE_OPS, SUITE_PRECISIONS, TOLERANCES, Case, Plan, Report,
+    EMULATED,
+    FAIL,
+    MODEL,
+    PASS,
+    PLANS,
+    SKIPPED,
+    SUITE_OPS,
+    SUITE_PRECISIONS,
+    TOLERANCES,
+    Case,
+    Plan,
+    Report,
     Result,
 )
 from dsv3.errors import Dsv3Error

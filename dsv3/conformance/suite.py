@@ -9,7 +9,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from backends.interface import OPS, Backend, RoutingConfig
+from dsv3.backends.interface import OPS, Backend, RoutingConfig
 
 if TYPE_CHECKING:
     from dsv3.conformance.cases import Context

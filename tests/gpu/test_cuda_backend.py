@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dsv3.backends import fp8
+from dsv3.backends.interface import RoutingConfig
 
-from backends import fp8
-from backends.interface import RoutingConfig
 from dsv3.conformance import TOLERANCES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda]
@@ -30,8 +30,8 @@ def row_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def backends():
     """(the CUDA backend, the reference backend on the GPU)."""
-    from backends.cuda import CudaBackend
-    from backends.reference import ReferenceBackend
+    from dsv3.backends.cuda import CudaBackend
+    from dsv3.backends.reference import ReferenceBackend
 
     return CudaBackend(), ReferenceBackend("cuda")
 
@@ -40,7 +40,7 @@ def backends():
 def oracle():
     """The reference backend on the CPU: FP8 quantization there divides exactly, while torch on CUDA
     divides by a scalar through its reciprocal, which moves some values across an FP8 rounding step."""
-    from backends.reference import ReferenceBackend
+    from dsv3.backends.reference import ReferenceBackend
 
     return ReferenceBackend("cpu")
 
@@ -119,7 +119,7 @@ def test_rms_norm_hands_its_fp8_copy_to_the_linear(backends, rows):
     """quantize=True: the fused copy is bit for bit the linear's own, and the linear's result is the same
     from it: the split-K kernel (1, 16 rows), torch._scaled_mm (80), and 81 rows, which _scaled_mm pads
     (the linear then quantizes the padded rows itself)."""
-    from backends.interface import QuantizedActivation
+    from dsv3.backends.interface import QuantizedActivation
 
     cuda, _ = backends
     x = activations(rows, 7168, True) * 3

@@ -9,12 +9,11 @@ and decode is captured in a CUDA graph and replayed.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from dsv3.backends.interface import MLAWeights
+from dsv3.backends.reference import ReferenceBackend
 
-from backends.interface import MLAWeights
-from backends.reference import ReferenceBackend
 from tests.run_helpers import check_ran, run_python
 
 #: relative Frobenius error allowed against the reference backend (fp32 math), per op and cache dtype.
@@ -76,7 +75,7 @@ def check_fused_rope(mla, inputs: dict, positions: torch.Tensor, tolerance: floa
     (the kernel rotates with the rotary kernel's own function and rounds as it does), and the same output
     within `tolerance` (0: bit for bit; compiled, the rotated query's register layout can change the order
     of the new token's fp32 score sum)."""
-    from backends.triton_kernels.elementwise import rotary
+    from dsv3.backends.triton_kernels.elementwise import rotary
 
     batch, half = positions.shape[0], inputs["k_pe"].shape[-1] // 2
     g = torch.Generator(positions.device).manual_seed(5)
@@ -96,7 +95,7 @@ def check_fused_rope(mla, inputs: dict, positions: torch.Tensor, tolerance: floa
 
 def _emulated_decode_check() -> None:
     """Run inside a subprocess with TRITON_INTERPRET=1: tiny FP32 shapes through the real kernels."""
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     tolerance = TOLERANCES[("decode", torch.float32)]
     inputs = make_decode_inputs(batch=3, heads=4, max_batch=5, max_seq=40, dims=TINY, dtype=torch.float32,
@@ -153,7 +152,7 @@ def check_prefill(mla, inputs: dict, start_pos: int, tolerance: float, softmax_s
 
 def test_prepare_mla_splits_like_the_reference():
     pytest.importorskip("triton")
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     kv_b = torch.randn(4 * (32 + 24), 64)
     ours = mla.prepare_mla(kv_b, 4, 32, 24, torch.bfloat16)
@@ -165,7 +164,7 @@ def test_prepare_mla_splits_like_the_reference():
 @pytest.mark.parametrize("start_pos", [0, 7])
 def test_prefill_on_cpu(start_pos):
     pytest.importorskip("triton")
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     inputs = make_prefill_inputs(batch=2, length=5, heads=4, max_seq=16, dims=TINY, dtype=torch.float32,
                                  device="cpu")
@@ -181,7 +180,7 @@ def test_prefill_on_cpu(start_pos):
     (1, "one"), (1, "32k"), (3, "mixed32k"), (256, "one"), (256, "mixed"),
 ])
 def test_decode_matches_reference(heads, batch, lengths):
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     max_seq = 32768 if "32k" in lengths else 2048
     g = torch.Generator("cuda").manual_seed(batch * heads)
@@ -201,7 +200,7 @@ def test_decode_matches_reference(heads, batch, lengths):
 @pytest.mark.cuda
 @pytest.mark.parametrize("heads", [16, 128])
 def test_decode_with_rope_in_the_kernel(heads):
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     # fp32 (IEEE dots): a different summation order shows as ~1e-7, where BF16 could flip a rounding
     inputs = make_decode_inputs(8, heads, max_batch=9, max_seq=4096, dims=DEEPSEEK, dtype=torch.float32,
@@ -214,7 +213,7 @@ def test_decode_with_rope_in_the_kernel(heads):
 @pytest.mark.cuda
 @pytest.mark.parametrize("num_splits", [1, 7, 64])
 def test_decode_any_split_count(num_splits):
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     inputs = make_decode_inputs(8, 16, max_batch=8, max_seq=4096, dims=DEEPSEEK, dtype=torch.bfloat16,
                                 device="cuda", seed=num_splits)
@@ -227,7 +226,7 @@ def test_decode_any_split_count(num_splits):
 @pytest.mark.cuda
 def test_decode_cuda_graph_replay():
     """Captured once, replayed with new positions and queries: the same result as eager calls."""
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     batch, heads, max_seq = 4, 16, 8192
     inputs = make_decode_inputs(batch, heads, batch, max_seq, DEEPSEEK, torch.bfloat16, "cuda", seed=1)
@@ -268,7 +267,7 @@ def test_decode_cuda_graph_replay():
     (16, 1, 1, 0), (16, 2, 300, 0), (128, 2, 64, 1000), (16, 1, 8, 32760), (128, 1, 2048, 0),
 ])
 def test_prefill_matches_reference(heads, batch, length, start_pos):
-    from backends.triton_kernels import mla
+    from dsv3.backends.triton_kernels import mla
 
     max_seq = 32768 if start_pos + length > 4096 else 4096
     inputs = make_prefill_inputs(batch, length, heads, max_seq, DEEPSEEK, torch.bfloat16, "cuda",

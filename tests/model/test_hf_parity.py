@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 
+import hf_helpers as hf
 import pytest
 import torch
+from dsv3.backends.reference import ReferenceBackend
 
 import dsv3
-import hf_helpers as hf
-from backends.reference import ReferenceBackend
 
 BATCH, LENGTH = 2, 80  # 80 > original_max_position_embeddings = 32
 

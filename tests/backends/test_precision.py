@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsv3.backends import fp8
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.interface import Capabilities
+from dsv3.backends.reference import ReferenceBackend
 
-from backends import fp8
-from backends.chips import describe_chip
-from backends.interface import Capabilities
-from backends.reference import ReferenceBackend
 from dsv3 import layout
 from dsv3.api import load_model
 from dsv3.checkpoint import save_checkpoint
@@ -31,7 +31,7 @@ from dsv3.errors import Dsv3Error
 from dsv3.precision import resolve_precision
 from dsv3.weights import CheckpointSource, RandomSource
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 H100 = describe_chip("nvidia", "sm_90", "NVIDIA H100 80GB HBM3")
 A100 = describe_chip("nvidia", "sm_80", "NVIDIA A100-SXM4-80GB")
 MI300X = describe_chip("amd", "gfx942", "AMD Instinct MI300X")
@@ -142,7 +142,7 @@ def test_precision_decision_is_printed_once_in_one_line(tmp_path, capsys):
 MEMORY_PROBE = r"""
 import gc, json, sys, threading, time
 import torch
-from backends.reference import ReferenceBackend
+from dsv3.backends.reference import ReferenceBackend
 from dsv3.api import load_model
 from dsv3.config import load_config
 from dsv3.model import Transformer

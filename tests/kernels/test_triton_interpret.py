@@ -18,9 +18,9 @@ pytestmark = pytest.mark.emulated
 
 PRELUDE = """
 import torch
-from backends import fp8
-from backends.reference import ReferenceBackend
-from backends.triton_kernels.configs import NVIDIA_SM90, PORTABLE
+from dsv3.backends import fp8
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.triton_kernels.configs import NVIDIA_SM90, PORTABLE
 FORMATS = (("e4m3fn", torch.float8_e4m3fn, 448.0), ("e4m3fnuz", torch.float8_e4m3fnuz, 224.0))
 g = torch.Generator().manual_seed(0)
 
@@ -42,7 +42,7 @@ def adversarial(m, k):
 QUANT = """
 import itertools
 from dataclasses import replace
-from backends.triton_kernels import quant
+from dsv3.backends.triton_kernels import quant
 for name, dtype, fp8_max in FORMATS:
     for ue8m0 in (False, True):
         x = adversarial(5, 300) * 3
@@ -74,9 +74,9 @@ print("quant ok")
 
 GEMM = """
 import itertools
-from backends.triton_kernels import gemm, quant
+from dsv3.backends.triton_kernels import gemm, quant
 from dataclasses import replace
-from backends.triton_kernels.configs import TileConfig
+from dsv3.backends.triton_kernels.configs import TileConfig
 # the portable table, and one with a tile of its own for 2-16 rows (as sm_90's)
 batch_tile = replace(PORTABLE, gemm_decode_batch=TileConfig(16, 64, 1, {"num_warps": 4, "num_stages": 2}))
 for (name, dtype, fp8_max), configs in itertools.product(FORMATS, (PORTABLE, batch_tile)):
@@ -95,7 +95,7 @@ print("gemm ok")
 """
 
 ROTARY = """
-from backends.triton_kernels.elementwise import rotary, swiglu
+from dsv3.backends.triton_kernels.elementwise import rotary, swiglu
 ref = ReferenceBackend()
 # q's rope columns (a strided view of [B, T, H, 192]), kv_a's (3-d, strided), a contiguous fp32 tensor
 q = torch.randn(3, 4, 5, 192, generator=g).to(torch.bfloat16)
@@ -118,7 +118,7 @@ print("rotary and swiglu ok")
 """
 
 MOE = """
-from backends.triton_kernels import moe
+from dsv3.backends.triton_kernels import moe
 num_experts, hidden, inter, top_k, tokens = 6, 256, 128, 2, 9
 def routing(pattern):
     ids = torch.rand(tokens, num_experts, generator=g).topk(top_k, dim=-1).indices
@@ -193,7 +193,7 @@ def test_grouped_moe_fp8_and_bf16():
 def test_decode_gemm_tile_per_rows():
     """sm_90 runs one split-K tile at M = 1 and another at 2-16 rows; above 16, and on a table without the
     second tile, the M = 1 tile."""
-    from backends.triton_kernels.configs import NVIDIA_SM90, PORTABLE
+    from dsv3.backends.triton_kernels.configs import NVIDIA_SM90, PORTABLE
 
     assert NVIDIA_SM90.decode_gemm_tile(1) is NVIDIA_SM90.gemm_decode
     assert NVIDIA_SM90.gemm_decode_batch not in (None, NVIDIA_SM90.gemm_decode)
@@ -204,8 +204,8 @@ def test_decode_gemm_tile_per_rows():
 
 def test_cuda_backend_capabilities_per_arch():
     """sm_90 has FP8 (e4m3fn, 448); sm_80 falls back to BF16; a non-NVIDIA chip is refused."""
-    from backends.chips import describe_chip
-    from backends.cuda import CudaBackend
+    from dsv3.backends.chips import describe_chip
+    from dsv3.backends.cuda import CudaBackend
 
     hopper = CudaBackend("cuda", chip=describe_chip("nvidia", "sm_90"))
     assert hopper.capabilities.fp8_dtype is not None and hopper.capabilities.fp8_max == 448.0

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+from dsv3.backends.interface import OPS
+from dsv3.backends.probe import probe
 
-from backends.interface import OPS
-from backends.probe import probe
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def doctor(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

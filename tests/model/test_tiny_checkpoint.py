@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsv3.backends import fp8
 
 import dsv3
-from backends import fp8
 from dsv3 import layout
 from dsv3.api import TINY_CHECKPOINT
 from dsv3.tokenizer import Tokenizer
 from dsv3.weights import CheckpointSource
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
 script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(script)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dsv3.backends.reference import ReferenceBackend
 
 import dsv3
-from backends.reference import ReferenceBackend
 from dsv3.engine import DecodeRunner, Engine, SamplingParams, batch_buckets, spare_slots
 from dsv3.errors import Dsv3Error
 
@@ -149,7 +149,7 @@ def test_backend_without_recordings_runs_eagerly():
 
 @pytest.fixture(scope="module")
 def cuda_backend():
-    from backends.cuda import CudaBackend
+    from dsv3.backends.cuda import CudaBackend
 
     return CudaBackend()
 

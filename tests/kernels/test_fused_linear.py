@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dsv3.backends import fp8
+from dsv3.backends.reference import ReferenceBackend
 
-from backends import fp8
-from backends.reference import ReferenceBackend
 from dsv3.model import FusedLinear, Linear
 
 

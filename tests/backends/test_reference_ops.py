@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dsv3.backends import fp8
+from dsv3.backends.interface import RoutingConfig
+from dsv3.backends.reference import ReferenceBackend
 from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 import dsv3
-from backends import fp8
-from backends.interface import RoutingConfig
-from backends.reference import ReferenceBackend
 
 FN_MAX, FNUZ_MAX = 448.0, 240.0
 

@@ -16,20 +16,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conformance_doubles as doubles
 import pytest
 import torch
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.registry import BACKENDS
 
-import conformance_doubles as doubles
-from backends.chips import describe_chip
-from backends.reference import ReferenceBackend
-from backends.registry import BACKENDS
 from dsv3.cli import main
 from dsv3.conformance import (
-    CHECKS, EMULATED, FAIL, PASS, SKIPPED, SUITE_OPS, TOLERANCES, Greedy, Plan, build_cases, run_cases,
+    CHECKS,
+    EMULATED,
+    FAIL,
+    PASS,
+    SKIPPED,
+    SUITE_OPS,
+    TOLERANCES,
+    Greedy,
+    Plan,
+    build_cases,
+    run_cases,
     run_conformance,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: The suite's structure (every op, precision and case kind) at sizes a 2-core CPU runs in seconds;
 #: the experts are smaller than any DeepSeek's because the reference's FP8 emulation is slow on a CPU.
 TEST_PLAN = Plan("test", linear_shapes=((576, 7168),), token_counts=(1, 4), large_tokens=32, large_batch=4,
@@ -311,7 +321,7 @@ def vendor_row(name: str, plan: str = "quick", **options):
     if name not in BACKENDS:
         pytest.skip(f"backend {name} is not registered (backends/{name}.py)")
     try:
-        backend = importlib.import_module("backends.registry").create_backend(name, **options)
+        backend = importlib.import_module("dsv3.backends.registry").create_backend(name, **options)
     except Exception as e:  # no device or vendor packages here: this row cannot run on this machine
         pytest.skip(f"backend {name} cannot be built here: {type(e).__name__}: {e}")
     report = run_conformance(backend, plan)
@@ -340,13 +350,13 @@ def test_ascend_row():
 @pytest.mark.emulated
 @pytest.mark.slow
 def test_ascend_row_on_the_npu_emulation(monkeypatch):
-    emulation = Path(__file__).resolve().parent / "npu_emulation"
+    emulation = Path(__file__).resolve().parents[1] / "npu_emulation"
     if not (emulation / "torch_npu").is_dir():
         pytest.skip("tests/npu_emulation is not there")
     saved = sys.modules.pop("torch_npu", None)
     monkeypatch.syspath_prepend(str(emulation))
     try:
-        report = run_conformance(importlib.import_module("backends.registry").create_backend(
+        report = run_conformance(importlib.import_module("dsv3.backends.registry").create_backend(
             "ascend", device="cpu", chip=describe_chip("huawei", "ascend910b")), TEST_PLAN)
     finally:
         sys.modules.pop("torch_npu", None)

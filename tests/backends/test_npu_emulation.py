@@ -17,7 +17,7 @@ import torch
 
 pytestmark = [pytest.mark.ascend, pytest.mark.emulated]
 
-EMULATION_DIR = Path(__file__).resolve().parent / "npu_emulation"
+EMULATION_DIR = Path(__file__).resolve().parents[1] / "npu_emulation"
 
 
 @pytest.fixture(scope="module")

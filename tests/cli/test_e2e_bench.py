@@ -22,7 +22,7 @@ from dsv3.config import load_config
 from dsv3.errors import Dsv3Error
 from dsv3.weights import RandomSource, WeightLoader
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_fast_random_source_stacks_experts(tiny_config):
 
 
 def test_expert_counter_counts_each_moe_layer(tiny_config):
-    from backends.reference import ReferenceBackend
+    from dsv3.backends.reference import ReferenceBackend
 
     backend = ReferenceBackend()
     model = e2e.build_model(tiny_config, backend, "fp8", 2, 16)
@@ -235,7 +235,7 @@ def test_decode_bench_command_on_cuda_tiny(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.cuda
 def test_prefill_bench_on_cuda_tiny(tmp_path, tiny_config):
-    from backends.cuda import CudaBackend
+    from dsv3.backends.cuda import CudaBackend
 
     (record,) = e2e.run_prefill(CudaBackend(), tiny_config, tokens=256, quick=True)
     assert record.error is None and record.time_ms > 0 and record.fp8_rate_pct is not None

@@ -8,16 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hf_helpers as hf
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import dsv3
-import hf_helpers as hf
 from dsv3.errors import CheckpointError, ConfigError, Dsv3Error
 from dsv3.weights import INDEX_FILE
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KV_B = "model.layers.1.self_attn.kv_b_proj.weight"
 
 

@@ -14,19 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.errors import BackendError
+from dsv3.backends.interface import OPS, RoutingConfig
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.registry import create_backend
 
-from backends.chips import describe_chip
-from backends.interface import OPS, RoutingConfig
-from backends.reference import ReferenceBackend
-from backends.registry import create_backend
 from dsv3.checkpoint import save_checkpoint
 from dsv3.config import load_config
-from backends.errors import BackendError
 from dsv3.weights import RandomSource
 
 pytestmark = [pytest.mark.ascend, pytest.mark.emulated]
 
-EMULATION_DIR = Path(__file__).resolve().parent / "npu_emulation"
+EMULATION_DIR = Path(__file__).resolve().parents[1] / "npu_emulation"
 ASCEND_910B = describe_chip("huawei", "ascend910b", name="Ascend910B2")
 ASCEND_950 = describe_chip("huawei", "ascend950", name="Ascend950PR")
 FUSED_OPS = {  # fused path -> the torch_npu ops it calls
@@ -62,7 +62,7 @@ def calls(npu):
 
 
 def ascend(fused: bool = True, chip=ASCEND_910B):
-    from backends.ascend import AscendBackend
+    from dsv3.backends.ascend import AscendBackend
 
     return AscendBackend(device="cpu", chip=chip, use_fused=fused)
 
@@ -100,7 +100,7 @@ def test_capabilities_on_950_have_fp8(npu):
 
 
 def test_chip_is_probed_from_torch_npu(npu):
-    from backends.ascend import AscendBackend
+    from dsv3.backends.ascend import AscendBackend
 
     backend = AscendBackend(device="cpu")                          # asks the (emulated) torch_npu.npu
     assert (backend.chip.arch, backend.chip.name, backend.chip.memory_bytes) == ("ascend910b", "Ascend910B2", 64 << 30)
@@ -120,7 +120,7 @@ def test_without_torch_npu_the_error_says_what_to_install(npu, monkeypatch):
 
 
 def test_plain_switch_from_constructor_and_environment(npu, monkeypatch):
-    from backends.ascend import FUSED_PATHS, fused_settings
+    from dsv3.backends.ascend import FUSED_PATHS, fused_settings
 
     assert fused_settings(True, {}) == dict.fromkeys(FUSED_PATHS, True)
     assert fused_settings(False, {}) == dict.fromkeys(FUSED_PATHS, False)
@@ -166,7 +166,7 @@ def test_rotary(npu, calls, fused):
 
 
 def test_linear_from_an_fp8_checkpoint_in_bf16(npu):
-    from backends import fp8
+    from dsv3.backends import fp8
 
     backend, ref = ascend(), ReferenceBackend()
     weight, scale = fp8.quantize_blocks(torch.randn(192, 320, generator=gen(6)))
@@ -204,7 +204,7 @@ def test_moe_route(npu, calls, fused, routing, experts):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 def test_moe_experts(npu, calls, fused):
-    from backends import fp8
+    from dsv3.backends import fp8
 
     backend, ref = ascend(fused), ReferenceBackend()
     num_experts, inter, hidden = 8, 128, 64

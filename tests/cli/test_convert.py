@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsv3.backends import fp8
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import dsv3.convert
-from backends import fp8
 from dsv3.api import load_model
 from dsv3.checkpoint import save_checkpoint
 from dsv3.cli import main

@@ -282,6 +282,7 @@ def test_sizes_that_do_not_divide_the_world(monkeypatch, world, tp, ep, expected
 def test_each_rank_builds_its_backend_on_its_own_device(monkeypatch, default, expected):
     """LOCAL_RANK 3 of 8 devices: a backend that picked device 0 itself is rebuilt on device 3."""
     from types import SimpleNamespace
+
     from dsv3.parallel import ParallelPlan, select_rank_backend
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 8)
@@ -347,7 +348,8 @@ def test_each_rank_reads_only_its_slices(checkpoints):
 
 def test_a_cut_inside_a_block_is_dequantized_exactly(checkpoints):
     """bf16/fp32 may cut FP8 weights anywhere: the covering blocks are read and dequantized, then cut."""
-    from backends import fp8
+    from dsv3.backends import fp8
+
     from dsv3.parallel import ParallelPlan, ShardedLoader
     from dsv3.weights import CheckpointSource
     config = load_config("tiny")

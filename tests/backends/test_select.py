@@ -9,24 +9,24 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from dsv3.backends import fp8
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.errors import BackendUnavailable
+from dsv3.backends.interface import Capabilities
+from dsv3.backends.probe import ascend_arch, probe
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.registry import BACKENDS
+from dsv3.backends.select import build, decide, select
 
-from backends import fp8
-from backends.chips import describe_chip
-from backends.errors import BackendUnavailable
-from backends.interface import Capabilities
-from backends.probe import ascend_arch, probe
-from backends.reference import ReferenceBackend
-from backends.registry import BACKENDS
-from backends.select import build, decide, select
 from dsv3.errors import Dsv3Error
 from dsv3.precision import resolve_precision
 
 #: the registry once every hardware backend is in (the convention the backend helpers follow)
 FULL_REGISTRY = {
-    "reference": ("backends.reference", "ReferenceBackend", None),
-    "cuda": ("backends.cuda", "CudaBackend", "cuda"),
-    "rocm": ("backends.rocm", "RocmBackend", "rocm"),
-    "ascend": ("backends.ascend", "AscendBackend", "ascend"),
+    "reference": ("dsv3.backends.reference", "ReferenceBackend", None),
+    "cuda": ("dsv3.backends.cuda", "CudaBackend", "cuda"),
+    "rocm": ("dsv3.backends.rocm", "RocmBackend", "rocm"),
+    "ascend": ("dsv3.backends.ascend", "AscendBackend", "ascend"),
 }
 ALL_PACKAGES = frozenset({"triton", "torch_npu"})
 GIB = 2**30
@@ -151,12 +151,12 @@ def test_fp8_activation_max_is_configurable():
 
 
 def test_backend_module_that_does_not_import_falls_back_under_auto(monkeypatch):
-    monkeypatch.setitem(BACKENDS, "rocm", ("backends.no_such_module", "RocmBackend", "rocm"))
+    monkeypatch.setitem(BACKENDS, "rocm", ("dsv3.backends.no_such_module", "RocmBackend", "rocm"))
     decision = decide(CHIPS["MI300X"], "auto", {}, ALL_PACKAGES, BACKENDS)
     backend, built = build(decision)
     assert backend.capabilities.name == "reference" and backend.capabilities.device == "cuda"
-    assert "backends.no_such_module is missing" in built.reason
-    with pytest.raises(BackendUnavailable, match="backends.no_such_module is missing"):
+    assert "dsv3.backends.no_such_module is missing" in built.reason
+    with pytest.raises(BackendUnavailable, match="dsv3.backends.no_such_module is missing"):
         build(decide(CHIPS["MI300X"], "rocm", {}, ALL_PACKAGES, BACKENDS))
 
 

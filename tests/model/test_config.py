@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import hf_helpers as hf
 import pytest
 
-import hf_helpers as hf
 from dsv3.config import from_dict, load_config
 from dsv3.errors import ConfigError
 

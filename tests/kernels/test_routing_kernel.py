@@ -1,4 +1,4 @@
-"""The Triton routing kernel (backends/triton_kernels/routing.py) against backends.reference.route_experts.
+"""The Triton routing kernel (backends/triton_kernels/routing.py) against dsv3.backends.reference.route_experts.
 
 Every DeepSeek routing (V3 noaux_tc with its correction bias, V2 group_limited_greedy, V2-Lite greedy,
 the tiny config) for 1, 5 and 64 tokens, the no-group variants, and two cases built so that a wrong
@@ -16,9 +16,9 @@ import dataclasses
 
 import pytest
 import torch
+from dsv3.backends.interface import RoutingConfig
+from dsv3.backends.reference import route_experts
 
-from backends.interface import RoutingConfig
-from backends.reference import route_experts
 from tests.run_helpers import check_ran, run_python
 
 pytest.importorskip("triton")
@@ -42,7 +42,7 @@ def tiny() -> tuple[int, RoutingConfig]:
 
 def check(logits: torch.Tensor, bias: torch.Tensor | None, config: RoutingConfig, case: str) -> torch.Tensor:
     """route() equals route_experts(): ids exactly, weights to TOLERANCES. Returns the ids."""
-    from backends.triton_kernels.routing import route
+    from dsv3.backends.triton_kernels.routing import route
 
     weights, ids = route(logits, bias, config)
     expected_weights, expected_ids = route_experts(logits, bias, config)
@@ -69,7 +69,7 @@ def top2_trap(num_experts: int, config: RoutingConfig, generator: torch.Generato
 
 def check_all(device: str) -> None:
     """Every case on one device; run in-process on a GPU, in the interpreter's subprocess on the CPU."""
-    from backends.triton_kernels import routing
+    from dsv3.backends.triton_kernels import routing
 
     g = torch.Generator().manual_seed(0)
     tiny_experts, tiny_config = tiny()
@@ -163,7 +163,7 @@ def test_route_on_gpu():
 @pytest.mark.cuda
 def test_route_cuda_graph_replay():
     """Captured once, replayed with new logits: the reference's routing of the new logits."""
-    from backends.triton_kernels.routing import route
+    from dsv3.backends.triton_kernels.routing import route
 
     num_experts, config = V3
     g = torch.Generator("cuda").manual_seed(2)

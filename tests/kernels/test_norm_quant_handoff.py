@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dsv3.backends.interface import QuantizedActivation, plain
+from dsv3.backends.reference import ReferenceBackend
 
-from backends.interface import QuantizedActivation, plain
-from backends.reference import ReferenceBackend
 from tests.run_helpers import check_ran, run_python
 
 
@@ -27,7 +27,7 @@ def test_reference_ignores_the_request_and_reads_the_values():
     assert isinstance(normed, torch.Tensor)
     expected, expected_h = ref.rms_norm(x, weight, 1e-6, residual)
     assert torch.equal(normed, expected) and torch.equal(h, expected_h)
-    from backends import fp8
+    from dsv3.backends import fp8
     w, s = fp8.quantize_blocks(torch.randn(64, 256, generator=g) / 16)
     linear = ref.prepare_linear(w, s, "fp8")
     wrong_copy = QuantizedActivation(normed, torch.zeros(3, 256, dtype=torch.float8_e4m3fn), torch.ones(2, 3).t())
@@ -38,10 +38,10 @@ def test_reference_ignores_the_request_and_reads_the_values():
 HANDOFF_INTERPRETED = """
 import tempfile
 import torch
-from backends import fp8
-from backends.chips import describe_chip
-from backends.interface import QuantizedActivation
-from backends.rocm import RocmBackend
+from dsv3.backends import fp8
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.interface import QuantizedActivation
+from dsv3.backends.rocm import RocmBackend
 from dsv3 import load_model
 from dsv3.checkpoint import save_checkpoint
 from dsv3.config import load_config

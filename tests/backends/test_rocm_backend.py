@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from dsv3.backends import fp8
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.interface import OPS
+from dsv3.backends.reference import ReferenceBackend
 
-from backends import fp8
-from backends.chips import describe_chip
-from backends.interface import OPS
-from backends.reference import ReferenceBackend
 from dsv3.errors import Dsv3Error
 from tests.run_helpers import check_ran, run_python
 
@@ -109,7 +109,7 @@ def test_reference_fnuz_linear_is_the_block_math_on_converted_weights():
 # ---- 2. capabilities for described chips, the chip probe, library detection ----------------------------------
 
 def rocm_backend(arch: str, **kwargs):
-    from backends.rocm import RocmBackend
+    from dsv3.backends.rocm import RocmBackend
 
     return RocmBackend(chip=describe_chip("amd", arch), **kwargs)
 
@@ -143,7 +143,7 @@ def test_capabilities_of_described_chips(arch, dtype, fp8_max):
 
 def test_amd_configs_keep_or_drop_the_amd_launch_settings():
     pytest.importorskip("triton")
-    from backends.triton_kernels import amd_configs
+    from dsv3.backends.triton_kernels import amd_configs
 
     kept = amd_configs.kernel_configs("gfx942")
     assert kept.gemm_prefill.launch["matrix_instr_nonkdim"] == 16 and kept.gemm_prefill.launch["kpack"] == 2
@@ -158,7 +158,7 @@ def test_amd_configs_keep_or_drop_the_amd_launch_settings():
 
 def test_activation_max_argument_environment_and_errors(monkeypatch):
     pytest.importorskip("triton")
-    from backends.rocm import activation_max
+    from dsv3.backends.rocm import activation_max
 
     mi300x = describe_chip("amd", "gfx942")
     assert activation_max(mi300x, env={}) == 224.0
@@ -177,7 +177,7 @@ def test_activation_max_argument_environment_and_errors(monkeypatch):
 
 def test_backend_refuses_other_vendors_and_devices():
     pytest.importorskip("triton")
-    from backends.rocm import RocmBackend
+    from dsv3.backends.rocm import RocmBackend
 
     with pytest.raises(ValueError, match="runs on AMD GPUs"):
         RocmBackend(chip=describe_chip("nvidia", "sm_90"))
@@ -212,7 +212,7 @@ class FakeTorch:
 
 def test_probe_reads_gcn_arch_name_never_the_capability():
     pytest.importorskip("triton")
-    from backends.rocm import probe_chip
+    from dsv3.backends.rocm import probe_chip
 
     chip = probe_chip(torch.device("cuda"), FakeTorch())
     assert (chip.vendor, chip.arch, chip.fp8_format, chip.fp8_max, chip.count) == ("amd", "gfx942", "e4m3fnuz",
@@ -224,10 +224,10 @@ def test_probe_reads_gcn_arch_name_never_the_capability():
 
 
 def test_registry_and_selection_pick_rocm_for_amd_chips():
-    from backends.registry import BACKENDS
-    from backends.select import decide
+    from dsv3.backends.registry import BACKENDS
+    from dsv3.backends.select import decide
 
-    assert BACKENDS["rocm"] == ("backends.rocm", "RocmBackend", "rocm")
+    assert BACKENDS["rocm"] == ("dsv3.backends.rocm", "RocmBackend", "rocm")
     decision = decide(describe_chip("amd", "gfx942", name="AMD Instinct MI300X"), "auto", {}, {"triton"})
     assert decision.backend == "rocm" and decision.native_fp8_format == "e4m3fnuz"
 
@@ -257,7 +257,7 @@ def wrong_gemm(x, w, x_scale, w_scale, dtype=torch.bfloat16):
 @pytest.mark.parametrize("case", ["row", "column", "wrong", "absent", "off", "no_gpu"])
 def test_library_detection(case):
     pytest.importorskip("triton")
-    from backends.rocm import detect_libraries
+    from dsv3.backends.rocm import detect_libraries
 
     module = {"row": fake_aiter(block_scaled_gemm("row")), "column": fake_aiter(block_scaled_gemm("column")),
               "wrong": fake_aiter(wrong_gemm)}.get(case, fake_aiter(block_scaled_gemm("row")))
@@ -280,13 +280,13 @@ def test_library_detection(case):
 INTERPRETED = """
 import torch
 from dataclasses import replace
-from backends import fp8
-from backends.chips import describe_chip
-from backends.interface import MLAWeights
-from backends.reference import ReferenceBackend
-from backends.rocm import Libraries, RocmBackend
-from backends.triton_kernels import amd_configs, mla
-from tests.test_rocm_backend import block_scaled_gemm, fake_aiter
+from dsv3.backends import fp8
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.interface import MLAWeights
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.rocm import Libraries, RocmBackend
+from dsv3.backends.triton_kernels import amd_configs, mla
+from tests.backends.test_rocm_backend import block_scaled_gemm, fake_aiter
 
 g = torch.Generator().manual_seed(0)
 TOL = 8e-3  # fp32 sums in another order, and bf16 outputs
@@ -417,9 +417,9 @@ def test_backend_ops_under_triton_interpreter_match_the_fnuz_reference():
 MODEL_INTERPRETED = """
 import tempfile
 import torch
-from backends.chips import describe_chip
-from backends.reference import ReferenceBackend
-from backends.rocm import RocmBackend
+from dsv3.backends.chips import describe_chip
+from dsv3.backends.reference import ReferenceBackend
+from dsv3.backends.rocm import RocmBackend
 from dsv3 import load_model
 from dsv3.checkpoint import save_checkpoint
 from dsv3.config import load_config
@@ -459,7 +459,7 @@ def test_rocm_backend_sets_every_attribute_the_cuda_backend_ops_use():
     """RocmBackend runs CudaBackend's methods without its constructor: whatever that constructor sets,
     RocmBackend's must set too (a guard against the two drifting apart)."""
     pytest.importorskip("triton")
-    from backends.cuda import CudaBackend
+    from dsv3.backends.cuda import CudaBackend
 
     cuda = CudaBackend(chip=describe_chip("nvidia", "sm_90"))  # no GPU needed with a described chip
     missing = set(vars(cuda)) - set(vars(rocm_backend("gfx942")))
@@ -494,8 +494,8 @@ def compile_only(self, *args, grid, warmup, **kwargs):
 JITFunction.run = compile_only
 driver.set_active(CompileOnlyDriver(GPUTarget("hip", arch, 64)))
 
-from backends.interface import MLAWeights
-from backends.triton_kernels import amd_configs, gemm, mla, moe, quant
+from dsv3.backends.interface import MLAWeights
+from dsv3.backends.triton_kernels import amd_configs, gemm, mla, moe, quant
 cfg = amd_configs.kernel_configs(arch)  # with waves_per_eu, matrix_instr_nonkdim, kpack
 dtype = {"e4m3fnuz": torch.float8_e4m3fnuz, "e4m3fn": torch.float8_e4m3fn}[fmt]
 fp8_max, bf16 = 224.0, torch.bfloat16
@@ -571,7 +571,7 @@ def test_kernels_compile_for_gfx942_gfx950_and_gfx90a_within_the_cu_limits():
     """Every kernel the backend launches, compiled with the AMD launch settings for each chip."""
     pytest.importorskip("triton")
     pytest.importorskip("triton.backends.amd.compiler")
-    from backends.triton_kernels import amd_configs
+    from dsv3.backends.triton_kernels import amd_configs
 
     bf16_cases = ["rms_norm+quant", "moe bf16 decode", "moe bf16 prefill", "mla 16 heads", "mla 128 heads"]
     jobs = {"gfx942": ("e4m3fnuz", None), "gfx950": ("e4m3fn", None), "gfx90a": ("e4m3fn", bf16_cases)}
