@@ -18,6 +18,7 @@ from typing import Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
+from dsv3.backends.errors import BackendError
 
 Precision = Literal["fp8", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("fp8", "bf16", "fp32")
@@ -180,12 +181,105 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """The latent cache of one layer as a backend lays it out."""
+    """One layer's paged latent cache as a backend lays it out: a pool of fixed-size blocks.
+
+    Attributes:
+        shape: the cache tensor's shape (default [num_blocks, block_size, kv_lora_rank + rope_dim]).
+        dtype: its element type.
+        layout: a sentence saying how tokens sit in the tensor.
+        bytes_per_token: cache bytes one token takes.
+        num_blocks: blocks in the pool (block 0 is the engine's scratch block).
+        block_size: tokens per block.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     layout: str
     bytes_per_token: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the pool holds."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_token
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of one layer's pool."""
+        return self.num_blocks * self.bytes_per_block
+
+
+def paged_cache_spec(num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
+                     dtype: torch.dtype) -> CacheSpec:
+    """The default pool layout [num_blocks, block_size, kv_lora_rank + rope_dim]: one row per token."""
+    if num_blocks < 1 or block_size < 1:
+        raise BackendError(f"MLA cache: num_blocks and block_size must be at least 1, "
+                           f"got {num_blocks} and {block_size}")
+    width = kv_lora_rank + rope_dim
+    return CacheSpec(shape=(num_blocks, block_size, width), dtype=dtype,
+                     layout="[num_blocks, block_size, kv_lora_rank + rope_dim]",
+                     bytes_per_token=width * torch.empty((), dtype=dtype).element_size(),
+                     num_blocks=num_blocks, block_size=block_size)
+
+
+@dataclass(frozen=True)
+class MLAInputs:
+    """The new tokens' attention inputs, flat over the batch (N tokens, H heads, C kv_lora_rank, R rope dim).
+
+    Attributes:
+        q_nope: [N, H, qk_nope_head_dim].
+        q_pe: [N, H, R]; rotated, except in mla_decode with `rope` given.
+        latent: [N, C] normalized.
+        k_pe: [N, R]; rotated, except in mla_decode with `rope` given.
+    """
+
+    q_nope: torch.Tensor
+    q_pe: torch.Tensor
+    latent: torch.Tensor
+    k_pe: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """Where each sequence's tokens live in the paged cache (B sequences).
+
+    Attributes:
+        block_tables: int32 [B, max_blocks_per_seq]: the physical block of each logical block of a
+            sequence (token p of sequence b is row p % block_size of block block_tables[b, p // block_size]);
+            padding entries 0.
+        seq_lens: int32 [B]: tokens in the cache for each sequence once this call's tokens are written.
+        query_start: int32 [B + 1]: sequence b's new tokens are rows query_start[b]:query_start[b + 1] of the
+            MLAInputs, at positions seq_lens[b] - q_len_b .. seq_lens[b] - 1 (decode: arange(B + 1)).
+        max_query_len, max_seq_len: host ints, upper bounds of the query lengths and seq_lens for kernel
+            grids (prefill); decode never needs them.
+    """
+
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.block_tables.shape[0]
+
+    def token_positions(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence int64 [N], position int64 [N]) of each new token, computed on the device (no sync)."""
+        token = torch.arange(num_tokens, device=self.query_start.device)
+        query_end = self.query_start[1:].long()
+        seq = torch.searchsorted(query_end, token, right=True)
+        return seq, self.seq_lens.long()[seq] - query_end[seq] + token
+
+    def cache_rows(self, seq: torch.Tensor, position: torch.Tensor, block_size: int) -> torch.Tensor:
+        """int64 row of each (sequence, position) in the pool seen as [num_blocks * block_size, ...]."""
+        block = self.block_tables.long()[seq, position // block_size]
+        return block * block_size + position % block_size
 
 
 class Backend(ABC):
@@ -269,43 +363,47 @@ class Backend(ABC):
     # ---- MLA ---------------------------------------------------------------
 
     @abstractmethod
-    def mla_cache_spec(self, max_batch_size: int, max_seq_len: int, kv_lora_rank: int,
-                       rope_dim: int, dtype: torch.dtype) -> CacheSpec:
-        """The layout of one layer's latent cache."""
+    def mla_cache_spec(self, num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
+                       dtype: torch.dtype) -> CacheSpec:
+        """The layout of one layer's paged latent cache: `num_blocks` blocks of `block_size` tokens, each
+        token kv_lora_rank latent then rope_dim rope-key values. Raises BackendError for a pool the
+        backend cannot lay out."""
 
     @abstractmethod
     def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
-        """Allocate one layer's latent cache as described by `spec`."""
+        """Allocate one layer's latent cache as described by `spec` (zeroed)."""
 
     @abstractmethod
-    def mla_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                    cache: torch.Tensor, slots: torch.Tensor, start_pos: int, weights: MLAWeights,
+    def mla_prefill(self, inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weights: MLAWeights,
                     softmax_scale: float) -> torch.Tensor:
-        """Write T new tokens per sequence to the cache and attend causally over positions [0, start_pos + T).
+        """Write each sequence's new tokens through its block table and attend causally.
+
+        Sequence b's new tokens sit at positions seq_lens[b] - q_len_b .. seq_lens[b] - 1 (a chunk may
+        start mid-sequence: the earlier positions are read from the cache); token p attends over [0, p].
 
         Args:
-            q_nope: [B, T, H, qk_nope_head_dim]; q_pe: [B, T, H, R] already rotated.
-            latent: [B, T, kv_lora_rank] normalized; k_pe: [B, T, R] already rotated.
-            cache: this layer's cache; slots: [B] cache rows of the sequences.
-            start_pos: tokens already cached for every sequence (a shared prefix length).
+            inputs: N new tokens, q_pe and k_pe rotated.
+            cache: this layer's pool (mla_cache_spec); batch: block tables, lengths and query offsets.
+            weights: the absorbed projections; softmax_scale: applied to the q.k scores.
         Returns:
-            [B, T, H, v_head_dim].
+            [N, H, v_head_dim] in q_nope's dtype.
         """
 
     @abstractmethod
-    def mla_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                   cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, weights: MLAWeights,
+    def mla_decode(self, inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weights: MLAWeights,
                    softmax_scale: float, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """One new token per sequence at its own position; attend over [0, position].
+        """One new token per sequence at position seq_lens[b] - 1: write it, attend over [0, seq_lens[b]).
+
+        Reads lengths and tables on the device only: no host sync, so a GPU backend can record it in a graph.
 
         Args:
-            q_nope: [B, H, nope]; q_pe: [B, H, R]; latent: [B, kv_lora_rank]; k_pe: [B, R].
-            slots: [B] cache rows; positions: [B] int64 position of the new token.
+            inputs: B new tokens (N = B).
+            cache, batch: as in mla_prefill (batch.query_start is arange(B + 1)).
             rope: None when q_pe and k_pe come rotated; else (cos, sin) [B, R/2] float32 of the new
                 positions, and the backend rotates them as `rotary` does (a fused backend inside the
                 attention kernel, which also writes the rotated key to the cache; see `rotate_for_decode`).
         Returns:
-            [B, H, v_head_dim].
+            [B, H, v_head_dim] in q_nope's dtype.
         """
 
     def rotate_for_decode(self, q_pe: torch.Tensor, k_pe: torch.Tensor,

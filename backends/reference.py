@@ -17,9 +17,12 @@ from dsv3.backends.interface import (
     Capabilities,
     ExpertWeights,
     LinearWeight,
+    MLAInputs,
     MLAWeights,
+    PagedBatch,
     Precision,
     RoutingConfig,
+    paged_cache_spec,
     plain,
 )
 
@@ -146,14 +149,38 @@ class ReferenceBackend(Backend):
 
     # ---- MLA ---------------------------------------------------------------
 
-    def mla_cache_spec(self, max_batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
-        width = kv_lora_rank + rope_dim
-        return CacheSpec(shape=(max_batch_size, max_seq_len, width), dtype=dtype,
-                         layout="[batch, seq, kv_lora_rank + rope_dim]",
-                         bytes_per_token=width * torch.empty((), dtype=dtype).element_size())
+    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
+        return paged_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype)
 
     def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
         return torch.zeros(spec.shape, dtype=spec.dtype, device=self.device)
+
+    def _paged_attention(self, inputs: MLAInputs, cache, batch: PagedBatch, max_query_len: int, max_seq_len: int,
+                         weights: MLAWeights, softmax_scale: float) -> torch.Tensor:
+        """Write the new tokens through the block tables, gather every sequence's first max_seq_len cached
+        tokens into [B, S, C + R] and its new tokens into [B, max_query_len, ...], attend in fp32."""
+        block_size, width = cache.shape[1], cache.shape[-1]
+        rows = cache.view(-1, width)
+        num_tokens = inputs.q_nope.shape[0]
+        seq, position = batch.token_positions(num_tokens)
+        rows[batch.cache_rows(seq, position, block_size)] = torch.cat((inputs.latent, inputs.k_pe), -1).to(cache.dtype)
+
+        num_seqs, device = batch.num_seqs, cache.device
+        key_pos = torch.arange(max_seq_len, device=device)
+        seq_ids = torch.arange(num_seqs, device=device)[:, None].expand(num_seqs, max_seq_len)
+        kv = rows[batch.cache_rows(seq_ids, key_pos[None, :].expand(num_seqs, -1), block_size)]  # [B, S, C + R]
+        cached = key_pos[None, :] < batch.seq_lens.long()[:, None]
+        kv = kv.masked_fill(~cached[..., None], 0)  # rows past a sequence's end may hold anything
+
+        slot = torch.arange(num_tokens, device=device) - batch.query_start.long()[seq]  # row within the sequence
+        padded = [torch.zeros(num_seqs, max_query_len, *t.shape[1:], dtype=t.dtype, device=device)
+                  for t in (inputs.q_nope, inputs.q_pe)]
+        query_pos = torch.zeros(num_seqs, max_query_len, dtype=torch.long, device=device)
+        for dest, src in zip((*padded, query_pos), (inputs.q_nope, inputs.q_pe, position), strict=True):
+            dest[seq, slot] = src
+        allowed = key_pos[None, None, :] <= query_pos[..., None]  # padding queries see key 0 and are dropped
+        out = self._attend(*padded, kv, allowed, weights, softmax_scale)
+        return out[seq, slot]
 
     def _attend(self, q_nope, q_pe, kv, allowed, weights: MLAWeights, softmax_scale):
         """Absorbed MLA over cached rows kv [B, S, C+R]; allowed [B, T, S] bool; q [B, T, H, *]."""
@@ -167,22 +194,15 @@ class ReferenceBackend(Backend):
         out_latent = torch.einsum("bths,bsc->bthc", probs, kv[..., :rank])
         return torch.einsum("bthc,hvc->bthv", out_latent, weights.w_uv.float()).to(q_nope.dtype)
 
-    def mla_prefill(self, q_nope, q_pe, latent, k_pe, cache, slots, start_pos, weights, softmax_scale):
-        t = q_nope.shape[1]
-        end = start_pos + t
-        cache[slots, start_pos:end] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
-        query_pos = torch.arange(start_pos, end, device=cache.device)
-        key_pos = torch.arange(end, device=cache.device)
-        allowed = (key_pos[None, :] <= query_pos[:, None]).expand(len(slots), t, end)
-        return self._attend(q_nope, q_pe, cache[slots, :end], allowed, weights, softmax_scale)
+    def mla_prefill(self, inputs, cache, batch, weights, softmax_scale):
+        return self._paged_attention(inputs, cache, batch, batch.max_query_len, batch.max_seq_len, weights,
+                                     softmax_scale)
 
-    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale, rope=None):
-        q_pe, k_pe = self.rotate_for_decode(q_pe, k_pe, rope)
-        cache[slots, positions] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
-        length = int(positions.max()) + 1
-        allowed = (torch.arange(length, device=cache.device)[None, :] <= positions[:, None])[:, None, :]
-        out = self._attend(q_nope[:, None], q_pe[:, None], cache[slots, :length], allowed, weights, softmax_scale)
-        return out[:, 0]
+    def mla_decode(self, inputs, cache, batch, weights, softmax_scale, rope=None):
+        q_pe, k_pe = self.rotate_for_decode(inputs.q_pe, inputs.k_pe, rope)
+        inputs = MLAInputs(inputs.q_nope, q_pe, inputs.latent, k_pe)
+        span = batch.block_tables.shape[1] * cache.shape[1]  # every position a table can address: no sync
+        return self._paged_attention(inputs, cache, batch, 1, span, weights, softmax_scale)
 
     # ---- MoE ---------------------------------------------------------------
 

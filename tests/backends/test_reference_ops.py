@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
-from dsv3.backends.interface import RoutingConfig
+from dsv3.backends.interface import MLAInputs, RoutingConfig
 from dsv3.backends.reference import ReferenceBackend
 from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 import dsv3
+from dsv3.conformance.paged import block_tables, concat, paged_batch, take_rows
 
 FN_MAX, FNUZ_MAX = 448.0, 240.0
 
@@ -260,24 +261,69 @@ def test_moe_experts_against_a_per_token_loop():
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def _mla_tokens(n: int, heads: int, nope: int, rope: int, rank: int, seed: int) -> MLAInputs:
+    g = generator(seed)
+    return MLAInputs(torch.randn(n, heads, nope, generator=g), torch.randn(n, heads, rope, generator=g),
+                     torch.randn(n, rank, generator=g), torch.randn(n, rope, generator=g))
+
+
 def test_absorbed_mla_prefill_equals_attention_over_expanded_keys_and_values():
-    """The latent-cache attention equals plain attention with per-head K/V from kv_b_proj."""
+    """The paged latent-cache attention equals plain attention with per-head K/V from kv_b_proj, each
+    sequence on its own (shuffled blocks, lengths 5 and 7 over blocks of 3), and writes through the tables."""
     backend = ReferenceBackend()
-    heads, nope, rope, v_dim, rank, b, t = 3, 8, 4, 6, 10, 2, 5
+    heads, nope, rope, v_dim, rank, block_size, lengths = 3, 8, 4, 6, 10, 3, [5, 7]
     kv_b = torch.randn(heads * (nope + v_dim), rank, generator=generator(41))
     weights = backend.prepare_mla(kv_b, heads, nope, v_dim, torch.float32)
-    q_nope, q_pe = torch.randn(b, t, heads, nope, generator=generator(42)), torch.randn(b, t, heads, rope, generator=generator(43))
-    latent, k_pe = torch.randn(b, t, rank, generator=generator(44)), torch.randn(b, t, rope, generator=generator(45))
-    cache = backend.allocate_mla_cache(backend.mla_cache_spec(4, 8, rank, rope, torch.float32))
-    out = backend.mla_prefill(q_nope, q_pe, latent, k_pe, cache, torch.tensor([3, 1]), 0, weights, 0.3)
-    kv = (latent @ kv_b.T).view(b, t, heads, nope + v_dim)
-    keys = torch.cat((kv[..., :nope], k_pe[:, :, None].expand(b, t, heads, rope)), -1)
-    queries = torch.cat((q_nope, q_pe), -1)
-    scores = torch.einsum("bqhd,bkhd->bhqk", queries, keys) * 0.3
-    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    expected = torch.einsum("bhqk,bkhv->bqhv", scores.softmax(-1), kv[..., nope:])
-    assert torch.allclose(out, expected, atol=1e-5)
-    assert torch.equal(cache[3, :t], torch.cat((latent[0], k_pe[0]), -1)) and (cache[0] == 0).all()
+    inputs = _mla_tokens(sum(lengths), heads, nope, rope, rank, 42)
+    tables, num_blocks = block_tables(lengths, block_size, generator(43))
+    cache = backend.allocate_mla_cache(backend.mla_cache_spec(num_blocks, block_size, rank, rope, torch.float32))
+    out = backend.mla_prefill(inputs, cache, paged_batch(tables, lengths, lengths), weights, 0.3)
+    assert out.shape == (sum(lengths), heads, v_dim)
+    start = 0
+    for seq, t in enumerate(lengths):
+        rows = slice(start, start + t)
+        latent, k_pe = inputs.latent[rows], inputs.k_pe[rows]
+        kv = (latent @ kv_b.T).view(t, heads, nope + v_dim)
+        keys = torch.cat((kv[..., :nope], k_pe[:, None].expand(t, heads, rope)), -1)
+        queries = torch.cat((inputs.q_nope[rows], inputs.q_pe[rows]), -1)
+        scores = torch.einsum("qhd,khd->hqk", queries, keys) * 0.3
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        expected = torch.einsum("hqk,khv->qhv", scores.softmax(-1), kv[..., nope:])
+        assert torch.allclose(out[rows], expected, atol=1e-5)
+        written = cache[tables[seq].long()].flatten(0, 1)[:t]
+        assert torch.equal(written, torch.cat((latent, k_pe), -1))
+        start += t
+    assert (cache[0] == 0).all()  # the scratch block is in no table
+
+
+def test_paged_mla_chunks_shared_prefix_and_decode_match_one_prefill():
+    """Prefill in two chunks (the second starting mid-block), a second sequence reusing the first's full
+    blocks as its prefix, then decode: the same outputs as one whole prefill of each sequence."""
+    backend = ReferenceBackend()
+    heads, nope, rope, v_dim, rank, block_size = 2, 4, 4, 4, 8, 4
+    weights = backend.prepare_mla(torch.randn(heads * (nope + v_dim), rank, generator=generator(50)),
+                                  heads, nope, v_dim, torch.float32)
+    prefix = _mla_tokens(8, heads, nope, rope, rank, 51)  # two full blocks shared by both sequences
+    tails = [_mla_tokens(n, heads, nope, rope, rank, 52 + n) for n in (5, 2)]
+    whole = [concat([prefix, tail]) for tail in tails]  # 13 and 10 tokens
+    lengths = [13, 10]
+    expected = [backend.mla_prefill(w, backend.allocate_mla_cache(backend.mla_cache_spec(8, block_size, rank, rope,
+                                                                                         torch.float32)),
+                                    paged_batch(torch.arange(1, 5, dtype=torch.int32)[None], [n], [n]), weights, 0.3)
+                for w, n in zip(whole, lengths, strict=True)]
+
+    tables, num_blocks = block_tables(lengths, block_size, generator(56), shared=(0, 1, 2))
+    cache = backend.allocate_mla_cache(backend.mla_cache_spec(num_blocks, block_size, rank, rope, torch.float32))
+    first = backend.mla_prefill(take_rows(whole[0], slice(0, 6)), cache, paged_batch(tables[:1], [6], [6]),
+                                weights, 0.3)
+    # sequence 0 goes on from position 6; sequence 1 starts after its cached 8-token prefix
+    second = backend.mla_prefill(concat([take_rows(whole[0], slice(6, 12)), take_rows(whole[1], slice(8, 9))]),
+                                 cache, paged_batch(tables, [12, 9], [6, 1]), weights, 0.3)
+    last = concat([take_rows(w, slice(n - 1, n)) for w, n in zip(whole, lengths, strict=True)])
+    decode = backend.mla_decode(last, cache, paged_batch(tables, lengths, [1, 1]), weights, 0.3)
+    assert torch.allclose(torch.cat((first, second[:6])), expected[0][:12], atol=1e-5)
+    assert torch.allclose(second[6], expected[1][8], atol=1e-5)
+    assert torch.allclose(decode, torch.stack((expected[0][12], expected[1][9])), atol=1e-5)
 
 
 # ---- MTP ---------------------------------------------------------------------------------------
