@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import sys
 import zlib
 from pathlib import Path
@@ -25,6 +26,46 @@ from dsv3.errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def check_regular_file(path: Path) -> None:
+    """Refuse a FIFO, device or directory before opening it: reading one would block or fail obscurely."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise CheckpointError(f"{path}: is {kind}; checkpoint files must be regular files")
+
+
+def read_json(path: Path, what: str = "JSON file") -> object:
+    """A small JSON file, refused with one line when it is not a regular file, not UTF-8 or not JSON."""
+    check_regular_file(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid {what} ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _read_weight_map(directory: Path, index: Path) -> dict[str, str]:
+    """The index's weight_map, every shard name a plain file name inside the checkpoint directory."""
+    raw = read_json(index, "safetensors index")
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = (("an empty one" if weight_map == {} else type(weight_map).__name__)
+                 if isinstance(raw, dict) and "weight_map" in raw else "none")
+        raise CheckpointError(f"{index}: expected a non-empty \"weight_map\" object of tensor name -> shard file, "
+                              f"found {found}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a shard file name, found {shard!r}")
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(f"{index}: shard {shard!r} (for {name}) is outside the checkpoint directory; "
+                                  f"shard names must be files in {directory}")
+    return weight_map
+
+
 class CheckpointSource:
     """Tensors of a Hugging Face safetensors checkpoint, read lazily by name.
 
@@ -36,23 +77,26 @@ class CheckpointSource:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._handles: dict[Path, object] = {}
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a checkpoint directory")
         index = self.path / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})")
-            self.files = {name: self.path / shard for name, shard in weight_map.items()}
+            self.files = {name: self.path / shard for name, shard in _read_weight_map(self.path, index).items()}
             for shard in sorted(set(self.files.values())):
                 if not shard.exists():
                     raise CheckpointError(f"{index}: names shard {shard.name}, which does not exist")
+                check_regular_file(shard)
         else:
             shards = sorted(self.path.glob("*.safetensors"))
             if not shards:
                 raise CheckpointError(f"{self.path}: no {INDEX_FILE} and no *.safetensors files")
             self.files = {}
             for shard in shards:
+                check_regular_file(shard)
                 for name in self._open(shard).keys():
+                    if name in self.files:
+                        raise CheckpointError(f"{self.path}: tensor {name} is in two shards, {self.files[name].name} "
+                                              f"and {shard.name} (remove the stray file, or add {INDEX_FILE})")
                     self.files[name] = shard
 
     def _open(self, shard: Path):
@@ -60,7 +104,7 @@ class CheckpointSource:
             try:
                 self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{shard}: unreadable safetensors file ({e})")
+                raise CheckpointError(f"{shard}: unreadable safetensors file ({e})") from None
         return self._handles[shard]
 
     def names(self) -> set[str]:
@@ -73,7 +117,7 @@ class CheckpointSource:
             s = self._open(shard).get_slice(name)
             shape, dtype = tuple(s.get_shape()), _DTYPES.get(s.get_dtype())
         except SafetensorError as e:
-            raise CheckpointError(f"{shard}: tensor {name}: {e}")
+            raise CheckpointError(f"{shard}: tensor {name}: {e}") from None
         if dtype is None:
             raise CheckpointError(f"{shard}: tensor {name} has unsupported dtype {s.get_dtype()}")
         return shape, (torch.float8_e4m3fn if dtype == torch.float8_e4m3fnuz else dtype)
@@ -98,7 +142,7 @@ class CheckpointSource:
         try:
             return self._as_fn(name, self._open(shard).get_tensor(name))
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}")
+            raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}") from None
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor; only those bytes are read."""
@@ -107,7 +151,7 @@ class CheckpointSource:
             part = self._open(shard).get_slice(name)
             return self._as_fn(name, (part[start:stop] if dim == 0 else part[:, start:stop]).contiguous())
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}")
+            raise CheckpointError(f"{shard}: cannot read tensor {name} (truncated or corrupt file?): {e}") from None
 
 
 _DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "BF16": torch.bfloat16,
@@ -147,7 +191,7 @@ class RandomSource:
             name = layout.tensor_name(module)
             if spec.kind == layout.LINEAR and fp8:
                 self._meta[name] = (spec.shape, torch.float8_e4m3fn)
-                rows, cols = (math.ceil(n / fp8_block) for n, fp8_block in zip(spec.shape, (128, 128)))
+                rows, cols = (math.ceil(n / fp8_block) for n, fp8_block in zip(spec.shape, (128, 128), strict=True))
                 self._meta[f"{module}.weight_scale_inv"] = ((rows, cols), torch.float32)
             else:
                 self._meta[name] = (spec.shape, torch.float32 if spec.kind == layout.FP32 else torch.bfloat16)
@@ -201,6 +245,51 @@ class RandomSource:
         return tuple(parts)
 
 
+class FiniteSource:
+    """A source whose tensors come moved to `device` and checked for NaN/Inf there, named when they have any.
+
+    A NaN weight makes every later activation NaN, and the model would answer nothing with no error.
+    The check reads each tensor once where it lands (an accelerator does it at memory speed) and
+    syncs once per tensor, which the host-to-device copy does anyway.
+
+    Args:
+        source: a CheckpointSource or RandomSource (anything with names/meta/get/get_slice).
+        device: where tensors go; None leaves them where the source makes them.
+    """
+
+    def __init__(self, source, device: str | torch.device | None = None):
+        self.source = source
+        self.device = None if device is None else torch.device(device)
+        self.bytes_loaded = 0
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._checked(name, self.source.get(name))
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self._checked(name, self.source.get_slice(name, dim, start, stop))
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device is not None:
+            tensor = tensor.to(self.device)
+        self.bytes_loaded += tensor.numel() * tensor.element_size()
+        if tensor.dtype == torch.float8_e4m3fn:  # no Inf; NaN is every bit of exponent and mantissa set
+            bad = (tensor.view(torch.uint8) & 0x7F).eq(0x7F).any()
+        elif tensor.dtype == torch.float8_e4m3fnuz:  # NaN is the negative zero pattern
+            bad = tensor.view(torch.uint8).eq(0x80).any()
+        elif tensor.dtype.is_floating_point:
+            bad = ~torch.isfinite(tensor).all()
+        else:
+            return tensor
+        if bool(bad):
+            where = getattr(self.source, "path", "synthetic weights")
+            shard = getattr(self.source, "files", {}).get(name)
+            raise CheckpointError(f"{shard or where}: tensor {name} has NaN or Inf values")
+        return tensor
+
+
 class WeightLoader:
     """Hands the model its tensors, checked against the layout, with a progress bar.
 
@@ -209,10 +298,13 @@ class WeightLoader:
         config: the model config the checkpoint must match.
         include_mtp: load the MTP module too (else its tensors are ignored).
         progress: show a progress bar on stderr.
+        device: where the model will hold its weights; each tensor is moved there and checked for
+            NaN/Inf there (cheap on an accelerator). None: checked where the source makes it.
     """
 
-    def __init__(self, source, config: ModelConfig, include_mtp: bool = False, progress: bool = True):
-        self.source, self.config = source, config
+    def __init__(self, source, config: ModelConfig, include_mtp: bool = False, progress: bool = True,
+                 device: str | torch.device | None = None):
+        self.source, self.config = FiniteSource(source, device), config
         self.specs = layout.module_specs(config, include_mtp=True)
         skipped = () if include_mtp else layout.mtp_prefixes(config)
         self.specs = {m: s for m, s in self.specs.items() if not (skipped and m.startswith(skipped))}
@@ -231,7 +323,8 @@ class WeightLoader:
                 raise CheckpointError(f"{self._where}: missing tensor {name} (expected shape {list(spec.shape)})")
             shape, dtype = self.source.meta(name)
             if shape != spec.shape:
-                raise CheckpointError(f"{self._where}: tensor {name} has shape {list(shape)}, expected {list(spec.shape)}")
+                raise CheckpointError(f"{self._where}: tensor {name} has shape {list(shape)}, "
+                                      f"expected {list(spec.shape)}")
             scale = f"{module}.weight_scale_inv"
             if dtype == torch.float8_e4m3fn and spec.kind == layout.LINEAR:
                 if scale not in names:
@@ -285,7 +378,7 @@ class WeightLoader:
         gate_up, gate_up_scale, down, down_scale = [], [], [], []
         for e in ids:
             p = f"{module}.experts.{e}"
-            (g, gs), (u, us), (d, ds) = self.linear(f"{p}.gate_proj"), self.linear(f"{p}.up_proj"), self.linear(f"{p}.down_proj")
+            (g, gs), (u, us), (d, ds) = (self.linear(f"{p}.{part}_proj") for part in ("gate", "up", "down"))
             if len({g.dtype, u.dtype, d.dtype}) != 1:
                 raise CheckpointError(f"{self._where}: expert {p} mixes dtypes {g.dtype}, {u.dtype}, {d.dtype}")
             if gs is not None and g.shape[0] % fp8.BLOCK:
@@ -300,6 +393,11 @@ class WeightLoader:
         if gate_up_scale and len(gate_up_scale) != len(ids):
             raise CheckpointError(f"{self._where}: {module}.experts mix FP8 and dense weights")
         return stack(gate_up), stack(gate_up_scale), stack(down), stack(down_scale)
+
+    @property
+    def bytes_loaded(self) -> int:
+        """Bytes of tensors handed out so far."""
+        return self.source.bytes_loaded
 
     def close(self) -> None:
         self._bar.close()
