@@ -177,7 +177,23 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> ModelConfig:
     if missing:
         raise ConfigError(f"{source}: missing required field {missing[0]!r}")
     values = {k: v for k, v in raw.items() if k in names and k != "source"}
+    for name, value in values.items():
+        bad = _non_finite(value)
+        if bad is not None:
+            raise ConfigError(f"{source}: field {name!r} must be finite, found {bad}")
     return validate(ModelConfig(**values, source=source))
+
+
+def _non_finite(value) -> float | None:
+    """The first NaN or infinite number in a field's value (JSON allows NaN and Infinity), else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        bad = _non_finite(item)
+        if bad is not None:
+            return bad
+    return None
 
 
 def _is_int(value) -> bool:
@@ -211,8 +227,8 @@ def validate(c: ModelConfig) -> ModelConfig:
            c, "first_k_dense_replace", f"an integer in [0, num_hidden_layers={c.num_hidden_layers}]")
     _check(isinstance(c.num_nextn_predict_layers, int) and c.num_nextn_predict_layers >= 0,
            c, "num_nextn_predict_layers", "a non-negative integer")
-    _check(isinstance(c.rms_norm_eps, (int, float)) and 0 < c.rms_norm_eps < 1, c, "rms_norm_eps", "in (0, 1)")
-    _check(isinstance(c.rope_theta, (int, float)) and c.rope_theta > 0, c, "rope_theta", "a positive number")
+    _check(_is_number(c.rms_norm_eps) and 0 < c.rms_norm_eps < 1, c, "rms_norm_eps", "in (0, 1)")
+    _check(_is_number(c.rope_theta) and 0 < c.rope_theta < math.inf, c, "rope_theta", "a positive finite number")
     _check(c.model_type in _MODEL_TYPES, c, "model_type", f"one of {_MODEL_TYPES}")
     for name in ("tie_word_embeddings", "norm_topk_prob"):
         _check(isinstance(getattr(c, name), bool), c, name, "true or false")
@@ -236,27 +252,31 @@ def validate(c: ModelConfig) -> ModelConfig:
         if c.n_shared_experts is not None:
             _check(isinstance(c.n_shared_experts, int) and c.n_shared_experts >= 0, c, "n_shared_experts",
                    "a non-negative integer")
-        _check(isinstance(c.routed_scaling_factor, (int, float)) and c.routed_scaling_factor > 0,
-               c, "routed_scaling_factor", "a positive number")
+        _check(_is_number(c.routed_scaling_factor) and 0 < c.routed_scaling_factor < math.inf,
+               c, "routed_scaling_factor", "a positive finite number")
     if c.rope_scaling is not None:
         _check(isinstance(c.rope_scaling, dict), c, "rope_scaling", "a mapping or null")
         kind = c.rope_scaling.get("type", c.rope_scaling.get("rope_type"))
         _check(kind == "yarn", c, "rope_scaling", "null or a 'yarn' mapping (the only scaling DeepSeek uses)")
         factor = c.rope_scaling.get("factor")
-        _check(isinstance(factor, (int, float)) and factor >= 1, c, "rope_scaling", "a mapping whose factor is >= 1")
+        _check(_is_number(factor) and 1 <= factor < math.inf, c, "rope_scaling",
+               "a mapping whose factor is a finite number >= 1")
         original = c.rope_scaling.get("original_max_position_embeddings")
         _check(_is_int(original) and original > 0, c, "rope_scaling",
                "a mapping with a positive integer original_max_position_embeddings")
         beta_fast, beta_slow = c.rope_scaling.get("beta_fast", 32), c.rope_scaling.get("beta_slow", 1)
-        _check(_is_number(beta_fast) and _is_number(beta_slow) and beta_fast > beta_slow > 0, c, "rope_scaling",
+        _check(_is_number(beta_fast) and _is_number(beta_slow) and math.inf > beta_fast > beta_slow > 0, c,
+               "rope_scaling",
                "a mapping with beta_fast > beta_slow > 0")
         for name in ("mscale", "mscale_all_dim"):
             value = c.rope_scaling.get(name, 0)
-            _check(_is_number(value) and value >= 0, c, "rope_scaling", f"a mapping whose {name} is a number >= 0")
+            _check(_is_number(value) and 0 <= value < math.inf, c, "rope_scaling",
+                   f"a mapping whose {name} is a finite number >= 0")
     if c.quantization_config:
         q = c.quantization_config
+        _check(isinstance(q, dict), c, "quantization_config", "a mapping or null")
         _check(q.get("quant_method") == "fp8", c, "quantization_config", "quant_method 'fp8' (or absent)")
-        _check(list(q.get("weight_block_size", [128, 128])) == [128, 128], c, "quantization_config",
+        _check(q.get("weight_block_size", [128, 128]) in ([128, 128], (128, 128)), c, "quantization_config",
                "weight_block_size [128, 128]")
     return c
 
@@ -275,9 +295,14 @@ def load_config(path: str | Path) -> ModelConfig:
     if not p.exists():
         names = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.yaml")))
         raise ConfigError(f"{path}: no such config file or checkpoint directory (built-in configs: {names})")
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a regular file (a config is a YAML or JSON file)")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
         raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}")
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                          f"{str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror})") from None
     return from_dict(raw, source=str(p))
