@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, UsageError
+from dsv3.weights import check_regular_file, read_json
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -25,16 +25,25 @@ class Tokenizer:
         file = path / "tokenizer.json"
         if not file.exists():
             raise Dsv3Error(f"{path}: no tokenizer.json (pass token ids, or a checkpoint with its tokenizer files)")
+        check_regular_file(file)
         try:
             self._tok = _HFTokenizer.from_file(str(file))
         except Exception as e:  # the tokenizers library raises its own Exception type
-            raise Dsv3Error(f"{file}: unreadable tokenizer ({e})")
+            raise Dsv3Error(f"{file}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
         settings = {}
         if (path / "tokenizer_config.json").exists():
-            settings = json.loads((path / "tokenizer_config.json").read_text())
+            settings = read_json(path / "tokenizer_config.json", "tokenizer config")
+            if not isinstance(settings, dict):
+                raise Dsv3Error(f"{path / 'tokenizer_config.json'}: expected a JSON object, "
+                                f"found {type(settings).__name__}")
+        self.settings = settings
         self.bos_token = _token_text(settings.get("bos_token")) or BOS
         self.eos_token = _token_text(settings.get("eos_token")) or EOS
         self.add_bos = settings.get("add_bos_token", True)
+        for name in ("bos_token", "eos_token"):
+            if not isinstance(getattr(self, name), str):
+                raise Dsv3Error(f"{path / 'tokenizer_config.json'}: {name} must be a string or "
+                                f"{{\"content\": string}}, found {settings.get(name)!r}")
         self.bos_id = self._tok.token_to_id(self.bos_token)
         self.eos_id = self._tok.token_to_id(self.eos_token)
 
@@ -43,6 +52,13 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
+            raise UsageError(f"the prompt is not valid UTF-8 text (byte {e.start} of it, "
+                             f"{text[e.start:e.end].encode('utf-8', 'surrogateescape')!r})") from None
         ids = self._tok.encode(text, add_special_tokens=False).ids
         add = self.add_bos if add_bos is None else add_bos
         if add and self.bos_id is not None and not text.startswith(self.bos_token):
