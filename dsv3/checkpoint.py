@@ -7,49 +7,136 @@ half-written checkpoint.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, Terminated
 from dsv3.weights import INDEX_FILE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
+PARTIAL, ASIDE = "partial", "old"
+
+
 @contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `target` only if the block completes."""
+    """Yield a temporary directory beside `target` that becomes `target` only if the block completes.
+
+    With overwrite, an existing target is replaced without a moment where neither the old nor the
+    new checkpoint exists: the old one is renamed aside, the new one renamed in, then the old one
+    deleted. SIGTERM is handled like Ctrl-C while the block runs: the temporary directory goes.
+    Directories left by a killed run (`.NAME.partial-PID-*`) are removed first; one whose process
+    still runs is an error.
+
+    Raises:
+        Dsv3Error: target exists (without overwrite), is not a directory, or another run writes it.
+    """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise Dsv3Error(f"{target}: already exists (choose another output or remove it)")
+    check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{PARTIAL}-{os.getpid()}-", dir=target.parent))
     try:
-        yield tmp
-        _make_readable(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with _sigterm_interrupts():
+            yield tmp
+            _make_readable(tmp)
+            _replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output(target: Path, overwrite: bool) -> None:
+    """Refuse a target that is a file or link, or that exists without overwrite, before any work is done."""
+    if target.is_symlink():
+        raise Dsv3Error(f"{target}: is a symbolic link; give the directory itself as the output")
+    if target.exists() and not target.is_dir():
+        raise Dsv3Error(f"{target}: exists and is not a directory; choose another output")
+    if target.exists() and not overwrite:
+        raise Dsv3Error(f"{target}: already exists (choose another output, or pass --overwrite to replace it)")
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory dsv3 or Hugging Face wrote: config.json and safetensors weights."""
+    return (path / "config.json").is_file() and (
+        (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")))
+
+
+def remove_stale(target: Path) -> None:
+    """Remove `.NAME.partial-*` directories of killed runs; refuse while another live run writes `target`,
+    and name an old copy a run killed mid-replace left aside instead of deleting it."""
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.{PARTIAL}-*")):
+        pid = path.name.removeprefix(f".{target.name}.{PARTIAL}-").split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            raise Dsv3Error(f"{target}: process {pid} is writing it ({path.name}); wait for it, "
+                            f"or remove {path} if that process is not dsv3")
+        shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.{ASIDE}-*")):
+        now = "the new one is in place" if target.exists() else f"no {target.name} is in place"
+        raise Dsv3Error(f"{path}: the previous checkpoint of {target}, set aside by a run killed while replacing "
+                        f"it ({now}); move it back or delete it, then run again")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _replace(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing target is renamed aside first and deleted last."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.{ASIDE}-{os.getpid()}-", dir=target.parent))
+    os.rename(target, aside / target.name)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(aside / target.name, target)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _make_readable(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the finished checkpoint ordinary permissions."""
+    """mkdtemp makes a private (0700) directory; give the finished checkpoint's directory ordinary permissions.
+    Files keep theirs: written ones got the umask's, copied ones the source's (a private file stays private)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(directory, 0o777 & ~umask)
-    for path in directory.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 class ShardWriter:
@@ -92,7 +179,8 @@ class ShardWriter:
         """Write the last shard, give shards their final 'of N' names and write the index."""
         self._flush()
         count = len(self._shards)
-        renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)}
+        renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{count:05d}.safetensors"
+                   for i in range(1, count + 1)}
         for old, new in renames.items():
             os.replace(self.directory / old, self.directory / new)
         self.weight_map = {k: renames[v] for k, v in self.weight_map.items()}

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import os
 import sys
 
 from dsv3.backends.errors import BackendError
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, Terminated
 
 #: subcommand -> (module in dsv3.commands, one-line help)
 COMMANDS = {
     "generate": ("generate", "generate text from a prompt, a file of prompts, or an interactive chat"),
     "conformance": ("conformance", "check every backend op against the reference backend and print the matrix"),
-    "doctor": ("doctor", "show the device, versions, the backend and precision dsv3 picks, and each op's implementation"),
+    "doctor": ("doctor", "show the device, versions, the backend and precision dsv3 picks, and each op's "
+                         "implementation"),
     "convert": ("convert", "convert an FP8 checkpoint to BF16, or to e4m3fnuz for MI300X"),
     "bench": ("bench", "time GEMM, MoE and MLA at the DeepSeek-V3 shapes beside their peers and the roofline"),
 }
@@ -25,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run DeepSeek-V3/R1/V2 on NVIDIA, AMD and Ascend accelerators, or on the CPU.",
         epilog="Run 'dsv3 COMMAND --help' for a command's options. Without --ckpt, commands use the "
                "built-in tiny checkpoint.")
+    parser.add_argument("--version", action="version", version=f"dsv3 {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = importlib.import_module(f"dsv3.commands.{module}")
@@ -39,8 +43,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except (Dsv3Error, BackendError) as e:
-        print(f"dsv3: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
+    except Terminated:
+        return _fail("terminated", 143)
     except KeyboardInterrupt:
-        print("dsv3: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130)
+    except BrokenPipeError:  # `dsv3 generate ... | head -1`: the reader left; stop quietly-ish, exit like SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return _fail("output closed early (broken pipe); stopped", 141)
+    except MemoryError:
+        return _fail("error: out of host memory", 2)
+    except RuntimeError as e:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            return _fail(f"error: the device ran out of memory: {str(e).splitlines()[0]}", 2)
+        raise
+
+
+def _fail(message: str, code: int) -> int:
+    try:
+        print(f"dsv3: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    return code
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dsv3")
+    except importlib.metadata.PackageNotFoundError:
+        from dsv3 import __version__
+
+        return __version__

@@ -13,7 +13,6 @@ Other files beside the weights (tokenizer, generation config, code, license) are
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -22,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from dsv3.backends import fp8
-from dsv3.checkpoint import ShardWriter, atomic_directory, write_config
+from dsv3.checkpoint import ShardWriter, atomic_directory, check_output, is_checkpoint_dir, write_config
 from dsv3.config import from_dict
 from dsv3.errors import CheckpointError, Dsv3Error
-from dsv3.weights import INDEX_FILE, CheckpointSource
+from dsv3.weights import INDEX_FILE, CheckpointSource, read_json
 
 TARGETS = ("bf16", "e4m3fnuz")
 SCALE_SUFFIX = "_scale_inv"
@@ -50,10 +49,12 @@ def convert_checkpoint(source: str | Path, target: str | Path, to: str = "bf16",
     source, target = Path(source), Path(target)
     if to not in TARGETS:
         raise Dsv3Error(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+    if not _is_int(max_shard_bytes) or max_shard_bytes <= 0:
+        raise Dsv3Error(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     if not (source / "config.json").is_file():
         raise Dsv3Error(f"{source}: not a checkpoint directory (no config.json)")
-    if target.resolve() == source.resolve():
-        raise Dsv3Error(f"{target}: the output must differ from the source checkpoint")
+    check_target(source, target, overwrite)
+    links = _check_links(source)
     raw_config = _read_config(source)
     reader = CheckpointSource(source)
     scales = _fp8_weights(reader)
@@ -82,7 +83,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, to: str = "bf16",
                     bar.update(1)
             writer.finish()
             write_config(tmp, _converted_config(raw_config, to))
-            _copy_other_files(source, tmp)
+            _copy_other_files(source, tmp, links)
     finally:
         bar.close()
     return target
@@ -98,10 +99,7 @@ def _convert(name: str, weight: torch.Tensor, scale: torch.Tensor, scale_name: s
 
 def _read_config(source: Path) -> dict:
     path = source / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Dsv3Error(f"{path}: not valid JSON: {e}")
+    raw = read_json(path, "config.json")
     from_dict(raw, source=str(path))  # every field checked before any tensor is read
     return raw
 
@@ -167,9 +165,64 @@ def _converted_config(raw: dict, to: str) -> dict:
     return config
 
 
-def _copy_other_files(source: Path, directory: Path) -> None:
-    """Copy the top-level files that are not weights, index or config (tokenizer, generation config, code)."""
+#: files beside the weights that a checkpoint needs; others (caches, notes, dotfiles) are not copied
+OTHER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+               "added_tokens.json", "generation_config.json", "LICENSE", "LICENSE-CODE", "LICENSE-MODEL",
+               "README.md")
+
+
+def _copy_other_files(source: Path, directory: Path, links: dict[Path, Path]) -> None:
+    """Copy the regular top-level files a checkpoint needs besides weights, index and config: tokenizer
+    files, generation config, the model code (*.py) and licenses. Each keeps its permissions."""
     for path in sorted(source.iterdir()):
-        if (path.is_file() and not path.name.startswith(".") and path.suffix != ".safetensors"
-                and path.name not in ("config.json", INDEX_FILE)):
-            shutil.copy2(path, directory / path.name)
+        if _is_other_file(path) and path.is_file():
+            shutil.copyfile(links.get(path, path), directory / path.name)
+            shutil.copymode(links.get(path, path), directory / path.name)
+
+
+def check_target(source: Path, target: Path, overwrite: bool) -> None:
+    """Refuse an output that is the source, holds it or lies in it; that is a file; that exists without
+    overwrite; or that overwrite would replace while it is not a checkpoint (nor empty). All before any work."""
+    src, out = source.resolve(), target.resolve()
+    if out == src:
+        raise Dsv3Error(f"{target}: the output must differ from the source checkpoint")
+    if out in src.parents:
+        raise Dsv3Error(f"{target}: the output contains the source checkpoint {source}; "
+                        f"replacing it would delete the source")
+    if src in out.parents:
+        raise Dsv3Error(f"{target}: the output lies inside the source checkpoint {source}; choose a directory "
+                        f"outside it")
+    check_output(target, overwrite)
+    if target.is_dir() and any(target.iterdir()) and not is_checkpoint_dir(target):
+        raise Dsv3Error(f"{target}: not empty and not a checkpoint (no config.json and *.safetensors); "
+                        f"--overwrite replaces only a checkpoint directory")
+
+
+def _check_links(source: Path) -> dict[Path, Path]:
+    """Symbolic links among the files convert reads -> what they point to. A link that leaves the source
+    is refused (a private file elsewhere would be copied), except the Hugging Face cache's links from
+    snapshots/REVISION/ into the repository's blobs/."""
+    root = source.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    links = {}
+    for path in sorted(source.iterdir()):
+        if not path.is_symlink() or not _read_by_convert(path):
+            continue
+        real = path.resolve()
+        if not (root in real.parents or (blobs is not None and blobs in real.parents)):
+            raise CheckpointError(f"{path}: a link to {real}, outside the source checkpoint; refusing to follow "
+                                  f"it (copy the file into {source} if it belongs to the checkpoint)")
+        links[path] = real
+    return links
+
+
+def _is_other_file(path: Path) -> bool:
+    return path.name in OTHER_FILES or (path.suffix == ".py" and not path.name.startswith("."))
+
+
+def _read_by_convert(path: Path) -> bool:
+    return path.name in ("config.json", INDEX_FILE) or path.suffix == ".safetensors" or _is_other_file(path)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -42,3 +42,7 @@ class RequestError(UsageError):
 
 class EngineRequestError(Dsv3Error):
     """The engine failed while running one request; the request ends with this message."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a checkpoint was being written: raised so cleanup runs as for Ctrl-C."""

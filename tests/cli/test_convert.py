@@ -198,6 +198,8 @@ def test_interrupted_conversion_leaves_no_output(fp8_checkpoint, tmp_path, monke
 def test_interrupted_overwrite_keeps_the_old_output(fp8_checkpoint, tmp_path, monkeypatch):
     old = tmp_path / "out"
     old.mkdir()
+    (old / "config.json").write_text("{}")  # --overwrite replaces only a checkpoint directory
+    (old / "model.safetensors").write_text("")
     (old / "marker").write_text("previous conversion")
     interrupt_after(monkeypatch, 30, [])
     with pytest.raises(Interrupt):
