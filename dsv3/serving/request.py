@@ -1,0 +1,85 @@
+"""One sequence's state as it moves through the engine: tokens, cache blocks, progress, finish."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3.serving.params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion being generated (a request with n > 1 has n of them).
+
+    Attributes:
+        seq_id: unique in the engine ("<request_id>" or "<request_id>#<index>").
+        request_id, index: the request and which of its completions.
+        token_ids: prompt then generated tokens.
+        num_prompt_tokens: the prompt's length.
+        params: resolved sampling settings.
+        num_computed_tokens: tokens whose latents are in the cache.
+        block_table: the physical block of each logical block.
+        block_hashes: chained content hashes of its full, computed blocks (prefix caching).
+        num_cached_tokens: prompt tokens found in the prefix cache when it was first scheduled.
+        generator: its own random generator when seeded.
+        leader: for n > 1, completion 0, whose prompt blocks the others wait to share.
+    """
+
+    seq_id: str
+    request_id: str
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_model_len: int
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int | None = None
+    generator: torch.Generator | None = None
+    leader: "Sequence | None" = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Part of its prompt is not in the cache yet."""
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens it may generate: max_tokens, and never past the context."""
+        room = self.max_model_len - self.num_prompt_tokens
+        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)

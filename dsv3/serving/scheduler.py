@@ -1,0 +1,149 @@
+"""Who runs each step: running sequences first, then waiting ones, under a token budget.
+
+One step function, no separate prefill and decode phases (vLLM v1's shape). Each step:
+1. Every running sequence gets its next tokens, in admission order: one token when it is decoding,
+   else the next chunk of its prompt, as far as the budget (`max_num_batched_tokens`) goes. When the
+   cache has no block left for it, the newest running sequence is preempted: its blocks are freed and
+   it goes back to the front of the queue, to be recomputed from its tokens later (greedy output is
+   unchanged: the recomputed cache holds what the original did).
+2. If nothing was preempted, waiting sequences are admitted in arrival order while the budget, the
+   blocks and `max_num_seqs` allow; each starts after the longest prefix found in the prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from dsv3.serving.block_manager import BlockManager
+from dsv3.serving.request import Sequence, Status
+
+
+@dataclass
+class ScheduledStep:
+    """What one step runs.
+
+    Attributes:
+        decodes: sequences that run one token (their last; position num_computed_tokens).
+        prefills: (sequence, number of tokens) that run a chunk of several tokens.
+        preempted: sequences sent back to the queue this step.
+    """
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    def scheduled(self) -> list[tuple[Sequence, int]]:
+        """Every (sequence, tokens) in batch order: decodes first, then prefill chunks."""
+        return [(s, 1) for s in self.decodes] + self.prefills
+
+
+class Scheduler:
+    """Queues of waiting and running sequences and the step's choice.
+
+    Args:
+        block_manager: the cache blocks.
+        max_num_seqs: running sequences at most.
+        max_num_batched_tokens: tokens per step at most.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """End seq (finished, aborted or failed): out of the queues, its blocks freed at once."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.allocate(seq, count):
+                victim = self.running.pop()
+                self._preempt(victim)
+                step.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self._add(step, seq, count)
+                budget -= count
+                i += 1
+                continue
+            break
+        if step.preempted:
+            return step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            leader = seq.leader
+            if leader is not None and not leader.is_finished and leader.is_prefilling and bm.enable_prefix_caching:
+                break  # completions of one prompt share its blocks: wait until the first has computed them
+            blocks, hashes = bm.cached_prefix(seq.token_ids)
+            num_cached = len(blocks) * bm.block_size
+            count = min(seq.num_tokens - num_cached, budget)
+            if not bm.allocate(seq, count, blocks):
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens, seq.block_hashes = num_cached, list(hashes)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
+            bm.count_query(seq.num_tokens, num_cached)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self._add(step, seq, count)
+            budget -= count
+        return step
+
+    @staticmethod
+    def _add(step: ScheduledStep, seq: Sequence, count: int) -> None:
+        if count == 1:
+            step.decodes.append(seq)
+        else:
+            step.prefills.append((seq, count))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_sequence(seq)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, step: ScheduledStep) -> list[Sequence]:
+        """Record that the step ran; returns the sequences whose next token is to be sampled now."""
+        ready = []
+        for seq, count in step.scheduled():
+            seq.num_computed_tokens += count
+            self.block_manager.cache_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                ready.append(seq)
+        return ready
