@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="text to continue")
     p.add_argument("--input-file", metavar="FILE", help="one prompt per line, generated as one batch")
     p.add_argument("--interactive", action="store_true", help="chat in the terminal (/clear resets, /exit quits)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the checkpoint's "
+                   "(for --chat and --interactive)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
@@ -36,11 +38,12 @@ def run(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise Dsv3Error("generate needs a checkpoint with a tokenizer (--config runs synthetic weights)")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    template = chat_template(args) if args.chat or args.interactive else None
     if args.interactive:
-        return chat_loop(model, sampling)
+        return chat_loop(model, sampling, template)
     inputs = prompts
     if args.chat:
-        inputs = [model.tokenizer.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+        inputs = [template.render([{"role": "user", "content": p}]) for p in prompts]
     if len(inputs) == 1:
         stream = Streamer(model.tokenizer)
         model.generate(inputs, on_token=lambda i, t: stream.add(t), **sampling)
@@ -88,7 +91,19 @@ class Streamer:
         return self.printed
 
 
-def chat_loop(model, sampling: dict) -> int:
+def chat_template(args: argparse.Namespace):
+    """The checkpoint's chat template (or --chat-template FILE), as `dsv3 serve` renders it."""
+    from dsv3.api import TINY_CHECKPOINT
+    from dsv3.server.chat_template import ChatTemplate, no_template_error
+
+    checkpoint = args.ckpt or TINY_CHECKPOINT
+    template = ChatTemplate.load(checkpoint, override=args.chat_template)
+    if template is None:
+        raise no_template_error(checkpoint)
+    return template
+
+
+def chat_loop(model, sampling: dict, template) -> int:
     print("dsv3 chat: type a message; /clear starts over, /exit quits.", file=sys.stderr)
     messages: list[dict[str, str]] = []
     while True:
@@ -108,7 +123,7 @@ def chat_loop(model, sampling: dict) -> int:
         messages.append({"role": "user", "content": line})
         stream = Streamer(model.tokenizer)
         try:
-            model.generate([model.tokenizer.chat_prompt(messages)], on_token=lambda i, t: stream.add(t), **sampling)
+            model.generate([template.render(messages)], on_token=lambda i, t: stream.add(t), **sampling)
         except Dsv3Error as e:  # e.g. the conversation outgrew max_seq_len: say so and keep chatting
             print(f"dsv3: error: {e} (/clear starts over)", file=sys.stderr)
             messages.pop()

@@ -1,0 +1,159 @@
+"""Chat messages -> prompt text with the checkpoint's own Jinja chat template.
+
+Renders as transformers' `apply_chat_template` does: a sandboxed Jinja environment with trim_blocks and
+lstrip_blocks, the loop-control extension, `raise_exception`, `strftime_now` and a `tojson` that keeps
+non-ASCII text; the template sees `messages`, `tools`, `add_generation_prompt` and the tokenizer's special
+tokens (`bos_token`, `eos_token`, ...). The template comes from `--chat-template FILE`, else the
+checkpoint's tokenizer_config.json `chat_template` (a string, or a list of named templates), else its
+chat_template.jinja. A checkpoint with none gets a clear error on chat requests, never a guessed format.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from dsv3.errors import Dsv3Error, RequestError
+
+#: tokenizer_config.json keys that transformers passes to the template as special tokens
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class NoChatTemplateError(RequestError):
+    """The checkpoint has no chat template and none was given with --chat-template."""
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores a special token as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class ChatTemplate:
+    """A compiled chat template and the special tokens it is rendered with.
+
+    Args:
+        source: the Jinja text, or named templates {name: text} ("default", "tool_use", ...).
+        special_tokens: bos_token, eos_token, ... as the template sees them.
+        origin: where the template came from, for error messages.
+    """
+
+    def __init__(self, source: str | dict[str, str], special_tokens: dict[str, str], origin: str):
+        self.origin = origin
+        self.special_tokens = dict(special_tokens)
+        env = _environment()
+        named = source if isinstance(source, dict) else {"default": source}
+        try:
+            self._templates = {name: env.from_string(text) for name, text in named.items()}
+        except jinja2.TemplateSyntaxError as e:
+            raise Dsv3Error(f"{origin}: the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+        if "default" not in self._templates:
+            raise Dsv3Error(f"{origin}: named chat templates need one called 'default' "
+                            f"(found: {', '.join(self._templates)})")
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, override: str | Path | None = None) -> ChatTemplate | None:
+        """The chat template for a checkpoint directory; None when it has none and none is given.
+
+        Args:
+            checkpoint: the checkpoint directory (tokenizer_config.json, optionally chat_template.jinja).
+            override: a Jinja file that replaces the checkpoint's template (`--chat-template`).
+        """
+        checkpoint = Path(checkpoint)
+        settings = {}
+        config_file = checkpoint / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                settings = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise Dsv3Error(f"{config_file}: cannot read it as JSON ({e})") from None
+        special = {key: _token_text(settings[key]) for key in SPECIAL_TOKEN_KEYS if _token_text(settings.get(key))}
+        extra = settings.get("additional_special_tokens")
+        if isinstance(extra, list):
+            special["additional_special_tokens"] = [_token_text(t) for t in extra]
+        if override is not None:
+            path = Path(override)
+            try:
+                return cls(path.read_text(encoding="utf-8"), special, str(path))
+            except (OSError, UnicodeDecodeError) as e:
+                raise Dsv3Error(f"{path}: cannot read the chat template (--chat-template takes a Jinja file: "
+                                f"{e})") from None
+        source = settings.get("chat_template")
+        if isinstance(source, list):  # [{"name": ..., "template": ...}, ...]
+            source = {entry["name"]: entry["template"] for entry in source}
+        if source:
+            return cls(source, special, f"{config_file} chat_template")
+        jinja_file = checkpoint / "chat_template.jinja"
+        if jinja_file.is_file():
+            return cls(jinja_file.read_text(encoding="utf-8"), special, str(jinja_file))
+        return None
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               **kwargs) -> str:
+        """The prompt text for a conversation.
+
+        Args:
+            messages: [{"role", "content", ...}] as OpenAI's API takes them (content a string).
+            tools: OpenAI tool definitions [{"type": "function", "function": {...}}], or None.
+            add_generation_prompt: end with the assistant's turn opener so the model answers.
+            kwargs: further template variables (e.g. a template's thinking switch).
+
+        Raises:
+            RequestError: the template rejected the conversation (its raise_exception) or failed on it.
+        """
+        template = self._templates.get("tool_use") if tools else None
+        template = template or self._templates["default"]
+        variables = {**self.special_tokens, **kwargs}
+        try:
+            return template.render(messages=messages, tools=tools, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise RequestError(f"the chat template ({self.origin}) rejected the messages: {e}", param="messages") from e
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise RequestError(f"the chat template ({self.origin}) failed on the messages: "
+                               f"{type(e).__name__}: {e}", param="messages") from e
+
+
+def no_template_error(checkpoint: str | Path) -> NoChatTemplateError:
+    return NoChatTemplateError(f"{checkpoint}: the checkpoint has no chat template (no chat_template in "
+                               "tokenizer_config.json, no chat_template.jinja); pass --chat-template FILE, "
+                               "or use /v1/completions with the prompt formatted yourself", param="messages")
