@@ -1,25 +1,28 @@
-"""MLA attention over the latent cache: a Triton flash-decoding kernel and an SDPA prefill.
+"""MLA attention over a paged latent cache: a Triton flash-decoding kernel and an SDPA prefill.
 
-The cache of one layer is [max_batch, max_seq, kv_lora_rank + rope_dim]: per token
-the normalized latent (C = 512 for DeepSeek-V3) followed by the rotated shared rope
-key (R = 64), contiguous, so one token is one 1152-byte row in BF16.
+The cache of one layer is a pool [num_blocks, block_size, kv_lora_rank + rope_dim]: per token
+the normalized latent (C = 512 for DeepSeek-V3) followed by the rotated shared rope key
+(R = 64), contiguous, so one token is one 1152-byte row in BF16. Token p of sequence b is row
+p % block_size of block block_tables[b, p // block_size].
 
 Decode runs the absorbed form. The latent query q_nope @ w_uk ([B, H, C]) and the
 rope query ([B, H, R]) meet every cached row of their sequence: scores use all
 C + R columns, values are the latent itself, and one shared KV head serves all H
 query heads, so each program multiplies a block of heads [BLOCK_H, C + R] by a KV
-tile [C + R, BLOCK_N]. The sequence is split in num_splits pieces (flash-decoding):
-each program keeps an online softmax over its piece and writes a partial output
-with its log-sum-exp; a second kernel combines the pieces and, for few splits,
-applies w_uv in the same pass. Split lengths follow each sequence's own length
-(positions[b] + 1, read on the device), so the grid depends only on the batch,
-the heads and the cache's max_seq_len: no host synchronisation, and the op can be
-captured in a CUDA graph. The new token is taken from the op's inputs and written
-to the cache by the attention kernel itself (no program reads that row back).
+tile [C + R, BLOCK_N] whose rows it finds through the sequence's block table. The
+sequence is split in num_splits pieces (flash-decoding): each program keeps an online
+softmax over its piece and writes a partial output with its log-sum-exp; a second
+kernel combines the pieces and, for few splits, applies w_uv in the same pass. Split
+lengths follow each sequence's own length (seq_lens[b], read on the device), so the
+grid depends only on the batch, the heads and the block table's width: no host
+synchronisation, and the op can be captured in a CUDA graph. The new token is taken
+from the op's inputs and written to the cache by the attention kernel itself (no
+program reads that row back).
 
-Prefill runs the non-absorbed form: the cached latents are expanded through
-kv_b_proj (w_uk and w_uv) into per-head keys and values, and PyTorch's fused
-attention does the rest.
+Prefill runs the non-absorbed form: the new tokens are written through the tables, each
+sequence's cached latents are gathered through its table (padded to the batch's longest),
+expanded through kv_b_proj (w_uk and w_uv) into per-head keys and values, and PyTorch's
+fused attention does the rest.
 
 The kernels take BF16/FP16 or FP32 inputs; FP32 runs the dots in IEEE precision,
 which is what the CPU interpreter (TRITON_INTERPRET=1) needs.
@@ -33,11 +36,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from dsv3.backends.interface import CacheSpec, MLAWeights
+from dsv3.backends.errors import BackendError
+from dsv3.backends.interface import CacheSpec, MLAInputs, MLAWeights, PagedBatch, paged_cache_spec
 from dsv3.backends.triton_kernels.elementwise import rotate_pairs
 from dsv3.backends.triton_kernels.quant import cast_rne
-
-from dsv3.errors import Dsv3Error
 
 _LOG2E = 1.4426950408889634
 
@@ -81,17 +83,19 @@ def default_decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
 
 @triton.jit
 def _decode_partial_kernel(
-    q_latent_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, cache_ptr, slots_ptr, positions_ptr, cos_ptr, sin_ptr,
+    q_latent_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, cos_ptr, sin_ptr,
     partial_out_ptr, partial_lse_ptr,
-    stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_lb, stride_kb, stride_cb, stride_cs, stride_rope,
-    num_heads, num_splits, scale_log2,
+    stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_lb, stride_kb, stride_cache_block, stride_cache_token,
+    stride_table, stride_rope, num_heads, num_splits, scale_log2,
     RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROTATE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """One (head block, split, sequence): online softmax over its share of the sequence.
 
-    The new token (position seq_len - 1) comes from latent/k_pe rather than the cache, and the
-    first head block of the split that holds it writes it to the cache: no program reads that row.
+    Token p of the sequence is row p % PAGE of block block_tables[seq, p // PAGE] of the cache. The new
+    token (position seq_len - 1) comes from latent/k_pe rather than the cache, and the first head block of
+    the split that holds it writes it to the cache: no program reads that row.
     Writes partial_out [B, H, num_splits, RANK] (normalized) and partial_lse [B, H, num_splits]
     (log2 domain) for the splits that hold at least one token. With ROTATE, q_pe and k_pe come
     unrotated and are rotated here by the sequence's cos/sin (rounded to their dtype, as the rotary
@@ -101,7 +105,7 @@ def _decode_partial_kernel(
     split = tl.program_id(1)
     seq = tl.program_id(2)
 
-    seq_len = tl.load(positions_ptr + seq).to(tl.int32) + 1
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -138,12 +142,13 @@ def _decode_partial_kernel(
     denominator = tl.where(holds_new, 1.0, 0.0) + tl.zeros([BLOCK_H], tl.float32)
     acc = tl.where(holds_new, new_latent.to(tl.float32), 0.0)[None, :] + tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
 
-    row_base = cache_ptr + tl.load(slots_ptr + seq) * stride_cb
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table
     cache_end = tl.minimum(end, seq_len - 1)  # cached tokens of this split (the new one is not read back)
     for tile_start in range(start, cache_end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         token_ok = tokens < cache_end
-        rows = row_base + tokens[:, None] * stride_cs
+        blocks = tl.load(table + tokens // PAGE, mask=token_ok, other=0).to(tl.int64)
+        rows = cache_ptr + (blocks * stride_cache_block + (tokens % PAGE) * stride_cache_token)[:, None]
         kv = tl.load(rows + cols[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)
         k_pe = tl.load(rows + RANK + rope_cols[None, :], mask=token_ok[:, None] & rope_ok[None, :], other=0.0)
         scores = tl.dot(q_latent, tl.trans(kv), input_precision=DOT_PRECISION)
@@ -157,8 +162,11 @@ def _decode_partial_kernel(
         max_score = new_max
 
     if holds_new & (head_block == 0):  # nobody reads this row in this launch: no race
-        tl.store(row_base + (seq_len - 1) * stride_cs + cols, new_latent, mask=col_ok)
-        tl.store(row_base + (seq_len - 1) * stride_cs + RANK + rope_cols, new_k_pe, mask=rope_ok)
+        last = seq_len - 1
+        new_row = (cache_ptr + tl.load(table + last // PAGE).to(tl.int64) * stride_cache_block
+                   + (last % PAGE) * stride_cache_token)
+        tl.store(new_row + cols, new_latent, mask=col_ok)
+        tl.store(new_row + RANK + rope_cols, new_k_pe, mask=rope_ok)
 
     out_rows = (seq * num_heads + heads) * num_splits + split
     tl.store(partial_out_ptr + out_rows[:, None] * RANK + cols[None, :], acc / denominator[:, None],
@@ -175,7 +183,7 @@ def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _combine_kernel(
-    partial_out_ptr, partial_lse_ptr, positions_ptr, out_ptr,
+    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr,
     stride_ob, stride_oh, num_heads, num_splits,
     RANK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_POW2: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
@@ -183,7 +191,7 @@ def _combine_kernel(
     """One (sequence, head): the log-sum-exp weighted sum of its splits' partial outputs."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    used = _used_splits(tl.load(positions_ptr + seq).to(tl.int32) + 1, num_splits, BLOCK_N)
+    used = _used_splits(tl.load(seq_lens_ptr + seq).to(tl.int32), num_splits, BLOCK_N)
     first = (seq * num_heads + head) * num_splits
     split_ids = tl.arange(0, SPLITS_POW2)
     lse = tl.load(partial_lse_ptr + first + split_ids, mask=split_ids < used, other=float("-inf"))
@@ -206,7 +214,7 @@ def _combine_kernel(
 
 @triton.jit
 def _combine_project_kernel(
-    partial_out_ptr, partial_lse_ptr, positions_ptr, w_uv_ptr, out_ptr,
+    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, w_uv_ptr, out_ptr,
     batch, num_heads, stride_wh, stride_wv, stride_ob, stride_oh,
     NUM_SPLITS: tl.constexpr, RANK: tl.constexpr, V_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
     V_CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -219,7 +227,7 @@ def _combine_project_kernel(
     head = tl.program_id(0)
     seqs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     seq_ok = seqs < batch
-    used = _used_splits(tl.load(positions_ptr + seqs, mask=seq_ok, other=0).to(tl.int32) + 1, num_splits, BLOCK_N)
+    used = _used_splits(tl.load(seq_lens_ptr + seqs, mask=seq_ok, other=1).to(tl.int32), num_splits, BLOCK_N)
     first = (seqs * num_heads + head) * num_splits
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < RANK
@@ -250,13 +258,10 @@ def _combine_project_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=seq_ok[:, None] & value_ok[None, :])
 
 
-def mla_cache_spec(max_batch_size: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int,
+def mla_cache_spec(num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
                    dtype: torch.dtype) -> CacheSpec:
-    """[max_batch, max_seq, kv_lora_rank + rope_dim]: latent then rope key, one row per token."""
-    width = kv_lora_rank + rope_dim
-    return CacheSpec(shape=(max_batch_size, max_seq_len, width), dtype=dtype,
-                     layout="[batch, seq, kv_lora_rank + rope_dim]",
-                     bytes_per_token=width * torch.empty((), dtype=dtype).element_size())
+    """[num_blocks, block_size, kv_lora_rank + rope_dim]: latent then rope key, one row per token."""
+    return paged_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype)
 
 
 def allocate_mla_cache(spec: CacheSpec, device: torch.device | str) -> torch.Tensor:
@@ -302,9 +307,9 @@ def _kv_b(weights: MLAWeights, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_cache(cache: torch.Tensor, rank: int, rope: int) -> None:
-    if cache.dim() != 3 or cache.shape[-1] != rank + rope or cache.stride(-1) != 1:
-        raise Dsv3Error(f"MLA cache: expected a [batch, seq, {rank + rope}] tensor with contiguous rows, "
-                        f"found shape {tuple(cache.shape)} strides {cache.stride()}")
+    if cache.dim() != 3 or cache.shape[-1] != rank + rope or cache.stride(-1) != 1 or cache.stride(1) != rank + rope:
+        raise BackendError(f"MLA cache: expected a [num_blocks, block_size, {rank + rope}] tensor with contiguous "
+                           f"rows, found shape {tuple(cache.shape)} strides {cache.stride()}")
 
 
 _SM_COUNTS: dict[int, int] = {}
@@ -327,28 +332,30 @@ def choose_num_splits(batch: int, heads: int, max_seq_len: int, config: DecodeCo
     return max(1, min(wanted, triton.cdiv(max_seq_len, max(config.min_split_tokens, config.block_n))))
 
 
-def _attend_splits(q_latent, q_pe, latent, k_pe, cache, slots, positions, softmax_scale, config, num_splits,
+def _attend_splits(q_latent, q_pe, latent, k_pe, cache, batch: PagedBatch, softmax_scale, config, num_splits,
                    rope=None):
     """Launch the partial kernel; returns (partial_out [B, H, splits, C] fp32, partial_lse [B, H, splits]).
     rope: None (q_pe and k_pe rotated already) or (cos, sin) [B, R/2] to rotate them in the kernel."""
-    batch, heads, rank = q_latent.shape
+    num_seqs, heads, rank = q_latent.shape
     rope_dim = q_pe.shape[-1]
     _check_cache(cache, rank, rope_dim)
     q_latent, q_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_latent, q_pe))
     latent, k_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (latent, k_pe))
-    partial_out = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=cache.device)
-    partial_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=cache.device)
+    tables = batch.block_tables if batch.block_tables.stride(-1) == 1 else batch.block_tables.contiguous()
+    partial_out = torch.empty(num_seqs, heads, num_splits, rank, dtype=torch.float32, device=cache.device)
+    partial_lse = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=cache.device)
     if rope is None:
-        cos = sin = positions  # not read
+        cos = sin = batch.seq_lens  # not read
     else:
-        cos, sin = (t.reshape(batch, rope_dim // 2).float().contiguous() for t in rope)
-    _decode_partial_kernel[(triton.cdiv(heads, config.block_h), num_splits, batch)](
-        q_latent, q_pe, latent, k_pe, cache, slots, positions, cos, sin, partial_out, partial_lse,
+        cos, sin = (t.reshape(num_seqs, rope_dim // 2).float().contiguous() for t in rope)
+    _decode_partial_kernel[(triton.cdiv(heads, config.block_h), num_splits, num_seqs)](
+        q_latent, q_pe, latent, k_pe, cache, tables, batch.seq_lens, cos, sin, partial_out, partial_lse,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), k_pe.stride(0),
-        cache.stride(0), cache.stride(1), cos.stride(0), heads, num_splits, softmax_scale * _LOG2E,
-        RANK=rank, ROPE=rope_dim, BLOCK_C=triton.next_power_of_2(rank), BLOCK_R=triton.next_power_of_2(rope_dim),
-        BLOCK_H=config.block_h, BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(cache.dtype),
-        ROTATE=rope is not None, num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
+        cache.stride(0), cache.stride(1), tables.stride(0), cos.stride(0), heads, num_splits,
+        softmax_scale * _LOG2E, RANK=rank, ROPE=rope_dim, BLOCK_C=triton.next_power_of_2(rank),
+        BLOCK_R=triton.next_power_of_2(rope_dim), BLOCK_H=config.block_h, BLOCK_N=config.block_n,
+        PAGE=cache.shape[1], DOT_PRECISION=_dot_precision(cache.dtype), ROTATE=rope is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
     return partial_out, partial_lse
 
 
@@ -357,58 +364,29 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _combine(partial_out, partial_lse, positions, out, block_n):
+def _combine(partial_out, partial_lse, seq_lens, out, block_n):
     """Combine the splits into out [B, H, C] (any strides with a contiguous last dim)."""
-    batch, heads, num_splits, rank = partial_out.shape
-    _combine_kernel[(batch, heads)](
-        partial_out, partial_lse, positions, out, out.stride(0), out.stride(1), heads, num_splits,
+    num_seqs, heads, num_splits, rank = partial_out.shape
+    _combine_kernel[(num_seqs, heads)](
+        partial_out, partial_lse, seq_lens, out, out.stride(0), out.stride(1), heads, num_splits,
         RANK=rank, BLOCK_C=triton.next_power_of_2(rank), BLOCK_N=block_n,
         SPLITS_POW2=triton.next_power_of_2(num_splits), SPLIT_CHUNK=8, num_warps=4)
 
 
-def _plan(batch, heads, cache, config, num_splits):
-    config = config or default_decode_config(heads, cache.dtype)
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, heads, cache.shape[1], config, _num_sms(cache.device))
-    return config, num_splits
-
-
-def mla_decode_latent(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                      cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, softmax_scale: float,
-                      config: DecodeConfig | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """The attention part of decode alone: write the new token, attend in latent space.
-
-    Args:
-        q_latent: [B, H, C] (q_nope @ w_uk); q_pe: [B, H, R] rotated; latent: [B, C]; k_pe: [B, R].
-        cache: [max_batch, max_seq, C + R]; slots: [B] cache rows; positions: [B] new positions.
-        config, num_splits: override the tile sizes and the number of sequence splits.
-    Returns:
-        [B, H, C] softmax-weighted sums of the cached latents, in the cache's dtype.
-    """
-    batch, heads, rank = q_latent.shape
-    config, num_splits = _plan(batch, heads, cache, config, num_splits)
-    partial_out, partial_lse = _attend_splits(q_latent, q_pe, latent, k_pe, cache, slots, positions, softmax_scale,
-                                              config, num_splits)
-    out = torch.empty(batch, heads, rank, dtype=cache.dtype, device=cache.device)
-    _combine(partial_out, partial_lse, positions, out, config.block_n)
-    return out
-
-
-def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-               cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, weights: MLAWeights,
-               softmax_scale: float, config: DecodeConfig | None = None,
-               num_splits: int | None = None,
+def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weights: MLAWeights,
+               softmax_scale: float, config: DecodeConfig | None = None, num_splits: int | None = None,
                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One new token per sequence: write it to the cache, attend over [0, positions[b]] (absorbed form).
+    """One new token per sequence: write it through the block table, attend over [0, seq_lens[b]) (absorbed).
 
     Three launches: the latent query (a batched GEMM over heads), the split attention kernel, and a
     combine kernel that also applies w_uv (up to FUSED_COMBINE_MAX_SPLITS splits; beyond, the combine
-    writes latents and a batched GEMM applies w_uv).
+    writes latents and a batched GEMM applies w_uv). The number of splits comes from the batch size
+    and the block table's width (the longest sequence it can address), never from seq_lens.
 
     Args:
-        q_nope: [B, H, nope]; q_pe: [B, H, R]; latent: [B, C]; k_pe: [B, R]; q_pe and k_pe rotated,
+        inputs: q_nope [B, H, nope], q_pe [B, H, R], latent [B, C], k_pe [B, R]; q_pe and k_pe rotated,
             or not yet with `rope`.
-        cache: [max_batch, max_seq, C + R]; slots: [B] cache rows; positions: [B] int64 new positions.
+        cache: [num_blocks, block_size, C + R]; batch: block_tables [B, W] and seq_lens [B] int32.
         weights: w_uk [H, nope, C] and w_uv [H, v, C] (any float dtype; converted once to the cache's).
         config, num_splits: override the kernel's tile sizes and sequence splits.
         rope: (cos, sin) [B, R/2] float32 of the new positions: the attention kernel rotates q_pe and k_pe
@@ -417,64 +395,101 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k
         [B, H, v] in q_nope's dtype.
     """
     dtype = cache.dtype
+    q_nope = inputs.q_nope
     w_uk, w_uv = _weight(weights, "w_uk", dtype), _weight(weights, "w_uv", dtype)
-    batch, heads = q_nope.shape[:2]
+    num_seqs, heads = q_nope.shape[:2]
     rank, v_dim = w_uk.shape[-1], w_uv.shape[1]
-    config, num_splits = _plan(batch, heads, cache, config, num_splits)
+    config = config or default_decode_config(heads, dtype)
+    if num_splits is None:
+        addressable = batch.block_tables.shape[1] * cache.shape[1]
+        num_splits = choose_num_splits(num_seqs, heads, addressable, config, _num_sms(cache.device))
     q_latent = torch.bmm(q_nope.to(dtype).transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]
-    partial_out, partial_lse = _attend_splits(q_latent, q_pe.to(dtype), latent, k_pe, cache, slots, positions,
-                                              softmax_scale, config, num_splits, rope)
+    partial_out, partial_lse = _attend_splits(q_latent, inputs.q_pe.to(dtype), inputs.latent, inputs.k_pe, cache,
+                                              batch, softmax_scale, config, num_splits, rope)
     if num_splits <= FUSED_COMBINE_MAX_SPLITS:
-        out = torch.empty(batch, heads, v_dim, dtype=q_nope.dtype, device=cache.device)
+        out = torch.empty(num_seqs, heads, v_dim, dtype=q_nope.dtype, device=cache.device)
         block_b = 16
-        _combine_project_kernel[(heads, triton.cdiv(batch, block_b))](
-            partial_out, partial_lse, positions, w_uv, out, batch, heads,
+        _combine_project_kernel[(heads, triton.cdiv(num_seqs, block_b))](
+            partial_out, partial_lse, batch.seq_lens, w_uv, out, num_seqs, heads,
             w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
             RANK=rank, V_DIM=v_dim, BLOCK_C=triton.next_power_of_2(rank),
             V_CHUNK=min(32, triton.next_power_of_2(v_dim)), BLOCK_B=block_b, BLOCK_N=config.block_n,
             DOT_PRECISION=_dot_precision(dtype), num_warps=8)
         return out
-    latent_out = torch.empty(heads, batch, rank, dtype=dtype, device=cache.device)
-    _combine(partial_out, partial_lse, positions, latent_out.transpose(0, 1), config.block_n)
+    latent_out = torch.empty(heads, num_seqs, rank, dtype=dtype, device=cache.device)
+    _combine(partial_out, partial_lse, batch.seq_lens, latent_out.transpose(0, 1), config.block_n)
     out = torch.bmm(latent_out, w_uv.transpose(1, 2))  # [H, B, v]
     return out.transpose(0, 1).to(q_nope.dtype).contiguous()
 
 
-def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                cache: torch.Tensor, slots: torch.Tensor, start_pos: int, weights: MLAWeights,
+def write_tokens(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch) -> None:
+    """Store each new token's latent and rope key at its position, through the block tables (no sync)."""
+    seq, position = batch.token_positions(inputs.latent.shape[0])
+    rows = batch.cache_rows(seq, position, cache.shape[1])
+    cache.view(-1, cache.shape[-1])[rows] = torch.cat((inputs.latent, inputs.k_pe), dim=-1).to(cache.dtype)
+
+
+def gather_sequences(cache: torch.Tensor, batch: PagedBatch, length: int) -> torch.Tensor:
+    """[B, length, C + R]: the first `length` positions of every sequence, read through its block table;
+    rows at or past a sequence's seq_len are zero (a pool block may hold anything there)."""
+    num_seqs = batch.num_seqs
+    positions = torch.arange(length, device=cache.device).expand(num_seqs, length)
+    seqs = torch.arange(num_seqs, device=cache.device)[:, None].expand(num_seqs, length)
+    rows = cache.view(-1, cache.shape[-1])[batch.cache_rows(seqs, positions, cache.shape[1])]
+    return rows.masked_fill((positions >= batch.seq_lens.long()[:, None])[..., None], 0)
+
+
+def mla_prefill(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weights: MLAWeights,
                 softmax_scale: float) -> torch.Tensor:
-    """Write T new tokens per sequence and attend causally over [0, start_pos + T) (non-absorbed form).
+    """Write the new tokens through the block tables and attend causally (non-absorbed form).
+
+    Each sequence's queries are padded to batch.max_query_len and its keys to batch.max_seq_len, so the
+    work grows with B x max_seq_len: a step's decodes belong in mla_decode. When every sequence is a
+    whole prompt of the same length (N = B x max_seq_len), SDPA runs plainly causal; otherwise with a
+    mask for queries that start mid-sequence (chunked prefill, a cached prefix).
 
     Args:
-        q_nope: [B, T, H, nope]; q_pe: [B, T, H, R] rotated; latent: [B, T, C]; k_pe: [B, T, R] rotated.
-        cache: [max_batch, max_seq, C + R]; slots: [B] cache rows; start_pos: tokens already cached.
+        inputs: q_nope [N, H, nope], q_pe [N, H, R] rotated, latent [N, C], k_pe [N, R] rotated.
+        cache: [num_blocks, block_size, C + R]; batch: block tables, seq_lens, query_start and bounds.
         weights: w_uk [H, nope, C] and w_uv [H, v, C].
     Returns:
-        [B, T, H, v] in q_nope's dtype.
+        [N, H, v] in q_nope's dtype.
     """
-    batch, length, heads, nope = q_nope.shape
-    rank, rope = latent.shape[-1], k_pe.shape[-1]
+    num_tokens, heads, nope = inputs.q_nope.shape
+    rank, rope = inputs.latent.shape[-1], inputs.k_pe.shape[-1]
     _check_cache(cache, rank, rope)
-    end = start_pos + length
-    if end > cache.shape[1]:
-        raise Dsv3Error(f"MLA prefill: positions up to {end} exceed the cache's max_seq_len {cache.shape[1]}")
-    cache[slots, start_pos:end] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
-    dtype = q_nope.dtype
-    cached = cache[slots, :end]  # [B, S, C + R]
-    per_head = F.linear(cached[..., :rank].to(dtype), _kv_b(weights, dtype))  # [B, S, H * (nope + v)]
-    per_head = per_head.view(batch, end, heads, -1)
-    keys = torch.empty(batch, end, heads, nope + rope, dtype=dtype, device=cache.device)
+    num_seqs, max_query, max_seq = batch.num_seqs, batch.max_query_len, batch.max_seq_len
+    if max_seq > batch.block_tables.shape[1] * cache.shape[1]:
+        raise BackendError(f"MLA prefill: max_seq_len {max_seq} is beyond what block_tables of width "
+                           f"{batch.block_tables.shape[1]} address with blocks of {cache.shape[1]} tokens")
+    write_tokens(inputs, cache, batch)
+    dtype, device = inputs.q_nope.dtype, cache.device
+    cached = gather_sequences(cache, batch, max_seq)  # [B, S, C + R]
+    per_head = F.linear(cached[..., :rank].to(dtype), _kv_b(weights, dtype)).view(num_seqs, max_seq, heads, -1)
+    keys = torch.empty(num_seqs, max_seq, heads, nope + rope, dtype=dtype, device=device)
     keys[..., :nope] = per_head[..., :nope]
     keys[..., nope:] = cached[:, :, None, rank:].to(dtype)
     values = per_head[..., nope:]
-    queries = torch.empty(batch, length, heads, nope + rope, dtype=dtype, device=cache.device)
-    queries[..., :nope] = q_nope  # two slice copies: torch.cat of these strided views runs 3x slower
-    queries[..., nope:] = q_pe
-    if start_pos == 0:
+
+    # every q_len = seq_len = max_seq_len: the sum of the q_len is N and none is above its seq_len
+    whole_prompts = num_tokens == num_seqs * max_seq and max_query == max_seq
+    queries = torch.zeros(num_seqs, max_query, heads, nope + rope, dtype=dtype, device=device)
+    if whole_prompts:
+        seq = slot = None
+        queries.view(num_tokens, heads, -1)[..., :nope] = inputs.q_nope
+        queries.view(num_tokens, heads, -1)[..., nope:] = inputs.q_pe
         mask, causal = None, True
     else:
-        query_pos = torch.arange(start_pos, end, device=cache.device)
-        mask, causal = torch.arange(end, device=cache.device)[None, :] <= query_pos[:, None], False
+        seq, position = batch.token_positions(num_tokens)
+        slot = torch.arange(num_tokens, device=device) - batch.query_start.long()[seq]  # row in its sequence
+        queries[seq, slot, :, :nope] = inputs.q_nope
+        queries[seq, slot, :, nope:] = inputs.q_pe
+        query_pos = torch.zeros(num_seqs, max_query, dtype=torch.long, device=device)  # padding rows see key 0
+        query_pos[seq, slot] = position
+        mask = (torch.arange(max_seq, device=device) <= query_pos[..., None])[:, None]  # [B, 1, Tq, S]
+        causal = False
     out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                         attn_mask=mask, is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2).contiguous()
+                                         attn_mask=mask, is_causal=causal, scale=softmax_scale).transpose(1, 2)
+    if whole_prompts:
+        return out.reshape(num_tokens, heads, -1).contiguous()
+    return out[seq, slot].contiguous()

@@ -29,7 +29,7 @@ from dsv3.backends.chips import describe_chip
 from dsv3.backends.interface import OPS
 from dsv3.backends.reference import ReferenceBackend
 
-from dsv3.errors import Dsv3Error
+from dsv3.backends.errors import BackendError
 from tests.run_helpers import check_ran, run_python
 
 pytestmark = [pytest.mark.rocm, pytest.mark.emulated]
@@ -168,7 +168,7 @@ def test_activation_max_argument_environment_and_errors(monkeypatch):
     assert activation_max(describe_chip("amd", "gfx950"), env={"DSV3_FNUZ_ACT_MAX": "240"}) == 448.0
     assert activation_max(describe_chip("amd", "gfx90a"), env={}) is None
     for bad in ("300", "0", "many"):
-        with pytest.raises(Dsv3Error, match=f"DSV3_FNUZ_ACT_MAX={bad}: expected a number in \\(0, 240\\]"):
+        with pytest.raises(BackendError, match=f"DSV3_FNUZ_ACT_MAX={bad}: expected a number in \\(0, 240\\]"):
             activation_max(mi300x, env={"DSV3_FNUZ_ACT_MAX": bad})
     monkeypatch.setenv("DSV3_FNUZ_ACT_MAX", "232")
     assert rocm_backend("gfx942").capabilities.fp8_max == 232.0
@@ -190,7 +190,7 @@ def test_fp8_weights_of_another_format_are_refused():
     pytest.importorskip("triton")
     backend = rocm_backend("gfx950")
     weight = torch.zeros(128, 128, dtype=torch.float8_e4m3fnuz)
-    with pytest.raises(Dsv3Error, match="float8_e4m3fnuz: the rocm backend on gfx950 takes float8_e4m3fn"):
+    with pytest.raises(BackendError, match="float8_e4m3fnuz: the rocm backend on gfx950 takes float8_e4m3fn"):
         backend._to_fp8(weight, torch.ones(1, 1))
 
 
@@ -211,16 +211,15 @@ class FakeTorch:
 
 
 def test_probe_reads_gcn_arch_name_never_the_capability():
-    pytest.importorskip("triton")
-    from dsv3.backends.rocm import probe_chip
+    from dsv3.backends.probe import probe_device
 
-    chip = probe_chip(torch.device("cuda"), FakeTorch())
+    chip = probe_device("amd", torch.device("cuda"), FakeTorch())
     assert (chip.vendor, chip.arch, chip.fp8_format, chip.fp8_max, chip.count) == ("amd", "gfx942", "e4m3fnuz",
                                                                                     224.0, 8)
     cuda_build = FakeTorch()
     cuda_build.version.hip = None
     with pytest.raises(ValueError, match="ROCm build"):
-        probe_chip(torch.device("cuda"), cuda_build)
+        probe_device("amd", torch.device("cuda"), cuda_build)
 
 
 def test_registry_and_selection_pick_rocm_for_amd_chips():
@@ -282,10 +281,11 @@ import torch
 from dataclasses import replace
 from dsv3.backends import fp8
 from dsv3.backends.chips import describe_chip
-from dsv3.backends.interface import MLAWeights
+from dsv3.backends.interface import MLAInputs, MLAWeights
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.rocm import Libraries, RocmBackend
 from dsv3.backends.triton_kernels import amd_configs, mla
+from dsv3.conformance.paged import block_tables, paged_batch
 from tests.backends.test_rocm_backend import block_scaled_gemm, fake_aiter
 
 g = torch.Generator().manual_seed(0)
@@ -374,32 +374,34 @@ for arch in ("gfx942", "gfx950"):
     if not full:
         print(arch, "ok")
         continue
-    # MLA decode with the AMD tiles (16 and 32 heads x 32 tokens), in fp32 as the MLA tests do
+    # MLA decode with the AMD tiles (16 and 32 heads x 32 tokens) through shuffled block tables, in fp32 as
+    # the MLA tests do: lengths 1, 38 and 80 over blocks of 16 (80 ends on a block boundary)
     rank, rope, nope, v_dim = 64, 16, 32, 32
+    tables, num_blocks = block_tables([1, 38, 80], 16, g)
+    batch = paged_batch(tables, [1, 38, 80], [1, 1, 1])
     for heads in (4, 40):
         config = amd_configs.mla_decode_config(arch, heads, torch.bfloat16, amd_launch=False)
         weights = MLAWeights(torch.randn(heads, nope, rank, generator=g) / 8,
                              torch.randn(heads, v_dim, rank, generator=g) / 8)
-        cache = torch.randn(4, 80, rank + rope, generator=g)
-        args = (torch.randn(3, heads, nope, generator=g), torch.randn(3, heads, rope, generator=g),
-                torch.randn(3, rank, generator=g), torch.randn(3, rope, generator=g))
-        slots, positions = torch.tensor([2, 0, 3]), torch.tensor([0, 37, 79])
+        cache = torch.randn(num_blocks, 16, rank + rope, generator=g)
+        inputs = MLAInputs(torch.randn(3, heads, nope, generator=g), torch.randn(3, heads, rope, generator=g),
+                           torch.randn(3, rank, generator=g), torch.randn(3, rope, generator=g))
         expected_cache = cache.clone()
-        expected = ref.mla_decode(*args, expected_cache, slots, positions, weights, 0.1)
+        expected = ref.mla_decode(inputs, expected_cache, batch, weights, 0.1)
         for splits in (1, 3, 6):
             ours_cache = cache.clone()
-            out = mla.mla_decode(*args, ours_cache, slots, positions, weights, 0.1, config=config, num_splits=splits)
+            out = mla.mla_decode(inputs, ours_cache, batch, weights, 0.1, config=config, num_splits=splits)
             assert torch.equal(ours_cache, expected_cache)
             error = ((out - expected).norm() / expected.norm()).item()
             assert error < 1e-5, (arch, heads, splits, error)
-        out = rocm.mla_decode(*args, cache.clone(), slots, positions, weights, 0.1)  # the backend's own choice
+        out = rocm.mla_decode(inputs, cache.clone(), batch, weights, 0.1)  # the backend's own choice
         assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
     # where aiter is found and checks out, prefill-sized linears go to it (a torch stand-in here)
-    rocm.libraries = Libraries(aiter=fake_aiter(block_scaled_gemm("column")), aiter_scale_layout="column")
+    rocm.vendor_gemm = Libraries(fake_aiter(block_scaled_gemm("column")), aiter_scale_layout="column").vendor_gemm()
     w, ws = checkpoint_weight(256, 384)
     ours = rocm.prepare_linear(w, ws, "fp8")
-    assert ours.extra.get("aiter") and rocm.linear_impl(65, ours) == "aiter gemm_a8w8_blockscale"
+    assert ours.extra.get("vendor_gemm") and rocm.linear_impl(65, ours) == "aiter gemm_a8w8_blockscale"
     assert rocm.linear_impl(64, ours) != "aiter gemm_a8w8_blockscale"
     x = adversarial(70, 384)
     assert row_error(rocm.linear(x, ours), ref.linear(x, ref.prepare_linear(w, ws, "fp8"))) <= TOL
@@ -494,8 +496,8 @@ def compile_only(self, *args, grid, warmup, **kwargs):
 JITFunction.run = compile_only
 driver.set_active(CompileOnlyDriver(GPUTarget("hip", arch, 64)))
 
-from dsv3.backends.interface import MLAWeights
-from dsv3.backends.triton_kernels import amd_configs, gemm, mla, moe, quant
+from dsv3.backends.interface import MLAInputs, MLAWeights, PagedBatch
+from dsv3.backends.triton_kernels import amd_configs, gemm, mla, moe, norm, quant
 cfg = amd_configs.kernel_configs(arch)  # with waves_per_eu, matrix_instr_nonkdim, kpack
 dtype = {"e4m3fnuz": torch.float8_e4m3fnuz, "e4m3fn": torch.float8_e4m3fn}[fmt]
 fp8_max, bf16 = 224.0, torch.bfloat16
@@ -520,15 +522,18 @@ def mla_case(heads, splits):
     batch = 2
     weights = MLAWeights(torch.zeros(heads, 128, 512, dtype=bf16), torch.zeros(heads, 128, 512, dtype=bf16))
     config = amd_configs.mla_decode_config(arch, heads, bf16)
-    args = (torch.zeros(batch, heads, 128, dtype=bf16), torch.zeros(batch, heads, 64, dtype=bf16),
-            torch.zeros(batch, 512, dtype=bf16), torch.zeros(batch, 64, dtype=bf16),
-            torch.zeros(batch, 4096, 576, dtype=bf16), torch.arange(batch), torch.full((batch,), 100))
-    return lambda: mla.mla_decode(*args, weights, 0.1, config=config, num_splits=splits)
+    inputs = MLAInputs(torch.zeros(batch, heads, 128, dtype=bf16), torch.zeros(batch, heads, 64, dtype=bf16),
+                       torch.zeros(batch, 512, dtype=bf16), torch.zeros(batch, 64, dtype=bf16))
+    paged = PagedBatch(torch.arange(batch * 64, dtype=torch.int32).view(batch, 64),
+                       torch.full((batch,), 100, dtype=torch.int32), torch.arange(batch + 1, dtype=torch.int32),
+                       1, 4096)
+    cache = torch.zeros(batch * 64, 64, 576, dtype=bf16)
+    return lambda: mla.mla_decode(inputs, cache, paged, weights, 0.1, config=config, num_splits=splits)
 
 x, h = torch.zeros(64, 512, dtype=bf16), torch.zeros(4, 7168, dtype=bf16)
 cases = {
     "quant": lambda: quant.quantize_activation(x, dtype, fp8_max, False, cfg.quant),
-    "rms_norm+quant": lambda: quant.rms_norm(h, h[0], 1e-6, h, cfg.norm, (dtype, fp8_max, False)),
+    "rms_norm+quant": lambda: norm.rms_norm(h, h[0], 1e-6, h, cfg.norm, (dtype, fp8_max, False)),
     "gemm decode": gemm_case(16, 256, 4096),
     "gemm prefill": gemm_case(512, 256, 512),
     "gemm prefill K=300": gemm_case(512, 256, 300),

@@ -1,19 +1,22 @@
-"""The Triton MLA kernels (backends/triton_kernels/mla.py) against the reference backend.
+"""The Triton MLA kernels (backends/triton_kernels/mla.py) over a paged cache, against the reference backend.
 
 On the CPU the decode kernel runs under the Triton interpreter (TRITON_INTERPRET=1,
 set in a subprocess before triton is imported) on FP32 inputs, since the
-interpreter's BF16 dot is not faithful. On an NVIDIA GPU decode and prefill run
-in BF16 on random inputs, per-sequence lengths from 1 to 32k, batch 1 and 256,
-and decode is captured in a CUDA graph and replayed.
+interpreter's BF16 dot is not faithful; the prefill (torch) runs as it is. Blocks are
+shuffled over the pool, tables padded with zeros, sequences end on block boundaries and
+one past them, and two sequences share prefix blocks. On an NVIDIA GPU decode and prefill
+run in BF16 on random inputs, per-sequence lengths from 1 to 32k, batch 1 and 256, and
+decode is captured in a CUDA graph and replayed with new tables and lengths.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from dsv3.backends.interface import MLAWeights
+from dsv3.backends.interface import MLAInputs, MLAWeights
 from dsv3.backends.reference import ReferenceBackend
 
+from dsv3.conformance.paged import block_tables, paged_batch
 from tests.run_helpers import check_ran, run_python
 
 #: relative Frobenius error allowed against the reference backend (fp32 math), per op and cache dtype.
@@ -40,57 +43,62 @@ def make_weights(heads: int, dims: dict, device, generator) -> MLAWeights:
         w_uv=torch.randn(heads, dims["v"], dims["rank"], device=device, generator=generator) * scale)
 
 
-def make_decode_inputs(batch: int, heads: int, max_batch: int, max_seq: int, dims: dict, dtype, device, seed=0):
-    """Random queries, new latents, a random (never zero) cache and distinct cache rows."""
+def make_paged(seq_lens: list[int], query_lens: list[int], heads: int, block_size: int, dims: dict, dtype, device,
+               seed=0, shared=None) -> dict:
+    """Random new tokens, a random (never zero) pool and shuffled block tables for sequences that reach
+    `seq_lens` with `query_lens` new tokens each."""
     g = torch.Generator(device).manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, device=device, generator=g).to(dtype)
 
+    tables, num_blocks = block_tables(seq_lens, block_size, torch.Generator().manual_seed(seed), shared=shared)
+    n = sum(query_lens)
     return dict(
-        q_nope=rand(batch, heads, dims["nope"]), q_pe=rand(batch, heads, dims["rope"]),
-        latent=rand(batch, dims["rank"]), k_pe=rand(batch, dims["rope"]),
-        cache=rand(max_batch, max_seq, dims["rank"] + dims["rope"]),
-        slots=torch.randperm(max_batch, device=device, generator=g)[:batch],
+        inputs=MLAInputs(rand(n, heads, dims["nope"]), rand(n, heads, dims["rope"]), rand(n, dims["rank"]),
+                         rand(n, dims["rope"])),
+        cache=rand(num_blocks, block_size, dims["rank"] + dims["rope"]),
+        batch=paged_batch(tables, seq_lens, query_lens, device),
         weights=make_weights(heads, dims, device, g))
 
 
-def check_decode(mla, inputs: dict, positions: torch.Tensor, tolerance: float, softmax_scale: float = 0.1,
-                 **kernel_options) -> None:
-    ref_cache = inputs["cache"].clone()
-    cache = inputs["cache"].clone()
-    args = (inputs["q_nope"], inputs["q_pe"], inputs["latent"], inputs["k_pe"])
-    out = mla.mla_decode(*args, cache, inputs["slots"], positions, inputs["weights"], softmax_scale,
-                         **kernel_options)
-    ref = ReferenceBackend(cache.device).mla_decode(*args, ref_cache, inputs["slots"], positions,
-                                                   inputs["weights"], softmax_scale)
+def make_decode(seq_lens: list[int], heads: int, block_size: int, dims: dict, dtype, device, seed=0, shared=None):
+    return make_paged(seq_lens, [1] * len(seq_lens), heads, block_size, dims, dtype, device, seed, shared)
+
+
+def check_decode(mla, case: dict, tolerance: float, softmax_scale: float = 0.1, **kernel_options) -> None:
+    ref_cache = case["cache"].clone()
+    cache = case["cache"].clone()
+    out = mla.mla_decode(case["inputs"], cache, case["batch"], case["weights"], softmax_scale, **kernel_options)
+    ref = ReferenceBackend(cache.device).mla_decode(case["inputs"], ref_cache, case["batch"], case["weights"],
+                                                   softmax_scale)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert torch.equal(cache, ref_cache), "the new token was not written to the cache as the reference writes it"
     error = relative_error(out, ref)
     assert error < tolerance, f"decode error {error:.2e} >= {tolerance:.0e} ({kernel_options})"
 
 
-def check_fused_rope(mla, inputs: dict, positions: torch.Tensor, tolerance: float = 0.0, **kernel_options) -> None:
+def check_fused_rope(mla, case: dict, tolerance: float = 0.0, **kernel_options) -> None:
     """Unrotated q_pe/k_pe with cos/sin (rope=...) against the rotary op first: the same cache bit for bit
     (the kernel rotates with the rotary kernel's own function and rounds as it does), and the same output
     within `tolerance` (0: bit for bit; compiled, the rotated query's register layout can change the order
     of the new token's fp32 score sum)."""
     from dsv3.backends.triton_kernels.elementwise import rotary
 
-    batch, half = positions.shape[0], inputs["k_pe"].shape[-1] // 2
-    g = torch.Generator(positions.device).manual_seed(5)
-    angles = torch.rand(batch, half, device=positions.device, generator=g) * 6.3
+    inputs = case["inputs"]
+    batch, half = inputs.k_pe.shape[0], inputs.k_pe.shape[-1] // 2
+    device = inputs.k_pe.device
+    angles = torch.rand(batch, half, device=device, generator=torch.Generator(device).manual_seed(5)) * 6.3
     cos, sin = angles.cos(), angles.sin()
-    fused_cache, cache = inputs["cache"].clone(), inputs["cache"].clone()
-    q_pe = rotary(inputs["q_pe"][:, None], cos[:, None], sin[:, None])[:, 0]
-    k_pe = rotary(inputs["k_pe"][:, None], cos[:, None], sin[:, None])[:, 0]
-    common = (inputs["slots"], positions, inputs["weights"], 0.1)
-    fused = mla.mla_decode(inputs["q_nope"], inputs["q_pe"], inputs["latent"], inputs["k_pe"], fused_cache, *common,
-                           rope=(cos, sin), **kernel_options)
-    apart = mla.mla_decode(inputs["q_nope"], q_pe, inputs["latent"], k_pe, cache, *common, **kernel_options)
+    fused_cache, cache = case["cache"].clone(), case["cache"].clone()
+    rotated = MLAInputs(inputs.q_nope, rotary(inputs.q_pe[:, None], cos[:, None], sin[:, None])[:, 0], inputs.latent,
+                        rotary(inputs.k_pe[:, None], cos[:, None], sin[:, None])[:, 0])
+    common = (case["batch"], case["weights"], 0.1)
+    fused = mla.mla_decode(inputs, fused_cache, *common, rope=(cos, sin), **kernel_options)
+    apart = mla.mla_decode(rotated, cache, *common, **kernel_options)
     assert torch.equal(fused_cache, cache), "the fused rotation wrote another rope key to the cache"
     assert torch.equal(fused, apart) if tolerance == 0 else relative_error(fused, apart) < tolerance
-    assert not torch.equal(fused_cache, inputs["cache"])
+    assert not torch.equal(fused_cache, case["cache"])
 
 
 def _emulated_decode_check() -> None:
@@ -98,9 +106,10 @@ def _emulated_decode_check() -> None:
     from dsv3.backends.triton_kernels import mla
 
     tolerance = TOLERANCES[("decode", torch.float32)]
-    inputs = make_decode_inputs(batch=3, heads=4, max_batch=5, max_seq=40, dims=TINY, dtype=torch.float32,
-                                device="cpu")
-    positions = torch.tensor([0, 17, 39])  # lengths 1, 18, 40 (the whole cache)
+    # lengths 1, 16 (on a block boundary), 40 (the last of five blocks), 17 (one past two blocks it shares
+    # with the 40-token sequence), 9: blocks of 8 shuffled over the pool, every table padded with zeros
+    case = make_decode([1, 16, 40, 17, 9], heads=4, block_size=8, dims=TINY, dtype=torch.float32, device="cpu",
+                       shared=(2, 3, 2))
     small_tiles = mla.DecodeConfig(block_h=16, block_n=8, num_warps=4, num_stages=1)
     cases = [  # splits <= FUSED_COMBINE_MAX_SPLITS combine and project in one kernel; more take the other path
         dict(),
@@ -110,9 +119,12 @@ def _emulated_decode_check() -> None:
         dict(config=mla.DecodeConfig(block_h=2, block_n=16, num_warps=4, num_stages=1), num_splits=7),
     ]
     for options in cases:
-        check_decode(mla, inputs, positions, tolerance, **options)
-    check_fused_rope(mla, inputs, positions)
-    check_fused_rope(mla, inputs, positions, config=small_tiles, num_splits=3)
+        check_decode(mla, case, tolerance, **options)
+    # a block size that is no power of two and smaller than a KV tile (a tile spans several blocks)
+    odd = make_decode([1, 5, 6, 23], heads=3, block_size=5, dims=TINY, dtype=torch.float32, device="cpu", seed=3)
+    check_decode(mla, odd, tolerance, config=small_tiles, num_splits=2)
+    check_fused_rope(mla, case)
+    check_fused_rope(mla, odd, config=small_tiles, num_splits=3)
     print("emulated decode ok")
 
 
@@ -123,31 +135,16 @@ def test_decode_kernel_under_triton_interpreter():
     check_ran(run_python(code, interpret=True), "emulated decode ok")
 
 
-def make_prefill_inputs(batch: int, length: int, heads: int, max_seq: int, dims: dict, dtype, device, seed=0):
-    g = torch.Generator(device).manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, device=device, generator=g).to(dtype)
-
-    return dict(
-        q_nope=rand(batch, length, heads, dims["nope"]), q_pe=rand(batch, length, heads, dims["rope"]),
-        latent=rand(batch, length, dims["rank"]), k_pe=rand(batch, length, dims["rope"]),
-        cache=rand(batch + 1, max_seq, dims["rank"] + dims["rope"]),
-        slots=torch.randperm(batch + 1, device=device, generator=g)[:batch],
-        weights=make_weights(heads, dims, device, g))
-
-
-def check_prefill(mla, inputs: dict, start_pos: int, tolerance: float, softmax_scale: float = 0.1) -> None:
-    ref_cache = inputs["cache"].clone()
-    cache = inputs["cache"].clone()
-    args = (inputs["q_nope"], inputs["q_pe"], inputs["latent"], inputs["k_pe"])
-    out = mla.mla_prefill(*args, cache, inputs["slots"], start_pos, inputs["weights"], softmax_scale)
-    ref = ReferenceBackend(cache.device).mla_prefill(*args, ref_cache, inputs["slots"], start_pos,
-                                                    inputs["weights"], softmax_scale)
+def check_prefill(mla, case: dict, tolerance: float, softmax_scale: float = 0.1) -> None:
+    ref_cache = case["cache"].clone()
+    cache = case["cache"].clone()
+    out = mla.mla_prefill(case["inputs"], cache, case["batch"], case["weights"], softmax_scale)
+    ref = ReferenceBackend(cache.device).mla_prefill(case["inputs"], ref_cache, case["batch"], case["weights"],
+                                                    softmax_scale)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert torch.equal(cache, ref_cache)
     error = relative_error(out, ref)
-    assert error < tolerance, f"prefill error {error:.2e} >= {tolerance:.0e} (start_pos {start_pos})"
+    assert error < tolerance, f"prefill error {error:.2e} >= {tolerance:.0e}"
 
 
 def test_prepare_mla_splits_like_the_reference():
@@ -161,14 +158,35 @@ def test_prepare_mla_splits_like_the_reference():
     assert torch.equal(ours.w_uk, ref.w_uk.to(torch.bfloat16)) and torch.equal(ours.w_uv, ref.w_uv.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("start_pos", [0, 7])
-def test_prefill_on_cpu(start_pos):
+PREFILL_LAYOUTS = {  # name: (seq_lens, query_lens, shared)
+    "whole prompts, equal lengths (plain causal)": ([12, 12], [12, 12], None),
+    "whole prompts, mixed lengths": ([5, 16, 1], [5, 16, 1], None),
+    "chunks starting mid-block and on a boundary": ([13, 16, 9], [6, 8, 9], None),
+    "a prefix of two shared blocks, the rest new": ([20, 17], [20, 1], (0, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("layout", PREFILL_LAYOUTS)
+def test_prefill_on_cpu(layout):
     pytest.importorskip("triton")
     from dsv3.backends.triton_kernels import mla
 
-    inputs = make_prefill_inputs(batch=2, length=5, heads=4, max_seq=16, dims=TINY, dtype=torch.float32,
-                                 device="cpu")
-    check_prefill(mla, inputs, start_pos, TOLERANCES[("prefill", torch.float32)])
+    seq_lens, query_lens, shared = PREFILL_LAYOUTS[layout]
+    case = make_paged(seq_lens, query_lens, heads=4, block_size=8, dims=TINY, dtype=torch.float32, device="cpu",
+                      shared=shared)
+    check_prefill(mla, case, TOLERANCES[("prefill", torch.float32)])
+
+
+def test_prefill_refuses_a_table_too_narrow_for_max_seq_len():
+    pytest.importorskip("triton")
+    from dsv3.backends.errors import BackendError
+    from dsv3.backends.triton_kernels import mla
+
+    case = make_paged([8], [8], heads=2, block_size=8, dims=TINY, dtype=torch.float32, device="cpu")
+    batch = case["batch"]
+    too_long = type(batch)(batch.block_tables, batch.seq_lens, batch.query_start, 8, 100)
+    with pytest.raises(BackendError, match="max_seq_len 100"):
+        mla.mla_prefill(case["inputs"], case["cache"], too_long, case["weights"], 0.1)
 
 
 # ---- NVIDIA GPU ---------------------------------------------------------------------------------------------
@@ -176,24 +194,23 @@ def test_prefill_on_cpu(start_pos):
 @pytest.mark.gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("heads", [16, 128])
-@pytest.mark.parametrize("batch,lengths", [
-    (1, "one"), (1, "32k"), (3, "mixed32k"), (256, "one"), (256, "mixed"),
+@pytest.mark.parametrize("batch,lengths,block_size", [
+    (1, "one", 64), (1, "32k", 64), (3, "mixed32k", 64), (256, "one", 64), (256, "mixed", 64), (64, "mixed", 16),
 ])
-def test_decode_matches_reference(heads, batch, lengths):
+def test_decode_matches_reference(heads, batch, lengths, block_size):
     from dsv3.backends.triton_kernels import mla
 
     max_seq = 32768 if "32k" in lengths else 2048
-    g = torch.Generator("cuda").manual_seed(batch * heads)
+    g = torch.Generator().manual_seed(batch * heads)
     if lengths == "one":
-        positions = torch.zeros(batch, dtype=torch.long, device="cuda")
+        seq_lens = [1] * batch
     elif lengths == "32k":
-        positions = torch.full((batch,), max_seq - 1, device="cuda")
+        seq_lens = [max_seq] * batch
     else:
-        positions = torch.randint(0, max_seq, (batch,), device="cuda", generator=g)
-        positions[0], positions[-1] = max_seq - 1, 0
-    inputs = make_decode_inputs(batch, heads, max_batch=batch + 3, max_seq=max_seq, dims=DEEPSEEK,
-                                dtype=torch.bfloat16, device="cuda", seed=batch + heads)
-    check_decode(mla, inputs, positions, TOLERANCES[("decode", torch.bfloat16)], softmax_scale=192 ** -0.5)
+        seq_lens = torch.randint(1, max_seq + 1, (batch,), generator=g).tolist()
+        seq_lens[0], seq_lens[-1] = max_seq, 1
+    case = make_decode(seq_lens, heads, block_size, DEEPSEEK, torch.bfloat16, "cuda", seed=batch + heads)
+    check_decode(mla, case, TOLERANCES[("decode", torch.bfloat16)], softmax_scale=192 ** -0.5)
 
 
 @pytest.mark.gpu
@@ -203,10 +220,9 @@ def test_decode_with_rope_in_the_kernel(heads):
     from dsv3.backends.triton_kernels import mla
 
     # fp32 (IEEE dots): a different summation order shows as ~1e-7, where BF16 could flip a rounding
-    inputs = make_decode_inputs(8, heads, max_batch=9, max_seq=4096, dims=DEEPSEEK, dtype=torch.float32,
-                                device="cuda", seed=heads)
-    check_fused_rope(mla, inputs, torch.tensor([0, 1, 63, 64, 65, 1000, 4094, 4095], device="cuda"),
-                     tolerance=1e-6)
+    case = make_decode([1, 2, 64, 65, 66, 1001, 4095, 4096], heads, 64, DEEPSEEK, torch.float32, "cuda", seed=heads,
+                       shared=(7, 6, 15))
+    check_fused_rope(mla, case, tolerance=1e-6)
 
 
 @pytest.mark.gpu
@@ -215,29 +231,42 @@ def test_decode_with_rope_in_the_kernel(heads):
 def test_decode_any_split_count(num_splits):
     from dsv3.backends.triton_kernels import mla
 
-    inputs = make_decode_inputs(8, 16, max_batch=8, max_seq=4096, dims=DEEPSEEK, dtype=torch.bfloat16,
-                                device="cuda", seed=num_splits)
-    positions = torch.tensor([0, 1, 63, 64, 65, 1000, 4094, 4095], device="cuda")
-    check_decode(mla, inputs, positions, TOLERANCES[("decode", torch.bfloat16)], softmax_scale=192 ** -0.5,
-                 num_splits=num_splits)
+    case = make_decode([1, 2, 64, 65, 66, 1001, 4095, 4096], 16, 64, DEEPSEEK, torch.bfloat16, "cuda",
+                       seed=num_splits, shared=(7, 6, 15))
+    check_decode(mla, case, TOLERANCES[("decode", torch.bfloat16)], softmax_scale=192 ** -0.5, num_splits=num_splits)
 
 
 @pytest.mark.gpu
 @pytest.mark.cuda
 def test_decode_cuda_graph_replay():
-    """Captured once, replayed with new positions and queries: the same result as eager calls."""
+    """Captured once, replayed with new tables, lengths and queries: the same result as eager calls."""
     from dsv3.backends.triton_kernels import mla
 
-    batch, heads, max_seq = 4, 16, 8192
-    inputs = make_decode_inputs(batch, heads, batch, max_seq, DEEPSEEK, torch.bfloat16, "cuda", seed=1)
-    static = {k: inputs[k].clone() for k in ("q_nope", "q_pe", "latent", "k_pe")}
-    positions = torch.tensor([5, 100, 4000, 8191], device="cuda")
-    cache = inputs["cache"].clone()
+    heads, max_seq = 16, 8192
+    cases = [make_decode(lens, heads, 64, DEEPSEEK, torch.bfloat16, "cuda", seed=seed) for seed, lens in
+             enumerate([[6, 101, 4001, max_seq], [1, 2, 3, 4], [max_seq, 7001, 65, 2]])]
+    pool = max(c["cache"].shape[0] for c in cases)  # every case's tables index into one pool
+    width = max(c["batch"].block_tables.shape[1] for c in cases)
+    cache = torch.randn(pool, 64, DEEPSEEK["rank"] + DEEPSEEK["rope"], device="cuda").to(torch.bfloat16)
+    tables = torch.zeros(4, width, dtype=torch.int32, device="cuda")
+    seq_lens = torch.zeros(4, dtype=torch.int32, device="cuda")
+    batch = type(cases[0]["batch"])(tables, seq_lens, cases[0]["batch"].query_start, 1, max_seq)
+    static = MLAInputs(*(torch.empty_like(t) for t in (cases[0]["inputs"].q_nope, cases[0]["inputs"].q_pe,
+                                                        cases[0]["inputs"].latent, cases[0]["inputs"].k_pe)))
+    weights = cases[0]["weights"]
+
+    def load(case):
+        inputs = case["inputs"]
+        for mine, theirs in zip((static.q_nope, static.q_pe, static.latent, static.k_pe),
+                                (inputs.q_nope, inputs.q_pe, inputs.latent, inputs.k_pe), strict=True):
+            mine.copy_(theirs)
+        tables.zero_()[:, :case["batch"].block_tables.shape[1]].copy_(case["batch"].block_tables)
+        seq_lens.copy_(case["batch"].seq_lens)
 
     def step():
-        return mla.mla_decode(static["q_nope"], static["q_pe"], static["latent"], static["k_pe"], cache,
-                              inputs["slots"], positions, inputs["weights"], 0.07)
+        return mla.mla_decode(static, cache, batch, weights, 0.07)
 
+    load(cases[0])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -246,15 +275,11 @@ def test_decode_cuda_graph_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured_out = step()
-    for seed, new_positions in [(2, [0, 1, 2, 3]), (3, [8191, 7000, 64, 1])]:
-        fresh = make_decode_inputs(batch, heads, batch, max_seq, DEEPSEEK, torch.bfloat16, "cuda", seed=seed)
-        for k in static:
-            static[k].copy_(fresh[k])
-        positions.copy_(torch.tensor(new_positions))
+    for case in cases[1:]:
+        load(case)
         eager_cache = cache.clone()
         graph.replay()
-        eager = mla.mla_decode(static["q_nope"], static["q_pe"], static["latent"], static["k_pe"], eager_cache,
-                               inputs["slots"], positions, inputs["weights"], 0.07)
+        eager = mla.mla_decode(static, eager_cache, batch, weights, 0.07)
         torch.cuda.synchronize()
         assert torch.equal(cache, eager_cache)
         error = relative_error(captured_out, eager)
@@ -263,13 +288,12 @@ def test_decode_cuda_graph_replay():
 
 @pytest.mark.gpu
 @pytest.mark.cuda
-@pytest.mark.parametrize("heads,batch,length,start_pos", [
-    (16, 1, 1, 0), (16, 2, 300, 0), (128, 2, 64, 1000), (16, 1, 8, 32760), (128, 1, 2048, 0),
+@pytest.mark.parametrize("heads,seq_lens,query_lens", [
+    (16, [1], [1]), (16, [300, 300], [300, 300]), (128, [1064, 1064], [64, 64]), (16, [32768], [8]),
+    (128, [2048], [2048]), (128, [700, 64, 129, 1], [700, 1, 65, 1]),
 ])
-def test_prefill_matches_reference(heads, batch, length, start_pos):
+def test_prefill_matches_reference(heads, seq_lens, query_lens):
     from dsv3.backends.triton_kernels import mla
 
-    max_seq = 32768 if start_pos + length > 4096 else 4096
-    inputs = make_prefill_inputs(batch, length, heads, max_seq, DEEPSEEK, torch.bfloat16, "cuda",
-                                 seed=heads + length)
-    check_prefill(mla, inputs, start_pos, TOLERANCES[("prefill", torch.bfloat16)], softmax_scale=192 ** -0.5)
+    case = make_paged(seq_lens, query_lens, heads, 64, DEEPSEEK, torch.bfloat16, "cuda", seed=heads + len(seq_lens))
+    check_prefill(mla, case, TOLERANCES[("prefill", torch.bfloat16)], softmax_scale=192 ** -0.5)
