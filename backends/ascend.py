@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
-from dsv3.backends.chips import ChipInfo, describe_chip
+from dsv3.backends.chips import DENSE_DTYPES, FP8_FORMATS, ChipInfo
 from dsv3.backends.errors import BackendError, BackendUnavailable
 from dsv3.backends.interface import (
     Backend,
@@ -44,7 +44,7 @@ from dsv3.backends.interface import (
     RoutingConfig,
     plain,
 )
-from dsv3.backends.probe import ascend_arch
+from dsv3.backends.probe import ascend_chip
 from dsv3.backends.reference import ReferenceBackend, route_experts
 
 #: The fused paths a user can switch to plain, by name.
@@ -63,8 +63,6 @@ MLA_PREFILL_MAX_KV = 131088
 #: The compressed causal mask sparse_modes 2-4 take: 2048 x 2048, True (masked) above the diagonal.
 MASK_SIZE = 2048
 INT32_MAX = 2**31 - 1
-
-_DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def fused_settings(use_fused: bool | Mapping[str, bool] = True,
@@ -99,18 +97,6 @@ def fused_settings(use_fused: bool | Mapping[str, bool] = True,
     return settings
 
 
-def probe_chip(torch_npu, index: int = 0) -> ChipInfo:
-    """Describe NPU `index` from torch_npu's device queries (the arch from the SoC id where torch_npu gives it)."""
-    name = torch_npu.npu.get_device_name(index)
-    memory = getattr(torch_npu.npu.get_device_properties(index), "total_memory", 0)
-    try:
-        soc_id = int(torch_npu._C._npu_get_soc_version())
-    except (AttributeError, RuntimeError, TypeError, ValueError):
-        soc_id = None
-    return describe_chip("huawei", ascend_arch(name, soc_id), name=name, memory_bytes=int(memory or 0),
-                         count=torch_npu.npu.device_count())
-
-
 class AscendBackend(Backend):
     """Huawei Ascend NPUs through torch_npu (imported when the backend is built).
 
@@ -131,9 +117,10 @@ class AscendBackend(Backend):
         self.npu = torch_npu
         device = "npu:0" if device in (None, "npu") else device
         self._device = torch.device(device)
-        self.chip = chip if chip is not None else probe_chip(torch_npu, self._device.index or 0)
+        self.chip = chip if chip is not None else ascend_chip(torch_npu.npu, torch_npu, self._device.index or 0)
         if self.chip.vendor != "huawei":
-            raise BackendError(f"AscendBackend: chip {self.chip.arch!r} ({self.chip.vendor}) is not a Huawei Ascend chip")
+            raise BackendError(f"AscendBackend: chip {self.chip.arch!r} ({self.chip.vendor}) is not a Huawei "
+                               "Ascend chip")
         self.fused = fused_settings(use_fused)
         #: set by tests/npu_emulation: the ops are a CPU emulation, not an NPU
         self.emulation: str | None = getattr(torch_npu, "DSV3_EMULATION", None)
@@ -143,7 +130,7 @@ class AscendBackend(Backend):
         self.capabilities = Capabilities(
             name="ascend",
             device=str(self._device),
-            fp8_dtype=fp8.FP8_FORMATS[fp8_format] if fp8_format else None,
+            fp8_dtype=FP8_FORMATS[fp8_format] if fp8_format else None,
             fp8_max=self.chip.fp8_max,
             dist_backend="hccl",
             native_fp8=self.chip.has_fp8,
@@ -182,7 +169,7 @@ class AscendBackend(Backend):
             if scale is None:
                 return fp8.quantize_blocks(weight.to(self.device), self.capabilities.fp8_dtype)
             return weight.to(self.device), scale.to(self.device, torch.float32)
-        dtype = _DENSE_DTYPES[precision]
+        dtype = DENSE_DTYPES[precision]
         dense = fp8.dequantize_blocks(weight, scale, dtype) if scale is not None else weight.to(dtype)
         return dense.to(self.device), None
 
@@ -196,7 +183,7 @@ class AscendBackend(Backend):
             return ExpertWeights(gu, gus, d, ds)
         # npu_grouped_matmul multiplies x [M, K] by weight [E, K, N] (2.14 docs, group_type 0, "单单单"), so the
         # experts are kept as [E, in, out] and ExpertWeights holds transposed views of them (no second copy).
-        dtype = _DENSE_DTYPES[precision]
+        dtype = DENSE_DTYPES[precision]
         kn = []
         for w, s in ((gate_up, gate_up_scale), (down, down_scale)):
             dense = fp8.dequantize_blocks(w, s, dtype) if s is not None else w.to(dtype)

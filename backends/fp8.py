@@ -11,14 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+from dsv3.backends.chips import FP8_FORMATS  # noqa: F401 - the format table, read here as fp8.FP8_FORMATS
 
 BLOCK = 128
 SCALE_FLOOR = 1e-4  # keeps an all-zero block from giving 0/0 = NaN
-
-FP8_FORMATS: dict[str, torch.dtype] = {
-    "e4m3fn": torch.float8_e4m3fn,
-    "e4m3fnuz": torch.float8_e4m3fnuz,
-}
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -36,7 +32,8 @@ def expand_block_scales(scale: torch.Tensor, rows: int, cols: int, block: int = 
     return expanded[..., :rows, :cols]
 
 
-def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """FP8 weight [..., out, in] times its 128x128 block scales, in `dtype`.
 
     Args:
@@ -56,7 +53,8 @@ def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torc
     return (weight.float() * scale).to(dtype)
 
 
-def quantize_blocks(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(weight: torch.Tensor,
+                    fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-quantize a weight [..., out, in] with one scale per 128x128 block.
 
     Returns:

@@ -306,7 +306,8 @@ class Backend(ABC):
     # ---- weight preparation (once, at load) --------------------------------
 
     @abstractmethod
-    def prepare_linear(self, weight: torch.Tensor, scale_inv: torch.Tensor | None, precision: Precision) -> LinearWeight:
+    def prepare_linear(self, weight: torch.Tensor, scale_inv: torch.Tensor | None,
+                       precision: Precision) -> LinearWeight:
         """Keep a linear's weight for `linear`.
 
         Args:

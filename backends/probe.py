@@ -1,9 +1,10 @@
-"""Finding this machine's accelerator, with no side effects.
+"""Finding this machine's accelerator, with no side effects: the one place that probes the chip.
 
 The probe reads device properties and nothing more: it compiles no kernel,
 allocates no memory and imports no vendor module except torch_npu, which is
 how an Ascend NPU is detected (and only after importlib finds it installed).
-Order: Ascend, then ROCm, then CUDA, else the CPU.
+Order: Ascend, then ROCm, then CUDA, else the CPU. `probe_device` describes the
+chip of one device for a backend built without a described chip.
 
 `torch_module`, `find_spec` and `import_module` can be replaced by fakes, so
 tests describe an H100 or an MI300X without one.
@@ -19,6 +20,7 @@ from types import ModuleType
 from typing import Callable
 
 from dsv3.backends.chips import ChipInfo, describe_chip
+from dsv3.backends.errors import BackendUnavailable
 
 #: Ascend SoC ids (torch_npu._C._npu_get_soc_version()) -> arch
 ASCEND_SOC_IDS: dict[range, str] = {
@@ -67,8 +69,13 @@ def probe_ascend(torch_module, find_spec: Callable, import_module: Callable) -> 
     npu = getattr(torch_module, "npu", None)
     if npu is None or not npu.is_available() or npu.device_count() < 1:
         return None
-    name = str(npu.get_device_name(0))
-    memory = getattr(npu.get_device_properties(0), "total_memory", 0)
+    return ascend_chip(npu, torch_npu)
+
+
+def ascend_chip(npu, torch_npu, index: int = 0) -> ChipInfo:
+    """NPU `index` described from torch_npu's device queries (`npu`: torch.npu or torch_npu.npu)."""
+    name = str(npu.get_device_name(index))
+    memory = getattr(npu.get_device_properties(index), "total_memory", 0)
     return describe_chip("huawei", ascend_arch(name, _soc_id(torch_npu)), name=name,
                          memory_bytes=int(memory or 0), count=npu.device_count())
 
@@ -100,29 +107,53 @@ def ascend_arch(name: str, soc_id: int | None = None) -> str:
     return compact or "ascend"
 
 
-def probe_rocm(torch_module) -> ChipInfo | None:
+def probe_rocm(torch_module, index: int = 0) -> ChipInfo | None:
     """An AMD GPU on a ROCm build of PyTorch; the arch comes from gcnArchName, never from the capability."""
     if getattr(torch_module.version, "hip", None) is None:
         return None
     cuda = torch_module.cuda
     if not cuda.is_available() or cuda.device_count() < 1:
         return None
-    props = cuda.get_device_properties(0)
+    props = cuda.get_device_properties(index)
     return describe_chip("amd", str(props.gcnArchName), name=str(props.name),
                          memory_bytes=int(props.total_memory), count=cuda.device_count())
 
 
-def probe_cuda(torch_module) -> ChipInfo | None:
+def probe_cuda(torch_module, index: int = 0) -> ChipInfo | None:
     """An NVIDIA GPU on a CUDA build of PyTorch; arch sm_XY from its compute capability."""
     if getattr(torch_module.version, "hip", None) is not None:
         return None
     cuda = torch_module.cuda
     if not cuda.is_available() or cuda.device_count() < 1:
         return None
-    major, minor = cuda.get_device_capability(0)
-    props = cuda.get_device_properties(0)
+    major, minor = cuda.get_device_capability(index)
+    props = cuda.get_device_properties(index)
     return describe_chip("nvidia", f"sm_{major}{minor}", name=str(props.name),
                          memory_bytes=int(props.total_memory), count=cuda.device_count())
+
+
+def probe_device(vendor: str, device, torch_module: ModuleType | None = None) -> ChipInfo:
+    """The chip of `vendor` ("nvidia" or "amd") at torch device `device` ("cuda:N").
+
+    Raises:
+        BackendUnavailable: this torch is built for another vendor, or sees no such GPU.
+    """
+    if torch_module is None:
+        import torch as torch_module
+    index = getattr(device, "index", None)
+    hip = getattr(torch_module.version, "hip", None)
+    if vendor == "amd" and hip is None:
+        raise BackendUnavailable("the rocm backend needs a ROCm build of PyTorch (torch.version.hip is None); "
+                                 "this torch is built for CUDA or the CPU")
+    if vendor == "nvidia" and hip is not None:
+        raise BackendUnavailable("the cuda backend runs on NVIDIA GPUs; this torch is built for ROCm "
+                                 "(use the rocm backend)")
+    cuda = torch_module.cuda
+    if not cuda.is_available() or cuda.device_count() < 1:
+        backend, kind = ("rocm", "AMD") if vendor == "amd" else ("cuda", "NVIDIA")
+        raise BackendUnavailable(f"the {backend} backend found no {kind} GPU (torch.cuda.is_available() is False)")
+    index = cuda.current_device() if index is None else index
+    return (probe_rocm if vendor == "amd" else probe_cuda)(torch_module, index)
 
 
 def cpu_chip() -> ChipInfo:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
+from dsv3.backends.chips import DENSE_DTYPES, FP8_ACTIVATION_MAX, FP8_FORMATS
+from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import (
     Backend,
     CacheSpec,
@@ -25,8 +27,6 @@ from dsv3.backends.interface import (
     paged_cache_spec,
     plain,
 )
-
-_DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class ReferenceBackend(Backend):
@@ -43,11 +43,11 @@ class ReferenceBackend(Backend):
     def __init__(self, device: str | torch.device | None = None, fp8_format: str = "e4m3fn",
                  fp8_max: float | None = None, ue8m0: bool = False, chip=None):
         device = "cpu" if device is None else device
-        if fp8_format not in fp8.FP8_FORMATS:
-            raise ValueError(f"fp8_format must be one of {sorted(fp8.FP8_FORMATS)}, got {fp8_format!r}")
-        dtype = fp8.FP8_FORMATS[fp8_format]
+        if fp8_format not in FP8_FORMATS:
+            raise BackendError(f"fp8_format must be one of {sorted(FP8_FORMATS)}, got {fp8_format!r}")
+        dtype = FP8_FORMATS[fp8_format]
         if fp8_max is None:
-            fp8_max = 224.0 if fp8_format == "e4m3fnuz" else fp8.fp8_max(dtype)
+            fp8_max = FP8_ACTIVATION_MAX[fp8_format]
         self.ue8m0 = ue8m0
         self.capabilities = Capabilities(
             name="reference",
@@ -87,7 +87,7 @@ class ReferenceBackend(Backend):
         if precision == "fp8":
             return self._to_fp8(weight.to(self.device), None if scale is None else scale.to(self.device))
         return self._dense(weight.to(self.device), None if scale is None else scale.to(self.device),
-                           _DENSE_DTYPES[precision]), None
+                           DENSE_DTYPES[precision]), None
 
     def prepare_linear(self, weight, scale_inv, precision: Precision) -> LinearWeight:
         w, s = self._prepare(weight, scale_inv, precision)
@@ -224,7 +224,8 @@ class ReferenceBackend(Backend):
         return out.to(x.dtype)
 
 
-def route_experts(logits: torch.Tensor, bias: torch.Tensor | None, config: RoutingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def route_experts(logits: torch.Tensor, bias: torch.Tensor | None,
+                  config: RoutingConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek routing from gate logits [N, E] (float32) to (weights [N, k], ids [N, k]).
 
     V3 (noaux_tc): sigmoid scores; the correction bias is added for selection only;

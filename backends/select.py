@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from dsv3.backends.chips import ChipInfo
+from dsv3.backends.chips import ChipInfo, check_fp8_max
 from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.interface import Backend
 from dsv3.backends.probe import probe
@@ -31,8 +31,6 @@ BACKEND_VENDORS = {backend: vendor for vendor, backend in VENDOR_BACKENDS.items(
 TORCH_DEVICES = {"huawei": "npu", "amd": "cuda", "nvidia": "cuda", "cpu": "cpu"}
 #: pip extra -> the modules it installs that the backend imports
 EXTRA_PACKAGES = {"cuda": ("triton",), "rocm": ("triton",), "ascend": ("torch_npu",)}
-#: the largest finite value of each FP8 format, the bound for DSV3_FP8_MAX
-FP8_FORMAT_MAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,8 @@ def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str
     Returns:
         The Decision.
     Raises:
-        BackendUnavailable: a named backend is unknown or cannot run here, or DSV3_FP8_MAX is invalid.
+        BackendUnavailable: a named backend is unknown or cannot run here.
+        BackendError: DSV3_FP8_MAX is not a number in (0, the format's max].
     """
     env = {} if env is None else env
     chip = _with_fp8_max(chip, env.get("DSV3_FP8_MAX"))
@@ -154,14 +153,7 @@ def _fallback(chip: ChipInfo, problem: str) -> Decision:
 def _with_fp8_max(chip: ChipInfo, value: str | None) -> ChipInfo:
     if value in (None, "") or chip.fp8_format is None:
         return chip
-    limit = FP8_FORMAT_MAX[chip.fp8_format]
-    try:
-        fp8_max = float(value)
-    except ValueError:
-        fp8_max = float("nan")
-    if not 0 < fp8_max <= limit:
-        raise BackendUnavailable(f"DSV3_FP8_MAX={value}: expected a number in (0, {limit:g}] for {chip.fp8_format}")
-    return dataclasses.replace(chip, fp8_max=fp8_max)
+    return dataclasses.replace(chip, fp8_max=check_fp8_max(value, chip.fp8_format, "DSV3_FP8_MAX"))
 
 
 def build(decision: Decision, device: str | None = None, **options) -> tuple[Backend, Decision]:
@@ -218,15 +210,3 @@ def select(requested: str | None = "auto", device: str | None = None, chip: Chip
     decision = decide(chip, requested, os.environ if env is None else env, installed_packages())
     return build(decision, device, **options)
 
-
-def select_backend(requested: str | None = "auto", device: str | None = None) -> tuple[Backend, str]:
-    """The backend to run on and why.
-
-    Args:
-        requested: "auto", or a backend name; DSV3_BACKEND applies only to "auto".
-        device: torch device for the backend (its default when None).
-    Returns:
-        (backend, a one-line reason).
-    """
-    backend, decision = select(requested, device)
-    return backend, decision.reason

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from dsv3.backends.triton_kernels import quant
+from dsv3.backends.triton_kernels import norm, quant
 from dsv3.backends.triton_kernels.configs import NVIDIA_SM90, TileConfig
 
 from scripts.gpu_quant_sweep import graph_time_us
@@ -22,7 +22,7 @@ FUSED = [(cols, warps, split) for cols in (512, 1024, 2048) for warps in (4, 8) 
 
 
 def two_kernels(x, w, residual, norm: TileConfig):
-    out, _, _, _ = quant.rms_norm(x, w, 1e-6, residual, norm)
+    out, _, _, _ = norm.rms_norm(x, w, 1e-6, residual, norm)
     return quant.quantize_activation(out, *FP8, NVIDIA_SM90.quant_tile(x.shape[0]))
 
 
@@ -34,13 +34,13 @@ def main() -> None:
         residual = torch.randn(m, k, device="cuda").to(torch.bfloat16) if with_residual else None
         w = torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5
         # the fused result must be the two kernels' bit for bit, whatever the tile
-        out, _, q, s = quant.rms_norm(x, w, 1e-6, residual, NVIDIA_SM90.norm, FP8)
+        out, _, q, s = norm.rms_norm(x, w, 1e-6, residual, NVIDIA_SM90.norm, FP8)
         eq, es = quant.quantize_activation(out, *FP8, NVIDIA_SM90.quant)
         assert torch.equal(q.view(torch.uint8), eq.view(torch.uint8)) and torch.equal(s, es), (m, k)
         times = [graph_time_us(lambda: two_kernels(x, w, residual, NVIDIA_SM90.norm))]
         for cols, warps, split in FUSED:
             tile = TileConfig(1 << 20 if split else 0, cols, 1, {"num_warps": warps})
-            times.append(graph_time_us(lambda t=tile: quant.rms_norm(x, w, 1e-6, residual, t, FP8)))
+            times.append(graph_time_us(lambda t=tile: norm.rms_norm(x, w, 1e-6, residual, t, FP8)))
         print(f"{m:>5}x{k:<6}", *(f"{t:10.2f}" for t in times))
     # the norm alone: the config's split row against one program a row
     print("norm alone, config / one program a row")
@@ -49,7 +49,7 @@ def main() -> None:
         residual = torch.randn(m, k, device="cuda").to(torch.bfloat16) if with_residual else None
         w = torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5
         whole = replace(NVIDIA_SM90.norm, block_m=0)
-        times = [graph_time_us(lambda t=t: quant.rms_norm(x, w, 1e-6, residual, t)) for t in (NVIDIA_SM90.norm, whole)]
+        times = [graph_time_us(lambda t=t: norm.rms_norm(x, w, 1e-6, residual, t)) for t in (NVIDIA_SM90.norm, whole)]
         print(f"{m:>5}x{k:<6}", *(f"{t:10.2f}" for t in times))
 
 

@@ -112,7 +112,7 @@ def _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, BLO
 
 @triton.jit
 def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, sorted_pairs_ptr, tile_expert_ptr,
-                    num_pairs, num_experts, top_k, K, I,
+                    num_pairs, num_experts, top_k, K, I,  # noqa: E741 - the paper's name for the expert width
                     stride_xm, stride_xsm, stride_xsg, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
                     stride_hm, stride_hsm, stride_hsg,
                     FP8: tl.constexpr, ACT_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr,

@@ -40,12 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_backend(name: str, device: str | None):
     """(backend, reason), or (None, why it cannot be built here); an unknown name is a usage error."""
     from dsv3.backends.registry import BACKENDS
-    from dsv3.backends.select import select_backend
+    from dsv3.backends.select import select
 
     if name != "auto" and name not in BACKENDS:
         raise Dsv3Error(f"--backend: unknown backend {name!r}; choose auto or one of {', '.join(sorted(BACKENDS))}")
     try:
-        return select_backend(name, device)
+        backend, decision = select(name, device)
+        return backend, decision.reason
     except Exception as e:  # missing packages, no device, a driver error: every row is skipped with this reason
         return None, f"cannot build backend {name}: {conformance._one_line(e)}"
 

@@ -42,7 +42,7 @@ def adversarial(m, k):
 QUANT = """
 import itertools
 from dataclasses import replace
-from dsv3.backends.triton_kernels import quant
+from dsv3.backends.triton_kernels import norm, quant
 for name, dtype, fp8_max in FORMATS:
     for ue8m0 in (False, True):
         x = adversarial(5, 300) * 3
@@ -59,13 +59,13 @@ for name, dtype, fp8_max in FORMATS:
         # with and without the quantization (32 rows: both split)
         splits = (PORTABLE.norm, replace(PORTABLE.norm, block_m=32, block_n=128), replace(PORTABLE.norm, block_m=32))
         for residual, tile in itertools.product((None, r), splits):
-            out, h, nq, ns = quant.rms_norm(x, w, 1e-6, residual, tile, (dtype, fp8_max, ue8m0))
+            out, h, nq, ns = norm.rms_norm(x, w, 1e-6, residual, tile, (dtype, fp8_max, ue8m0))
             expected = ref.rms_norm(x, w, 1e-6, residual)
             expected_out = expected[0] if residual is not None else expected
             assert torch.equal(out, expected_out), (name, "rms_norm")
             if residual is not None:
                 assert torch.equal(h, expected[1])
-            plain_out, plain_h, _, _ = quant.rms_norm(x, w, 1e-6, residual, tile)  # the norm alone: the same values
+            plain_out, plain_h, _, _ = norm.rms_norm(x, w, 1e-6, residual, tile)  # the norm alone: the same values
             assert torch.equal(plain_out, out) and (residual is None or torch.equal(plain_h, h))
             eq, es = fp8.quantize_activation(expected_out, dtype, fp8_max, ue8m0)
             assert torch.equal(ns, es) and torch.equal(nq.view(torch.uint8), eq.view(torch.uint8)), tile

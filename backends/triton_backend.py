@@ -1,0 +1,394 @@
+"""The shared Triton backend: the ops the CUDA and ROCm backends both run, from one constructor path.
+
+A vendor backend (backends/cuda.py, backends/rocm.py) finds its chip and device facts and hands
+them to `TritonBackend.__init__`: the tile tables (triton_kernels/configs.py or amd_configs.py),
+the FP8 dtype and activation max, how torch._scaled_mm takes block scales where it does
+(`ScaledMM`, checked once by `check_scaled_mm`) and an optional vendor GEMM (`VendorGemm`,
+e.g. aiter) for FP8 linears of prefill-sized M. Everything else is here:
+
+- FP8 linear: activations quantized 1x128 by a Triton kernel; then for M <= decode_max_m the
+  split-K Triton GEMM (bound by reading the weight once), and from scaled_mm_min_m the vendor
+  GEMM, else torch._scaled_mm block-wise, else the tiled Triton GEMM. Where N is not a multiple
+  of 128, the split-K kernel keeps M up to decode_max_m (it wins there). _scaled_mm needs K to be
+  a multiple of 512 (its weight-scale layout); where it also wants N to be a multiple of 128,
+  such weights keep a zero-padded copy (576 -> 640 rows) and the extra columns are dropped.
+- BF16/FP32 linear: F.linear (cuBLAS or hipBLASLt).
+- RMSNorm (residual add and the 1x128 quantization fused), rotary, SwiGLU, routing (after the
+  fp32 router GEMM) and the grouped MoE in Triton; MLA in backends/triton_kernels/mla.py.
+Every op of a decode step avoids host synchronisation, so `graph_runner` records a step in a
+CUDA (or HIP) graph.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from dsv3.backends import fp8
+from dsv3.backends.chips import DENSE_DTYPES, ChipInfo
+from dsv3.backends.errors import BackendError
+from dsv3.backends.interface import (
+    Backend,
+    CacheSpec,
+    Capabilities,
+    ExpertWeights,
+    LinearWeight,
+    MLAInputs,
+    MLAWeights,
+    PagedBatch,
+    Precision,
+    QuantizedActivation,
+    RoutingConfig,
+    plain,
+)
+from dsv3.backends.triton_kernels import elementwise, gemm, mla, moe, norm, quant, routing
+from dsv3.backends.triton_kernels.configs import KernelConfigs
+
+#: cuBLAS's 128x128 weight scales are [round_up(K/128, 4), N/128] with strides (1, that): the plain
+#: transposed scale tensor has this layout when K/128 is a multiple of 4 (every DeepSeek-V3 K is).
+SCALED_MM_K_ALIGN = 4 * fp8.BLOCK
+#: rows of the activations given to torch._scaled_mm come in multiples of this (16 bytes of fp32 scales)
+SCALED_MM_M_ALIGN = 4
+GRAPH_WARMUP_RUNS = 2
+
+
+# ---- library GEMMs, checked once at start ------------------------------------------------------
+
+def matches_block_math(gemm_fn: Callable, fp8_dtype: torch.dtype, device: torch.device | str,
+                       shape: tuple[int, int, int] = (32, 256, 512)) -> bool:
+    """Whether gemm_fn(a, a_scale, w, w_scale) computes the 1x128 / 128x128 block-scaled product.
+
+    Runs one small product with uneven scales (a per-tensor or per-row shortcut is off by tens of
+    percent); an exception counts as no.
+
+    Args:
+        gemm_fn: (a [M, K] FP8, a_scale [M, K/128] column-major, w [N, K] FP8, w_scale [N/128, K/128]) -> [M, N].
+        fp8_dtype: the FP8 dtype of a and w.
+        device: where to run it.
+        shape: (M, N, K) of the product.
+    """
+    m, n, k = shape
+    g = torch.Generator(device).manual_seed(0)
+    a = (torch.randn(m, k, device=device, generator=g) * 8).to(fp8_dtype)
+    w = (torch.randn(n, k, device=device, generator=g) * 8).to(fp8_dtype)
+    a_scale = (torch.rand(k // fp8.BLOCK, m, device=device, generator=g) + 0.5).t()
+    w_scale = torch.rand(fp8.num_blocks(n), k // fp8.BLOCK, device=device, generator=g) + 0.5
+    expected = ((a.float() * a_scale.repeat_interleave(fp8.BLOCK, 1))
+                @ (w.float() * fp8.expand_block_scales(w_scale, n, k)).T)
+    try:
+        got = gemm_fn(a, a_scale, w, w_scale).float()
+    except Exception:  # noqa: BLE001 - a library that cannot run this case is simply not used
+        return False
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-2,
+                                                          atol=1e-2 * expected.abs().max().item())
+
+
+@dataclass(frozen=True)
+class ScaledMM:
+    """How torch._scaled_mm block-wise takes 128x128 weight scales here.
+
+    Attributes:
+        scale_layout: "view" (the transposed scales as they are) or "contiguous" (made contiguous).
+        pad_n: N must be padded to a multiple of 128 (an unaligned N failed or came out wrong).
+    """
+
+    scale_layout: str
+    pad_n: bool
+
+    def scale_b(self, scale: torch.Tensor) -> torch.Tensor:
+        """The weight scales [N/128, K/128] as _scaled_mm takes them."""
+        return scale.t() if self.scale_layout == "view" else scale.t().contiguous()
+
+
+def check_scaled_mm(device: torch.device, fp8_dtype: torch.dtype) -> ScaledMM | None:
+    """torch._scaled_mm block-wise where it computes the block math on this device (checked on small
+    products), else None."""
+    if not hasattr(torch, "_scaled_mm"):
+        return None
+    for layout in ("view", "contiguous"):
+        def run(a, sa, w, sw, layout=layout):
+            return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=ScaledMM(layout, False).scale_b(sw),
+                                    out_dtype=torch.bfloat16)
+        if matches_block_math(run, fp8_dtype, device):
+            return ScaledMM(layout, pad_n=not matches_block_math(run, fp8_dtype, device, (32, 320, 512)))
+    return None
+
+
+@dataclass(frozen=True)
+class VendorGemm:
+    """A vendor library's block-scaled FP8 GEMM for linears of prefill-sized M (aiter on ROCm).
+
+    Attributes:
+        name: what Capabilities.ops and linear_impl call it.
+        run: (qa [M, K], sa [M, K/128] column-major, w [N, K], w_scale, out_dtype) -> [M, N].
+        block_aligned: it takes only N and K that are multiples of 128.
+    """
+
+    name: str
+    run: Callable[..., torch.Tensor]
+    block_aligned: bool = True
+
+
+# ---- the backend -------------------------------------------------------------------------------
+
+class TritonBackend(Backend):
+    """The ops of the shared Triton kernels; cuda.py and rocm.py build it with their chip's facts.
+
+    Args:
+        name: the backend's name ("cuda", "rocm").
+        device: its torch device.
+        chip: the chip it runs on.
+        configs: the kernel tile table for the chip.
+        num_sms: streaming multiprocessors (compute units) the split-K GEMM spreads over.
+        fp8_dtype, fp8_max: the FP8 dtype of the kernels and the activation max (None, None without FP8).
+        ue8m0: round activation scales up to powers of two (DeepSeek-V3.1's scale_fmt).
+        scaled_mm: how torch._scaled_mm takes block scales here, or None where it is not used.
+        vendor_gemm: a vendor FP8 GEMM used from scaled_mm_min_m rows, or None.
+        dist_backend: torch.distributed backend.
+    Capabilities.ops comes from `describe_ops`, which each vendor backend writes.
+    """
+
+    def __init__(self, name: str, device: torch.device, chip: ChipInfo, configs: KernelConfigs, num_sms: int,
+                 fp8_dtype: torch.dtype | None, fp8_max: float | None, ue8m0: bool, scaled_mm: ScaledMM | None,
+                 vendor_gemm: VendorGemm | None = None, dist_backend: str = "nccl"):
+        self.chip, self.configs, self.num_sms, self.ue8m0 = chip, configs, num_sms, ue8m0
+        self.scaled_mm, self.vendor_gemm = scaled_mm, vendor_gemm
+        self._graph_pool = self._graph_stream = None  # made on the first graph_runner call
+        self._graphs = weakref.WeakSet()  # the live graphs recorded in _graph_pool
+        fp8_max = fp8_max if fp8_dtype is not None else None
+        self.capabilities = Capabilities(name=name, device=str(device), fp8_dtype=fp8_dtype, fp8_max=fp8_max,
+                                         dist_backend=dist_backend, native_fp8=fp8_dtype is not None,
+                                         ops=self.describe_ops(fp8_dtype, fp8_max))
+
+    def describe_ops(self, fp8_dtype: torch.dtype | None, fp8_max: float | None) -> dict[str, str]:
+        """Capabilities.ops: op name -> what runs (called once, by the constructor)."""
+        raise NotImplementedError
+
+    def linear_fp8_gemms(self) -> str:
+        """Which GEMM an FP8 linear runs at which M (the thresholds `linear_impl` dispatches on)."""
+        c = self.configs
+        text = (f"triton fp8 gemm (decode, split-K {c.gemm_decode.block_m}x{c.gemm_decode.block_n}) "
+                f"for M <= {c.decode_max_m}")
+        if self.vendor_gemm is not None:
+            return text + f", {self.vendor_gemm.name} from M = {c.scaled_mm_min_m}"
+        if self.scaled_mm is not None:
+            return text + f", torch._scaled_mm block-wise (cuBLAS/hipBLASLt) from M = {c.scaled_mm_min_m}"
+        return text + f", triton fp8 gemm (tiled {c.gemm_prefill.block_m}x{c.gemm_prefill.block_n}) above"
+
+    # ---- weight preparation ------------------------------------------------
+
+    def prepare_linear(self, weight, scale_inv, precision: Precision) -> LinearWeight:
+        out_features, in_features = weight.shape
+        weight = weight.to(self.device)
+        scale_inv = None if scale_inv is None else scale_inv.to(self.device, torch.float32)
+        if precision != "fp8":
+            dense = (fp8.dequantize_blocks(weight, scale_inv, DENSE_DTYPES[precision]) if scale_inv is not None
+                     else weight.to(DENSE_DTYPES[precision]))
+            return LinearWeight(dense.contiguous(), None, out_features, in_features)
+        w, s = self._to_fp8(weight, scale_inv)
+        extra = {}
+        if self.scaled_mm is not None and in_features % SCALED_MM_K_ALIGN == 0:
+            padded_rows = fp8.num_blocks(out_features) * fp8.BLOCK if self.scaled_mm.pad_n else out_features
+            if padded_rows != out_features:
+                padded = torch.zeros(padded_rows, in_features, dtype=w.dtype, device=self.device)
+                padded[:out_features] = w
+                w = padded[:out_features]  # the Triton kernels read the same storage
+            else:
+                padded = w
+            extra["scaled_mm"] = (padded, self.scaled_mm.scale_b(s))
+        if self.vendor_gemm is not None and (not self.vendor_gemm.block_aligned or (
+                out_features % fp8.BLOCK == 0 and in_features % fp8.BLOCK == 0)):
+            extra["vendor_gemm"] = True
+        return LinearWeight(w, s, out_features, in_features, extra)
+
+    def _to_fp8(self, weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight in this chip's FP8 format with its block scales (e4m3fn converted to e4m3fnuz where
+        that is the chip's format)."""
+        dtype = self.capabilities.fp8_dtype
+        if dtype is None:
+            raise BackendError(f"precision fp8: {self.chip.arch} has no FP8 (use bf16)")
+        if scale is None:
+            return fp8.quantize_blocks(weight, dtype)
+        if weight.dtype == torch.float8_e4m3fn and dtype == torch.float8_e4m3fnuz:
+            weight, scale = fp8.fn_to_fnuz(weight, scale)
+        elif weight.dtype != dtype:
+            raise BackendError(f"FP8 weight of dtype {weight.dtype}: the {self.capabilities.name} backend on "
+                               f"{self.chip.arch} takes float8_e4m3fn (the checkpoint's) or {dtype}")
+        return weight.contiguous(), scale.contiguous()
+
+    def prepare_experts(self, gate_up, gate_up_scale, down, down_scale, precision: Precision) -> ExpertWeights:
+        parts = []
+        for w, s in ((gate_up, gate_up_scale), (down, down_scale)):
+            w = w.to(self.device)
+            s = None if s is None else s.to(self.device, torch.float32)
+            if precision == "fp8":
+                parts += self._to_fp8(w, s)
+            elif s is not None:  # one expert at a time: a whole layer in fp32 would not fit
+                dense = torch.empty(w.shape, dtype=DENSE_DTYPES[precision], device=self.device)
+                for e in range(w.shape[0]):
+                    dense[e] = fp8.dequantize_blocks(w[e], s[e], dense.dtype)
+                parts += [dense, None]
+            else:
+                parts += [w.to(DENSE_DTYPES[precision]).contiguous(), None]
+        return ExpertWeights(*parts)
+
+    def prepare_mla(self, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, dtype) -> MLAWeights:
+        return mla.prepare_mla(kv_b_weight.to(self.device), num_heads, qk_nope_head_dim, v_head_dim, dtype)
+
+    # ---- GEMM --------------------------------------------------------------
+
+    def linear(self, x, weight: LinearWeight):
+        quantized, x = (x, x.values) if isinstance(x, QuantizedActivation) else (None, x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if weight.scale is None:
+            y = F.linear(x2, weight.weight if weight.weight.dtype == x.dtype else weight.weight.to(x.dtype))
+        else:
+            m = x2.shape[0]
+            # cuBLAS wants the column-major activation scales' leading dimension 16-byte aligned
+            pad = -m % SCALED_MM_M_ALIGN if self._use_scaled_mm(m, weight) else 0
+            if quantized is not None and not pad:
+                qa, sa = quantized.q, quantized.scales
+            else:
+                qa, sa = self.quantize_activation(F.pad(x2, (0, 0, 0, pad)) if pad else x2)
+            y = self.fp8_gemm(qa, sa, weight, x.dtype)[:m]
+        return y.view(*x.shape[:-1], weight.out_features)
+
+    def quantize_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] -> (FP8 [M, K], float32 scales [M, K/128] column-major), per token per 128 channels."""
+        caps = self.capabilities
+        return quant.quantize_activation(x, caps.fp8_dtype, caps.fp8_max, self.ue8m0,
+                                         self.configs.quant_tile(x.shape[0]))
+
+    def _uses_vendor_gemm(self, m: int, weight: LinearWeight, out_dtype: torch.dtype) -> bool:
+        return (m >= self.configs.scaled_mm_min_m and "vendor_gemm" in weight.extra
+                and out_dtype in (torch.bfloat16, torch.float16))
+
+    def _use_scaled_mm(self, m: int, weight: LinearWeight) -> bool:
+        """torch._scaled_mm from scaled_mm_min_m rows, but the decode kernel up to decode_max_m rows where
+        N is not a multiple of 128 (it wins there: 1.1-1.5x at M = 16-64 on an H100)."""
+        if "scaled_mm" not in weight.extra or m < self.configs.scaled_mm_min_m:
+            return False
+        if self._uses_vendor_gemm(m, weight, torch.bfloat16):
+            return False
+        return m > self.configs.decode_max_m or weight.out_features % fp8.BLOCK == 0
+
+    def linear_impl(self, m: int, weight: LinearWeight) -> str:
+        """Which GEMM an FP8 linear with M rows runs."""
+        if self._uses_vendor_gemm(m, weight, torch.bfloat16):
+            return self.vendor_gemm.name
+        if self._use_scaled_mm(m, weight):
+            padded = weight.extra["scaled_mm"][0].shape[0] != weight.out_features
+            return "torch._scaled_mm block-wise" + (" (N padded)" if padded else "")
+        if m <= self.configs.decode_max_m:
+            return "triton fp8 gemm (decode, split-K)"
+        return "triton fp8 gemm (tiled)"
+
+    def fp8_gemm(self, qa: torch.Tensor, sa: torch.Tensor, weight: LinearWeight,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The GEMM of an FP8 linear on already quantized activations qa [M, K], sa [M, K/128] -> [M, N]."""
+        m = qa.shape[0]
+        if self._uses_vendor_gemm(m, weight, out_dtype):
+            return self.vendor_gemm.run(qa, sa, weight.weight, weight.scale, out_dtype)
+        if self._use_scaled_mm(m, weight):
+            padded, scale_b = weight.extra["scaled_mm"]
+            y = torch._scaled_mm(qa, padded.t(), scale_a=sa, scale_b=scale_b, out_dtype=out_dtype)
+            return y if padded.shape[0] == weight.out_features else y[:, :weight.out_features].contiguous()
+        return gemm.fp8_gemm(qa, sa, weight.weight, weight.scale, out_dtype, self.configs, self.num_sms)
+
+    # ---- small ops ---------------------------------------------------------
+
+    def rms_norm(self, x, weight, eps, residual=None, quantize=False):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        r2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+        caps = self.capabilities
+        quantize = quantize and caps.has_fp8
+        # the kernel quantizes while the row is split over programs; above that, the norm and then the
+        # quantization kernel are faster (H100: 6.2 against 6.6 us at 64 rows), and the copy is still handed on
+        in_kernel = quantize and x2.shape[0] <= self.configs.norm.block_m
+        fused = (caps.fp8_dtype, caps.fp8_max, self.ue8m0) if in_kernel else None
+        out, h, q, s = norm.rms_norm(x2, weight, eps, r2, self.configs.norm, quant=fused)
+        if quantize and not in_kernel:
+            q, s = self.quantize_activation(out)
+        out = out.view(shape) if q is None else QuantizedActivation(out.view(shape), q, s)
+        return (out, h.view(shape)) if residual is not None else out
+
+    def rotary(self, x, cos, sin):
+        return elementwise.rotary(x, cos, sin)
+
+    def swiglu(self, gate, up):
+        return elementwise.swiglu(gate, up)
+
+    # ---- MLA (the kernels and their arguments: backends/triton_kernels/mla.py) -----------------
+
+    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
+        return mla.mla_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype)
+
+    def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
+        return mla.allocate_mla_cache(spec, self.device)
+
+    def mla_prefill(self, inputs: MLAInputs, cache, batch: PagedBatch, weights: MLAWeights, softmax_scale):
+        return mla.mla_prefill(inputs, cache, batch, weights, softmax_scale)
+
+    def mla_decode(self, inputs: MLAInputs, cache, batch: PagedBatch, weights: MLAWeights, softmax_scale,
+                   rope=None):
+        config = self.mla_decode_config(inputs.q_nope.shape[1], cache.dtype)
+        return mla.mla_decode(inputs, cache, batch, weights, softmax_scale, config=config, rope=rope)
+
+    def mla_decode_config(self, num_heads: int, cache_dtype: torch.dtype):
+        """The decode kernel's tile for this chip, or None for the kernel's own choice."""
+        return None
+
+    # ---- MoE ---------------------------------------------------------------
+
+    def moe_route(self, x, gate_weight, bias, config: RoutingConfig):
+        return routing.route(F.linear(x.float(), gate_weight.float()), bias, config)
+
+    def moe_experts(self, x, weights, ids, experts: ExpertWeights):
+        quant_args = (self.capabilities.fp8_max, self.ue8m0) if experts.is_fp8 else None
+        quantized = (x.q, x.scales) if isinstance(x, QuantizedActivation) and experts.is_fp8 else None
+        return moe.moe_experts(plain(x), weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
+                               experts.down_scale, self.configs, quant=quant_args, quantized=quantized)
+
+    # ---- graphs ------------------------------------------------------------
+
+    def graph_runner(self, step):
+        """Capture `step` in a CUDA (HIP) graph and return its replay; None off a cuda device, under
+        TRITON_INTERPRET=1 and where capture fails.
+
+        Two warm-up runs on a side stream first compile the kernels and make the tensors an op
+        caches on first use (outside the graph's memory). The graphs of this backend allocate from
+        one memory pool while any of them lives (they run one at a time, and their inputs and outputs
+        live outside it); once all are gone, the next capture starts a new pool.
+        """
+        if self.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        with torch.cuda.device(self.device):
+            if self._graph_stream is None:
+                self._graph_stream = torch.cuda.Stream(self.device)
+            if not self._graphs:  # a pool whose graphs are all gone cannot be reopened (torch asserts)
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self._graph_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._graph_stream):
+                for _ in range(GRAPH_WARMUP_RUNS):
+                    step()
+            torch.cuda.current_stream().wait_stream(self._graph_stream)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._graph_pool):
+                    step()
+            except RuntimeError as e:  # a host synchronisation inside step: run it eagerly
+                torch.cuda.synchronize(self.device)
+                warnings.warn(f"{self.capabilities.name} backend: a step could not be captured in a graph; it "
+                              f"runs eagerly ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                              stacklevel=2)
+                return None
+        self._graphs.add(graph)
+        return graph.replay
