@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from dsv3 import parallel
+from dsv3 import checks, parallel
+from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import Backend
 from dsv3.backends.select import select
 from dsv3.config import ModelConfig, load_config
 from dsv3.engine import Engine, SamplingParams
-from dsv3.errors import Dsv3Error
+from dsv3.errors import BackendSetupError, CheckpointError, Dsv3Error
 from dsv3.model import Transformer
 from dsv3.precision import resolve_precision
 from dsv3.tokenizer import Tokenizer
@@ -47,8 +49,9 @@ class Model:
         self.engine = Engine(transformer)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [B, T, vocab] for tokens [B, T] (LongTensor), every position, from position 0."""
-        return self.transformer.logits(tokens)
+        """Float32 logits [B, T, vocab] for tokens [B, T] (an integer tensor, or a list of equal-length lists
+        of ints), every position, from position 0."""
+        return self.transformer.logits(checks.token_batch(tokens, self.config.vocab_size))
 
     def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, on_token=None) -> list[str] | list[list[int]]:
@@ -91,8 +94,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     Returns:
         A Model.
     """
-    if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 2):
-        raise Dsv3Error(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+    _check_load_arguments(path_or_config, backend, precision, device, max_batch_size, max_seq_len, seed, tp, ep)
     plan = parallel.plan_for(tp, ep)  # None in a single process
     quiet = quiet or (plan is not None and not plan.is_primary)
     if path_or_config is None:
@@ -101,15 +103,23 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     if isinstance(backend, Backend):
         chosen, reason, chip = backend, f"{backend.capabilities.name} given", None
     else:
-        chosen, decision = select(backend, device) if plan is None else parallel.select_rank_backend(
-            backend, device, plan, select)
+        try:
+            chosen, decision = select(backend, device) if plan is None else parallel.select_rank_backend(
+                backend, device, plan, select)
+        except BackendError as e:  # backends raise their own errors; the API's are Dsv3Errors
+            raise BackendSetupError(str(e)) from e
         reason, chip = decision.reason, decision.chip
     info(f"backend {chosen.capabilities.name} on {chosen.capabilities.device}: {reason}", quiet)
 
-    checkpoint = isinstance(path_or_config, (str, Path)) and (Path(path_or_config) / "config.json").exists()
+    checkpoint = isinstance(path_or_config, (str, Path)) and Path(path_or_config).is_dir()
+    tokenizer = None
     if checkpoint:
+        if not (Path(path_or_config) / "config.json").is_file():
+            raise CheckpointError(f"{path_or_config}: not a checkpoint directory (no config.json)")
         config = load_config(path_or_config)
         source = CheckpointSource(path_or_config)
+        if (Path(path_or_config) / "tokenizer.json").exists():  # read before the weights: fail fast
+            tokenizer = Tokenizer(path_or_config)
     else:
         config = path_or_config if isinstance(path_or_config, ModelConfig) else load_config(path_or_config)
     chosen_precision, why = resolve_precision(precision, chosen.capabilities, config.is_fp8 or not checkpoint, chip)
@@ -120,15 +130,43 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     if max_seq_len > config.max_position_embeddings:
         raise Dsv3Error(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                         f"{config.max_position_embeddings}")
-    if plan is not None:
-        info(plan.describe(), quiet)
-        transformer = parallel.build(plan, config, chosen, source, chosen_precision, max_batch_size, max_seq_len,
-                                     load_mtp, progress and not quiet)
-    else:
-        loader = WeightLoader(source, config, include_mtp=load_mtp, progress=progress and not quiet)
-        try:
-            transformer = Transformer(config, chosen, loader, chosen_precision, max_batch_size, max_seq_len, load_mtp)
-        finally:
-            loader.close()
-    tokenizer = Tokenizer(path_or_config) if checkpoint and (Path(path_or_config) / "tokenizer.json").exists() else None
+    start = time.monotonic()
+    try:
+        if plan is not None:
+            info(plan.describe(), quiet)
+            transformer = parallel.build(plan, config, chosen, source, chosen_precision, max_batch_size,
+                                         max_seq_len, load_mtp, progress and not quiet)
+            loaded = sum(checks.model_bytes(plan.local_config(config), chosen_precision, 0, 0))
+        else:
+            loader = WeightLoader(source, config, include_mtp=load_mtp, progress=progress and not quiet,
+                                  device=chosen.device)
+            try:
+                transformer = Transformer(config, chosen, loader, chosen_precision, max_batch_size, max_seq_len,
+                                          load_mtp)
+            finally:
+                loader.close()
+            loaded = loader.bytes_loaded
+    except torch.OutOfMemoryError as e:
+        raise checks.out_of_memory(e, config, chosen_precision, max_batch_size, max_seq_len, chosen.device) from None
+    except BackendError as e:
+        raise BackendSetupError(str(e)) from e
+    info(f"loaded {loaded / 1e9:.2f} GB in {time.monotonic() - start:.1f} s", quiet)
     return Model(transformer, tokenizer)
+
+
+def _check_load_arguments(path_or_config, backend, precision, device, max_batch_size, max_seq_len, seed,
+                          tp, ep) -> None:
+    """load_model's arguments, checked before anything is built."""
+    if not isinstance(path_or_config, (str, Path, ModelConfig, type(None))):
+        raise TypeError(f"load_model takes a checkpoint directory, a config name or path, or a ModelConfig; "
+                        f"got {type(path_or_config).__name__}")
+    if not isinstance(backend, (str, Backend)):
+        raise TypeError(f"backend must be a backend name or a Backend, got {type(backend).__name__}")
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be a string (auto, fp8, bf16, fp32), got {type(precision).__name__}")
+    checks.check_int("max_batch_size", max_batch_size, 1)
+    checks.check_int("max_seq_len", max_seq_len, 2, optional=True)
+    checks.check_int("seed", seed)
+    checks.check_int("tp", tp, 1, optional=True)
+    checks.check_int("ep", ep, 1, optional=True)
+    checks.check_device(device)

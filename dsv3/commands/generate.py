@@ -6,14 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsv3.commands.common import add_model_arguments, load_from_args
+from dsv3.api import TINY_CHECKPOINT
+from dsv3.checks import check_sampling
+from dsv3.commands.common import add_model_arguments, check_model_arguments, load_from_args
+from dsv3.config import load_config
 from dsv3.distributed import broadcast_object, is_primary, quiet_other_ranks, read_line
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, UsageError
+from dsv3.tokenizer import Tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="text to continue")
-    p.add_argument("--input-file", metavar="FILE", help="one prompt per line, generated as one batch")
+    p.add_argument("--input-file", metavar="FILE", help="one prompt per line, generated as one batch "
+                   "(- reads standard input)")
     p.add_argument("--interactive", action="store_true", help="chat in the terminal (/clear resets, /exit quits)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the checkpoint's "
@@ -32,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt else None
     if args.input_file and is_primary():  # under torchrun rank 0 reads, then broadcasts
         prompts = read_prompts(Path(args.input_file))
+    preflight(args, prompts)
     model = load_from_args(args)
     prompts = broadcast_object(prompts)
     quiet_other_ranks()
@@ -57,14 +63,65 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def preflight(args: argparse.Namespace, prompts: list[str] | None) -> None:
+    """Everything that can be checked before the weights load (minutes for DeepSeek-V3): the options,
+    the tokenizer, the chat template with --chat, and each prompt's length against --max-seq-len.
+    A prompt that leaves no room to generate is an error; one that leaves less than --max-new-tokens
+    gets a note that its output will be cut."""
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, prefix="--")
+    check_model_arguments(args)
+    if args.config is not None:
+        raise UsageError("generate needs a checkpoint with a tokenizer; --config --random-weights has none "
+                         "(give --ckpt DIR)")
+    checkpoint = Path(args.ckpt) if args.ckpt else TINY_CHECKPOINT
+    tokenizer = Tokenizer(checkpoint)
+    if (args.chat or args.interactive) and not getattr(args, "chat_template", None) and not has_chat_template(
+            checkpoint, tokenizer):
+        raise UsageError(f"{checkpoint}: no chat template (no chat_template in tokenizer_config.json, no "
+                         f"chat_template.jinja), so --chat/--interactive cannot format a conversation")
+    config = load_config(checkpoint)
+    max_seq_len = args.max_seq_len or min(4096, config.max_position_embeddings)
+    if max_seq_len > config.max_position_embeddings:
+        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    cut = []
+    for number, prompt in enumerate(prompts or [], 1):
+        length = len(tokenizer.encode(prompt))
+        where = f"line {number} of {args.input_file}" if args.input_file else "the prompt"
+        if length >= max_seq_len:
+            raise UsageError(f"{where} is {length} tokens, which leaves no room to generate within --max-seq-len "
+                             f"{max_seq_len} (the model allows up to {config.max_position_embeddings})")
+        if length + args.max_new_tokens > max_seq_len:
+            cut.append((where, length))
+    if cut and not args.quiet:
+        where, length = max(cut, key=lambda c: c[1])
+        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+        print(f"dsv3: note: --max-seq-len {max_seq_len} cuts the output short: {where}{more} ({length} tokens) "
+              f"leaves room for {max_seq_len - length} new tokens, not --max-new-tokens {args.max_new_tokens}",
+              file=sys.stderr, flush=True)
+
+
+def has_chat_template(checkpoint: Path, tokenizer: Tokenizer) -> bool:
+    settings = tokenizer.settings
+    return bool(settings.get("chat_template")) or (checkpoint / "chat_template.jinja").is_file()
+
+
 def read_prompts(path: Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file."""
-    if not path.is_file():
-        raise Dsv3Error(f"{path}: no such file (--input-file takes a text file with one prompt per line)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise Dsv3Error(f"{path}: cannot read it as UTF-8 text ({e})")
+    """The non-empty lines of a UTF-8 text file, or of standard input for "-"."""
+    if str(path) == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"standard input: not UTF-8 text ({e})") from None
+        path = Path("<stdin>")
+    elif not path.is_file():
+        raise UsageError(f"{path}: no such file (--input-file takes a text file with one prompt per line, "
+                         f"or - for standard input)")
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: cannot read it as UTF-8 text ({e})") from None
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise Dsv3Error(f"{path}: no prompts (one per line)")

@@ -1,0 +1,154 @@
+"""Argument checks shared by the Python API and the commands: one UsageError naming the argument.
+
+Everything here runs before any weight is read, so a mistake costs a second, not a load.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dsv3.errors import OutOfMemoryError, UsageError
+
+
+def check_int(name: str, value, minimum: int | None = None, optional: bool = False) -> None:
+    """`value` is an int (not a bool) of at least `minimum`; None passes when optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {value}")
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> None:
+    """`value` is a finite int or float in [low, high] ((low, high] with low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise UsageError(f"{name} must be {'above' if low_open else 'at least'} {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise UsageError(f"{name} must be at most {high:g}, got {value:g}")
+
+
+#: below this a temperature divides logits into overflow; 0 means greedy decoding
+MIN_TEMPERATURE = 1e-5
+
+
+def check_sampling(max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, prefix: str = "") -> None:
+    """The sampling arguments of `dsv3 generate` and Model.generate, named with `prefix` ("--" for the CLI)."""
+    check_int(f"{prefix}max{'-' if prefix else '_'}new{'-' if prefix else '_'}tokens", max_new_tokens, 1)
+    check_number(f"{prefix}temperature", temperature, 0.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise UsageError(f"{prefix}temperature {temperature:g} is too small to sample with (logits / temperature "
+                         f"overflow); use 0 for greedy decoding or at least {MIN_TEMPERATURE:g}")
+    check_number(f"{prefix}top{'-' if prefix else '_'}p", top_p, 0.0, 1.0, low_open=True)
+    check_int(f"{prefix}seed", seed, 0)
+
+
+def check_device(device: str | None) -> None:
+    """A torch device string naming a device type this torch build has and an index it can see.
+
+    Generic over device types: the type's torch module (torch.cuda, torch.xpu, torch.npu once
+    torch_npu is imported, ...) says whether it is available and how many devices it sees.
+    """
+    if device is None:
+        return
+    import torch
+
+    if not isinstance(device, (str, torch.device)):
+        raise UsageError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device}: not a torch device ({str(e).splitlines()[0]})") from None
+    if parsed.type == "cpu":
+        return
+    module = getattr(torch, parsed.type, None)
+    available = getattr(module, "is_available", None)
+    if available is None or parsed.type == "meta":
+        raise UsageError(f"--device {device}: dsv3 cannot run on {parsed.type} devices")
+    if not available():
+        raise UsageError(f"--device {device}: this machine has no usable {parsed.type} device "
+                         f"(torch.{parsed.type}.is_available() is False)")
+    count = getattr(module, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise UsageError(f"--device {device}: only {count} {parsed.type} device{'s' if count != 1 else ''} "
+                         f"visible (indices 0..{count - 1})")
+
+
+def model_bytes(config, precision: str, max_batch_size: int, max_seq_len: int) -> tuple[int, int]:
+    """(weight bytes, latent cache bytes) the model needs on its device, roughly, for the OOM message."""
+    from dsv3 import layout
+
+    dense = 4 if precision == "fp32" else 2
+    weights = 0
+    for spec in layout.module_specs(config).values():
+        numel = math.prod(spec.shape)
+        if spec.kind == layout.LINEAR and precision == "fp8":
+            weights += numel + 4 * math.ceil(spec.shape[0] / 128) * math.ceil(spec.shape[-1] / 128)
+        else:
+            weights += numel * (4 if spec.kind == layout.FP32 else dense)
+    cache = config.latent_cache_bytes_per_token(dense) * max_batch_size * max_seq_len
+    return weights, cache
+
+
+def out_of_memory(error: BaseException, config, precision: str, max_batch_size: int, max_seq_len: int,
+                  device) -> OutOfMemoryError:
+    """The one-line error for an out-of-memory while the model was built or loaded."""
+    weights, cache = model_bytes(config, precision, max_batch_size, max_seq_len)
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return OutOfMemoryError(
+        f"out of memory on {device} while loading the model: it needs about {weights / 1e9:.1f} GB of {precision} "
+        f"weights and {cache / 1e9:.2f} GB of cache ({max_batch_size} x {max_seq_len} tokens); use more devices "
+        f"(torchrun, --tp/--ep), a smaller --max-batch-size/--max-seq-len or --precision fp8 ({detail})")
+
+
+def token_batch(tokens, vocab_size: int):
+    """tokens [B, T] as a LongTensor: an integer tensor or a list of equal-length lists of ints, every id
+    in [0, vocab_size). A TypeError or UsageError naming what is wrong, before anything reaches the device."""
+    import torch
+
+    if isinstance(tokens, (list, tuple)):
+        if not tokens or not all(isinstance(row, (list, tuple)) for row in tokens):
+            raise TypeError("tokens must be a [B, T] integer tensor or a non-empty list of lists of token ids")
+        if len({len(row) for row in tokens}) != 1 or not tokens[0]:
+            raise UsageError(f"token lists must be non-empty and of equal length, got lengths "
+                             f"{sorted({len(row) for row in tokens})}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for row in tokens for t in row):
+            raise TypeError("token ids must be ints")
+        tokens = torch.tensor(tokens, dtype=torch.long)
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a [B, T] integer tensor or a list of lists of ints, "
+                        f"got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise UsageError(f"tokens must be a non-empty [B, T] tensor, got shape {list(tokens.shape)}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise UsageError(f"token id {bad} is out of range for the vocabulary of {vocab_size} tokens")
+    return tokens.long()
+
+
+def token_lists(prompts, vocab_size: int) -> list[list[int]]:
+    """Token-id prompts for generation: a list of non-empty lists of ints in [0, vocab_size)."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError(f"prompts must be a str, a non-empty list of str or a list of token-id lists, "
+                        f"got {type(prompts).__name__}")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise TypeError(f"prompt {i} must be a list of int token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise UsageError(f"prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise UsageError(f"prompt {i}: token id {bad[0]} is out of range for the vocabulary of {vocab_size} "
+                             f"tokens")
+        out.append(list(prompt))
+    return out
