@@ -1,20 +1,23 @@
 """`dsv3 conformance`: run every backend op against the reference backend and print the matrix.
 
-Exit codes: 0 when every case passed, was emulated or was skipped; 1 when any case failed;
-2 for a usage error (an unknown backend, a bad option).
+Exit codes: 0 when no case failed and at least one was checked (passed or emulated); 1 when any
+case failed; 2 for a usage error (an unknown backend, a bad option or device); 5 when nothing was
+checked (every case skipped: the backend cannot be built here), as pytest exits when it ran no test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from dsv3 import conformance
+from dsv3.checks import check_device
 from dsv3.conformance import FAIL, SKIPPED, SUITE_OPS, SUITE_PRECISIONS, TOLERANCES, Report, Result
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, UsageError
 
 CELL = {conformance.PASS: "pass", conformance.EMULATED: "emulated", FAIL: "FAIL", SKIPPED: "skipped"}
 
@@ -51,7 +54,14 @@ def build_backend(name: str, device: str | None):
         return None, f"cannot build backend {name}: {conformance._one_line(e)}"
 
 
+#: exit code of a run in which every case was skipped (pytest's "no tests ran")
+NOTHING_CHECKED = 5
+
+
 def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    if args.json:
+        check_output_file(Path(args.json), "--json")
     backend, reason = build_backend(args.backend, args.device)
     cases = conformance.build_cases(args.plan, args.precision, args.ops)
     done = [0]
@@ -64,12 +74,34 @@ def run(args: argparse.Namespace) -> int:
 
     report = conformance.run_conformance(backend, args.plan, args.precision, args.ops, requested=args.backend,
                                          reason=reason, on_result=progress)
+    code = exit_code(report)
     print(format_report(report))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    if code == NOTHING_CHECKED:
+        print(f"dsv3: error: nothing was checked: all {len(report.results)} cases skipped "
+              f"({report.reason or 'see the skip reasons above'})", file=sys.stderr)
+    return code
+
+
+def exit_code(report: Report) -> int:
+    """The report's exit code (1 on any failure), or NOTHING_CHECKED when no case ran."""
+    if report.exit_code == 0 and not (report.count(conformance.PASS) or report.count(conformance.EMULATED)):
+        return NOTHING_CHECKED
     return report.exit_code
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """An output file that can be written: not a directory, its parent a directory (made if missing)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot create it ({parent} is not a writable directory)")
 
 
 def _cell(result: Result | None) -> str:
@@ -112,7 +144,7 @@ def format_report(report: Report) -> str:
     lines += ["", format_tolerances(), ""]
     counts = ", ".join(f"{report.count(s)} {CELL[s] if s != FAIL else 'failed'}"
                        for s in (conformance.PASS, conformance.EMULATED, FAIL, SKIPPED))
-    lines.append(f"summary: {counts} -> exit {report.exit_code}")
+    lines.append(f"summary: {counts} -> exit {exit_code(report)}")
     return "\n".join(lines)
 
 
@@ -121,7 +153,7 @@ def format_tolerances() -> str:
     lines = ["tolerances (max |backend - reference| per output row / max |reference| in that row):",
              (f"  {'op':12} " + " ".join(f"{p:22}" for p in SUITE_PRECISIONS)).rstrip()]
     for op, row in TOLERANCES.items():
-        def text(p):
+        def text(p, row=row):
             t = row.get(p)
             if t is None:
                 return "-"
