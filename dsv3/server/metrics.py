@@ -9,7 +9,14 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -59,6 +66,7 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, stats: Callable[[], Any], model_name: str):
+        disable_created_metrics()  # the *_created samples only repeat the start time (vLLM turns them off too)
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(EngineCollector(stats, model_name))

@@ -1,0 +1,73 @@
+"""`dsv3 serve`: an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
+/health, /metrics) over the serving engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dsv3.errors import UsageError
+from dsv3.server.reasoning import REASONING_PARSERS
+from dsv3.server.tool_parser import TOOL_CALL_PARSERS
+from dsv3.serving.args import add_engine_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                   "only; 0.0.0.0 listens on every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model name clients send and /v1/models "
+                   "lists (default: --ckpt as given, or 'tiny')")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1 route "
+                   "(default: $DSV3_API_KEY; none when unset)")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the "
+                   "checkpoint's (tokenizer_config.json chat_template)")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, help="return the text up to </think> as "
+                   "reasoning_content (DeepSeek-R1)")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, help="parse the model's tool-call tokens "
+                   "into tool_calls (DeepSeek-V3's format)")
+    p.add_argument("--max-request-bytes", type=int, default=16 << 20, metavar="N",
+                   help="larger request bodies are refused with 413 (default 16 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long in-flight requests may run before they are aborted "
+                   "(default 10)")
+    add_engine_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.api import TINY_CHECKPOINT
+    from dsv3.server.app import build_app, serve
+    from dsv3.server.chat_template import ChatTemplate
+    from dsv3.server.handlers import ServerSettings
+    from dsv3.serving.async_engine import AsyncEngine
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_request_bytes < 1024:
+        raise UsageError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
+    if args.shutdown_timeout < 0:
+        raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.chat_template and not Path(args.chat_template).is_file():
+        raise UsageError(f"--chat-template {args.chat_template}: no such file")
+    checkpoint = str(args.ckpt or TINY_CHECKPOINT)
+    template = ChatTemplate.load(checkpoint, override=args.chat_template)
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.ckpt or "tiny", checkpoint=checkpoint, chat_template=template,
+        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+        api_key=args.api_key or os.environ.get("DSV3_API_KEY") or None, max_request_bytes=args.max_request_bytes)
+    engine = AsyncEngine.from_args(args)
+    if template is None:
+        print(f"dsv3: {checkpoint} has no chat template: /v1/chat/completions answers 400 "
+              "(pass --chat-template FILE)", file=sys.stderr)
+    app = build_app(engine, settings)
+    logging.basicConfig(level=logging.INFO, format="dsv3: %(message)s")
+    print(f"dsv3: serving {settings.model_name} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if settings.api_key else ''}", file=sys.stderr, flush=True)
+    try:
+        started = serve(app, args.host, args.port, args.shutdown_timeout)
+    finally:
+        engine.shutdown()
+    return 0 if started else 1

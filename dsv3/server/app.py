@@ -1,0 +1,169 @@
+"""The FastAPI app: routes, the API key, request size limits and OpenAI-shaped errors.
+
+Every /v1 route needs `Authorization: Bearer KEY` when the server has a key; /health and /metrics stay
+open. A body is read up to the size limit (413 past it) and validated by the pydantic models; every error a
+client can cause answers with OpenAI's body {"error": {"message", "type", "param", "code"}}, and an engine
+failure in one request is that request's 500 while the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import signal
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from dsv3.errors import Dsv3Error, RequestError
+from dsv3.server.handlers import OpenAIServing, ServerSettings
+from dsv3.server.metrics import ServerMetrics
+from dsv3.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+log = logging.getLogger("dsv3.server")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def validation_message(error: ValidationError) -> tuple[str, str | None]:
+    """One line for pydantic's first complaint, and the field it names (OpenAI's `param`)."""
+    first = error.errors()[0]
+    location = [str(part) for part in first["loc"] if not isinstance(part, int)]
+    param = location[0] if location else None
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "missing":
+        return f"{where} is required", param
+    return f"{where}: {message} (got {first.get('input')!r})" if where else message, param
+
+
+async def read_json(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
+    """The request body as `model`: 413 above `limit` bytes, 400 for malformed JSON or fields."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(f"the request body is {declared} bytes; the limit is {limit}", status=413)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise APIError(f"the request body is over the limit of {limit} bytes", status=413)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise APIError(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise APIError(message, param=param) from None
+
+
+def build_app(engine, settings: ServerSettings) -> FastAPI:
+    """The server's app around a loaded AsyncEngine."""
+    metrics = ServerMetrics(engine.stats, settings.model_name)
+    serving = OpenAIServing(engine, settings, metrics)
+
+    app = FastAPI(title="dsv3", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+
+    async def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError("missing or wrong API key: send the header 'Authorization: Bearer KEY'", status=401)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, error: APIError):
+        return error_response(error)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, error: RequestError):
+        return error_response(APIError(str(error), param=error.param))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException):
+        return error_response(APIError(f"{request.method} {request.url.path}: {error.detail}",
+                                       status=error.status_code))
+
+    @app.exception_handler(Exception)
+    async def on_failure(request: Request, error: Exception):
+        log.exception("request %s %s failed", request.method, request.url.path)
+        message = str(error) if isinstance(error, Dsv3Error) else f"{type(error).__name__}: {error}"
+        return error_response(APIError(f"the server failed on this request: {message}", status=500))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        card = ModelCard(id=settings.model_name, root=settings.checkpoint, max_model_len=serving.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(request: Request):
+        body = await read_json(request, CompletionRequest, settings.max_request_bytes)
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(request: Request):
+        body = await read_json(request, ChatCompletionRequest, settings.max_request_bytes)
+        return await serving.chat(body, request)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that the SIGTERM or SIGINT it shut down gracefully for is not raised again
+    afterwards (uvicorn re-raises it, which makes the process exit 143 instead of 0)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        handlers = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets=None):
+        """uvicorn's graceful shutdown; a second before its timeout, the streams still open end cleanly
+        (their engine requests aborted) rather than being cancelled mid-write."""
+        from sse_starlette.sse import AppStatus
+
+        end_streams = asyncio.get_running_loop().call_later(
+            max(self.config.timeout_graceful_shutdown - 1.0, 0.0), setattr, AppStatus, "should_exit", True)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            end_streams.cancel()
+
+
+def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> bool:
+    """Serve until SIGTERM or Ctrl-C: then stop accepting, let in-flight requests (streams too) run up to
+    `shutdown_timeout` seconds, cancel what is left (which aborts its engine requests) and return.
+    Returns False if the server could not start (the port is taken, say)."""
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.disable_automatic_graceful_drain()  # streams finish within the timeout instead of ending at once
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout)
+    server = _Server(config)
+    server.run()
+    return server.started

@@ -1,0 +1,339 @@
+"""/v1/completions and /v1/chat/completions: requests -> engine requests -> OpenAI responses or SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dsv3.errors import EngineRequestError, RequestError
+from dsv3.server.chat_template import ChatTemplate, no_template_error
+from dsv3.server.metrics import ServerMetrics
+from dsv3.server.protocol import (
+    APIError,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+    random_id,
+    sampling_kwargs,
+)
+from dsv3.server.reasoning import ReasoningStream, split_reasoning
+from dsv3.server.runner import RequestGroup, cancel_on_disconnect
+from dsv3.server.tool_parser import ToolCallStream, parse_tool_calls
+
+
+@dataclass
+class ServerSettings:
+    """What `dsv3 serve` was started with (besides the engine)."""
+
+    model_name: str
+    checkpoint: str
+    chat_template: ChatTemplate | None = None
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    api_key: str | None = None
+    max_request_bytes: int = 16 << 20
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into engine requests and their outputs into OpenAI responses."""
+
+    def __init__(self, engine, settings: ServerSettings, metrics: ServerMetrics):
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.settings.model_name:
+            raise APIError(f"the model {name!r} does not exist (this server serves {self.settings.model_name!r})",
+                           status=404, param="model")
+
+    def max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
+        """The tokens a completion may generate: requested, or up to the context; 400 beyond it."""
+        if prompt_len >= self.max_model_len:
+            raise APIError(f"the prompt is {prompt_len} tokens, and this model's context is {self.max_model_len} "
+                           "tokens: shorten the prompt", param=prompt_param)
+        room = self.max_model_len - prompt_len
+        if requested is None:
+            return room
+        if requested > room:
+            raise APIError(f"this model's context is {self.max_model_len} tokens, but {prompt_len + requested} "
+                           f"were requested ({prompt_len} in the prompt, {requested} to generate): lower max_tokens",
+                           param="max_tokens")
+        return requested
+
+    def sampling_params(self, request, max_tokens: int, logprobs: int | None):
+        from dsv3.serving.params import SamplingParams
+
+        try:
+            return SamplingParams(**sampling_kwargs(request, max_tokens, logprobs))
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+
+    # ------------------------------------------------------------------------------------- completions
+
+    async def completions(self, request: CompletionRequest, raw: Request) -> Response:
+        self.check_model(request.model)
+        if request.echo and request.logprobs is not None:
+            raise APIError("echo with logprobs needs the prompt's log-probabilities, which dsv3 does not compute",
+                           param="echo")
+        prompt = request.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        texts, prompts = [], []
+        for p in prompt:
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p)
+            else:
+                ids = list(p)
+                self.check_token_ids(ids)
+                p = self.tokenizer.decode(ids) if request.echo else ""
+            texts.append(p)
+            prompts.append(ids)
+        max_tokens = min(self.max_tokens(request.max_tokens, len(ids), "prompt") for ids in prompts)
+        params = self.sampling_params(request, max_tokens, request.logprobs)
+        group = RequestGroup(self.engine, random_id("cmpl-"), prompts, params, self.metrics.timer())
+        response_id = group.ids[0].rsplit("-", 1)[0]
+        echo = texts if request.echo else [""] * len(prompts)
+        if request.stream:
+            return EventSourceResponse(self._completion_stream(group, request, response_id, echo), sep="\n")
+        finals = await cancel_on_disconnect(raw, self._collect(group))
+        if finals is None:
+            return Response(status_code=499)
+        choices = []
+        for i, output in enumerate(finals):
+            for completion in output.outputs:
+                choices.append(CompletionChoice(
+                    index=i * request.n + completion.index, text=echo[i] + completion.text,
+                    logprobs=self._completion_logprobs(completion, 0, request.logprobs, len(echo[i])),
+                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        response = CompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
+                                      usage=self._usage(finals))
+        return JSONResponse(response.model_dump())
+
+    async def _completion_stream(self, group: RequestGroup, request: CompletionRequest, response_id: str,
+                                 echo: list[str]) -> AsyncIterator[str]:
+        created, model = int(time.time()), self.settings.model_name
+        sent = {}  # (prompt, completion index) -> (text length, tokens) already streamed
+        finals = [None] * len(group.prompts)
+        try:
+            async with aclosing(group.outputs()) as outputs:
+                async for i, output in outputs:
+                    if output.finished:
+                        finals[i] = output
+                    for completion in output.outputs:
+                        key = (i, completion.index)
+                        text_len, num_tokens = sent.get(key, (0, 0))
+                        delta = completion.text[text_len:]
+                        if key not in sent:
+                            delta = echo[i] + delta
+                        if not delta and completion.finish_reason is None:
+                            continue
+                        sent[key] = (len(completion.text), len(completion.token_ids))
+                        choice = CompletionChoice(
+                            index=i * request.n + completion.index, text=delta,
+                            logprobs=self._completion_logprobs(completion, num_tokens, request.logprobs, 0),
+                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+                        yield CompletionChunk(id=response_id, created=created, model=model,
+                                              choices=[choice]).model_dump_json()
+        except EngineRequestError as e:
+            yield json.dumps(APIError(str(e), status=500).body())
+        else:
+            if request.include_usage:
+                yield CompletionChunk(id=response_id, created=created, model=model, choices=[],
+                                      usage=self._usage(finals)).model_dump_json()
+        yield "[DONE]"
+
+    async def _collect(self, group: RequestGroup) -> list:
+        finals = [None] * len(group.prompts)
+        try:
+            async with aclosing(group.outputs()) as outputs:
+                async for i, output in outputs:
+                    finals[i] = output
+        except EngineRequestError as e:
+            raise APIError(str(e), status=500) from None
+        return finals
+
+    # -------------------------------------------------------------------------------------------- chat
+
+    async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(request.model)
+        template = self.settings.chat_template
+        if template is None:
+            raise no_template_error(self.settings.checkpoint)
+        parse_tools = self._tool_parsing(request)
+        tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+        messages = [m.template_dict() for m in request.messages]
+        text = template.render(messages, tools=tools, add_generation_prompt=request.add_generation_prompt,
+                               **(request.chat_template_kwargs or {}))
+        prompt = self.tokenizer.encode(text, add_bos=False)
+        max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
+        params = self.sampling_params(request, max_tokens, request.logprobs_count)
+        group = RequestGroup(self.engine, random_id("chatcmpl-"), [prompt], params, self.metrics.timer())
+        response_id = group.ids[0].rsplit("-", 1)[0]
+        if request.stream:
+            return EventSourceResponse(self._chat_stream(group, request, response_id, parse_tools), sep="\n")
+        finals = await cancel_on_disconnect(raw, self._collect(group))
+        if finals is None:
+            return Response(status_code=499)
+        choices = []
+        for completion in finals[0].outputs:
+            reasoning, content = None, completion.text
+            if self.settings.reasoning_parser:
+                reasoning, content = split_reasoning(content)
+            calls = []
+            if parse_tools:
+                content, calls = parse_tool_calls(content or "")
+            finish_reason = "tool_calls" if calls and completion.finish_reason == "stop" else completion.finish_reason
+            choices.append(ChatChoice(
+                index=completion.index,
+                message=ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None),
+                logprobs=self._chat_logprobs(completion, 0, request.logprobs_count),
+                finish_reason=finish_reason, stop_reason=completion.stop_reason))
+        response = ChatCompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
+                                          usage=self._usage(finals))
+        return JSONResponse(response.model_dump())
+
+    def _tool_parsing(self, request: ChatCompletionRequest) -> bool:
+        """Whether this request's output is parsed for tool calls; 400 for what dsv3 cannot honour."""
+        choice = request.tool_choice
+        if not request.tools or choice == "none":
+            return False
+        if choice not in (None, "auto"):
+            raise APIError("tool_choice 'required' or a named function needs guided decoding, which dsv3 does not "
+                           "have; use 'auto' or 'none'", param="tool_choice")
+        if not self.settings.tool_call_parser:
+            raise APIError("tools with tool_choice 'auto' need the server started with --tool-call-parser "
+                           "deepseek-v3", param="tools")
+        return True
+
+    async def _chat_stream(self, group: RequestGroup, request: ChatCompletionRequest, response_id: str,
+                           parse_tools: bool) -> AsyncIterator[str]:
+        created, model = int(time.time()), self.settings.model_name
+
+        def chunk(index: int, delta: DeltaMessage, finish_reason=None, stop_reason=None, logprobs=None) -> str:
+            choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                      stop_reason=stop_reason)
+            return ChatCompletionChunk(id=response_id, created=created, model=model, choices=[choice],
+                                       usage=None).model_dump_json()
+
+        for index in range(request.n):
+            yield chunk(index, DeltaMessage(role="assistant", content=""))
+        sent: dict[int, tuple[int, int]] = {}
+        reasoning = {i: ReasoningStream() for i in range(request.n)} if self.settings.reasoning_parser else None
+        tools = {i: ToolCallStream() for i in range(request.n)} if parse_tools else None
+        final = None
+        try:
+            async with aclosing(group.outputs()) as outputs:
+                async for _, output in outputs:
+                    final = output
+                    for completion in output.outputs:
+                        i = completion.index
+                        text_len, num_tokens = sent.get(i, (0, 0))
+                        new_text = completion.text[text_len:]
+                        sent[i] = (len(completion.text), len(completion.token_ids))
+                        done = completion.finish_reason is not None
+                        delta = self._split(new_text, done, reasoning and reasoning[i], tools and tools[i])
+                        logprobs = self._chat_logprobs(completion, num_tokens, request.logprobs_count)
+                        if delta is not None or (logprobs and logprobs.content):
+                            yield chunk(i, delta or DeltaMessage(), logprobs=logprobs)
+                        if done:
+                            reason = completion.finish_reason
+                            if tools and tools[i].num_calls and reason == "stop":
+                                reason = "tool_calls"
+                            yield chunk(i, DeltaMessage(), reason, completion.stop_reason)
+        except EngineRequestError as e:
+            yield json.dumps(APIError(str(e), status=500).body())
+        else:
+            if request.include_usage:
+                yield ChatCompletionChunk(id=response_id, created=created, model=model, choices=[],
+                                          usage=self._usage([final])).model_dump_json()
+        yield "[DONE]"
+
+    @staticmethod
+    def _split(text: str, done: bool, reasoning: ReasoningStream | None,
+               tools: ToolCallStream | None) -> DeltaMessage | None:
+        """A new piece of output through the parsers: reasoning, content and tool-call deltas (None if empty)."""
+        pieces = [(None, text)]
+        if reasoning is not None:
+            pieces = [reasoning.feed(text)] + ([reasoning.finish()] if done else [])
+        thought = "".join(r or "" for r, _ in pieces)
+        content = "".join(c or "" for _, c in pieces)
+        calls = []
+        if tools is not None:
+            results = [tools.feed(content)] + ([tools.finish()] if done else [])
+            content = "".join(c or "" for c, _ in results)
+            calls = [d for _, deltas in results for d in deltas]
+        if not (thought or content or calls):
+            return None
+        return DeltaMessage(reasoning_content=thought or None, content=content or None, tool_calls=calls or None)
+
+    # ------------------------------------------------------------------------------------ logprobs, usage
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _top(self, entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda item: -item[1])[:k]
+
+    def _chat_logprobs(self, completion, start: int, k: int | None) -> ChatLogprobs | None:
+        if k is None or completion.logprobs is None:
+            return None
+        content = []
+        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:], strict=False):
+            text = self._token(token_id)
+            content.append(TokenLogprob(
+                token=text, logprob=max(entry.get(token_id, -9999.0), -9999.0), bytes=list(text.encode()),
+                top_logprobs=[TopLogprob(token=(t := self._token(i)), logprob=max(lp, -9999.0), bytes=list(t.encode()))
+                              for i, lp in self._top(entry, k)]))
+        return ChatLogprobs(content=content)
+
+    def _completion_logprobs(self, completion, start: int, k: int | None, offset: int) -> CompletionLogprobs | None:
+        if k is None or completion.logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:], strict=False):
+            text = self._token(token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(max(entry.get(token_id, -9999.0), -9999.0))
+            out.top_logprobs.append({self._token(i): max(lp, -9999.0) for i, lp in self._top(entry, k)})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+    @staticmethod
+    def _usage(finals: list) -> UsageInfo:
+        finals = [f for f in finals if f is not None]
+        prompt = sum(len(f.prompt_token_ids) for f in finals)
+        completion = sum(len(c.token_ids) for f in finals for c in f.outputs)
+        cached = sum(f.num_cached_tokens for f in finals)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                         prompt_tokens_details={"cached_tokens": cached} if cached else None)
+
