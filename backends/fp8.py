@@ -104,6 +104,27 @@ def quantize_activation(
     return q.to(fp8_dtype), scale
 
 
+def block_scaled_matmul(qa: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor,
+                        scale_w: torch.Tensor) -> torch.Tensor:
+    """The exact block-scaled FP8 product in fp32: each 128-wide K block multiplied in fp32, scaled by
+    scale_a x scale_w, and the blocks summed.
+
+    Args:
+        qa: FP8 activations [M, K]; scale_a: float32 [M, ceil(K/128)] (any strides).
+        weight: FP8 [N, K]; scale_w: float32 [ceil(N/128), ceil(K/128)].
+    Returns:
+        float32 [M, N].
+    """
+    n, k = weight.shape
+    w_scale_rows = scale_w.repeat_interleave(BLOCK, dim=0)[:n]  # [N, K blocks]
+    out = torch.zeros(qa.shape[0], n, dtype=torch.float32, device=qa.device)
+    for kb in range(num_blocks(k)):
+        cols = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
+        partial = qa[:, cols].float() @ weight[:, cols].float().T
+        out += partial * scale_a[:, kb, None] * w_scale_rows[None, :, kb]
+    return out
+
+
 def fn_to_fnuz(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Convert an e4m3fn block-quantized weight to e4m3fnuz for MI300X (gfx942).
 

@@ -18,7 +18,9 @@ from typing import Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
+from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
+from dsv3.backends.probe import cpu_name
 
 Precision = Literal["fp8", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("fp8", "bf16", "fp32")
@@ -292,6 +294,8 @@ class Backend(ABC):
 
     capabilities: Capabilities
     emulation: str | None = None
+    #: activation scales rounded up to powers of two (DeepSeek-V3.1's scale_fmt "ue8m0")
+    ue8m0: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -332,6 +336,22 @@ class Backend(ABC):
     def linear(self, x: torch.Tensor | QuantizedActivation, weight: LinearWeight) -> torch.Tensor:
         """y = x @ W^T. x [..., in] -> [..., out] in x's dtype; FP8 weights quantize x per 1x128 block
         (or take the FP8 copy a QuantizedActivation brings)."""
+
+    def quantize_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] -> (FP8 [M, K], float32 scales [M, ceil(K/128)]), per token per 128 channels, in this
+        backend's FP8 format and max. Default: the reference math (backends/fp8.py)."""
+        caps = self.capabilities
+        return fp8.quantize_activation(x, caps.fp8_dtype, caps.fp8_max, self.ue8m0)
+
+    def fp8_gemm(self, qa: torch.Tensor, sa: torch.Tensor, weight: LinearWeight,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The GEMM of an FP8 linear on activations quantized by `quantize_activation`: qa [M, K],
+        sa [M, K/128] -> [M, N] in out_dtype. Default: the exact block math in fp32."""
+        return fp8.block_scaled_matmul(qa, sa, weight.weight, weight.scale).to(out_dtype)
+
+    def linear_impl(self, m: int, weight: LinearWeight) -> str:
+        """Which GEMM a linear with M rows runs (for reports). Default: Capabilities.ops' line."""
+        return self.capabilities.ops.get("linear_fp8" if weight.is_fp8 else "linear_bf16", "linear")
 
     # ---- small ops ---------------------------------------------------------
 
@@ -453,6 +473,16 @@ class Backend(ABC):
         return None
 
     # ---- device helpers ----------------------------------------------------
+
+    def device_name(self) -> str:
+        """What the driver calls this backend's device (the CPU's model name on the CPU)."""
+        device = self.device
+        if device.type == "cpu":
+            return cpu_name()
+        try:
+            return str(torch.get_device_module(device.type).get_device_name(device.index or 0))
+        except Exception as e:  # noqa: BLE001 - a device module without names: say so rather than fail a report
+            return f"{device.type} ({type(e).__name__})"
 
     def synchronize(self) -> None:
         """Wait for queued work on the backend's device."""

@@ -106,16 +106,8 @@ class ReferenceBackend(Backend):
 
     def _fp8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x [M, K] (float) @ FP8 weight [N, K]^T with 1x128 activation and 128x128 weight blocks."""
-        caps = self.capabilities
-        qa, sa = fp8.quantize_activation(x, caps.fp8_dtype, caps.fp8_max, self.ue8m0)
-        n, k = weight.shape
-        w_scale_rows = scale.repeat_interleave(fp8.BLOCK, dim=0)[:n]  # [N, K blocks]
-        out = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
-        for kb in range(fp8.num_blocks(k)):
-            cols = slice(kb * fp8.BLOCK, min(k, (kb + 1) * fp8.BLOCK))
-            partial = qa[:, cols].float() @ weight[:, cols].float().T
-            out += partial * sa[:, kb, None] * w_scale_rows[None, :, kb]
-        return out
+        qa, sa = self.quantize_activation(x)
+        return fp8.block_scaled_matmul(qa, sa, weight, scale)
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] @ weight^T in x's dtype, FP8-emulated when `scale` is given."""

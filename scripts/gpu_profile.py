@@ -14,7 +14,8 @@ import json
 import torch
 from dsv3.backends.cuda import CudaBackend
 
-from dsv3.bench import e2e
+from dsv3.bench import model_steps
+from dsv3.bench.common import time_op
 from dsv3.config import load_config
 from dsv3.engine import DecodeRunner
 
@@ -28,9 +29,9 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     backend = CudaBackend()
-    config = e2e.bench_config(load_config("deepseek-v3"), args.layers)
-    model = e2e.build_model(config, backend, "fp8", 1, max(args.tokens, args.context) + 1)
-    e2e.fill_caches(model)
+    config = model_steps.bench_config(load_config("deepseek-v3"), args.layers)
+    model = model_steps.build_model(config, backend, "fp8", 1, max(args.tokens, args.context) + 1)
+    model_steps.fill_caches(model)
     device = backend.device
     g = torch.Generator(device).manual_seed(1)
     tokens = torch.randint(0, config.vocab_size, (1,), device=device, generator=g)
@@ -38,15 +39,18 @@ def main() -> None:
     prompt = torch.randint(0, config.vocab_size, (1, args.tokens), device=device, generator=g)
     out = {}
     with torch.inference_mode():
-        decode = e2e.profile_step(lambda: model.decode(tokens, slots, positions), top=args.top)
-        prefill = e2e.profile_step(lambda: e2e.prefill_last_logits(model, prompt), steps=2, top=args.top)
-        prefill_ms, _ = e2e.time_calls(lambda: e2e.prefill_last_logits(model, prompt), device, min_reps=3)
+        decode = model_steps.profile_step(lambda: model.decode(tokens, slots, positions), top=args.top)
+        prefill = model_steps.profile_step(lambda: model_steps.prefill_last_logits(model, prompt), steps=2,
+                                           top=args.top)
+        prefill_ms = time_op(lambda: model_steps.prefill_last_logits(model, prompt), [()], backend, graph=False,
+                             min_reps=3, max_reps=20).median_ms
         runner = DecodeRunner(model, graphs=True)
         runner(tokens, slots, positions)
-        graph_ms, _ = e2e.time_calls(lambda: runner(tokens, slots, positions), device, target_ms=500)
+        graph_ms = time_op(lambda: runner(tokens, slots, positions), [()], backend, graph=False,
+                           target_ms=500, min_reps=3, max_reps=20).median_ms
     for name, profile, ms in (("decode batch 1", decode, graph_ms), ("prefill", prefill, prefill_ms)):
         print(f"\n== {name}: {ms:.3f} ms measured (graph for decode), kernels sum to {profile['step_us'] / 1e3:.3f} ms")
-        print(e2e.format_profile(profile))
+        print(model_steps.format_profile(profile))
         out[name] = {"measured_ms": ms, "profile": profile}
     if args.json:
         with open(args.json, "w") as f:

@@ -2,10 +2,10 @@
 
 How an op is timed (`time_op`): a few warm-up calls, then the op over several
 input sets in rotation (so that no set stays in the L2 cache between calls),
-timed with device events, the median taken. On a CUDA device the calls are
-first captured in a CUDA graph and the graph's replays are timed, so launch
-gaps do not count; an op that cannot be captured is timed eagerly, and the
-record says which.
+timed with device events, the median taken. Where the backend records graphs
+(`Backend.graph_runner`: CUDA/HIP graphs) one pass over the sets is recorded and
+its replays are timed, so launch gaps do not count; an op that cannot be
+recorded is timed eagerly, and the record says which.
 
 The roofline is measured in the same run (`measure_roofline`): device copy
 bandwidth counting bytes read plus written, the BF16 matmul rate at 8192^3 and
@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from dsv3.backends.interface import Backend
+
 BLOCK = 128
 ROTATION_BYTES = 256 << 20  # rotate input sets until they span this many bytes (several L2s)
 MAX_ROTATION = 64
@@ -37,7 +39,7 @@ def rotation_count(bytes_per_set: int, budget: int = ROTATION_BYTES, limit: int 
     return max(1, min(limit, math.ceil(budget / max(bytes_per_set, 1))))
 
 
-class _Clock:
+class Clock:
     """Device events on an accelerator, a host clock after a synchronize on the CPU."""
 
     def __init__(self, device: torch.device):
@@ -61,63 +63,40 @@ class _Clock:
         return (end - start) * 1e3
 
 
-def _capture(fn: Callable, inputs: Sequence[tuple]):
-    """A CUDA graph running fn once per input set, or None where capture is impossible."""
-    if not torch.cuda.is_available() or inputs and not _on_cuda(inputs[0]):
-        return None
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn(*inputs[0])
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for args in inputs:
-                fn(*args)
-        graph.replay()
-        torch.cuda.synchronize()
-        return graph
-    except Exception:  # noqa: BLE001 - an op with a host sync cannot be captured; time it eagerly
-        torch.cuda.synchronize()
-        return None
-
-
-def _on_cuda(args: tuple) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
-
-
 @dataclass
 class Timing:
-    """Median milliseconds per call, the spread (max/min of the middle half) and how it was timed."""
+    """Median milliseconds per call, the spread (max/min of the middle half), how it was timed
+    ("graph": replays of the backend's recorded graph; "eager"), calls per timed pass and passes timed."""
 
     median_ms: float
     spread: float
     mode: str
     calls: int
+    reps: int
 
 
-def time_op(fn: Callable, inputs: Sequence[tuple], device: torch.device, graph: bool = True,
-            target_ms: float = 60.0, min_reps: int = 5, max_reps: int = 200) -> Timing:
-    """Time fn(*args) over rotating input sets.
+def time_op(fn: Callable, inputs: Sequence[tuple], backend: Backend, graph: bool = True, target_ms: float = 60.0,
+            min_reps: int = 5, max_reps: int = 200, warmup: int = 2) -> Timing:
+    """Time fn(*args) over rotating input sets on the backend's device: the one timer of `dsv3 bench`.
 
     Args:
         fn: the op; its result is ignored.
         inputs: input sets (tuples of args), rotated call by call.
-        device: where the op runs.
-        graph: try to capture a CUDA graph of one pass over the sets first.
+        backend: whose device the op runs on, and whose graph_runner records one pass over the sets.
+        graph: time replays of a recorded pass where the backend records one (else eagerly).
         target_ms: about how long to spend timing (after warm-up).
+        min_reps, max_reps: bounds on the passes timed.
+        warmup: untimed calls first (compile, allocate, pick algorithms).
     Returns:
         A Timing with the median time of one call.
     """
-    device = torch.device(device)
-    clock = _Clock(device)
-    for args in inputs[:2]:
-        fn(*args)  # compile, allocate, pick algorithms
+    clock = Clock(backend.device)
+    for index in range(warmup):
+        fn(*inputs[index % len(inputs)])
     clock.sync()
-    captured = _capture(fn, inputs) if graph else None
-    if captured is not None:
-        run_pass, calls, mode = captured.replay, len(inputs), "graph"
+    replay = backend.graph_runner(lambda: [fn(*args) for args in inputs]) if graph else None
+    if replay is not None:
+        run_pass, calls, mode = replay, len(inputs), "graph"
     else:
         position = [0]
 
@@ -126,11 +105,10 @@ def time_op(fn: Callable, inputs: Sequence[tuple], device: torch.device, graph: 
             position[0] += 1
         calls, mode = 1, "eager"
     start = clock.mark()
-    for _ in range(3):
-        run_pass()
+    run_pass()
     end = clock.mark()
     clock.sync()
-    estimate = max(clock.elapsed_ms(start, end) / 3, 1e-3)
+    estimate = max(clock.elapsed_ms(start, end), 1e-3)
     reps = int(min(max_reps, max(min_reps, target_ms / estimate)))
     times = []
     for _ in range(reps):
@@ -141,7 +119,7 @@ def time_op(fn: Callable, inputs: Sequence[tuple], device: torch.device, graph: 
     clock.sync()
     per_call = sorted(clock.elapsed_ms(s, e) / calls for s, e in times)
     middle = per_call[len(per_call) // 4: max(len(per_call) * 3 // 4, 1)]
-    return Timing(statistics.median(per_call), middle[-1] / max(middle[0], 1e-9), mode, calls)
+    return Timing(statistics.median(per_call), middle[-1] / max(middle[0], 1e-9), mode, calls, reps)
 
 
 # ---- roofline -----------------------------------------------------------------
@@ -169,13 +147,6 @@ class Roofline:
                 "fp8_blockwise": self.fp8_blockwise_tflops}[key]
 
 
-def device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
-
-
 def random_fp8(rows: int, cols: int, dtype: torch.dtype, device, generator=None) -> torch.Tensor:
     """Random FP8 values (normal, so every exponent is exercised), never zeros."""
     return (torch.randn(rows, cols, device=device, generator=generator) * 4).to(dtype)
@@ -193,37 +164,37 @@ def column_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.t().contiguous().t()
 
 
-def measure_roofline(device, fp8_dtype: torch.dtype | None = torch.float8_e4m3fn, size: int = 8192,
-                     copy_bytes: int = 1 << 30) -> Roofline:
-    """Measure copy bandwidth and matmul rates on `device` (on random data, never zeros)."""
-    device = torch.device(device)
-    src = torch.randn(copy_bytes // 2, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    t = time_op(lambda: dst.copy_(src), [()], device, graph=False)
+def measure_roofline(backend: Backend, size: int = 8192, copy_bytes: int = 1 << 30) -> Roofline:
+    """Measure copy bandwidth and matmul rates on the backend's device (on random data, never zeros); the FP8
+    rates in the backend's FP8 format."""
+    device, fp8_dtype = backend.device, backend.capabilities.fp8_dtype
+    buffers = [torch.randn(copy_bytes // 2, device=device, dtype=torch.bfloat16)]
+    buffers.append(torch.empty_like(buffers[0]))
+    t = time_op(lambda src, dst: dst.copy_(src), [tuple(buffers)], backend, graph=False)
     copy_gbps = 2 * copy_bytes / (t.median_ms * 1e-3) / 1e9
-    del src, dst
+    buffers.clear()
     flops = 2 * size ** 3
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    bf16 = flops / (time_op(lambda: a @ b.t(), [()], device, graph=False).median_ms * 1e-3) / 1e12
+    bf16 = flops / (time_op(lambda: a @ b.t(), [()], backend, graph=False).median_ms * 1e-3) / 1e12
     tensorwise = blockwise = None
-    if fp8_dtype is not None and device.type == "cuda":
+    if fp8_dtype is not None and device.type != "cpu":
         qa, qb = a.to(fp8_dtype), b.to(fp8_dtype)
         one = torch.ones((), device=device)
         try:
             t = time_op(lambda: torch._scaled_mm(qa, qb.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-                        [()], device, graph=False)
+                        [()], backend, graph=False)
             tensorwise = flops / (t.median_ms * 1e-3) / 1e12
         except (RuntimeError, NotImplementedError):
             pass
         sa = column_major(torch.rand(size, size // BLOCK, device=device) + 0.5)
         sb = torch.rand(size // BLOCK, size // BLOCK, device=device) + 0.5
         try:
-            t = time_op(lambda: scaled_mm_blockwise(qa, sa, qb, sb), [()], device, graph=False)
+            t = time_op(lambda: scaled_mm_blockwise(qa, sa, qb, sb), [()], backend, graph=False)
             blockwise = flops / (t.median_ms * 1e-3) / 1e12
         except (RuntimeError, NotImplementedError):
             pass
-    return Roofline(device_name(device), copy_gbps, bf16, tensorwise, blockwise)
+    return Roofline(backend.device_name(), copy_gbps, bf16, tensorwise, blockwise)
 
 
 # ---- records --------------------------------------------------------------------
@@ -275,12 +246,13 @@ class Record:
 
 
 def run_case(records: list[Record], op: str, case: str, impl: str, fn: Callable, inputs: Sequence[tuple],
-             device, flops: float, bytes_moved: float, compute: str, ours: bool = False,
+             backend: Backend, flops: float, bytes_moved: float, compute: str, ours: bool = False,
              graph: bool = True, target_ms: float = 60.0) -> Record:
-    """Time one implementation on one case and append its record (a failure is recorded, not raised)."""
+    """Time one implementation on one case on the backend's device and append its record (a failure is
+    recorded, not raised)."""
     record = Record(op, case, impl, ours, flops, bytes_moved, compute)
     try:
-        timing = time_op(fn, inputs, device, graph=graph, target_ms=target_ms)
+        timing = time_op(fn, inputs, backend, graph=graph, target_ms=target_ms)
         record.time_ms, record.mode = timing.median_ms, timing.mode
     except Exception as e:  # noqa: BLE001 - a peer that does not support a shape is a result
         record.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"

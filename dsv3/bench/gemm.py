@@ -60,30 +60,28 @@ def run(backend: Backend, quick: bool = False, reference: bool = True, shapes=SH
             flops, moved = 2.0 * m * n * k, weight_bytes + 2.0 * m * (k + n)
             xs = [torch.randn(m, k, device=device, generator=g, dtype=torch.bfloat16) for _ in prepared]
             if has_fp8:
-                impl = getattr(backend, "linear_impl", lambda m, w: "fp8 gemm")(m, prepared[0])
-                quantized = [backend.quantize_activation(x) if hasattr(backend, "quantize_activation")
-                             else fp8.quantize_activation(x, backend.capabilities.fp8_dtype) for x in xs]
-                if hasattr(backend, "fp8_gemm"):
-                    run_case(records, "gemm", case, f"dsv3 {backend.capabilities.name} gemm: {impl}",
-                             lambda qa, sa, w: backend.fp8_gemm(qa, sa, w),
-                             [(qa, column_major(sa), w) for (qa, sa), w in zip(quantized, prepared)],
-                             device, flops, moved, "fp8_blockwise", ours=True)
+                impl = backend.linear_impl(m, prepared[0])
+                quantized = [backend.quantize_activation(x) for x in xs]
+                run_case(records, "gemm", case, f"dsv3 {backend.capabilities.name} gemm: {impl}",
+                         lambda qa, sa, w: backend.fp8_gemm(qa, sa, w),
+                         [(qa, column_major(sa), w) for (qa, sa), w in zip(quantized, prepared)],
+                         backend, flops, moved, "fp8_blockwise", ours=True)
                 run_case(records, "gemm", case, f"dsv3 {backend.capabilities.name} linear (quant + gemm)",
-                         backend.linear, list(zip(xs, prepared)), device, flops, moved, "fp8_blockwise", ours=True)
+                         backend.linear, list(zip(xs, prepared)), backend, flops, moved, "fp8_blockwise", ours=True)
                 torch_quantized = [fp8.quantize_activation(x) for x in xs]
                 run_case(records, "gemm", case, "torch._scaled_mm block-wise", scaled_mm_blockwise,
                          [(qa, column_major(sa), w, s) for (qa, sa), (w, s) in zip(torch_quantized, raw)],
-                         device, flops, moved, "fp8_blockwise")
+                         backend, flops, moved, "fp8_blockwise")
             else:
                 run_case(records, "gemm", case, f"dsv3 {backend.capabilities.name} linear (bf16)", backend.linear,
-                         list(zip(xs, prepared)), device, flops, 2.0 * weight_bytes + 2.0 * m * (k + n), "bf16",
+                         list(zip(xs, prepared)), backend, flops, 2.0 * weight_bytes + 2.0 * m * (k + n), "bf16",
                          ours=True)
             run_case(records, "gemm", case, "torch BF16 matmul", lambda x, w: x @ w.t(),
-                     list(zip(xs, dense)), device, flops, 2.0 * weight_bytes + 2.0 * m * (k + n), "bf16")
+                     list(zip(xs, dense)), backend, flops, 2.0 * weight_bytes + 2.0 * m * (k + n), "bf16")
             if ref is not None and (m, n, k) in REFERENCE_CASES:
                 ref_weights = [ref.prepare_linear(w, s, "fp8") for w, s in raw[:2]]
                 run_case(records, "gemm", case, "reference backend (torch, emulated fp8)", ref.linear,
-                         list(zip(xs, ref_weights)), device, flops, moved, "fp8_blockwise", graph=False,
+                         list(zip(xs, ref_weights)), backend, flops, moved, "fp8_blockwise", graph=False,
                          target_ms=20)
             del xs
         del raw, prepared, dense

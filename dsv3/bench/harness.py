@@ -1,12 +1,11 @@
 """The bench model on a device and how its steps are timed: how many layers fit in free memory
 (bench_config, fit_layers), building it with synthetic weights (build_model), filling its caches,
-counting the experts it runs (ExpertCounter), timing calls (time_calls) and profiling a step.
+counting the experts it runs (ExpertCounter) and profiling a step (timing: common.time_op).
 """
 
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from typing import Callable
 
@@ -85,7 +84,7 @@ def build_model(config: ModelConfig, backend: Backend, precision: str, max_batch
         model = Transformer(config, backend, loader, precision, max_batch, max_seq)
     except torch.OutOfMemoryError as e:
         raise Dsv3Error(f"bench: {config.num_hidden_layers} layers with a cache for batch {max_batch} x {max_seq} "
-                        f"tokens do not fit on {backend.device} (pass fewer --layers): {str(e).splitlines()[0]}")
+                        f"tokens do not fit on {backend.device} (pass fewer --layers): {str(e).splitlines()[0]}") from e
     finally:
         loader.close()
     print(f"dsv3 bench: built {config.num_hidden_layers} layers on the {backend.capabilities.name} backend in "
@@ -130,45 +129,6 @@ class ExpertCounter:
 
 
 # ---- timing and profile ----------------------------------------------------------------------
-
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int = 2, target_ms: float = 300.0,
-               min_reps: int = 3, max_reps: int = 20) -> tuple[float, int]:
-    """(median ms per call, calls timed): each call between two device events (host clock on the CPU)."""
-    device = torch.device(device)
-    events = device.type != "cpu"
-
-    def sync():
-        if events:
-            torch.accelerator.synchronize(device)
-
-    def mark():
-        if not events:
-            return time.perf_counter()
-        event = torch.Event(device=device, enable_timing=True)
-        event.record()
-        return event
-
-    def elapsed(start, end) -> float:
-        return start.elapsed_time(end) if events else (end - start) * 1e3
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    started = time.perf_counter()
-    fn()
-    sync()
-    per_call_s = time.perf_counter() - started
-    reps = int(min(max_reps, max(min_reps, target_ms * 1e-3 / max(per_call_s, 1e-6))))
-    marks = []
-    for _ in range(reps):
-        start = mark()
-        fn()
-        marks.append((start, mark()))
-        if not events:
-            sync()
-    sync()
-    return statistics.median(elapsed(s, e) for s, e in marks), reps
-
 
 def profile_step(fn: Callable[[], object], steps: int = 3, top: int = 15) -> dict:
     """The top kernels (device time; CPU ops where no device activity is recorded) of `steps` calls.

@@ -7,13 +7,11 @@ torch BF16 (bmm, fp32 softmax) and, on a few small cases, the reference
 backend. Bytes are the cache bytes the op must read (batch x context x 576 x 2
 for BF16); FLOPs are 2 x batch x heads x context x (576 + 512).
 
-Run through `dsv3 bench mla` (which calls `run`), or
-`python -m dsv3.bench.mla [--backend cuda] [--quick] [--json out.json]`.
+Run through `dsv3 bench mla` (which calls `run`).
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
@@ -21,13 +19,8 @@ import torch
 from dsv3.backends.interface import Backend, MLAWeights
 from dsv3.bench.common import (
     Record,
-    finish,
-    format_roofline,
-    format_table,
-    measure_roofline,
     rotation_count,
     run_case,
-    save_json,
 )
 
 NOPE, ROPE, RANK, V_DIM = 128, 64, 512, 128
@@ -100,13 +93,13 @@ def bench_decode(backend: Backend, reference: Backend | None, device, records: l
     def run_ours(*args):
         return backend.mla_decode(*args, weights, SOFTMAX_SCALE)
 
-    run_case(records, "mla", case, ours, run_ours, inputs, device, flops, cache_bytes, bound, ours=True)
+    run_case(records, "mla", case, ours, run_ours, inputs, backend, flops, cache_bytes, bound, ours=True)
     run_case(records, "mla", case, "torch bf16 absorbed (bmm, fp32 softmax)", torch_absorbed_decode(weights),
-             inputs, device, flops, cache_bytes, bound)
+             inputs, backend, flops, cache_bytes, bound)
     if reference is not None and (heads, batch, context) in REFERENCE_CASES:
         ref_weights = _weights(reference, heads, device, torch.Generator(device).manual_seed(0))
         run_case(records, "mla", case, "reference backend (fp32)",
-                 lambda *args: reference.mla_decode(*args, ref_weights, SOFTMAX_SCALE), inputs, device,
+                 lambda *args: reference.mla_decode(*args, ref_weights, SOFTMAX_SCALE), inputs, backend,
                  flops, cache_bytes, bound, graph=False, target_ms=20.0)
     del inputs
 
@@ -129,12 +122,12 @@ def bench_prefill(backend: Backend, reference: Backend | None, device, records: 
     args = (rand(batch, tokens, heads, NOPE), rand(batch, tokens, heads, ROPE), rand(batch, tokens, RANK),
             rand(batch, tokens, ROPE), rand(batch, end, RANK + ROPE), torch.arange(batch, device=device))
     run_case(records, "mla", case, ours,
-             lambda *a: backend.mla_prefill(*a, start_pos, weights, SOFTMAX_SCALE), [args], device, flops,
+             lambda *a: backend.mla_prefill(*a, start_pos, weights, SOFTMAX_SCALE), [args], backend, flops,
              bytes_moved, "bf16", ours=True, graph=False)
     if reference is not None and heads * batch * tokens * end <= 128 * 4096 * 4096:
         ref_weights = _weights(reference, heads, device, torch.Generator(device).manual_seed(0))
         run_case(records, "mla", case, "reference backend (fp32)",
-                 lambda *a: reference.mla_prefill(*a, start_pos, ref_weights, SOFTMAX_SCALE), [args], device,
+                 lambda *a: reference.mla_prefill(*a, start_pos, ref_weights, SOFTMAX_SCALE), [args], backend,
                  flops, bytes_moved, "bf16", graph=False, target_ms=20.0)
 
 
@@ -156,25 +149,3 @@ def run(backend: Backend, quick: bool = False, reference: bool = True) -> list[R
                   reference=ReferenceBackend(backend.device) if reference else None)
     return records
 
-
-def main(argv: list[str] | None = None) -> list[Record]:
-    parser = argparse.ArgumentParser(description="Time MLA decode and prefill beside torch and the reference.")
-    parser.add_argument("--backend", default="cuda", help="backend under test (default cuda)")
-    parser.add_argument("--quick", action="store_true", help="a few representative cases")
-    parser.add_argument("--json", help="save the roofline and the records here")
-    args = parser.parse_args(argv)
-    from dsv3.backends.registry import create_backend
-
-    backend = create_backend(args.backend)
-    roofline = measure_roofline(backend.device)
-    records = run(backend, args.quick)
-    finish(records, roofline)
-    print(format_roofline(roofline))
-    print(format_table(records))
-    if args.json:
-        save_json(args.json, roofline, records)
-    return records
-
-
-if __name__ == "__main__":
-    main()

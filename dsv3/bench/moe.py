@@ -99,15 +99,15 @@ def run(backend: Backend, quick: bool = False, reference: bool = True) -> list[R
         flops = 6.0 * tokens * TOP_K * HIDDEN * INTER
         moved = expert_bytes(routings[0][1], per_expert) + 4.0 * tokens * HIDDEN
         compute = "fp8_blockwise" if has_fp8 else "bf16"
-        run_case(records, "moe", case, f"dsv3 {name} grouped moe ({precision})", backend.moe_experts, inputs, device,
+        run_case(records, "moe", case, f"dsv3 {name} grouped moe ({precision})", backend.moe_experts, inputs, backend,
                  flops, moved, compute, ours=True)
         if ref is not None and tokens == 1:
             run_case(records, "moe", case, "reference backend (torch loop, emulated fp8)", ref.moe_experts,
-                     [(x, w, i, ref_experts) for x, (w, i) in zip(xs, routings)], device, flops, moved, compute,
+                     [(x, w, i, ref_experts) for x, (w, i) in zip(xs, routings)], backend, flops, moved, compute,
                      graph=False, target_ms=20)
         if has_fp8 and tokens >= 1024:
             loop = ScaledMMLoop(xs[0], routings[0][0], routings[0][1], gate_up, gate_up_scale, down, down_scale)
-            run_case(records, "moe", case, "torch._scaled_mm block-wise loop over experts", loop, [()], device,
+            run_case(records, "moe", case, "torch._scaled_mm block-wise loop over experts", loop, [()], backend,
                      flops, moved, compute, graph=False, target_ms=30)
             del loop
     del experts, ref_experts
@@ -119,7 +119,7 @@ def run(backend: Backend, quick: bool = False, reference: bool = True) -> list[R
             routings = [make_routing(tokens, device, g) for _ in range(ROUTINGS)]
             xs = [torch.randn(tokens, HIDDEN, device=device, generator=g, dtype=torch.bfloat16) for _ in routings]
             run_case(records, "moe", case, f"dsv3 {name} grouped moe (bf16 variant)", backend.moe_experts,
-                     [(x, w, i, dense) for x, (w, i) in zip(xs, routings)], device,
+                     [(x, w, i, dense) for x, (w, i) in zip(xs, routings)], backend,
                      6.0 * tokens * TOP_K * HIDDEN * INTER,
                      expert_bytes(routings[0][1], 2 * 3 * INTER * HIDDEN) + 4.0 * tokens * HIDDEN, "bf16", ours=True)
     return records

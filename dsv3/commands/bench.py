@@ -46,15 +46,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         backend = create_backend(args.backend, **({"device": args.device} if args.device else {}))
     except (ValueError, RuntimeError) as e:
-        raise Dsv3Error(f"bench: cannot build backend {args.backend!r}: {e}")
+        raise Dsv3Error(f"bench: cannot build backend {args.backend!r}: {e}") from e
     if args.what in ("decode", "prefill"):
-        from dsv3.bench import e2e
+        from dsv3.bench import model_steps
 
-        return e2e.run_command(args, backend)
+        return model_steps.run_command(args, backend)
     if backend.device.type == "cpu":
         raise Dsv3Error(f"bench: backend {args.backend!r} runs on the CPU; the benchmarks time an accelerator")
     names = ("gemm", "moe", "mla") if args.what == "all" else (args.what,)
-    roofline = common.measure_roofline(backend.device, backend.capabilities.fp8_dtype)
+    roofline = common.measure_roofline(backend)
     print(common.format_roofline(roofline), flush=True)
     records = []
     for name in names:

@@ -51,7 +51,7 @@ def build_backend(name: str, device: str | None):
         backend, decision = select(name, device)
         return backend, decision.reason
     except Exception as e:  # missing packages, no device, a driver error: every row is skipped with this reason
-        return None, f"cannot build backend {name}: {conformance._one_line(e)}"
+        return None, f"cannot build backend {name}: {conformance.one_line(e)}"
 
 
 #: exit code of a run in which every case was skipped (pytest's "no tests ran")

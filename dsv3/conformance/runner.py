@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import datetime
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -70,10 +69,10 @@ def reference_for(backend: Backend) -> ReferenceBackend:
     formats = {dtype: name for name, dtype in fp8.FP8_FORMATS.items()}
     fmt = formats.get(caps.fp8_dtype, "e4m3fn")
     fp8_max = caps.fp8_max if caps.fp8_dtype in formats else None
-    return ReferenceBackend(device=caps.device, fp8_format=fmt, fp8_max=fp8_max, ue8m0=getattr(backend, "ue8m0", False))
+    return ReferenceBackend(device=caps.device, fp8_format=fmt, fp8_max=fp8_max, ue8m0=backend.ue8m0)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
@@ -115,19 +114,19 @@ def run_case(case: Case, backend: Backend, reference: Backend, ctx: Context) -> 
             inp = _to_device(case.inputs(ctx), backend.device)
             expected = case.call(reference, inp)
         except Exception as e:  # the suite or the reference is wrong: a failure of the row, never a pass
-            result.detail = f"suite error: reference raised {_one_line(e)}"
+            result.detail = f"suite error: reference raised {one_line(e)}"
             return result
         try:
             got = case.call(backend, inp)
             backend.synchronize()
         except (ValueError, Dsv3Error) as e:
             if "poisoned" not in inp:
-                result.detail = f"raised {_one_line(e)}"
+                result.detail = f"raised {one_line(e)}"
                 return result
-            result.status, result.detail = PASS, f"rejected the non-finite input: {_one_line(e)}"
+            result.status, result.detail = PASS, f"rejected the non-finite input: {one_line(e)}"
             got = None
         except Exception as e:
-            result.detail = f"raised {_one_line(e)}"
+            result.detail = f"raised {one_line(e)}"
             return result
         if got is not None:
             try:
@@ -136,26 +135,9 @@ def run_case(case: Case, backend: Backend, reference: Backend, ctx: Context) -> 
                 ok, result.detail = False, str(e)
             result.status = PASS if ok else FAIL
     result.seconds = time.perf_counter() - start
-    if result.status == PASS and getattr(backend, "emulation", None):
+    if result.status == PASS and backend.emulation:
         result.status = EMULATED
     return result
-
-
-def device_name(device: str) -> str:
-    """A readable name of the device, asked through torch's device-generic module (no vendor import)."""
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        except OSError:
-            names = []
-        return names[0] if names else platform.processor() or platform.machine() or "CPU"
-    module = torch.get_device_module(dev.type)
-    try:
-        return module.get_device_name(dev.index or 0)
-    except Exception as e:  # a device module without names: say so rather than fail the run
-        return f"{dev.type} ({_one_line(e)})"
 
 
 def run_conformance(backend: Backend | None, plan: str = "quick", precisions=SUITE_PRECISIONS, ops=SUITE_OPS,
@@ -190,7 +172,7 @@ def run_conformance(backend: Backend | None, plan: str = "quick", precisions=SUI
         return report
     caps = backend.capabilities
     report = Report(backend=caps.name, requested=requested, reason=reason, device=caps.device,
-                    device_name=device_name(caps.device), emulation=getattr(backend, "emulation", None),
+                    device_name=backend.device_name(), emulation=backend.emulation,
                     fp8_format=str(caps.fp8_dtype).removeprefix("torch.float8_") if caps.fp8_dtype else None,
                     fp8_max=caps.fp8_max, precision=resolve_precision("auto", caps, True)[0], plan=plan, date=today,
                     torch_version=torch.__version__)

@@ -24,20 +24,10 @@ from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.registry import BACKENDS
 
 from dsv3.cli import main
-from dsv3.conformance import (
-    CHECKS,
-    EMULATED,
-    FAIL,
-    PASS,
-    SKIPPED,
-    SUITE_OPS,
-    TOLERANCES,
-    Greedy,
-    Plan,
-    build_cases,
-    run_cases,
-    run_conformance,
-)
+from dsv3.conformance import EMULATED, FAIL, PASS, SKIPPED, SUITE_OPS, TOLERANCES, build_cases, run_conformance
+from dsv3.conformance.checks import CHECKS
+from dsv3.conformance.runner import run_cases
+from dsv3.conformance.suite import Greedy, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The suite's structure (every op, precision and case kind) at sizes a 2-core CPU runs in seconds;
@@ -368,7 +358,7 @@ def test_ascend_row_on_the_npu_emulation(monkeypatch):
 
 
 def test_model_logits_check_tells_precision_noise_from_a_wrong_result():
-    from dsv3.conformance import TOLERANCES, check_logits
+    from dsv3.conformance.checks import check_logits
 
     g = torch.Generator().manual_seed(0)
     exact = torch.randn(2, 12, 64, generator=g)

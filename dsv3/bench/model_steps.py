@@ -35,8 +35,8 @@ from typing import Sequence
 import torch
 
 from dsv3.backends.interface import Backend
-from dsv3.bench.common import Roofline, environment, format_roofline, measure_roofline
-from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests and scripts/gpu_profile.py use them as e2e.*
+from dsv3.bench.common import Roofline, environment, format_roofline, measure_roofline, time_op
+from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests and scripts/gpu_profile.py use them as model_steps.*
     HEADROOM,
     WORKSPACE_BYTES,
     ExpertCounter,
@@ -50,9 +50,8 @@ from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests and scripts/
     model_weight_bytes,
     prefill_last_logits,
     profile_step,
-    time_calls,
 )
-from dsv3.bench.steps import (  # noqa: F401 - re-exported: tests use them as e2e.*
+from dsv3.bench.steps import (  # noqa: F401 - re-exported: tests use them as model_steps.*
     BLOCK,
     WEIGHT_BYTES,
     Floor,
@@ -180,10 +179,8 @@ def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
                     hits = counter.hits or None
                 cost = decode_cost(config, precision, batch, context, hits)
                 for mode in ("graph", "eager") if runner.graphs else ("eager",):
-                    if mode == "graph":
-                        fn = lambda: runner(tokens, slots, positions)  # noqa: E731
-                    else:
-                        fn = lambda: model.decode(tokens, slots, positions)  # noqa: E731
+                    step = runner if mode == "graph" else model.decode
+                    fn = partial(step, tokens, slots, positions)
                     record = partial(make_record, "decode", f"dsv3 {name} ({mode})", True, batch, context,
                                      config.num_hidden_layers, cost, roofline)
                     try:
@@ -192,13 +189,13 @@ def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
                             if not runner.graphs:
                                 report.payload["notes"].append(f"backend {name} records no graphs: decode is eager")
                                 continue
-                        ms, reps = time_calls(fn, device, warmup=1 if quick else 2,
-                                              target_ms=100.0 if quick else 300.0, min_reps=2 if quick else 3)
+                        timing = time_op(fn, [()], backend, graph=False, warmup=1 if quick else 2,
+                                         target_ms=100.0 if quick else 300.0, min_reps=2 if quick else 3, max_reps=20)
                     except Exception as e:  # noqa: BLE001 - a failure is a result
                         report.add(record(None, batch, hits, error=_error(e)))
                         continue
-                    report.add(record(ms, batch, hits, note=f"{reps} steps"))
-    del runner, model
+                    report.add(record(timing.median_ms, batch, hits, note=f"{timing.reps} steps"))
+    runner = model = None
     free_memory(device)
     if reference and name != "reference":
         _time_reference(backend, config, precision, roofline, report, contexts)
@@ -245,16 +242,16 @@ def _time_reference(backend: Backend, config: ModelConfig, precision: str, roofl
             positions = torch.full((1,), context, device=device)
             cost = decode_cost(config, precision, 1, context, None)
             try:
-                ms, reps = time_calls(lambda: model.decode(tokens, slots, positions), device, warmup=1,
-                                      target_ms=0.0, min_reps=2, max_reps=2)
+                timing = time_op(partial(model.decode, tokens, slots, positions), [()], reference, graph=False,
+                                 warmup=1, target_ms=0.0, min_reps=2, max_reps=2)
             except Exception as e:  # noqa: BLE001
                 report.add(make_record("decode", "reference backend (eager)", False, 1, context,
                                        config.num_hidden_layers, cost, roofline, None, 1, None, error=_error(e)))
                 continue
             report.add(make_record("decode", "reference backend (eager)", False, 1, context,
-                                   config.num_hidden_layers, cost, roofline, ms, 1, None,
-                                   note=f"{reps} steps, the same layers"))
-    del model
+                                   config.num_hidden_layers, cost, roofline, timing.median_ms, 1, None,
+                                   note=f"{timing.reps} steps, the same layers"))
+    model = None
     free_memory(device)
 
 
@@ -274,14 +271,14 @@ def run_prefill(backend: Backend, base: ModelConfig, layers: int | None = None, 
         cost = prefill_cost(config, precision, tokens, hits)
         impl = f"dsv3 {name} (eager)"
         try:
-            ms, reps = time_calls(lambda: prefill_last_logits(model, prompt), device, warmup=1,
-                                  target_ms=100.0 if quick else 500.0, min_reps=3, max_reps=10)
-            report.add(make_record("prefill", impl, True, 1, tokens, config.num_hidden_layers, cost, roofline, ms,
-                                   tokens, hits, note=f"{reps} steps"))
+            timing = time_op(partial(prefill_last_logits, model, prompt), [()], backend, graph=False, warmup=1,
+                             target_ms=100.0 if quick else 500.0, min_reps=3, max_reps=10)
+            report.add(make_record("prefill", impl, True, 1, tokens, config.num_hidden_layers, cost, roofline,
+                                   timing.median_ms, tokens, hits, note=f"{timing.reps} steps"))
         except Exception as e:  # noqa: BLE001
             report.add(make_record("prefill", impl, True, 1, tokens, config.num_hidden_layers, cost, roofline, None,
                                    tokens, hits, error=_error(e)))
-    del model
+    model = None
     free_memory(device)
     print(format_records(report.records))
     for line in summary_lines(report.payload):
@@ -314,10 +311,8 @@ def run_command(args, backend: Backend) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dsv3.bench.e2e FILE...`: saved decode/prefill runs in short: the table, the targets, the
-    top kernels."""
-    paths = sys.argv[1:] if argv is None else argv
+def print_saved_runs(paths: Sequence[str]) -> None:
+    """Saved decode/prefill runs (their --json files) in short: the table, the targets, the top kernels."""
     for path in paths:
         try:
             payload = json.loads(Path(path).read_text())
@@ -339,8 +334,3 @@ def main(argv: list[str] | None = None) -> int:
             print(format_profile({**profile, "rows": profile["rows"][:8]}))
         elif profile.get("error"):
             print(f"  profile failed: {profile['error']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dsv3 import cli
-from dsv3.bench import e2e
+from dsv3.bench import model_steps
 from dsv3.bench.common import Roofline
 from dsv3.config import load_config
 from dsv3.errors import Dsv3Error
@@ -51,7 +51,7 @@ MOE_MACS = LINEAR_MACS + 3 * 128 * (2 * 128 + 128)     # two routed experts and 
 
 def test_decode_cost_by_hand(tiny_config):
     batch, context, hits = 2, 10, [3, 4]
-    cost = e2e.decode_cost(tiny_config, "fp8", batch, context, hits)
+    cost = model_steps.decode_cost(tiny_config, "fp8", batch, context, hits)
     layers = (ATTENTION_BYTES + DENSE_MLP_BYTES) + sum(ATTENTION_BYTES + ROUTER_BYTES + (h + 1) * EXPERT_BYTES
                                                       for h in hits)
     assert cost.weight_bytes == layers + batch * 128 * 2 + 128 * 2 + 512 * 128 * 2  # embed rows, norm, head
@@ -65,7 +65,7 @@ def test_decode_cost_by_hand(tiny_config):
 
 def test_prefill_cost_by_hand(tiny_config):
     tokens, hits = 6, [5, 6]
-    cost = e2e.prefill_cost(tiny_config, "fp8", tokens, hits)
+    cost = model_steps.prefill_cost(tiny_config, "fp8", tokens, hits)
     layers = (ATTENTION_BYTES + DENSE_MLP_BYTES) + sum(ATTENTION_BYTES + ROUTER_BYTES + (h + 1) * EXPERT_BYTES
                                                       for h in hits)
     assert cost.weight_bytes == layers + tokens * 128 * 2 + 128 * 2 + 512 * 128 * 2
@@ -78,59 +78,59 @@ def test_prefill_cost_by_hand(tiny_config):
 
 
 def test_bf16_weights_count_two_bytes_and_no_fp8_flops(tiny_config):
-    fp8 = e2e.decode_cost(tiny_config, "fp8", 1, 4, [2, 2])
-    bf16 = e2e.decode_cost(tiny_config, "bf16", 1, 4, [2, 2])
+    fp8 = model_steps.decode_cost(tiny_config, "fp8", 1, 4, [2, 2])
+    bf16 = model_steps.decode_cost(tiny_config, "bf16", 1, 4, [2, 2])
     assert bf16.fp8_flops == 0 and bf16.dense_flops == fp8.dense_flops + fp8.fp8_flops
-    assert e2e.linear_bytes(256, 384, "bf16") == 256 * 384 * 2
-    assert e2e.linear_bytes(256, 384, "fp8") == 256 * 384 + 4 * 2 * 3
+    assert model_steps.linear_bytes(256, 384, "bf16") == 256 * 384 * 2
+    assert model_steps.linear_bytes(256, 384, "fp8") == 256 * 384 + 4 * 2 * 3
 
 
 def test_floor_is_the_larger_term():
     roofline = Roofline("test", copy_gbps=2000.0, bf16_tflops=500.0, fp8_tensorwise_tflops=None,
                         fp8_blockwise_tflops=1000.0)
-    memory_bound = e2e.StepCost(4e9, 1e9, 0.0, 1e12, 1e11)
-    floor = e2e.step_floor(memory_bound, roofline)
+    memory_bound = model_steps.StepCost(4e9, 1e9, 0.0, 1e12, 1e11)
+    floor = model_steps.step_floor(memory_bound, roofline)
     assert floor.memory_ms == pytest.approx(5e9 / 2000e9 * 1e3)  # 2.5 ms
     assert floor.compute_ms == pytest.approx((1e12 / 1000e12 + 1e11 / 500e12) * 1e3)  # 1.2 ms
     assert (floor.ms, floor.limit) == (pytest.approx(2.5), "memory")
-    compute_bound = e2e.StepCost(1e9, 0.0, 0.0, 4e12, 0.0)
-    assert e2e.step_floor(compute_bound, roofline).limit == "compute"
+    compute_bound = model_steps.StepCost(1e9, 0.0, 0.0, 4e12, 0.0)
+    assert model_steps.step_floor(compute_bound, roofline).limit == "compute"
     no_fp8 = Roofline("test", 2000.0, 500.0, None, None)  # FP8 FLOPs then count at the BF16 rate
-    assert e2e.step_floor(compute_bound, no_fp8).compute_ms == pytest.approx(8.0)
+    assert model_steps.step_floor(compute_bound, no_fp8).compute_ms == pytest.approx(8.0)
 
 
 def test_expected_experts_hit():
-    assert e2e.expected_experts_hit(256, 8, 1) == pytest.approx(8.0)
-    assert e2e.expected_experts_hit(256, 8, 16) == pytest.approx(256 * (1 - (248 / 256) ** 16))
-    assert 250 < e2e.expected_experts_hit(256, 8, 128) < 256
+    assert model_steps.expected_experts_hit(256, 8, 1) == pytest.approx(8.0)
+    assert model_steps.expected_experts_hit(256, 8, 16) == pytest.approx(256 * (1 - (248 / 256) ** 16))
+    assert 250 < model_steps.expected_experts_hit(256, 8, 128) < 256
 
 
 def test_deepseek_v3_expert_and_layer_sizes():
     v3 = load_config("deepseek-v3")
-    assert e2e.expert_bytes(v3, "fp8") == 3 * 2048 * 7168 + 4 * 3 * 16 * 56
-    assert 11.2e9 < 256 * e2e.expert_bytes(v3, "fp8") < 11.4e9  # one MoE layer's routed experts
+    assert model_steps.expert_bytes(v3, "fp8") == 3 * 2048 * 7168 + 4 * 3 * 16 * 56
+    assert 11.2e9 < 256 * model_steps.expert_bytes(v3, "fp8") < 11.4e9  # one MoE layer's routed experts
 
 
 def test_bench_config_keeps_dense_layers_first_and_one_moe_layer():
     v3 = load_config("deepseek-v3")
     for layers, dense in ((1, 0), (2, 1), (4, 3), (7, 3)):
-        c = e2e.bench_config(v3, layers)
+        c = model_steps.bench_config(v3, layers)
         assert (c.num_hidden_layers, c.first_k_dense_replace) == (layers, dense)
         assert [c.is_moe_layer(i) for i in range(layers)] == [False] * dense + [True] * (layers - dense)
     with pytest.raises(Dsv3Error):
-        e2e.bench_config(v3, 0)
+        model_steps.bench_config(v3, 0)
 
 
 def test_fit_layers_takes_the_most_that_fit():
     v3 = load_config("deepseek-v3")
-    five = e2e.model_memory_bytes(e2e.bench_config(v3, 5), "fp8", 128, 8193)
-    six = e2e.model_memory_bytes(e2e.bench_config(v3, 6), "fp8", 128, 8193)
+    five = model_steps.model_memory_bytes(model_steps.bench_config(v3, 5), "fp8", 128, 8193)
+    six = model_steps.model_memory_bytes(model_steps.bench_config(v3, 6), "fp8", 128, 8193)
     assert six - five > 11.2e9  # a MoE layer: its experts plus its cache
-    assert e2e.fit_layers(v3, "fp8", five / 0.85 + 1, 128, 8193) == 5
-    assert e2e.fit_layers(v3, "fp8", five / 0.85 - 1, 128, 8193) == 4
-    assert e2e.fit_layers(v3, "fp8", 84e9, 128, 8193) == 7  # an H100: 3 dense + 4 MoE
+    assert model_steps.fit_layers(v3, "fp8", five / 0.85 + 1, 128, 8193) == 5
+    assert model_steps.fit_layers(v3, "fp8", five / 0.85 - 1, 128, 8193) == 4
+    assert model_steps.fit_layers(v3, "fp8", 84e9, 128, 8193) == 7  # an H100: 3 dense + 4 MoE
     with pytest.raises(Dsv3Error, match="one layer needs"):
-        e2e.fit_layers(v3, "fp8", 10e9, 128, 8193)
+        model_steps.fit_layers(v3, "fp8", 10e9, 128, 8193)
 
 
 # ---- synthetic weights --------------------------------------------------------------------------
@@ -155,8 +155,8 @@ def test_expert_counter_counts_each_moe_layer(tiny_config):
     from dsv3.backends.reference import ReferenceBackend
 
     backend = ReferenceBackend()
-    model = e2e.build_model(tiny_config, backend, "fp8", 2, 16)
-    with e2e.ExpertCounter(backend) as counter:
+    model = model_steps.build_model(tiny_config, backend, "fp8", 2, 16)
+    with model_steps.ExpertCounter(backend) as counter:
         logits = model.decode(torch.tensor([3, 9]), torch.arange(2), torch.tensor([4, 7]))
     assert torch.isfinite(logits).all()
     assert len(counter.hits) == 2 and all(2 <= h <= 4 for h in counter.hits)
@@ -201,11 +201,11 @@ def test_bench_rejects_bad_sizes(capsys):
 
 
 def test_summary_reads_a_saved_run(tmp_path, capsys):
-    record = e2e.StepRecord("decode", "dsv3 cuda (graph)", True, 64, 1024, 7, time_ms=30.0, tokens_per_s=2133.3,
+    record = model_steps.StepRecord("decode", "dsv3 cuda (graph)", True, 64, 1024, 7, time_ms=30.0, tokens_per_s=2133.3,
                             floor_ms=21.4, limit="memory", vs_floor=1.4, vs_reference=12.0)
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"device": "H100", "model": {"layers": 7}, "records": [asdict(record)]}))
-    e2e.main([str(path)])
+    model_steps.print_saved_runs([str(path)])
     out = capsys.readouterr().out
     assert "decode batch 64 context 1024: 30.000 ms, 1.40x the floor" in out and "12.0x the reference" in out
     assert "dsv3 cuda (graph)  64" in out  # the table
@@ -237,5 +237,5 @@ def test_decode_bench_command_on_cuda_tiny(tmp_path):
 def test_prefill_bench_on_cuda_tiny(tmp_path, tiny_config):
     from dsv3.backends.cuda import CudaBackend
 
-    (record,) = e2e.run_prefill(CudaBackend(), tiny_config, tokens=256, quick=True)
+    (record,) = model_steps.run_prefill(CudaBackend(), tiny_config, tokens=256, quick=True)
     assert record.error is None and record.time_ms > 0 and record.fp8_rate_pct is not None
