@@ -6,7 +6,8 @@ The heavy ops run on the fused torch_npu ops vllm-ascend runs DeepSeek on:
 
     rms_norm     npu_rms_norm, npu_add_rms_norm with a residual
     rope         npu_rotary_mul(rotary_mode="interleave")
-    attention    npu_fused_infer_attention_score, MLA form (query_rope/key_rope, paged latent cache)
+    attention    npu_fused_infer_attention_score, MLA form (query_rope/key_rope) reading the paged latent
+                 cache through the engine's block tables
     moe_gating   npu_moe_gating_top_k (only where its A2/A3 limits hold)
     moe_experts  npu_moe_init_routing_v2, npu_grouped_matmul, npu_swiglu, npu_grouped_matmul, then a gather
 
@@ -39,20 +40,24 @@ from dsv3.backends.interface import (
     Capabilities,
     ExpertWeights,
     LinearWeight,
+    MLAInputs,
     MLAWeights,
+    PagedBatch,
     Precision,
     RoutingConfig,
     plain,
 )
 from dsv3.backends.probe import ascend_chip
-from dsv3.backends.reference import ReferenceBackend, route_experts
+from dsv3.backends.reference import ReferenceBackend, paged_attention, route_experts
 
 #: The fused paths a user can switch to plain, by name.
 FUSED_PATHS: tuple[str, ...] = ("rms_norm", "rope", "attention", "moe_gating", "moe_experts")
 PLAIN_ENV = "DSV3_ASCEND_PLAIN"
 
-#: Tokens per page of the latent cache (the MLA form of npu_fused_infer_attention_score takes 16 or 128
-#: without sparse_mode 4, and 64 or 128 with it: the 2.14 docs, "query_rope和key_rope参数约束").
+#: Block sizes the MLA form of npu_fused_infer_attention_score takes: 16 or 128 without sparse_mode 4 (decode),
+#: 64 or 128 with it (prefill) (the 2.14 docs, "query_rope和key_rope参数约束"); other sizes run plain.
+DECODE_BLOCK_SIZES, PREFILL_BLOCK_SIZES = (16, 128), (64, 128)
+#: the block size both fused forms take: the engine's default on this backend
 BLOCK_SIZE = 128
 #: The MLA form needs the latent (D) 512 and the rope part 64 wide, as in DeepSeek-V2/V3.
 MLA_LATENT_DIM, MLA_ROPE_DIM = 512, 64
@@ -140,8 +145,8 @@ class AscendBackend(Backend):
     def _describe_ops(self) -> dict[str, str]:
         on = self.fused
         suffix = f" [{self.emulation}]" if self.emulation else ""
-        mla = ("torch_npu.npu_fused_infer_attention_score, MLA form ({}) where kv_lora_rank is 512, "
-               "the rope dim 64 and heads <= 128 (padded); else torch")
+        mla = ("torch_npu.npu_fused_infer_attention_score, MLA form ({}) through the block tables where "
+               "kv_lora_rank is 512, the rope dim 64, heads <= 128 (padded) and the block size {}; else torch")
         ops = {
             "linear_fp8": ("torch: block-scaled FP8 emulated in fp32 (no torch_npu block-FP8 GEMM wired)"
                            if self.chip.has_fp8 else f"none: {self.chip.arch} has no FP8 (BF16 dequantized at load)"),
@@ -149,8 +154,10 @@ class AscendBackend(Backend):
             "rms_norm": "torch_npu.npu_rms_norm / npu_add_rms_norm" if on["rms_norm"] else "torch: fp32 (plain)",
             "rotary": "torch_npu.npu_rotary_mul interleave, fp32" if on["rope"] else "torch: fp32 interleaved (plain)",
             "swiglu": "torch: silu, then the product",
-            "mla_prefill": mla.format("sparse_mode 4, paged BSND") if on["attention"] else "torch: fp32 (plain)",
-            "mla_decode": mla.format("sparse_mode 0, paged BSND") if on["attention"] else "torch: fp32 (plain)",
+            "mla_prefill": (mla.format("sparse_mode 4, BSND right-padded", "64 or 128") if on["attention"]
+                            else "torch: fp32 (plain)"),
+            "mla_decode": (mla.format("sparse_mode 0, BSND", "16 or 128") if on["attention"]
+                           else "torch: fp32 (plain)"),
             "moe_route": ("torch_npu.npu_moe_gating_top_k for sigmoid noaux_tc with 256 experts in 8 groups, "
                           "topk_group 4; else torch" if on["moe_gating"] else "torch: fp32 (plain)"),
             "moe_experts": ("torch_npu.npu_moe_init_routing_v2 + npu_grouped_matmul + npu_swiglu + "
@@ -233,39 +240,49 @@ class AscendBackend(Backend):
 
     # ---- MLA: a paged latent cache -----------------------------------------
 
-    def mla_cache_spec(self, max_batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
-        blocks_per_seq = math.ceil(max_seq_len / BLOCK_SIZE)
+    mla_block_size = BLOCK_SIZE
+
+    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
+        if num_blocks < 1 or block_size < 1:
+            raise BackendError(f"MLA cache: num_blocks and block_size must be at least 1, "
+                               f"got {num_blocks} and {block_size}")
         width = kv_lora_rank + rope_dim
         return CacheSpec(
-            shape=(max_batch_size, blocks_per_seq, BLOCK_SIZE * width), dtype=dtype,
-            layout=(f"one buffer: latent pages [{max_batch_size * blocks_per_seq}, {BLOCK_SIZE}, {kv_lora_rank}] "
-                    f"then rope pages [{max_batch_size * blocks_per_seq}, {BLOCK_SIZE}, {rope_dim}], each "
-                    f"contiguous; sequence slot s owns pages s*{blocks_per_seq} .. "
-                    f"s*{blocks_per_seq}+{blocks_per_seq - 1}"),
-            bytes_per_token=width * torch.empty((), dtype=dtype).element_size())
+            shape=(num_blocks, block_size * width), dtype=dtype,
+            layout=(f"one buffer (a row is not a block): latent pages [{num_blocks}, {block_size}, {kv_lora_rank}] "
+                    f"then rope pages [{num_blocks}, {block_size}, {rope_dim}], each contiguous; token p of a "
+                    f"sequence is row p % {block_size} of page block_tables[b, p // {block_size}] in both"),
+            bytes_per_token=width * torch.empty((), dtype=dtype).element_size(),
+            num_blocks=num_blocks, block_size=block_size)
 
     def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
         return torch.zeros(spec.shape, dtype=spec.dtype, device=self.device)
 
     @staticmethod
-    def _pages(cache: torch.Tensor, rank: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent pages [P, 128, rank], rope pages [P, 128, R]): contiguous views into the cache buffer."""
+    def _pages(cache: torch.Tensor, rank: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(latent pages [P, block_size, rank], rope pages [P, block_size, R], block_size): contiguous views."""
+        if cache.dim() != 2 or cache.shape[1] % (rank + rope_dim) or not cache.is_contiguous():
+            raise BackendError(f"MLA cache: expected a contiguous [num_blocks, block_size * {rank + rope_dim}] "
+                               f"buffer (mla_cache_spec), found shape {tuple(cache.shape)}")
+        num_blocks, block_size = cache.shape[0], cache.shape[1] // (rank + rope_dim)
         flat = cache.view(-1)
-        num_pages = cache.shape[0] * cache.shape[1]
-        split = num_pages * BLOCK_SIZE * rank
-        return flat[:split].view(num_pages, BLOCK_SIZE, rank), flat[split:].view(num_pages, BLOCK_SIZE, rope_dim)
+        split = num_blocks * block_size * rank
+        return (flat[:split].view(num_blocks, block_size, rank), flat[split:].view(num_blocks, block_size, rope_dim),
+                block_size)
 
-    def _write(self, cache, latent_pages, rope_pages, slots, positions, latent, k_pe):
-        """Store latent/k_pe [B, T, *] at positions [B, T] of the sequences in `slots`."""
-        per_seq = cache.shape[1] * BLOCK_SIZE
-        rows = slots[:, None] * per_seq + positions
-        latent_pages.view(-1, latent.shape[-1])[rows] = latent.to(cache.dtype)
-        rope_pages.view(-1, k_pe.shape[-1])[rows] = k_pe.to(cache.dtype)
+    def _write(self, latent_pages, rope_pages, block_size, inputs: MLAInputs, batch: PagedBatch) -> None:
+        """Store each new token's latent and rope key through the block tables (index_put on the device)."""
+        seq, position = batch.token_positions(inputs.latent.shape[0])
+        rows = batch.cache_rows(seq, position, block_size)
+        latent_pages.view(-1, latent_pages.shape[-1])[rows] = inputs.latent.to(latent_pages.dtype)
+        rope_pages.view(-1, rope_pages.shape[-1])[rows] = inputs.k_pe.to(rope_pages.dtype)
 
-    def _fia_heads(self, num_heads: int, rank: int, rope_dim: int, dtype: torch.dtype, prefill: bool) -> int | None:
+    def _fia_heads(self, num_heads: int, rank: int, rope_dim: int, dtype: torch.dtype, block_size: int,
+                   prefill: bool) -> int | None:
         """Heads to pad the query to for the MLA form of npu_fused_infer_attention_score, or None to run plain."""
         if (not self.fused["attention"] or rank != MLA_LATENT_DIM or rope_dim != MLA_ROPE_DIM
-                or dtype not in (torch.bfloat16, torch.float16)):
+                or dtype not in (torch.bfloat16, torch.float16)
+                or block_size not in (PREFILL_BLOCK_SIZES if prefill else DECODE_BLOCK_SIZES)):
             return None
         choices = (MLA_PREFILL_HEADS,) if prefill else MLA_DECODE_HEADS
         return next((n for n in choices if n >= num_heads), None)
@@ -276,75 +293,80 @@ class AscendBackend(Backend):
             self._mask = torch.triu(ones, diagonal=1)
         return self._mask
 
-    def _fused_attention(self, q_nope, q_pe, cache, slots, q_lens, kv_lens, heads, weights, softmax_scale,
-                         prefill: bool):
-        """q_nope [B, T, H, nope], q_pe [B, T, H, R] -> [B, T, H, v] through the MLA form of the fused op."""
+    def _fused_attention(self, q_nope, q_pe, latent_pages, rope_pages, block_size, batch: PagedBatch, q_lens,
+                         kv_lens, heads, weights, softmax_scale, prefill: bool):
+        """q_nope [B, T, H, nope], q_pe [B, T, H, R] (each sequence's queries first, padding after) -> [B, T, H, v]
+        through the MLA form of the fused op."""
         h = q_nope.shape[2]
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, weights.w_uk.to(q_nope.dtype))
         # The op takes N of 32/64/128 (128 with sparse_mode 4): extra heads are zero queries, dropped after.
         query = F.pad(q_latent, (0, 0, 0, heads - h)).contiguous()
         query_rope = F.pad(q_pe, (0, 0, 0, heads - h)).to(query.dtype).contiguous()
-        latent_pages, rope_pages = self._pages(cache, MLA_LATENT_DIM, MLA_ROPE_DIM)
-        blocks_per_seq = cache.shape[1]
-        table = (slots[:, None] * blocks_per_seq + torch.arange(blocks_per_seq, device=slots.device)).to(torch.int32)
         # MLA form (2.14 docs, "query_rope和key_rope参数约束"): query D 512 with query_rope D 64, key = value =
         # the latent cache with KV_N 1, key_rope D 64. With BSND the paged cache must be (blocknum, block_size,
-        # H); block_table [B, pages] int32 and actual_seq_lengths_kv (per batch, required with pages) say
-        # which pages and how many keys each sequence has. Without sparse_mode 4, Q_S is 1-16 and Q_S = 1
-        # takes sparse_mode 0 with no mask. sparse_mode 4 (band) starts at the bottom-right corner of each
-        # batch's [Q_S, KV_S] score matrix and keeps keys within pre_tokens before and next_tokens after the
-        # diagonal: next_tokens 0 with unlimited pre_tokens is causal with the new tokens last; it takes the
-        # 2048 x 2048 mask, True above the diagonal. Key/value/query must be contiguous.
+        # H); block_table [B, pages] int32 (block ids not checked by the op) and actual_seq_lengths_kv (per
+        # batch, required with pages) say which pages and how many keys each sequence has; the table must
+        # cover the longest sequence and the pool hold at least the sum of every sequence's pages. Without
+        # sparse_mode 4, Q_S is 1-16 and Q_S = 1 takes sparse_mode 0 with no mask. sparse_mode 4 (band) starts
+        # at the bottom-right corner of each batch's [actual Q_S, KV_S] score matrix and keeps keys within
+        # pre_tokens before and next_tokens after the diagonal: next_tokens 0 with unlimited pre_tokens is
+        # causal with the new tokens last, the layout of a chunk that starts mid-sequence; queries past
+        # actual_seq_lengths (right padding) are not computed. It takes the 2048 x 2048 mask, True above the
+        # diagonal. Key/value/query must be contiguous. The lengths are SymInt[] (host lists).
         extra = dict(sparse_mode=4, atten_mask=self._causal_mask(), pre_tokens=INT32_MAX, next_tokens=0,
                      actual_seq_lengths=q_lens) if prefill else dict(sparse_mode=0)
+        table = batch.block_tables if batch.block_tables.dtype == torch.int32 else batch.block_tables.int()
         out, _ = self.npu.npu_fused_infer_attention_score(
             query, latent_pages, latent_pages, query_rope=query_rope, key_rope=rope_pages,
             num_heads=heads, num_key_value_heads=1, input_layout="BSND", scale=softmax_scale,
-            block_table=table, block_size=BLOCK_SIZE, actual_seq_lengths_kv=kv_lens, **extra)
+            block_table=table.contiguous(), block_size=block_size, actual_seq_lengths_kv=kv_lens, **extra)
         return torch.einsum("bthc,hvc->bthv", out[:, :, :h], weights.w_uv.to(out.dtype)).to(q_nope.dtype)
 
-    def _plain_attention(self, q_nope, q_pe, latent_pages, rope_pages, cache, slots, kv_len, allowed, weights,
-                         softmax_scale):
-        """Absorbed MLA in fp32 over the first kv_len cached tokens of each sequence; allowed [B, T, S] bool."""
-        per_seq = cache.shape[1] * BLOCK_SIZE
-        latent = latent_pages.view(cache.shape[0], per_seq, -1)[slots, :kv_len].float()
-        rope = rope_pages.view(cache.shape[0], per_seq, -1)[slots, :kv_len].float()
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope.float(), weights.w_uk.float())
-        scores = (torch.einsum("bthc,bsc->bths", q_latent, latent)
-                  + torch.einsum("bthr,bsr->bths", q_pe.float(), rope)) * softmax_scale
-        probs = scores.masked_fill(~allowed[:, :, None, :], float("-inf")).softmax(dim=-1)
-        out_latent = torch.einsum("bths,bsc->bthc", probs, latent)
-        return torch.einsum("bthc,hvc->bthv", out_latent, weights.w_uv.float()).to(q_nope.dtype)
+    def _plain_attention(self, inputs: MLAInputs, latent_pages, rope_pages, block_size, batch: PagedBatch,
+                         max_query_len: int, max_seq_len: int, weights, softmax_scale):
+        """Absorbed MLA in fp32, the cache gathered through the block tables (the reference's math)."""
+        latent_rows = latent_pages.view(-1, latent_pages.shape[-1])
+        rope_rows = rope_pages.view(-1, rope_pages.shape[-1])
+        return paged_attention(inputs, lambda rows: torch.cat((latent_rows[rows], rope_rows[rows]), -1), batch,
+                               block_size, max_query_len, max_seq_len, weights, softmax_scale)
 
-    def mla_prefill(self, q_nope, q_pe, latent, k_pe, cache, slots, start_pos, weights, softmax_scale):
-        b, t, h, _ = q_nope.shape
-        end = start_pos + t
-        latent_pages, rope_pages = self._pages(cache, latent.shape[-1], k_pe.shape[-1])
-        positions = torch.arange(start_pos, end, device=slots.device).expand(b, t)
-        self._write(cache, latent_pages, rope_pages, slots, positions, latent, k_pe)
-        heads = self._fia_heads(h, latent.shape[-1], k_pe.shape[-1], q_nope.dtype, prefill=True)
-        if heads is not None and end <= MLA_PREFILL_MAX_KV:
-            return self._fused_attention(q_nope, q_pe, cache, slots, [t] * b, [end] * b, heads, weights,
-                                         softmax_scale, prefill=True)
-        query_pos = torch.arange(start_pos, end, device=slots.device)
-        allowed = (torch.arange(end, device=slots.device)[None, :] <= query_pos[:, None]).expand(b, t, end)
-        return self._plain_attention(q_nope, q_pe, latent_pages, rope_pages, cache, slots, end, allowed, weights,
-                                     softmax_scale)
+    def mla_prefill(self, inputs, cache, batch, weights, softmax_scale):
+        num_tokens, h, _ = inputs.q_nope.shape
+        rank, rope_dim = inputs.latent.shape[-1], inputs.k_pe.shape[-1]
+        latent_pages, rope_pages, block_size = self._pages(cache, rank, rope_dim)
+        self._write(latent_pages, rope_pages, block_size, inputs, batch)
+        heads = self._fia_heads(h, rank, rope_dim, inputs.q_nope.dtype, block_size, prefill=True)
+        if heads is None or batch.max_seq_len > MLA_PREFILL_MAX_KV:
+            return self._plain_attention(inputs, latent_pages, rope_pages, block_size, batch, batch.max_query_len,
+                                         batch.max_seq_len, weights, softmax_scale)
+        # BSND with right padding: sequence b's queries are rows 0 .. q_len_b - 1 of batch b
+        seq, _ = batch.token_positions(num_tokens)
+        slot = torch.arange(num_tokens, device=seq.device) - batch.query_start.long()[seq]
+        padded = [torch.zeros(batch.num_seqs, batch.max_query_len, *t.shape[1:], dtype=t.dtype, device=t.device)
+                  for t in (inputs.q_nope, inputs.q_pe)]
+        padded[0][seq, slot], padded[1][seq, slot] = inputs.q_nope, inputs.q_pe
+        q_lens = batch.query_start.diff().tolist()  # the op takes host lists
+        out = self._fused_attention(*padded, latent_pages, rope_pages, block_size, batch, q_lens,
+                                    batch.seq_lens.tolist(), heads, weights, softmax_scale, prefill=True)
+        return out[seq, slot]
 
-    def mla_decode(self, q_nope, q_pe, latent, k_pe, cache, slots, positions, weights, softmax_scale, rope=None):
-        q_pe, k_pe = self.rotate_for_decode(q_pe, k_pe, rope)
-        latent_pages, rope_pages = self._pages(cache, latent.shape[-1], k_pe.shape[-1])
-        self._write(cache, latent_pages, rope_pages, slots, positions[:, None], latent[:, None], k_pe[:, None])
-        heads = self._fia_heads(q_nope.shape[1], latent.shape[-1], k_pe.shape[-1], q_nope.dtype, prefill=False)
+    def mla_decode(self, inputs, cache, batch, weights, softmax_scale, rope=None):
+        """The fused path reads seq_lens on the host (the op takes SymInt[] lengths): this backend records no
+        graphs (graph_runner gives None), so the step runs eagerly."""
+        q_pe, k_pe = self.rotate_for_decode(inputs.q_pe, inputs.k_pe, rope)
+        inputs = MLAInputs(inputs.q_nope, q_pe, inputs.latent, k_pe)
+        rank, rope_dim = inputs.latent.shape[-1], k_pe.shape[-1]
+        latent_pages, rope_pages, block_size = self._pages(cache, rank, rope_dim)
+        self._write(latent_pages, rope_pages, block_size, inputs, batch)
+        heads = self._fia_heads(inputs.q_nope.shape[1], rank, rope_dim, inputs.q_nope.dtype, block_size,
+                                prefill=False)
         if heads is not None:
-            kv_lens = (positions + 1).tolist()  # a host list: the op takes SymInt[] lengths
-            return self._fused_attention(q_nope[:, None], q_pe[:, None], cache, slots, None, kv_lens, heads,
-                                         weights, softmax_scale, prefill=False)[:, 0]
-        length = int(positions.max()) + 1
-        allowed = (torch.arange(length, device=slots.device)[None, :] <= positions[:, None])[:, None, :]
-        out = self._plain_attention(q_nope[:, None], q_pe[:, None], latent_pages, rope_pages, cache, slots, length,
-                                    allowed, weights, softmax_scale)
-        return out[:, 0]
+            return self._fused_attention(inputs.q_nope[:, None], q_pe[:, None], latent_pages, rope_pages, block_size,
+                                         batch, None, batch.seq_lens.tolist(), heads, weights, softmax_scale,
+                                         prefill=False)[:, 0]
+        span = batch.block_tables.shape[1] * block_size
+        return self._plain_attention(inputs, latent_pages, rope_pages, block_size, batch, 1, span, weights,
+                                     softmax_scale)
 
     # ---- MoE ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ E routed experts, I expert intermediate size, k experts per token.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -182,6 +183,25 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class MemoryInfo:
+    """A device's memory in bytes, as Backend.memory_info reports it.
+
+    Attributes:
+        total: the device's memory.
+        free: free now, device-wide (other processes and non-torch allocations excluded).
+        allocated: held by this process's tensors now.
+        peak: the most `allocated` has been since the last reset.
+        accelerator: an accelerator's own memory (False: the host's, where the cache is sized by tokens).
+    """
+
+    total: int
+    free: int
+    allocated: int
+    peak: int
+    accelerator: bool
+
+
+@dataclass(frozen=True)
 class CacheSpec:
     """One layer's paged latent cache as a backend lays it out: a pool of fixed-size blocks.
 
@@ -294,6 +314,9 @@ class Backend(ABC):
 
     capabilities: Capabilities
     emulation: str | None = None
+    #: the block size of the paged latent cache this backend's attention runs fastest with (the engine's
+    #: default where the user names none); every backend takes any block size.
+    mla_block_size: int = 64
     #: activation scales rounded up to powers of two (DeepSeek-V3.1's scale_fmt "ue8m0")
     ue8m0: bool = False
 
@@ -488,3 +511,24 @@ class Backend(ABC):
         """Wait for queued work on the backend's device."""
         if self.device.type != "cpu":
             torch.accelerator.synchronize(self.device)
+
+    def memory_info(self, reset_peak: bool = False) -> MemoryInfo:
+        """The device's memory, for sizing the latent cache (see MemoryInfo).
+
+        The default: on the CPU, the host's memory (accelerator False; the engine then sizes the cache
+        by --cache-tokens); elsewhere torch.accelerator's view of the device. reset_peak starts a new
+        peak measurement after reading this one.
+        """
+        if self.device.type == "cpu":
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            try:
+                free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            except (ValueError, OSError):
+                free = total
+            return MemoryInfo(total=total, free=free, allocated=0, peak=0, accelerator=False)
+        free, total = torch.accelerator.get_memory_info(self.device)
+        info = MemoryInfo(total=total, free=free, allocated=torch.accelerator.memory_allocated(self.device),
+                          peak=torch.accelerator.max_memory_allocated(self.device), accelerator=True)
+        if reset_peak:
+            torch.accelerator.reset_peak_memory_stats(self.device)
+        return info

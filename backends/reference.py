@@ -8,6 +8,8 @@ are summed in fp32. Attention and routing run in fp32 whatever the model dtype.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
@@ -147,54 +149,25 @@ class ReferenceBackend(Backend):
     def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
         return torch.zeros(spec.shape, dtype=spec.dtype, device=self.device)
 
-    def _paged_attention(self, inputs: MLAInputs, cache, batch: PagedBatch, max_query_len: int, max_seq_len: int,
-                         weights: MLAWeights, softmax_scale: float) -> torch.Tensor:
-        """Write the new tokens through the block tables, gather every sequence's first max_seq_len cached
-        tokens into [B, S, C + R] and its new tokens into [B, max_query_len, ...], attend in fp32."""
-        block_size, width = cache.shape[1], cache.shape[-1]
-        rows = cache.view(-1, width)
-        num_tokens = inputs.q_nope.shape[0]
-        seq, position = batch.token_positions(num_tokens)
-        rows[batch.cache_rows(seq, position, block_size)] = torch.cat((inputs.latent, inputs.k_pe), -1).to(cache.dtype)
-
-        num_seqs, device = batch.num_seqs, cache.device
-        key_pos = torch.arange(max_seq_len, device=device)
-        seq_ids = torch.arange(num_seqs, device=device)[:, None].expand(num_seqs, max_seq_len)
-        kv = rows[batch.cache_rows(seq_ids, key_pos[None, :].expand(num_seqs, -1), block_size)]  # [B, S, C + R]
-        cached = key_pos[None, :] < batch.seq_lens.long()[:, None]
-        kv = kv.masked_fill(~cached[..., None], 0)  # rows past a sequence's end may hold anything
-
-        slot = torch.arange(num_tokens, device=device) - batch.query_start.long()[seq]  # row within the sequence
-        padded = [torch.zeros(num_seqs, max_query_len, *t.shape[1:], dtype=t.dtype, device=device)
-                  for t in (inputs.q_nope, inputs.q_pe)]
-        query_pos = torch.zeros(num_seqs, max_query_len, dtype=torch.long, device=device)
-        for dest, src in zip((*padded, query_pos), (inputs.q_nope, inputs.q_pe, position), strict=True):
-            dest[seq, slot] = src
-        allowed = key_pos[None, None, :] <= query_pos[..., None]  # padding queries see key 0 and are dropped
-        out = self._attend(*padded, kv, allowed, weights, softmax_scale)
-        return out[seq, slot]
-
-    def _attend(self, q_nope, q_pe, kv, allowed, weights: MLAWeights, softmax_scale):
-        """Absorbed MLA over cached rows kv [B, S, C+R]; allowed [B, T, S] bool; q [B, T, H, *]."""
-        rank = weights.w_uk.shape[-1]
-        kv = kv.float()
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope.float(), weights.w_uk.float())
-        scores = (torch.einsum("bthc,bsc->bths", q_latent, kv[..., :rank])
-                  + torch.einsum("bthr,bsr->bths", q_pe.float(), kv[..., rank:])) * softmax_scale
-        scores = scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out_latent = torch.einsum("bths,bsc->bthc", probs, kv[..., :rank])
-        return torch.einsum("bthc,hvc->bthv", out_latent, weights.w_uv.float()).to(q_nope.dtype)
+    def _write(self, inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch) -> None:
+        seq, position = batch.token_positions(inputs.latent.shape[0])
+        rows = batch.cache_rows(seq, position, cache.shape[1])
+        cache.view(-1, cache.shape[-1])[rows] = torch.cat((inputs.latent, inputs.k_pe), -1).to(cache.dtype)
 
     def mla_prefill(self, inputs, cache, batch, weights, softmax_scale):
-        return self._paged_attention(inputs, cache, batch, batch.max_query_len, batch.max_seq_len, weights,
-                                     softmax_scale)
+        self._write(inputs, cache, batch)
+        pool = cache.view(-1, cache.shape[-1])
+        return paged_attention(inputs, lambda rows: pool[rows], batch, cache.shape[1], batch.max_query_len,
+                               batch.max_seq_len, weights, softmax_scale)
 
     def mla_decode(self, inputs, cache, batch, weights, softmax_scale, rope=None):
         q_pe, k_pe = self.rotate_for_decode(inputs.q_pe, inputs.k_pe, rope)
         inputs = MLAInputs(inputs.q_nope, q_pe, inputs.latent, k_pe)
+        self._write(inputs, cache, batch)
         span = batch.block_tables.shape[1] * cache.shape[1]  # every position a table can address: no sync
-        return self._paged_attention(inputs, cache, batch, 1, span, weights, softmax_scale)
+        pool = cache.view(-1, cache.shape[-1])
+        return paged_attention(inputs, lambda rows: pool[rows], batch, cache.shape[1], 1, span, weights,
+                               softmax_scale)
 
     # ---- MoE ---------------------------------------------------------------
 
@@ -214,6 +187,48 @@ class ReferenceBackend(Backend):
                              None if experts.down_scale is None else experts.down_scale[expert])
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out.to(x.dtype)
+
+
+def paged_attention(inputs: MLAInputs, read_rows: Callable[[torch.Tensor], torch.Tensor], batch: PagedBatch,
+                    block_size: int, max_query_len: int, max_seq_len: int, weights: MLAWeights,
+                    softmax_scale: float) -> torch.Tensor:
+    """Absorbed MLA in fp32 over a paged cache whose new tokens are written already.
+
+    Every sequence's first max_seq_len positions are gathered through its block table (rows at or past its
+    seq_len are zeroed: a pool block may hold anything there) and its new tokens padded to max_query_len;
+    token p attends over [0, p].
+
+    Args:
+        inputs: the N new tokens (q_pe rotated).
+        read_rows: int64 pool rows [...] -> [..., C + R] cached values (pool row = block * block_size + offset).
+        batch, block_size: the block tables and lengths, and tokens per block.
+    Returns:
+        [N, H, v_head_dim] in q_nope's dtype.
+    """
+    num_tokens, num_seqs = inputs.q_nope.shape[0], batch.num_seqs
+    device = inputs.q_nope.device
+    seq, position = batch.token_positions(num_tokens)
+    key_pos = torch.arange(max_seq_len, device=device)
+    seq_ids = torch.arange(num_seqs, device=device)[:, None].expand(num_seqs, max_seq_len)
+    kv = read_rows(batch.cache_rows(seq_ids, key_pos[None, :].expand(num_seqs, -1), block_size)).float()
+    kv = kv.masked_fill((key_pos[None, :] >= batch.seq_lens.long()[:, None])[..., None], 0)  # [B, S, C + R]
+
+    slot = torch.arange(num_tokens, device=device) - batch.query_start.long()[seq]  # row within the sequence
+    padded = [torch.zeros(num_seqs, max_query_len, *t.shape[1:], dtype=t.dtype, device=device)
+              for t in (inputs.q_nope, inputs.q_pe)]
+    query_pos = torch.zeros(num_seqs, max_query_len, dtype=torch.long, device=device)
+    for dest, src in zip((*padded, query_pos), (inputs.q_nope, inputs.q_pe, position), strict=True):
+        dest[seq, slot] = src
+    allowed = key_pos[None, None, :] <= query_pos[..., None]  # padding queries see key 0 and are dropped
+
+    rank = weights.w_uk.shape[-1]
+    q_latent = torch.einsum("bthd,hdc->bthc", padded[0].float(), weights.w_uk.float())
+    scores = (torch.einsum("bthc,bsc->bths", q_latent, kv[..., :rank])
+              + torch.einsum("bthr,bsr->bths", padded[1].float(), kv[..., rank:])) * softmax_scale
+    probs = scores.masked_fill(~allowed[:, :, None, :], float("-inf")).softmax(dim=-1)
+    out_latent = torch.einsum("bths,bsc->bthc", probs, kv[..., :rank])
+    out = torch.einsum("bthc,hvc->bthv", out_latent, weights.w_uv.float()).to(inputs.q_nope.dtype)
+    return out[seq, slot]
 
 
 def route_experts(logits: torch.Tensor, bias: torch.Tensor | None,

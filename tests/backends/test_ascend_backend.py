@@ -16,12 +16,13 @@ import pytest
 import torch
 from dsv3.backends.chips import describe_chip
 from dsv3.backends.errors import BackendError
-from dsv3.backends.interface import OPS, RoutingConfig
+from dsv3.backends.interface import OPS, MLAInputs, RoutingConfig
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.registry import create_backend
 
 from dsv3.checkpoint import save_checkpoint
 from dsv3.config import load_config
+from dsv3.conformance.paged import block_tables, paged_batch
 from dsv3.weights import RandomSource
 
 pytestmark = [pytest.mark.ascend, pytest.mark.emulated]
@@ -220,53 +221,64 @@ def test_moe_experts(npu, calls, fused):
     assert ran(calls, "moe_experts") == fused
 
 
-def _attention_case(num_heads, rank, rope_dim, seed=20):
-    """Absorbed MLA weights and a prefill-then-decode sequence of inputs for two sequences."""
+def _attention_steps(num_heads, rank, rope_dim, block_size, seed=20):
+    """Absorbed MLA weights, block tables and three calls over three sequences: a prefill of A (a block and
+    4 tokens) and B (3); a second chunk of A starting mid-block, one token of B, and C, whose first block is
+    A's (a cached prefix); then a decode of all three. Returns (kv_b, nope, v, tables, num_blocks, steps)
+    with steps [(kind, seq_lens, query_lens, MLAInputs)]."""
     nope = v = 32
     kv_b = torch.randn(num_heads * (nope + v), rank, generator=gen(seed)) / rank ** 0.5
+    finals = [block_size + 9, 5, block_size + 3]
+    tables, num_blocks = block_tables(finals, block_size, gen(seed + 1), shared=(0, 2, 1))
+    calls = [("prefill", [block_size + 4, 3], [block_size + 4, 3], [0, 1]),
+             ("prefill", [block_size + 8, 4, block_size + 2], [4, 1, 2], [0, 1, 2]),
+             ("decode", finals, [1, 1, 1], [0, 1, 2])]
+    steps = []
+    for i, (kind, seq_lens, query_lens, seqs) in enumerate(calls):
+        g, n = gen(seed + 10 + i), sum(query_lens)
+        inputs = MLAInputs(torch.randn(n, num_heads, nope, generator=g).bfloat16(),
+                           torch.randn(n, num_heads, rope_dim, generator=g).bfloat16(),
+                           torch.randn(n, rank, generator=g).bfloat16(),
+                           torch.randn(n, rope_dim, generator=g).bfloat16())
+        steps.append((kind, paged_batch(tables[seqs], seq_lens, query_lens), inputs))
+    return kv_b, nope, v, num_blocks, steps
 
-    def rnd(*shape, s):
-        return torch.randn(*shape, generator=gen(seed + s)).bfloat16()
 
-    chunks = [(0, rnd(2, 5, num_heads, nope, s=1), rnd(2, 5, num_heads, rope_dim, s=2), rnd(2, 5, rank, s=3),
-               rnd(2, 5, rope_dim, s=4)),
-              (5, rnd(2, 3, num_heads, nope, s=5), rnd(2, 3, num_heads, rope_dim, s=6), rnd(2, 3, rank, s=7),
-               rnd(2, 3, rope_dim, s=8))]
-    step = (rnd(2, num_heads, nope, s=9), rnd(2, num_heads, rope_dim, s=10), rnd(2, rank, s=11), rnd(2, rope_dim, s=12))
-    return kv_b, nope, v, chunks, step
-
-
-def _run_attention(backend, kv_b, num_heads, nope, v, rank, rope_dim, chunks, step):
+def _run_attention(backend, kv_b, num_heads, nope, v, rank, rope_dim, block_size, num_blocks, steps):
     weights = backend.prepare_mla(kv_b, num_heads, nope, v, torch.bfloat16)
-    cache = backend.allocate_mla_cache(backend.mla_cache_spec(4, 200, rank, rope_dim, torch.bfloat16))
-    slots = torch.tensor([3, 1])
-    outs = [backend.mla_prefill(q_nope, q_pe, latent, k_pe, cache, slots, start, weights, 0.07)
-            for start, q_nope, q_pe, latent, k_pe in chunks]
-    positions = torch.tensor([8, 8])
-    outs.append(backend.mla_decode(*step, cache, slots, positions, weights, 0.07))
-    return outs
+    cache = backend.allocate_mla_cache(backend.mla_cache_spec(num_blocks, block_size, rank, rope_dim,
+                                                              torch.bfloat16))
+    return [(backend.mla_prefill if kind == "prefill" else backend.mla_decode)(inputs, cache, batch, weights, 0.07)
+            for kind, batch, inputs in steps]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("block_size", [128, 64, 16])
 @pytest.mark.parametrize("num_heads, rank, rope_dim", [(16, 512, 64), (4, 64, 16)], ids=["deepseek-dims", "tiny-dims"])
-def test_mla_prefill_chunks_then_decode(npu, calls, fused, num_heads, rank, rope_dim):
-    kv_b, nope, v, chunks, step = _attention_case(num_heads, rank, rope_dim)
-    outs = _run_attention(ascend(fused), kv_b, num_heads, nope, v, rank, rope_dim, chunks, step)
-    ref_outs = _run_attention(ReferenceBackend(), kv_b, num_heads, nope, v, rank, rope_dim, chunks, step)
-    for out, ref_out in zip(outs, ref_outs):
+def test_mla_chunked_prefill_shared_prefix_then_decode(npu, calls, fused, block_size, num_heads, rank, rope_dim):
+    kv_b, nope, v, num_blocks, steps = _attention_steps(num_heads, rank, rope_dim, block_size)
+    args = (kv_b, num_heads, nope, v, rank, rope_dim, block_size, num_blocks, steps)
+    for out, ref_out in zip(_run_attention(ascend(fused), *args), _run_attention(ReferenceBackend(), *args),
+                            strict=True):
         assert_close_bf16(out, ref_out)
-    # the MLA form of the op needs kv_lora_rank 512 and rope 64; other models run plain
-    assert calls["npu_fused_infer_attention_score"] == (3 if fused and rank == 512 else 0)
+    # the MLA form of the op needs kv_lora_rank 512 and rope 64 (other models run plain), and blocks of 64 or
+    # 128 in prefill (sparse_mode 4), 16 or 128 in decode
+    fused_calls = (block_size in (64, 128)) * 2 + (block_size in (16, 128))
+    assert calls["npu_fused_infer_attention_score"] == (fused_calls if fused and rank == 512 else 0)
 
 
 def test_mla_cache_spec_is_paged_and_split(npu):
     backend = ascend()
-    spec = backend.mla_cache_spec(2, 300, 512, 64, torch.bfloat16)
-    assert spec.shape == (2, 3, 128 * 576) and spec.bytes_per_token == 576 * 2
+    assert backend.mla_block_size == 128                      # the block size both fused forms take
+    spec = backend.mla_cache_spec(6, 128, 512, 64, torch.bfloat16)
+    assert spec.shape == (6, 128 * 576) and spec.bytes_per_token == 576 * 2
+    assert (spec.num_blocks, spec.block_size, spec.num_tokens) == (6, 128, 768)
     cache = backend.allocate_mla_cache(spec)
-    latent, rope = backend._pages(cache, 512, 64)
-    assert latent.shape == (6, 128, 512) and rope.shape == (6, 128, 64)
+    latent, rope, block_size = backend._pages(cache, 512, 64)
+    assert latent.shape == (6, 128, 512) and rope.shape == (6, 128, 64) and block_size == 128
     assert latent.is_contiguous() and rope.is_contiguous() and latent.data_ptr() == cache.data_ptr()
+    with pytest.raises(BackendError, match="num_blocks and block_size must be at least 1"):
+        backend.mla_cache_spec(0, 128, 512, 64, torch.bfloat16)
 
 
 # ---- the model end to end ------------------------------------------------------------------------------

@@ -333,6 +333,38 @@ def test_fused_attention_without_band_mode_takes_at_most_16_queries(npu):
                      query_rope=torch.zeros(1, 17, 32, 64).bfloat16(), sparse_mode=3)
 
 
+def test_fused_attention_pages_shared_by_two_sequences_and_right_padded_queries(npu):
+    """Two sequences share their first page (a cached prefix), blocks of 64 in band mode with queries of 2 and
+    5 right-padded to 5: each batch is causal from its own bottom-right corner, padding rows come back zero."""
+    prefix = torch.randn(64, 576, generator=g(51)).bfloat16()
+    tails = [torch.randn(n, 576, generator=g(52 + n)).bfloat16() for n in (10, 40)]
+    sequences = [torch.cat((prefix, tail)) for tail in tails]                  # 74 and 104 tokens
+    pages = torch.zeros(5, 64, 576).bfloat16()
+    table = torch.tensor([[3, 0], [3, 4]], dtype=torch.int32)                  # page 3 in both tables
+    pages[3], pages[0, :10], pages[4, :40] = prefix, tails[0], tails[1]
+    key, key_rope = pages[..., :512].contiguous(), pages[..., 512:].contiguous()
+    q_lens, kv_lens, scale = [2, 5], [74, 104], 0.05
+    q = torch.randn(2, 5, 128, 512, generator=g(61)).bfloat16()
+    q_rope = torch.randn(2, 5, 128, 64, generator=g(62)).bfloat16()
+    mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+    out = npu.npu_fused_infer_attention_score(
+        q, key, key, query_rope=q_rope, key_rope=key_rope, num_heads=128, num_key_value_heads=1,
+        input_layout="BSND", scale=scale, sparse_mode=4, atten_mask=mask, pre_tokens=2**31 - 1, next_tokens=0,
+        block_table=table, block_size=64, actual_seq_lengths=q_lens, actual_seq_lengths_kv=kv_lens)[0]
+    for b in range(2):
+        seq, q_len, kv_len = sequences[b], q_lens[b], kv_lens[b]
+        expected = _expected_attention(q[b, :q_len], q_rope[b, :q_len], seq[:, :512], seq[:, 512:],
+                                       lambda i, j, q_len=q_len, kv_len=kv_len: j <= i + kv_len - q_len, scale)
+        torch.testing.assert_close(out[b, :q_len].double(), expected, atol=2e-2, rtol=2e-2)
+        assert (out[b, q_len:] == 0).all()
+
+
+def test_fused_attention_pool_must_hold_every_batchs_pages(npu):
+    with pytest.raises(npu.EmulationError, match="blocknum 2 is less than the 4 pages"):
+        _decode_call(npu, query=torch.zeros(2, 1, 32, 512).bfloat16(), query_rope=torch.zeros(2, 1, 32, 64).bfloat16(),
+                     block_table=torch.tensor([[0, 1], [0, 1]], dtype=torch.int32), actual_seq_lengths_kv=[200, 200])
+
+
 def test_device_queries_describe_one_910b(npu):
     assert npu.npu.get_device_name(0) == "Ascend910B2" and npu.npu.device_count() == 1
     assert npu.npu.get_device_properties(0).total_memory == 64 << 30

@@ -18,7 +18,6 @@ import collections
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 DSV3_EMULATION = "emulated: tests/npu_emulation on the CPU"
 #: how many times each op was called (tests use it to see which path ran)
@@ -360,7 +359,10 @@ def npu_fused_infer_attention_score(query, key, value, *, atten_mask=None, actua
     Emulated: the MLA call (query_rope and key_rope given) with input_layout BSND or BNSD and the key/value
     either dense (BSND/BNSD like the query) or paged: (blocknum, block_size, KV_N * D) with BSND, also
     (blocknum, KV_N, block_size, D) with BNSD, selected per batch by block_table [B, pages] int32 and cut to
-    actual_seq_lengths_kv (required with pages). Query head n reads key head n // (N / KV_N).
+    actual_seq_lengths_kv (required with pages). Block ids are not checked (any page may appear in several
+    rows of the table); the table must cover the longest sequence and blocknum be at least the pages of all
+    batches together (the sum of ceil(actual_seq_lengths_kv / block_size)). Query head n reads key head
+    n // (N / KV_N).
     Masks: sparse_mode 0 without atten_mask (no mask); 3 (rightDownCausal): query i of batch b sees keys
     j <= i + KV_S_b - Q_S_b; 4 (band from the bottom-right corner): with p = i + KV_S_b - Q_S_b, keys
     p - pre_tokens <= j <= p + next_tokens. A query with no key, or past actual_seq_lengths, gives zeros.
@@ -430,6 +432,9 @@ def npu_fused_infer_attention_score(query, key, value, *, atten_mask=None, actua
             as_pages = lambda t: t.transpose(1, 2)  # noqa: E731
         kv_lens = _lengths(actual_seq_lengths_kv, batch, 0, "actual_seq_lengths_kv")
         _check(max(kv_lens) <= block_table.shape[1] * block_size, f"{_FIA}: block_table too short")
+        pages_needed = sum(-(-n // block_size) for n in kv_lens)
+        _check(key.shape[0] >= pages_needed, f"{_FIA}: blocknum {key.shape[0]} is less than the {pages_needed} "
+                                             "pages actual_seq_lengths_kv needs over the batches")
         keys, values, ropes = ([as_pages(t)[block_table[b].long()].flatten(0, 1) for b in range(batch)]
                                for t in (key, value, key_rope))
     else:
