@@ -150,7 +150,8 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         raise checks.out_of_memory(e, config, chosen_precision, max_batch_size, max_seq_len, chosen.device) from None
     except BackendError as e:
         raise BackendSetupError(str(e)) from e
-    info(f"loaded {loaded / 1e9:.2f} GB in {time.monotonic() - start:.1f} s", quiet)
+    size = f"{loaded / 1e9:.1f} GB" if loaded >= 1e8 else f"{loaded / 1e6:.1f} MB"
+    info(f"loaded {size} in {time.monotonic() - start:.1f} s", quiet)
     return Model(transformer, tokenizer)
 
 
