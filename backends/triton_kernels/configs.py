@@ -83,33 +83,32 @@ class KernelConfigs:
         return self.quant if rows <= self.decode_max_m or self.quant_prefill is None else self.quant_prefill
 
 
-# NVIDIA Hopper (sm_90) and newer; also the default for NVIDIA chips with FP8 (sm_89).
-# Measured on an H100 80GB HBM3 (scripts/gpu_round_gemm.sh sweep, docs/performance.md).
+# NVIDIA Hopper (sm_90) and newer; also the default for NVIDIA chips with FP8 (sm_89). Each tile is the
+# fastest of a sweep on an H100 (the scripts named below re-run them; docs/performance.md has the numbers).
 NVIDIA_SM90 = KernelConfigs(
     gemm_prefill=TileConfig(128, 128, 8, {"num_warps": 8, "num_stages": 4}),
-    # scripts/gpu_decode_gemm_sweep.py on V3's seven decode weights at M = 1: 64-column tiles, 8 warps,
-    # 3 stages and 4 programs per SM ranked within 1-4% of the best on five of them (the old 128-column,
-    # 4-warp, 4-stage, 2-per-SM tiles: up to 8% slower, on the 264 MB dense gate+up)
+    # M = 1 reads each weight once: 64-column tiles with 8 warps, 3 stages and 4 programs per SM keep
+    # enough loads in flight on all seven V3 decode weights (scripts/gpu_decode_gemm_sweep.py)
     gemm_decode=TileConfig(16, 64, 1, {"num_warps": 8, "num_stages": 3}),
     decode_max_m=64,
     scaled_mm_min_m=17,
     moe_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 3}),
-    # 4096 tokens (2026-11-23 21:15 UTC, gate/up and down tiles swept apart): 256-column down tiles,
-    # 4 stages 8.5 ms against 9.8 ms for 128 columns, 5 stages; 128-row tiles 10.7 ms or slower.
-    # scripts/gpu_moe_sweep.py sweeps the one config both kernels share.
+    # prefill: 256-column down tiles with 4 stages halve the passes over each expert's activations;
+    # 128-row tiles leave too few programs per expert (scripts/gpu_moe_sweep.py)
     moe_prefill=TileConfig(64, 256, 8, {"num_warps": 8, "num_stages": 4}),
     moe_prefill_min_rows=32,
     moe_dense_max_stages=2,
     quant=TileConfig(4, 128, 1, {"num_warps": 4}),
-    # scripts/gpu_norm_sweep.py (H100, K 7168): the row split over 1024-column programs, 8 warps, up to 16
-    # rows: norm + quantization 3.2-3.7 us against 4.2-4.8 us as two kernels, the norm alone 2.9-3.1 against
-    # 3.5-3.7 us whole; at 64 rows splitting loses (6.6 against 6.2 us; the norm alone 5.6 against 3.9)
+    # up to 16 rows the row is split over 1024-column programs, so the quantization's division and
+    # rounding spread over more SMs; from 64 rows there are enough rows, and every part re-reading the
+    # whole row for its sum costs more than it gains (scripts/gpu_norm_sweep.py)
     norm=TileConfig(16, 1024, 1, {"num_warps": 8}),
-    # scripts/gpu_quant_sweep.py: 16 rows run 1.26x faster than 4 at 4096 rows (2.1 TB/s), 2x slower at 1 row
+    # prefill-sized M: 16 rows a program amortise the launch over more bytes; at decode 4 rows a program
+    # keep more programs (scripts/gpu_quant_sweep.py)
     quant_prefill=TileConfig(16, 128, 1, {"num_warps": 4}),
     decode_waves=4.0,
-    # the same sweep at M = 2, 4, 8, 16 (--few, 22:50 UTC): 4 warps summed over the seven weights 249-257 us
-    # against 288-298 us for the M = 1 tile's 8 (dense gate+up at M = 16: 97 against 121 us)
+    # 2-16 rows: 4 warps per tile; the M = 1 tile's 8 warps idle on the extra rows' loads
+    # (scripts/gpu_decode_gemm_sweep.py --few)
     gemm_decode_batch=TileConfig(16, 64, 1, {"num_warps": 4, "num_stages": 3}),
 )
 
