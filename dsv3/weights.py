@@ -13,6 +13,7 @@ import stat
 import sys
 import zlib
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -64,6 +65,24 @@ def _read_weight_map(directory: Path, index: Path) -> dict[str, str]:
             raise CheckpointError(f"{index}: shard {shard!r} (for {name}) is outside the checkpoint directory; "
                                   f"shard names must be files in {directory}")
     return weight_map
+
+
+class WeightSource(Protocol):
+    """Where WeightLoader reads tensors by their checkpoint names: CheckpointSource (a safetensors
+    checkpoint on disk) or RandomSource (synthetic weights); FiniteSource wraps either. A source may also
+    offer `stacked_experts(module, ids)` (RandomSource does), which the loader then uses."""
+
+    def names(self) -> set[str]:
+        """Every tensor name the source holds."""
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a tensor without reading its data."""
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor."""
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the tensor along `dim` (a tensor-parallel shard)."""
 
 
 class CheckpointSource:
@@ -257,7 +276,7 @@ class FiniteSource:
         device: where tensors go; None leaves them where the source makes them.
     """
 
-    def __init__(self, source, device: str | torch.device | None = None):
+    def __init__(self, source: WeightSource, device: str | torch.device | None = None):
         self.source = source
         self.device = None if device is None else torch.device(device)
         self.bytes_loaded = 0
@@ -294,7 +313,7 @@ class WeightLoader:
     """Hands the model its tensors, checked against the layout, with a progress bar.
 
     Args:
-        source: a CheckpointSource or RandomSource.
+        source: a WeightSource (CheckpointSource or RandomSource).
         config: the model config the checkpoint must match.
         include_mtp: load the MTP module too (else its tensors are ignored).
         progress: show a progress bar on stderr.
@@ -302,7 +321,7 @@ class WeightLoader:
             NaN/Inf there (cheap on an accelerator). None: checked where the source makes it.
     """
 
-    def __init__(self, source, config: ModelConfig, include_mtp: bool = False, progress: bool = True,
+    def __init__(self, source: WeightSource, config: ModelConfig, include_mtp: bool = False, progress: bool = True,
                  device: str | torch.device | None = None):
         self.source, self.config = FiniteSource(source, device), config
         self.specs = layout.module_specs(config, include_mtp=True)
