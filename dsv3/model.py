@@ -13,7 +13,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsv3.backends.interface import Backend, LinearWeight, Precision, QuantizedActivation, RoutingConfig, plain
+from dsv3.backends.interface import (
+    Backend,
+    CacheSpec,
+    LinearWeight,
+    MLAInputs,
+    PagedBatch,
+    Precision,
+    QuantizedActivation,
+    RoutingConfig,
+    plain,
+)
 from dsv3.config import ModelConfig, yarn_get_mscale
 from dsv3.errors import Dsv3Error
 from dsv3.weights import WeightLoader
@@ -43,31 +53,37 @@ def rope_tables(config: ModelConfig, max_seq_len: int, device: torch.device) -> 
         high = min(math.ceil(correction_dim(y.get("beta_slow", 1))), dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-        attention_factor = yarn_get_mscale(factor, y.get("mscale", 1)) / yarn_get_mscale(factor, y.get("mscale_all_dim", 0))
+        attention_factor = (yarn_get_mscale(factor, y.get("mscale", 1))
+                            / yarn_get_mscale(factor, y.get("mscale_all_dim", 0)))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     return (angles.cos() * attention_factor).to(device), (angles.sin() * attention_factor).to(device)
 
 
 @dataclass
-class ForwardState:
-    """What a forward pass needs besides the tokens.
+class ForwardBatch:
+    """A flat batch of new tokens from several sequences: decode tokens first (one per sequence), then
+    prefill chunks (several tokens per sequence, possibly after a cached prefix).
 
     Attributes:
-        slots: [B] cache rows of the sequences.
-        positions: [B, T] positions of the tokens.
-        start_pos: prefill: tokens already cached (same for the batch); None in decode.
-        cos, sin: [B, T, rope_dim/2] rotary tables at the positions.
+        tokens: int64 [N] token ids.
+        positions: int64 [N] their positions in their sequences.
+        num_decode_tokens: how many of the first tokens are decodes (host int).
+        decode: where the decoding sequences' tokens live (None without decodes).
+        prefill: where the prefilling sequences' tokens live; its query_start counts from the first
+            prefill token (None without prefills).
+        logits_indices: int64 [S] rows whose logits are wanted (None: every row).
     """
 
-    slots: torch.Tensor
+    tokens: torch.Tensor
     positions: torch.Tensor
-    start_pos: int | None
-    cos: torch.Tensor
-    sin: torch.Tensor
+    num_decode_tokens: int
+    decode: PagedBatch | None
+    prefill: PagedBatch | None
+    logits_indices: torch.Tensor | None = None
 
     @property
-    def is_decode(self) -> bool:
-        return self.start_pos is None
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
 
 
 class Linear:
@@ -162,28 +178,36 @@ class MLA:
         self.o_proj = Linear.load(backend, loader, f"{prefix}.o_proj", precision)
         self.softmax_scale = c.softmax_scale()
 
-    def __call__(self, x: torch.Tensor | QuantizedActivation, cache: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]; writes this layer's cache at the state's positions."""
-        c, b, t = self.config, x.shape[0], x.shape[1]
+    def __call__(self, x: torch.Tensor | QuantizedActivation, cache: torch.Tensor, batch: ForwardBatch,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, D] -> [N, D]; writes this layer's cache for the batch's tokens.
+
+        Decode tokens go to mla_decode, which rotates q_pe and k_pe itself (a fused backend as it writes
+        the cache); prefill chunks are rotated here and go to mla_prefill.
+        """
+        c, n = self.config, x.shape[0]
         if c.q_lora_rank is None:
             q, kv_a = self.q_proj(x), self.kv_a_proj(x)
         else:
             q_a, kv_a = self.qkv_a_proj(x)
             q = self.q_b_proj(self.q_a_norm(q_a))
-        q = q.view(b, t, self.num_heads, c.qk_head_dim)
+        q = q.view(n, self.num_heads, c.qk_head_dim)
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_norm(latent)
-        if state.is_decode:  # the backend rotates q_pe and k_pe (a fused one as it writes the cache)
-            out = self.backend.mla_decode(q_nope[:, 0], q_pe[:, 0], latent[:, 0], k_pe[:, 0], cache, state.slots,
-                                          state.positions[:, 0], self.absorbed, self.softmax_scale,
-                                          rope=(state.cos[:, 0], state.sin[:, 0]))[:, None]
-        else:
-            q_pe = self.backend.rotary(q_pe, state.cos, state.sin)
-            k_pe = self.backend.rotary(k_pe, state.cos, state.sin)
-            out = self.backend.mla_prefill(q_nope, q_pe, latent, k_pe, cache, state.slots, state.start_pos,
-                                           self.absorbed, self.softmax_scale)
-        return self.o_proj(out.flatten(2))
+        d = batch.num_decode_tokens
+        outs = []
+        if d:
+            inputs = MLAInputs(q_nope[:d], q_pe[:d], latent[:d], k_pe[:d])
+            outs.append(self.backend.mla_decode(inputs, cache, batch.decode, self.absorbed, self.softmax_scale,
+                                                rope=(cos[:d], sin[:d])))
+        if d < n:
+            rot_cos, rot_sin = cos[None, d:], sin[None, d:]
+            inputs = MLAInputs(q_nope[d:], self.backend.rotary(q_pe[None, d:], rot_cos, rot_sin)[0], latent[d:],
+                               self.backend.rotary(k_pe[None, d:], rot_cos, rot_sin)[0])
+            outs.append(self.backend.mla_prefill(inputs, cache, batch.prefill, self.absorbed, self.softmax_scale))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.o_proj(out.flatten(1))
 
 
 class MLP:
@@ -236,12 +260,13 @@ class Block:
         self.attn_norm = RMSNorm.load(backend, loader, f"{p}.input_layernorm", eps, dtype, quantize=fp8)
         self.attn = MLA(config, backend, loader, f"{p}.self_attn", precision, dtype)
         self.ffn_norm = RMSNorm.load(backend, loader, f"{p}.post_attention_layernorm", eps, dtype, quantize=fp8)
-        self.ffn = MoE(config, backend, loader, f"{p}.mlp", precision) if moe else MLP(backend, loader, f"{p}.mlp", precision)
+        self.ffn = (MoE(config, backend, loader, f"{p}.mlp", precision) if moe
+                    else MLP(backend, loader, f"{p}.mlp", precision))
 
-    def __call__(self, x, residual, cache, state):
+    def __call__(self, x, residual, cache, batch, cos, sin):
         """Returns (block output, residual stream); the residual add is fused into the next norm."""
         h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm(x, residual)
-        h, residual = self.ffn_norm(self.attn(h, cache, state), residual)
+        h, residual = self.ffn_norm(self.attn(h, cache, batch, cos, sin), residual)
         return self.ffn(h), residual
 
 
@@ -264,20 +289,23 @@ class MTP:
 class Transformer:
     """DeepSeek-V3: embedding, blocks (dense first, then MoE), final norm, head; optional MTP.
 
+    The latent cache is a pool of fixed-size blocks per layer (allocate_cache); each forward runs a
+    flat batch of tokens from several sequences through their block tables (ForwardBatch).
+
     Args:
         config: model config.
         backend: the backend every heavy op runs on.
         loader: where weights come from (a checkpoint or synthetic).
         precision: "fp8" (block-scaled FP8 linears), "bf16" or "fp32".
-        max_batch_size, max_seq_len: size of the preallocated latent cache.
+        max_model_len: the longest sequence (prompt and output) the model will run.
         load_mtp: also load the MTP module (layer index num_hidden_layers).
     """
 
     def __init__(self, config: ModelConfig, backend: Backend, loader: WeightLoader, precision: Precision,
-                 max_batch_size: int, max_seq_len: int, load_mtp: bool = False):
+                 max_model_len: int, load_mtp: bool = False):
         self.config, self.backend, self.precision = config, backend, precision
         self.dtype = dtype = ACTIVATION_DTYPES[precision]
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.max_model_len = max_model_len
         device = backend.device
         self.embed = loader.tensor("model.embed_tokens").to(device, dtype)
         self.layers = [Block(config, backend, loader, i, precision, dtype, config.is_moe_layer(i))
@@ -286,25 +314,60 @@ class Transformer:
         self.head = self.embed if config.tie_word_embeddings else loader.tensor("lm_head").to(device, dtype)
         self.mtp = [MTP(config, backend, loader, config.num_hidden_layers + j, precision, dtype)
                     for j in range(config.num_nextn_predict_layers)] if load_mtp else []
-        self.cos, self.sin = rope_tables(config, max_seq_len, device)
-        self.cache_spec = backend.mla_cache_spec(max_batch_size, max_seq_len, config.kv_lora_rank,
-                                                 config.qk_rope_head_dim, dtype)
-        self.caches = [backend.allocate_mla_cache(self.cache_spec) for _ in range(len(self.layers) + len(self.mtp))]
+        self.cos, self.sin = rope_tables(config, max_model_len, device)
+        self.cache_spec: CacheSpec | None = None
+        self.caches: list[torch.Tensor] = []
 
-    # ---- forward -------------------------------------------------------------
+    # ---- the paged cache -------------------------------------------------------------------------
 
-    def _state(self, slots: torch.Tensor, positions: torch.Tensor, start_pos: int | None) -> ForwardState:
-        return ForwardState(slots, positions, start_pos, self.cos[positions], self.sin[positions])
+    def cache_spec_for(self, num_blocks: int, block_size: int) -> CacheSpec:
+        """One layer's pool of `num_blocks` blocks, as the backend lays it out."""
+        return self.backend.mla_cache_spec(num_blocks, block_size, self.config.kv_lora_rank,
+                                           self.config.qk_rope_head_dim, self.dtype)
+
+    def cache_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one block takes over all layers."""
+        return self.cache_spec_for(1, block_size).bytes_per_block * len(self.layers)
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
+        """Allocate each layer's pool of `num_blocks` blocks of `block_size` tokens (replacing any)."""
+        self.caches = []
+        self.cache_spec = self.cache_spec_for(num_blocks, block_size)
+        self.caches = [self.backend.allocate_mla_cache(self.cache_spec) for _ in self.layers]
+
+    def _scratch_caches(self, num_sequences: int, length: int, layers: int) -> tuple[list[torch.Tensor], PagedBatch]:
+        """Pools of their own for `num_sequences` sequences of `length` tokens from position 0, and the
+        batch that prefills them (block 0 unused, as in the engine's pools)."""
+        device = self.backend.device
+        block_size = min(64, length)
+        per_seq = -(-length // block_size)
+        spec = self.cache_spec_for(1 + num_sequences * per_seq, block_size)
+        caches = [self.backend.allocate_mla_cache(spec) for _ in range(layers)]
+        tables = 1 + torch.arange(num_sequences * per_seq, device=device, dtype=torch.int32).view(num_sequences, -1)
+        batch = PagedBatch(block_tables=tables,
+                           seq_lens=torch.full((num_sequences,), length, dtype=torch.int32, device=device),
+                           query_start=torch.arange(0, num_sequences * length + 1, length, dtype=torch.int32,
+                                                    device=device),
+                           max_query_len=length, max_seq_len=length)
+        return caches, batch
+
+    def supports_graphs(self) -> bool:
+        """Whether a decode step may be recorded (backend.graph_runner) and replayed."""
+        return True
+
+    # ---- forward -------------------------------------------------------------------------------------
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, T, D] for tokens [B, T]."""
+        """Token embeddings [N, D] for tokens [N]."""
         return F.embedding(tokens, self.embed)
 
-    def hidden(self, tokens: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        """Final-norm hidden states [B, T, D] for tokens [B, T]."""
-        x, residual = self.embed_tokens(tokens), None
-        for layer, cache in zip(self.layers, self.caches):
-            x, residual = layer(x, residual, cache, state)
+    def hidden(self, batch: ForwardBatch, caches: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Final-norm hidden states [N, D] of the batch's tokens; writes their latents to the caches."""
+        caches = self.caches if caches is None else caches
+        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
+        x, residual = self.embed_tokens(batch.tokens), None
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x, residual = layer(x, residual, cache, batch, cos, sin)
         x, _ = self.norm(x, residual)
         return x
 
@@ -313,25 +376,29 @@ class Transformer:
         return F.linear(hidden, self.head).float()
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Run tokens [B, T] at positions start_pos.. for cache rows `slots`; returns logits [B, T, V]."""
-        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device).expand(tokens.shape)
-        return self.project(self.hidden(tokens, self._state(slots, positions, start_pos)))
+    def forward(self, batch: ForwardBatch, caches: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Float32 logits [S, V] of the rows batch.logits_indices (every row when None)."""
+        h = self.hidden(batch, caches)
+        if batch.logits_indices is not None:
+            h = h[batch.logits_indices]
+        return self.project(h)
+
+    def _whole_sequences(self, tokens: torch.Tensor, layers: int) -> tuple[ForwardBatch, list[torch.Tensor]]:
+        """tokens [B, T] from position 0 as one prefill batch over scratch pools of their own."""
+        b, t = tokens.shape
+        if t > self.max_model_len:
+            raise Dsv3Error(f"tokens {list(tokens.shape)}: {t} positions exceed max_model_len={self.max_model_len}")
+        tokens = tokens.to(self.backend.device)
+        caches, paged = self._scratch_caches(b, t, layers)
+        positions = torch.arange(t, device=tokens.device).repeat(b)
+        return ForwardBatch(tokens.reshape(-1), positions, 0, None, paged), caches
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: tokens [B], positions [B] -> logits [B, V]."""
-        state = self._state(slots, positions[:, None], None)
-        return self.project(self.hidden(tokens[:, None], state))[:, 0]
-
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [B, T, V] of a whole batch of sequences from position 0."""
-        b, t = tokens.shape
-        if b > self.max_batch_size or t > self.max_seq_len:
-            raise Dsv3Error(f"tokens {list(tokens.shape)} exceed max_batch_size={self.max_batch_size}, "
-                             f"max_seq_len={self.max_seq_len}")
-        tokens = tokens.to(self.backend.device)
-        return self.prefill(tokens, torch.arange(b, device=tokens.device))
+        """Float32 logits [B, T, V] of a whole batch of sequences from position 0 (the engine's cache untouched)."""
+        _check_token_ids(tokens, self.config.vocab_size)
+        batch, caches = self._whole_sequences(tokens, len(self.layers))
+        return self.forward(batch, caches).view(*tokens.shape, -1)
 
     @torch.inference_mode()
     def mtp_logits(self, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
@@ -339,12 +406,28 @@ class Transformer:
         `tokens` [B, T] (from position 0) and the embedding of the following token `next_tokens` [B, T]."""
         if not self.mtp:
             raise Dsv3Error("the MTP module was not loaded (load_model(..., load_mtp=True))")
-        b, t = tokens.shape
-        slots = torch.arange(b, device=tokens.device)
-        state = self._state(slots, torch.arange(t, device=tokens.device).expand(tokens.shape), 0)
-        h = self.hidden(tokens, state)
+        _check_token_ids(tokens, self.config.vocab_size)
+        _check_token_ids(next_tokens, self.config.vocab_size)
+        batch, caches = self._whole_sequences(tokens, len(self.layers) + 1)
+        h = self.hidden(batch, caches[:-1])
         mtp = self.mtp[0]
-        x = mtp.eh_proj(torch.cat((mtp.enorm(F.embedding(next_tokens, mtp.embed)), mtp.hnorm(h)), dim=-1))
-        x, residual = mtp.block(x, None, self.caches[len(self.layers)], state)
+        next_embedded = F.embedding(next_tokens.reshape(-1).to(h.device), mtp.embed)
+        x = mtp.eh_proj(torch.cat((mtp.enorm(next_embedded), mtp.hnorm(h)), dim=-1))
+        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
+        x, residual = mtp.block(x, None, caches[-1], batch, cos, sin)
         x, _ = mtp.norm(x, residual)
-        return F.linear(x, mtp.head).float()
+        return F.linear(x, mtp.head).float().view(*tokens.shape, -1)
+
+
+def _check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """A [B, T] integer tensor of ids in [0, vocab_size), T >= 1; else one Dsv3Error."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool \
+            or tokens.is_complex():
+        raise Dsv3Error(f"tokens must be an integer tensor [batch, seq], got "
+                        f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise Dsv3Error(f"tokens must be a non-empty [batch, seq] tensor, got shape {list(tokens.shape)}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise Dsv3Error(f"token id {bad} is outside the vocabulary [0, {vocab_size})")

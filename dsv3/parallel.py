@@ -343,14 +343,14 @@ class ParallelTransformer(Transformer):
         config: the whole model's config (self.config stays this one).
         backend: this rank's backend.
         loader: a ShardedLoader (its plan says which slices this rank holds).
-        precision, max_batch_size, max_seq_len: as for Transformer. The latent cache
-            is shared by all heads, so every rank keeps the whole cache.
+        precision, max_model_len: as for Transformer. The latent cache is shared by all
+            heads, so every rank keeps the whole cache (the same blocks: see agree_min).
     """
 
     def __init__(self, config: ModelConfig, backend: Backend, loader: ShardedLoader, precision: str,
-                 max_batch_size: int, max_seq_len: int):
+                 max_model_len: int):
         plan = loader.plan
-        super().__init__(plan.local_config(config), backend, loader, precision, max_batch_size, max_seq_len)
+        super().__init__(plan.local_config(config), backend, loader, precision, max_model_len)
         self.config, self.plan = config, plan
         self.tp_group = tp_group(plan)
         self.vocab_start = plan.tp_rank * (config.vocab_size // plan.tp)
@@ -361,6 +361,10 @@ class ParallelTransformer(Transformer):
                 layer.ffn = ParallelMoE(layer.ffn, plan, config.n_routed_experts)
             elif plan.tp > 1:
                 layer.ffn.down_proj = RowParallel(layer.ffn.down_proj, self.tp_group)
+
+    def supports_graphs(self) -> bool:
+        """ParallelMoE finds each rank's tokens on the host (nonzero): no recorded steps."""
+        return False
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each rank looks up the tokens in its vocabulary rows (zeros elsewhere); the all-reduce fills in."""
@@ -419,7 +423,7 @@ def agree(mine: dict) -> None:
 
 
 def build(plan: ParallelPlan, config: ModelConfig, backend: Backend, source, precision: str,
-          max_batch_size: int, max_seq_len: int, load_mtp: bool = False, progress: bool = True) -> ParallelTransformer:
+          max_model_len: int, load_mtp: bool = False, progress: bool = True) -> ParallelTransformer:
     """Join the process group, check the cut on every rank, then load this rank's part of the model.
 
     Every check (ranks agreeing, heads/experts/vocabulary dividing, FP8 block
@@ -429,11 +433,16 @@ def build(plan: ParallelPlan, config: ModelConfig, backend: Backend, source, pre
     if dist.get_world_size() != plan.world_size:
         raise Dsv3Error(f"the process group has {dist.get_world_size()} ranks, the plan {plan.world_size}")
     settings = {"precision": precision, "tp": plan.tp, "ep": plan.ep, "backend": backend.capabilities.name,
-                "max_batch_size": max_batch_size, "max_seq_len": max_seq_len, "load_mtp": load_mtp}
+                "max_model_len": max_model_len, "load_mtp": load_mtp}
     agree(fingerprint(config, source, settings))
     plan.check(config, precision, load_mtp)
     loader = ShardedLoader(source, config, plan, progress=progress and plan.is_primary)
     try:
-        return ParallelTransformer(config, backend, loader, precision, max_batch_size, max_seq_len)
+        return ParallelTransformer(config, backend, loader, precision, max_model_len)
     finally:
         loader.close()
+
+
+def agree_min(num_blocks: int) -> int:
+    """The cache size every rank uses: the smallest any rank can hold (their schedules must match)."""
+    return min(distributed.all_gather_objects(num_blocks))

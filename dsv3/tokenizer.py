@@ -48,6 +48,11 @@ class Tokenizer:
         self.eos_id = self._tok.token_to_id(self.eos_token)
 
     @property
+    def backend_tokenizer(self):
+        """The `tokenizers.Tokenizer` underneath (the engine's incremental detokenizer steps it)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 

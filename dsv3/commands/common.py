@@ -22,9 +22,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=CHOICES,
                    help="auto (default): FP8 where the chip and checkpoint have it, else BF16")
     p.add_argument("--device", help="torch device for the backend (default: the backend's)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="sequences in the cache (default 8)")
-    p.add_argument("--max-seq-len", type=int, help="tokens per sequence in the cache "
-                   "(default: min(4096, the model's max_position_embeddings))")
     p.add_argument("--quiet", action="store_true", help="print no status lines on stderr")
     p.add_argument("--tp", type=int, help="under torchrun: ranks sharing attention, dense MLPs, embedding and "
                    "head (default: all)")
@@ -50,18 +47,13 @@ def check_model_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--ckpt {args.ckpt}: no such checkpoint directory{hint}")
         if not (path / "config.json").is_file():
             raise UsageError(f"--ckpt {args.ckpt}: not a checkpoint directory (no config.json)")
-    check_int("--max-batch-size", args.max_batch_size, 1)
-    check_int("--max-seq-len", args.max_seq_len, 2, optional=True)
     check_int("--tp", args.tp, 1, optional=True)
     check_int("--ep", args.ep, 1, optional=True)
     check_device(args.device)
 
 
 def load_from_args(args: argparse.Namespace):
-    from dsv3.api import load_model
+    """The model and its engine from the model and engine flags (dsv3.serving.args.add_engine_arguments)."""
+    from dsv3.serving.args import model_from_args
 
-    check_model_arguments(args)
-    source = args.ckpt or args.config
-    return load_model(source, backend=args.backend, precision=args.precision, device=args.device,
-                      max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, quiet=args.quiet,
-                      tp=args.tp, ep=args.ep)
+    return model_from_args(args)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from dsv3.api import TINY_CHECKPOINT
 from dsv3.checks import check_sampling
-from dsv3.commands.common import add_model_arguments, check_model_arguments, load_from_args
+from dsv3.commands.common import check_model_arguments, load_from_args
 from dsv3.config import load_config
 from dsv3.distributed import broadcast_object, is_primary, quiet_other_ranks, read_line
 from dsv3.errors import Dsv3Error, UsageError
+from dsv3.serving.args import add_engine_arguments, check_engine_arguments
+from dsv3.serving.params import SamplingParams
 from dsv3.tokenizer import Tokenizer
 
 
@@ -27,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    add_model_arguments(p)
+    add_engine_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_other_ranks()
     if model.tokenizer is None:
         raise Dsv3Error("generate needs a checkpoint with a tokenizer (--config runs synthetic weights)")
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     template = chat_template(args) if args.chat or args.interactive else None
     if args.interactive:
         return chat_loop(model, sampling, template)
@@ -51,16 +53,33 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         inputs = [template.render([{"role": "user", "content": p}]) for p in prompts]
     if len(inputs) == 1:
-        stream = Streamer(model.tokenizer)
-        model.generate(inputs, on_token=lambda i, t: stream.add(t), **sampling)
-        stream.finish()
+        stream(model, inputs[0], sampling)
         return 0
-    size = model.transformer.max_batch_size
-    for start in range(0, len(inputs), size):  # a file longer than the cache runs in several batches
-        texts = model.generate(inputs[start:start + size], **sampling)
-        for prompt, text in zip(prompts[start:start + size], texts):
-            print(f"{prompt}{text}", flush=True)
+    ids = [model.tokenizer.encode(text) for text in inputs]
+    outputs = model.generate(ids, [fitted(model, prompt, sampling) for prompt in ids])  # the engine batches them
+    for prompt, output in zip(prompts, outputs, strict=True):
+        print(f"{prompt}{output.outputs[0].text}", flush=True)
     return 0
+
+
+def fitted(model, prompt: list[int], sampling: dict) -> SamplingParams:
+    """The sampling settings, max_tokens cut to the room the context leaves (preflight said so)."""
+    room = model.max_model_len - len(prompt)
+    return SamplingParams(**{**sampling, "max_tokens": max(1, min(sampling["max_tokens"], room))})
+
+
+def stream(model, text: str, sampling: dict) -> str:
+    """Generate from one prompt, printing the text as the engine produces it; returns the text."""
+    ids = model.tokenizer.encode(text)
+    printed = ""
+    for output in model.generate_stream(ids, fitted(model, ids, sampling)):
+        new = output.outputs[0].text
+        sys.stdout.write(new[len(printed):])
+        sys.stdout.flush()
+        printed = new
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return printed
 
 
 def preflight(args: argparse.Namespace, prompts: list[str] | None) -> None:
@@ -70,6 +89,7 @@ def preflight(args: argparse.Namespace, prompts: list[str] | None) -> None:
     gets a note that its output will be cut."""
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, prefix="--")
     check_model_arguments(args)
+    check_engine_arguments(args)
     if args.config is not None:
         raise UsageError("generate needs a checkpoint with a tokenizer; --config --random-weights has none "
                          "(give --ckpt DIR)")
@@ -80,23 +100,23 @@ def preflight(args: argparse.Namespace, prompts: list[str] | None) -> None:
         raise UsageError(f"{checkpoint}: no chat template (no chat_template in tokenizer_config.json, no "
                          f"chat_template.jinja), so --chat/--interactive cannot format a conversation")
     config = load_config(checkpoint)
-    max_seq_len = args.max_seq_len or min(4096, config.max_position_embeddings)
+    max_seq_len = args.max_model_len or min(4096, config.max_position_embeddings)
     if max_seq_len > config.max_position_embeddings:
-        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings="
+        raise UsageError(f"--max-model-len {max_seq_len} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
     cut = []
     for number, prompt in enumerate(prompts or [], 1):
         length = len(tokenizer.encode(prompt))
         where = f"line {number} of {args.input_file}" if args.input_file else "the prompt"
         if length >= max_seq_len:
-            raise UsageError(f"{where} is {length} tokens, which leaves no room to generate within --max-seq-len "
+            raise UsageError(f"{where} is {length} tokens, which leaves no room to generate within --max-model-len "
                              f"{max_seq_len} (the model allows up to {config.max_position_embeddings})")
         if length + args.max_new_tokens > max_seq_len:
             cut.append((where, length))
     if cut and not args.quiet:
         where, length = max(cut, key=lambda c: c[1])
         more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
-        print(f"dsv3: note: --max-seq-len {max_seq_len} cuts the output short: {where}{more} ({length} tokens) "
+        print(f"dsv3: note: --max-model-len {max_seq_len} cuts the output short: {where}{more} ({length} tokens) "
               f"leaves room for {max_seq_len - length} new tokens, not --max-new-tokens {args.max_new_tokens}",
               file=sys.stderr, flush=True)
 
@@ -126,26 +146,6 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise Dsv3Error(f"{path}: no prompts (one per line)")
     return prompts
-
-
-class Streamer:
-    """Prints text as tokens arrive, decoding the whole sequence so multi-token characters come out whole."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
-
-    def add(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(self.printed):])
-            sys.stdout.flush()
-            self.printed = text
-
-    def finish(self) -> str:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        return self.printed
 
 
 def chat_template(args: argparse.Namespace):
@@ -178,11 +178,10 @@ def chat_loop(model, sampling: dict, template) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        stream = Streamer(model.tokenizer)
         try:
-            model.generate([template.render(messages)], on_token=lambda i, t: stream.add(t), **sampling)
-        except Dsv3Error as e:  # e.g. the conversation outgrew max_seq_len: say so and keep chatting
+            answer = stream(model, template.render(messages), sampling)
+        except Dsv3Error as e:  # e.g. the conversation outgrew --max-model-len: say so and keep chatting
             print(f"dsv3: error: {e} (/clear starts over)", file=sys.stderr)
             messages.pop()
             continue
-        messages.append({"role": "assistant", "content": stream.finish()})
+        messages.append({"role": "assistant", "content": answer})

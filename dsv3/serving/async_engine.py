@@ -1,0 +1,228 @@
+"""The engine thread: one loop steps the LLMEngine for every caller, in asyncio or in plain threads.
+
+Callers hand requests over through a command queue; the loop applies adds and aborts between steps,
+steps while any request is unfinished, and delivers each output to its request's sink (an asyncio
+queue through call_soon_threadsafe, or a thread's queue). Requests are validated in the caller's
+thread, so a bad one raises RequestError before any output. An abort returns once the request's blocks
+are free. A failure of one request ends only that request (LLMEngine isolates it); if a step itself
+breaks, its requests fail with the message and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from dsv3.errors import EngineRequestError, RequestError
+from dsv3.serving.engine import EngineStats, LLMEngine
+from dsv3.serving.outputs import RequestOutput
+from dsv3.serving.params import SamplingParams
+
+Sink = Callable[[object], None]  # takes a RequestOutput or an exception
+
+
+class EngineLoop:
+    """Owns the engine thread (started on the first request).
+
+    Args:
+        engine: the engine it drives; nothing else may touch it while the loop runs.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: list[tuple] = []
+        self._sinks: dict[str, Sink] = {}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+        self._stats = engine.stats()
+        self._ids = itertools.count()
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None,
+               sink: Sink) -> None:
+        """Validate and queue a request (RequestError now for a bad one); its outputs go to `sink`."""
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}", param="request_id")
+        resolved = self.engine.check_request(prompt_token_ids, params)
+        with self._cond:
+            if self._shutdown:
+                raise EngineRequestError("the engine is shut down")
+            if request_id in self._sinks:
+                raise RequestError(f"request {request_id!r} is already running", param="request_id")
+            self._sinks[request_id] = sink
+            self._commands.append(("add", request_id, list(prompt_token_ids), resolved))
+            self._start()
+            self._cond.notify()
+
+    def abort(self, request_id: str, wait: bool = True) -> None:
+        """End a request; with `wait`, return once its blocks are free."""
+        done = threading.Event()
+        with self._cond:
+            if self._thread is None or request_id not in self._sinks:
+                return
+            self._commands.append(("abort", request_id, done))
+            self._cond.notify()
+        if wait:
+            done.wait()
+
+    def stats(self) -> EngineStats:
+        """The engine's stats as of its latest step (a snapshot taken by the loop)."""
+        return self._stats
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._shutdown = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._commands and not engine.has_unfinished_requests() and not self._shutdown:
+                    self._cond.wait()
+                if self._shutdown:
+                    commands, self._commands = self._commands, []
+                    break
+                commands, self._commands = self._commands, []
+            for command in commands:
+                self._apply(command)
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the loop
+                    outputs = self._fail_all(e)
+                for output in outputs:
+                    self._deliver(output.request_id, output, output.finished)
+            self._stats = engine.stats()
+        for command in commands:  # shut down: nothing more runs
+            if command[0] == "abort":
+                command[2].set()
+        for request_id in list(engine.requests):
+            engine.abort(request_id)
+        for request_id in list(self._sinks):
+            self._deliver(request_id, EngineRequestError("the engine was shut down"), True)
+        self._stats = engine.stats()
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, request_id, prompt, params = command
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except Exception as e:  # noqa: BLE001
+                self._deliver(request_id, e, True)
+        else:
+            _, request_id, done = command
+            output = self.engine.abort(request_id)
+            if output is not None:
+                self._deliver(request_id, output, True)
+            done.set()
+
+    def _fail_all(self, error: Exception) -> list[RequestOutput]:
+        outputs = []
+        for request_id in list(self.engine.requests):
+            request = self.engine.requests[request_id]
+            self.engine._fail(request, error)
+            out = self.engine.abort(request_id)
+            if out is not None:
+                out.error = request.error
+                outputs.append(out)
+        return outputs
+
+    def _deliver(self, request_id: str, item, last: bool) -> None:
+        with self._cond:
+            sink = self._sinks.pop(request_id, None) if last else self._sinks.get(request_id)
+        if sink is not None:
+            try:
+                sink(item)
+            except Exception:  # noqa: BLE001 - a caller gone (its event loop closed) must not stop the loop
+                pass
+
+    # ---- plain threads -----------------------------------------------------------------------------
+
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams | None,
+               request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Outputs of one request in the calling thread; EngineRequestError where the engine failed it."""
+        request_id = request_id or self.new_request_id()
+        inbox: queue.Queue = queue.Queue()
+        self.submit(request_id, prompt_token_ids, params, inbox.put)
+        finished = False
+        try:
+            while not finished:
+                output = _checked(inbox.get())
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+
+def _checked(item) -> RequestOutput:
+    if isinstance(item, BaseException):
+        raise item
+    if item.error is not None:
+        raise EngineRequestError(item.error)
+    return item
+
+
+class AsyncEngine:
+    """The engine for asyncio callers (the HTTP server, bench serve), Contract B.
+
+    Args:
+        loop: the engine loop (one per model; Model.engine shares it with the sync API).
+        tokenizer: the checkpoint's dsv3 Tokenizer, or None.
+        model_config: the model's ModelConfig.
+    """
+
+    def __init__(self, loop: EngineLoop, tokenizer=None, model_config=None):
+        self.loop, self.tokenizer, self.model_config = loop, tokenizer, model_config
+        self.max_model_len = loop.engine.max_model_len
+        self.generation_defaults = dict(loop.engine.generation_defaults)
+
+    @classmethod
+    def from_args(cls, args) -> "AsyncEngine":
+        """Load the model the engine flags (dsv3.serving.args.add_engine_arguments) name; its engine."""
+        from dsv3.serving.args import model_from_args
+
+        return model_from_args(args).async_engine
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """One output per engine step with news, the last with finished=True. Raises RequestError for a
+        bad request (before any output) and EngineRequestError where the engine failed it."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        self.loop.submit(request_id, prompt_token_ids, params,
+                         lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                output = _checked(await inbox.get())
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:  # the caller went away (cancelled, disconnected): free its blocks
+                self.loop.abort(request_id, wait=False)
+
+    async def abort(self, request_id: str) -> None:
+        """End a request; returns once its blocks are free."""
+        await asyncio.to_thread(self.loop.abort, request_id)
+
+    def stats(self) -> EngineStats:
+        return self.loop.stats()
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()

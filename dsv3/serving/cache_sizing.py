@@ -1,0 +1,93 @@
+"""How many cache blocks to allocate: what the device has left after the weights and activations.
+
+On an accelerator (vLLM's rule): after loading, a profiling forward of max_num_batched_tokens tokens
+measures the activation peak; the blocks get gpu_memory_utilization x total memory, less what is in
+use (weights, other processes) and less that peak, less the sampler's logits. On the CPU the cache
+holds --cache-tokens tokens (default DEFAULT_CPU_CACHE_TOKENS, less where the host is short of memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.errors import Dsv3Error
+from dsv3.model import Transformer
+
+DEFAULT_CPU_CACHE_TOKENS = 65536
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """num_blocks: blocks per layer pool, the scratch block included; the line to print."""
+
+    num_blocks: int
+    block_size: int
+    num_bytes: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the sequences can use (the scratch block excluded)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    def describe(self) -> str:
+        return (f"cache: {self.num_blocks - 1} blocks = {self.num_tokens} tokens "
+                f"({self.num_bytes / GiB:.2f} GiB)")
+
+
+def plan_cache(model: Transformer, block_size: int, max_model_len: int, max_num_seqs: int,
+               max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
+               cache_tokens: int | None = None, agree=None) -> CachePlan:
+    """The cache that fits; raises Dsv3Error, naming the flag to change, when it cannot hold one request.
+
+    Args:
+        agree: where ranks must agree (tensor/expert parallel), a function taking this rank's block
+            count and returning the count every rank uses (the smallest).
+    """
+    per_block = model.cache_bytes_per_block(block_size)
+    memory = model.backend.memory_info()
+    if cache_tokens is not None:
+        num_blocks, flag = 1 + -(-cache_tokens // block_size), "--cache-tokens"
+    elif memory.accelerator:
+        budget = _accelerator_budget(model, memory, max_model_len, max_num_seqs, max_num_batched_tokens,
+                                     gpu_memory_utilization, block_size)
+        num_blocks, flag = max(budget // per_block, 0), "--gpu-memory-utilization"
+    else:
+        tokens = min(DEFAULT_CPU_CACHE_TOKENS, memory.free // 4 // max(per_block // block_size, 1))
+        num_blocks, flag = 1 + max(tokens, max_model_len) // block_size, "--cache-tokens"
+    if agree is not None:
+        num_blocks = agree(num_blocks)
+    plan = CachePlan(num_blocks, block_size, num_blocks * per_block)
+    needed = -(-max_model_len // block_size)
+    if num_blocks - 1 < needed:
+        raise Dsv3Error(f"{plan.describe()} cannot hold one request of max_model_len={max_model_len} "
+                        f"({needed} blocks of {block_size}); raise {flag} or lower --max-model-len")
+    return plan
+
+
+def _accelerator_budget(model: Transformer, memory, max_model_len: int, max_num_seqs: int,
+                        max_num_batched_tokens: int, utilization: float, block_size: int) -> int:
+    """Bytes left for the cache: utilization x total - in use now - the profiled activation peak."""
+    backend = model.backend
+    backend.synchronize()
+    before = backend.memory_info(reset_peak=True)
+    profile_forward(model, max_num_batched_tokens, max_model_len, block_size)
+    backend.synchronize()
+    after = backend.memory_info()
+    activations = max(after.peak - before.allocated, 0)
+    sampler = 4 * max_num_seqs * model.config.vocab_size * 4  # logits and the sampler's sorted copies
+    in_use = before.total - before.free
+    return int(utilization * before.total) - in_use - activations - sampler
+
+
+def profile_forward(model: Transformer, num_tokens: int, max_model_len: int, block_size: int) -> None:
+    """One prefill of `num_tokens` tokens (in sequences up to max_model_len) over scratch pools."""
+    length = min(num_tokens, max_model_len)
+    sequences = max(num_tokens // length, 1)
+    tokens = torch.zeros(sequences, length, dtype=torch.long)
+    batch, caches = model._whole_sequences(tokens, len(model.layers))
+    batch.logits_indices = torch.arange(length - 1, sequences * length, length, device=batch.tokens.device)
+    model.forward(batch, caches)
+    del caches

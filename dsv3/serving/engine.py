@@ -1,0 +1,322 @@
+"""LLMEngine: requests in, one step at a time, outputs out (not thread-safe; AsyncEngine drives it).
+
+A step: the scheduler picks who runs, the model runner runs them, the sampler picks each finished
+sequence's next token, the detokenizer extends its text and checks stop strings, and finished
+sequences free their blocks. A failure inside a step fails only the request it belongs to: when the
+batched forward or the batched sampler raises, each sequence is run again on its own and only those
+that still raise fail; their blocks are freed and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.errors import RequestError
+from dsv3.model import Transformer
+from dsv3.serving.block_manager import BlockManager
+from dsv3.serving.detokenizer import IncrementalDetokenizer
+from dsv3.serving.model_runner import ModelRunner
+from dsv3.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from dsv3.serving.params import SamplingParams
+from dsv3.serving.request import Sequence
+from dsv3.serving.sampler import Sampler, SamplerOutput
+from dsv3.serving.scheduler import ScheduledStep, Scheduler
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's settings (the flags of dsv3.serving.args).
+
+    Attributes:
+        max_model_len: the longest sequence, prompt and output.
+        block_size: tokens per cache block.
+        num_blocks: blocks per layer pool, the scratch block included (from cache_sizing).
+        max_num_seqs: sequences running at once.
+        max_num_batched_tokens: tokens per step.
+        enable_prefix_caching: reuse cached blocks of equal prompt prefixes.
+        enforce_eager: never replay recorded decode steps.
+        seed: seed of the generator unseeded requests share.
+    """
+
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Gauges (num_running, num_waiting requests; cache_usage 0..1) and counters since the start."""
+
+    num_running: int
+    num_waiting: int
+    cache_usage: float
+    prefix_queries: int
+    prefix_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    num_blocks: int = 0
+    block_size: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer | None]
+    metrics: RequestMetrics
+    error: str | None = None
+    finished: bool = False
+
+    @property
+    def done(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """The engine over one model.
+
+    Args:
+        model: the model; its cache is allocated here to config.num_blocks blocks.
+        config: settings.
+        tokenizer: a `tokenizers.Tokenizer` for text and stop strings, or None (token ids only).
+        eos_token_ids: tokens that end a completion unless ignore_eos.
+        generation_defaults: sampling defaults of the checkpoint (params.generation_defaults).
+    """
+
+    def __init__(self, model: Transformer, config: EngineConfig, tokenizer=None, eos_token_ids=(),
+                 generation_defaults: dict | None = None):
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = set(eos_token_ids)
+        self.generation_defaults = dict(generation_defaults or {})
+        model.allocate_cache(config.num_blocks, config.block_size)
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, config.block_size, config.max_num_seqs, config.max_model_len,
+                                  config.enforce_eager)
+        self.sampler = Sampler(model.backend.device, config.seed)
+        self.requests: dict[str, _Request] = {}
+        self.prompt_tokens = self.generation_tokens = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids, params: SamplingParams | None) -> SamplingParams:
+        """Validate a request without touching the engine (safe from any thread); returns the resolved params.
+
+        Raises:
+            RequestError naming the field: bad params, empty prompt, ids outside the vocabulary, a
+            prompt that leaves no room in max_model_len, or max_tokens beyond it.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}",
+                               param="sampling_params")
+        params.validate()
+        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+            raise RequestError("the prompt must be a non-empty list of token ids", param="prompt")
+        for token in prompt_token_ids:
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise RequestError(f"prompt token ids must be integers, got {token!r}", param="prompt")
+            if not 0 <= token < self.vocab_size:
+                raise RequestError(f"prompt token id {token} is outside the vocabulary [0, {self.vocab_size})",
+                                   param="prompt")
+        n, limit = len(prompt_token_ids), self.max_model_len
+        if n >= limit:
+            raise RequestError(f"the prompt has {n} tokens; the context (max_model_len={limit}, --max-model-len) "
+                               f"leaves no room to generate", param="prompt")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise RequestError(f"max_tokens={params.max_tokens} with a prompt of {n} tokens exceeds the context "
+                               f"(max_model_len={limit}); at most {limit - n}", param="max_tokens")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer (this model has none; use stop_token_ids)",
+                               param="stop")
+        for token in params.stop_token_ids or ():
+            if token >= self.vocab_size:
+                raise RequestError(f"stop token id {token} is outside the vocabulary [0, {self.vocab_size})",
+                                   param="stop_token_ids")
+        return params.resolved(self.generation_defaults)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request (RequestError for a bad one, nothing queued)."""
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}", param="request_id")
+        if request_id in self.requests:
+            raise RequestError(f"request {request_id!r} is already running", param="request_id")
+        params = self.check_request(prompt_token_ids, params)
+        prompt = list(prompt_token_ids)
+        seqs, detokenizers = [], []
+        for index in range(params.n):
+            seq = Sequence(request_id if params.n == 1 else f"{request_id}#{index}", request_id, index, list(prompt),
+                           len(prompt), params, self.max_model_len, leader=None if index == 0 else seqs[0],
+                           logprobs=[] if params.logprobs is not None else None)
+            if params.seed is not None:
+                seed = params.seed if index == 0 else hash((params.seed, index)) & (2**63 - 1)
+                seq.generator = torch.Generator(self.model.backend.device).manual_seed(seed)
+            seqs.append(seq)
+            detokenizers.append(None if self.tokenizer is None else IncrementalDetokenizer(
+                self.tokenizer, prompt, params.skip_special_tokens, params.stop))
+        request = _Request(request_id, prompt, params, seqs, detokenizers,
+                           RequestMetrics(time.monotonic() if arrival_time is None else arrival_time))
+        self.requests[request_id] = request
+        self.prompt_tokens += len(prompt)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now, freeing its blocks; its final output (finish_reason "abort"), or None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        request.finished = True
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; the outputs of every request that changed (finished ones for the last time)."""
+        step = self.scheduler.schedule()
+        changed: dict[str, _Request] = {}
+        if not step.is_empty:
+            step, seqs, logits = self._run(step, changed)
+            self.scheduler.update(step)
+            sampled = self._sample(logits, seqs, changed)
+            now = time.monotonic()
+            for seq, token, logprobs in sampled:
+                request = self.requests.get(seq.request_id)
+                if request is None or seq.is_finished:
+                    continue
+                try:
+                    self._append(request, seq, token, logprobs, now)
+                except Exception as e:  # noqa: BLE001 - e.g. the detokenizer: only this request fails
+                    self._fail(request, e)
+                changed[request.request_id] = request
+        outputs = []
+        for request in changed.values():
+            if request.done:
+                request.finished = True
+                self.requests.pop(request.request_id, None)
+            outputs.append(self._output(request))
+        return outputs
+
+    def _run(self, step: ScheduledStep, changed: dict) -> tuple[ScheduledStep, list[Sequence], torch.Tensor]:
+        """The forward; where it raises, each sequence alone, failing the requests that still raise."""
+        try:
+            seqs, logits = self.runner.run(step)
+            return step, seqs, logits
+        except Exception as error:  # noqa: BLE001
+            first_error = error
+        kept, seqs, parts = ScheduledStep(), [], []
+        for seq, count in step.scheduled():
+            if seq.is_finished:
+                continue
+            alone = ScheduledStep(decodes=[seq]) if count == 1 else ScheduledStep(prefills=[(seq, count)])
+            try:
+                got, logits = self.runner.run(alone)
+            except Exception as e:  # noqa: BLE001
+                request = self.requests[seq.request_id]
+                self._fail(request, e if len(step.scheduled()) > 1 else first_error)
+                changed[request.request_id] = request
+                continue
+            (kept.decodes.append(seq) if count == 1 else kept.prefills.append((seq, count)))
+            seqs += got
+            parts.append(logits)
+        live = [i for i, s in enumerate(seqs) if not s.is_finished]  # a failed sibling ended its request
+        logits = torch.cat(parts)[live] if parts else torch.empty(0)
+        kept.decodes = [s for s in kept.decodes if not s.is_finished]
+        kept.prefills = [(s, n) for s, n in kept.prefills if not s.is_finished]
+        return kept, [seqs[i] for i in live], logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], changed: dict):
+        """(seq, token, logprobs) per sequence; the sampler isolated per sequence where it raises."""
+        if not seqs:
+            return []
+        try:
+            out = self.sampler(logits, seqs)
+            return list(zip(seqs, out.tokens, out.logprobs, strict=True))
+        except Exception:  # noqa: BLE001
+            pass
+        result = []
+        for i, seq in enumerate(seqs):
+            try:
+                one: SamplerOutput = self.sampler(logits[i:i + 1], [seq])
+                result.append((seq, one.tokens[0], one.logprobs[0]))
+            except Exception as e:  # noqa: BLE001
+                request = self.requests.get(seq.request_id)
+                if request is not None:
+                    self._fail(request, e)
+                    changed[request.request_id] = request
+        return result
+
+    def _append(self, request: _Request, seq: Sequence, token: int, logprobs, now: float) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens += 1
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprobs or {})
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.last_token_time = now
+        detokenizer = request.detokenizers[seq.index]
+        stop_string = detokenizer.add(token) if detokenizer is not None else None
+        params = seq.params
+        if stop_string is not None:
+            self.scheduler.finish(seq, "stop", stop_string)
+        elif token in params.stop_token_ids:
+            self.scheduler.finish(seq, "stop", token)
+        elif not params.ignore_eos and token in self.eos_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_output_tokens >= seq.max_tokens:
+            self.scheduler.finish(seq, "length")
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        """End every sequence of the request now (blocks freed); the error goes out with its output."""
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        request.error = f"request {request.request_id} failed: {type(error).__name__}: {message}"
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for seq, detokenizer in zip(request.seqs, request.detokenizers, strict=True):
+            text = detokenizer.visible_text(seq.is_finished) if detokenizer is not None else ""
+            completions.append(CompletionOutput(seq.index, text, list(seq.output_token_ids),
+                                                None if seq.logprobs is None else list(seq.logprobs),
+                                                seq.finish_reason, seq.stop_reason))
+        cached = request.seqs[0].num_cached_tokens or 0
+        return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.finished,
+                             cached, RequestMetrics(**vars(request.metrics)), request.error)
+
+    # ---- stats -----------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        running = {seq.request_id for seq in s.running}
+        waiting = {seq.request_id for seq in s.waiting} - running
+        return EngineStats(num_running=len(running), num_waiting=len(waiting), cache_usage=bm.usage,
+                           prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits,
+                           num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens,
+                           generation_tokens=self.generation_tokens, num_blocks=self.config.num_blocks,
+                           block_size=self.config.block_size)
+

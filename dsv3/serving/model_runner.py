@@ -1,0 +1,180 @@
+"""The device side of a step: the flat token batch, the model call, recorded decode steps.
+
+A step's sequences run as one flat batch: decode tokens first (one per sequence), then prefill chunks.
+Their block tables, lengths and query offsets go to the device as a PagedBatch per group. Only the
+rows of sequences that sample a token this step are projected to logits.
+
+A pure-decode step replays a recording (backend.graph_runner; CUDA graphs on NVIDIA) of its batch
+bucket: the smallest of batch_buckets(max_num_seqs) that holds it. The bucket's inputs are static
+buffers written in place before each replay; padding rows run token 0 at position 0 through a block
+table of zeros, so they write only the scratch block 0, which no sequence owns. Steps with prefill
+chunks, and every step where the model or backend cannot record, run eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dsv3.backends.interface import PagedBatch
+from dsv3.model import ForwardBatch, Transformer
+from dsv3.serving.block_manager import SCRATCH_BLOCK
+from dsv3.serving.request import Sequence
+from dsv3.serving.scheduler import ScheduledStep
+
+
+def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Decode batch sizes with their own recording: powers of two below max_num_seqs, then it."""
+    buckets, size = [], 1
+    while size < max_num_seqs:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_num_seqs)
+
+
+@dataclass
+class _Bucket:
+    """A decode bucket's static buffers and its recorded step."""
+
+    tokens: torch.Tensor        # int64 [size]
+    positions: torch.Tensor     # int64 [size]
+    block_tables: torch.Tensor  # int32 [size, max_blocks_per_seq]
+    seq_lens: torch.Tensor      # int32 [size]
+    logits: torch.Tensor        # float32 [size, vocab]
+    replay: Callable[[], None]
+
+
+class ModelRunner:
+    """Runs scheduled steps on the model.
+
+    Args:
+        model: the model, its cache allocated.
+        block_size: tokens per cache block.
+        max_num_seqs: the largest decode batch.
+        max_model_len: the longest sequence.
+        enforce_eager: never record decode steps.
+    """
+
+    def __init__(self, model: Transformer, block_size: int, max_num_seqs: int, max_model_len: int,
+                 enforce_eager: bool = False):
+        self.model, self.block_size = model, block_size
+        self.device = model.backend.device
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
+        self.buckets = batch_buckets(max_num_seqs)
+        self.graphs = not enforce_eager and model.supports_graphs()
+        self._recorded: dict[int, _Bucket] = {}
+
+    @property
+    def recorded_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self._recorded))
+
+    def bucket(self, batch: int) -> int | None:
+        """The smallest bucket holding `batch` decodes, or None."""
+        return next((size for size in self.buckets if size >= batch), None)
+
+    @torch.inference_mode()
+    def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
+        """Run a step; returns the sequences that sample now (their chunk reaches their last token) and
+        their float32 logits [S, V] in that order."""
+        scheduled = step.scheduled()
+        sampling = [i for i, (seq, count) in enumerate(scheduled)
+                    if seq.num_computed_tokens + count == seq.num_tokens]
+        seqs = [scheduled[i][0] for i in sampling]
+        if not step.prefills and self.graphs:
+            size = self.bucket(len(step.decodes))
+            if size is not None:
+                logits = self._replay(size, step.decodes)
+                if logits is not None:  # every decode samples
+                    return seqs, logits[:len(step.decodes)]
+        return seqs, self.model.forward(self._eager_batch(step, sampling))
+
+    # ---- eager ------------------------------------------------------------------------------------
+
+    def _eager_batch(self, step: ScheduledStep, sampling: list[int]) -> ForwardBatch:
+        tokens, positions, ends = [], [], []
+        for seq, count in step.scheduled():
+            start = seq.num_computed_tokens
+            tokens += seq.token_ids[start:start + count]
+            positions += range(start, start + count)
+            ends.append(len(tokens) - 1)
+        decode = self._paged(step.decodes, [1] * len(step.decodes)) if step.decodes else None
+        prefill = None
+        if step.prefills:
+            prefill = self._paged([s for s, _ in step.prefills], [n for _, n in step.prefills])
+        device = self.device
+        return ForwardBatch(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+                            positions=torch.tensor(positions, dtype=torch.long, device=device),
+                            num_decode_tokens=len(step.decodes), decode=decode, prefill=prefill,
+                            logits_indices=torch.tensor([ends[i] for i in sampling], dtype=torch.long, device=device))
+
+    def _paged(self, seqs: list[Sequence], counts: list[int]) -> PagedBatch:
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        seq_lens = [s.num_computed_tokens + n for s, n in zip(seqs, counts, strict=True)]
+        query_start = [0]
+        for n in counts:
+            query_start.append(query_start[-1] + n)
+        device = self.device
+        return PagedBatch(block_tables=tables.to(device),
+                          seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                          query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
+                          max_query_len=max(counts), max_seq_len=max(seq_lens))
+
+    # ---- recorded decode steps ------------------------------------------------------------------
+
+    def _replay(self, size: int, seqs: list[Sequence]) -> torch.Tensor | None:
+        bucket = self._recorded.get(size)
+        if bucket is None:
+            bucket = self._record(size, seqs)
+            if bucket is None:
+                self.graphs = False
+                return None
+        else:
+            self._fill(bucket, seqs)
+        bucket.replay()
+        return bucket.logits
+
+    def _fill(self, bucket: _Bucket, seqs: list[Sequence]) -> None:
+        """Write the step's inputs into the bucket's buffers; padding rows write only block 0."""
+        size = bucket.tokens.shape[0]
+        tokens = torch.zeros(size, dtype=torch.long)
+        positions = torch.zeros(size, dtype=torch.long)
+        seq_lens = torch.ones(size, dtype=torch.int32)
+        tables = torch.full((size, self.max_blocks_per_seq), SCRATCH_BLOCK, dtype=torch.int32)
+        for row, seq in enumerate(seqs):
+            position = seq.num_computed_tokens
+            tokens[row], positions[row], seq_lens[row] = seq.token_ids[position], position, position + 1
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        for buffer, value in ((bucket.tokens, tokens), (bucket.positions, positions), (bucket.seq_lens, seq_lens),
+                              (bucket.block_tables, tables)):
+            buffer.copy_(value, non_blocking=True)
+
+    def _record(self, size: int, seqs: list[Sequence]) -> _Bucket | None:
+        """Allocate a bucket's buffers, fill them with this step's inputs and record the step."""
+        model, device = self.model, self.device
+        bucket = _Bucket(tokens=torch.zeros(size, dtype=torch.long, device=device),
+                         positions=torch.zeros(size, dtype=torch.long, device=device),
+                         block_tables=torch.zeros(size, self.max_blocks_per_seq, dtype=torch.int32, device=device),
+                         seq_lens=torch.ones(size, dtype=torch.int32, device=device),
+                         logits=torch.zeros(size, model.config.vocab_size, dtype=torch.float32, device=device),
+                         replay=lambda: None)
+        self._fill(bucket, seqs)
+        paged = PagedBatch(block_tables=bucket.block_tables, seq_lens=bucket.seq_lens,
+                           query_start=torch.arange(size + 1, dtype=torch.int32, device=device),
+                           max_query_len=1, max_seq_len=self.max_model_len)
+        batch = ForwardBatch(bucket.tokens, bucket.positions, size, paged, None)
+
+        def step() -> None:
+            bucket.logits.copy_(model.forward(batch))
+
+        replay = model.backend.graph_runner(step)
+        if replay is None:
+            return None
+        bucket.replay = replay
+        self._recorded[size] = bucket
+        return bucket
