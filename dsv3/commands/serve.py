@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
+    if args.config and not args.ckpt:
+        raise UsageError("dsv3 serve needs a checkpoint with its tokenizer (--ckpt DIR, or none for the built-in "
+                         "tiny one); --config builds random weights without a tokenizer")
     checkpoint = str(args.ckpt or TINY_CHECKPOINT)
     template = ChatTemplate.load(checkpoint, override=args.chat_template)
     settings = ServerSettings(
