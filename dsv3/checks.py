@@ -81,16 +81,16 @@ def check_device(device: str | None) -> None:
 
 def model_bytes(config, precision: str, max_batch_size: int, max_seq_len: int) -> tuple[int, int]:
     """(weight bytes, latent cache bytes) the model needs on its device, roughly, for the OOM message."""
-    from dsv3 import layout
+    from dsv3 import tensor_specs
 
     dense = 4 if precision == "fp32" else 2
     weights = 0
-    for spec in layout.module_specs(config).values():
+    for spec in tensor_specs.module_specs(config).values():
         numel = math.prod(spec.shape)
-        if spec.kind == layout.LINEAR and precision == "fp8":
+        if spec.kind == tensor_specs.LINEAR and precision == "fp8":
             weights += numel + 4 * math.ceil(spec.shape[0] / 128) * math.ceil(spec.shape[-1] / 128)
         else:
-            weights += numel * (4 if spec.kind == layout.FP32 else dense)
+            weights += numel * (4 if spec.kind == tensor_specs.FP32 else dense)
     cache = config.latent_cache_bytes_per_token(dense) * max_batch_size * max_seq_len
     return weights, cache
 

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsv3 import distributed, layout
+from dsv3 import distributed, tensor_specs
 from dsv3.backends import fp8
 from dsv3.backends.interface import Backend, QuantizedActivation, plain
 from dsv3.config import ModelConfig
@@ -172,15 +172,15 @@ class ParallelPlan:
 
     def _check_fp8_blocks(self, config: ModelConfig) -> None:
         """With FP8 compute every cut of a linear must fall on a 128 boundary (kv_b_proj is dequantized)."""
-        for module, spec in layout.module_specs(config, include_mtp=False).items():
+        for module, spec in tensor_specs.module_specs(config, include_mtp=False).items():
             cut = self.cut(module)
-            if cut is None or spec.kind != layout.LINEAR or module.endswith("kv_b_proj"):
+            if cut is None or spec.kind != tensor_specs.LINEAR or module.endswith("kv_b_proj"):
                 continue
             share = spec.shape[cut.dim] // cut.parts
             if share % fp8.BLOCK:
                 option = "--ep" if _EXPERT.search(module) else "--tp"
                 raise Dsv3Error(
-                    f"{option} with precision fp8: {layout.tensor_name(module)} {list(spec.shape)} would be cut "
+                    f"{option} with precision fp8: {tensor_specs.tensor_name(module)} {list(spec.shape)} would be cut "
                     f"into {share} {'rows' if cut.dim == ROWS else 'columns'} per rank, not a multiple of the "
                     f"{fp8.BLOCK}-wide FP8 blocks (use precision bf16, or fewer ranks per tensor)")
 
@@ -260,7 +260,7 @@ class ShardedLoader(WeightLoader):
         if cut is None:
             return super().tensor(module)
         self._bar.update(1)
-        name = layout.tensor_name(module)
+        name = tensor_specs.tensor_name(module)
         start, stop = cut.bounds(self.source.meta(name)[0][cut.dim])
         return self.source.get_slice(name, cut.dim, start, stop)
 

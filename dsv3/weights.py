@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from dsv3 import layout
+from dsv3 import tensor_specs
 from dsv3.backends import fp8
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
@@ -204,16 +204,16 @@ class RandomSource:
                  fast: bool = False):
         self.config, self.fp8, self.seed, self.device = config, fp8, seed, torch.device(device)
         self.fast = fast
-        self.specs = layout.module_specs(config)
+        self.specs = tensor_specs.module_specs(config)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for module, spec in self.specs.items():
-            name = layout.tensor_name(module)
-            if spec.kind == layout.LINEAR and fp8:
+            name = tensor_specs.tensor_name(module)
+            if spec.kind == tensor_specs.LINEAR and fp8:
                 self._meta[name] = (spec.shape, torch.float8_e4m3fn)
                 rows, cols = (math.ceil(n / fp8_block) for n, fp8_block in zip(spec.shape, (128, 128), strict=True))
                 self._meta[f"{module}.weight_scale_inv"] = ((rows, cols), torch.float32)
             else:
-                self._meta[name] = (spec.shape, torch.float32 if spec.kind == layout.FP32 else torch.bfloat16)
+                self._meta[name] = (spec.shape, torch.float32 if spec.kind == tensor_specs.FP32 else torch.bfloat16)
 
     def names(self) -> set[str]:
         return set(self._meta)
@@ -230,12 +230,12 @@ class RandomSource:
         module = name.removesuffix(".weight_scale_inv").removesuffix(".weight")
         spec = self.specs.get(module) or self.specs[name]
         g = self._generator(module)
-        if spec.kind == layout.FP32:
+        if spec.kind == tensor_specs.FP32:
             return torch.randn(spec.shape, generator=g, device=self.device) * 1e-3
         if module.endswith("norm"):
             return torch.ones(spec.shape, dtype=torch.bfloat16, device=self.device)
         w = torch.randn(spec.shape, generator=g, device=self.device) * spec.shape[-1] ** -0.5
-        if spec.kind == layout.LINEAR and self.fp8:
+        if spec.kind == tensor_specs.LINEAR and self.fp8:
             q, s = fp8.quantize_blocks(w)
             return s if name.endswith("weight_scale_inv") else q
         return w.to(torch.bfloat16)
@@ -324,8 +324,8 @@ class WeightLoader:
     def __init__(self, source: WeightSource, config: ModelConfig, include_mtp: bool = False, progress: bool = True,
                  device: str | torch.device | None = None):
         self.source, self.config = FiniteSource(source, device), config
-        self.specs = layout.module_specs(config, include_mtp=True)
-        skipped = () if include_mtp else layout.mtp_prefixes(config)
+        self.specs = tensor_specs.module_specs(config, include_mtp=True)
+        skipped = () if include_mtp else tensor_specs.mtp_prefixes(config)
         self.specs = {m: s for m, s in self.specs.items() if not (skipped and m.startswith(skipped))}
         self._where = getattr(source, "path", "synthetic weights")
         self._check(skipped)
@@ -336,7 +336,7 @@ class WeightLoader:
         names = self.source.names()
         expected = set()
         for module, spec in self.specs.items():
-            name = layout.tensor_name(module)
+            name = tensor_specs.tensor_name(module)
             expected.add(name)
             if name not in names:
                 raise CheckpointError(f"{self._where}: missing tensor {name} (expected shape {list(spec.shape)})")
@@ -345,7 +345,7 @@ class WeightLoader:
                 raise CheckpointError(f"{self._where}: tensor {name} has shape {list(shape)}, "
                                       f"expected {list(spec.shape)}")
             scale = f"{module}.weight_scale_inv"
-            if dtype == torch.float8_e4m3fn and spec.kind == layout.LINEAR:
+            if dtype == torch.float8_e4m3fn and spec.kind == tensor_specs.LINEAR:
                 if scale not in names:
                     raise CheckpointError(f"{self._where}: FP8 tensor {name} has no {scale}")
                 want = tuple(math.ceil(n / fp8.BLOCK) for n in spec.shape)
@@ -355,9 +355,10 @@ class WeightLoader:
                                           f"expected float32 {list(want)}")
                 expected.add(scale)
             elif not dtype.is_floating_point or dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                fp8_too = "float8_e4m3fn or " if spec.kind == tensor_specs.LINEAR else ""
                 raise CheckpointError(f"{self._where}: tensor {name} has dtype {str(dtype)[6:]}, expected "
-                                      f"{'float8_e4m3fn or ' if spec.kind == layout.LINEAR else ''}bf16/fp16/fp32")
-            elif spec.kind == layout.FP32 and dtype != torch.float32:
+                                      f"{fp8_too}bf16/fp16/fp32")
+            elif spec.kind == tensor_specs.FP32 and dtype != torch.float32:
                 raise CheckpointError(f"{self._where}: tensor {name} has dtype {str(dtype)[6:]}, expected float32")
         unexpected = sorted(n for n in names - expected if not (skipped and n.startswith(skipped)))
         if unexpected:
@@ -367,7 +368,7 @@ class WeightLoader:
     def tensor(self, module: str) -> torch.Tensor:
         """A non-quantized tensor (norm, embedding, router) by module name."""
         self._bar.update(1)
-        return self.source.get(layout.tensor_name(module))
+        return self.source.get(tensor_specs.tensor_name(module))
 
     def linear(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, weight_scale_inv or None) of a linear by module name."""

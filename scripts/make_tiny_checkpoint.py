@@ -13,7 +13,7 @@ CPU-minutes; the whole script a few minutes.
    correction bias is trained the aux-loss-free way (nudged toward under-used experts).
    The MTP module is trained too (its loss is weighted 0.3), so it predicts the token
    after next; dsv3 loads it only when asked (load_model(..., load_mtp=True)).
-3. Export it in the official DeepSeek-V3 Hugging Face layout (dsv3/layout.py): one
+3. Export it in the official DeepSeek-V3 Hugging Face layout (dsv3/tensor_specs.py): one
    gate/up/down projection per expert, every linear block-quantized to float8_e4m3fn with
    a float32 weight_scale_inv per 128x128 block, embeddings, norms and router in bf16, the
    correction bias in fp32, the MTP module as layer num_hidden_layers, and a config.json
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from dsv3.backends import fp8  # noqa: E402
 
-from dsv3 import layout  # noqa: E402
+from dsv3 import tensor_specs  # noqa: E402
 from dsv3.checkpoint import save_checkpoint  # noqa: E402
 from dsv3.config import ModelConfig, load_config  # noqa: E402
 from dsv3.tokenizer import ASSISTANT, BOS, EOS, USER  # noqa: E402
@@ -281,16 +281,16 @@ def official_tensors(model, mtp, c: ModelConfig) -> dict[str, torch.Tensor]:
 def quantize_for_checkpoint(tensors: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: FP8 + weight_scale_inv for linears, bf16 or fp32 for the rest."""
     out = {}
-    specs = layout.module_specs(c, include_mtp=True)
+    specs = tensor_specs.module_specs(c, include_mtp=True)
     for module, spec in specs.items():
-        name = layout.tensor_name(module)
+        name = tensor_specs.tensor_name(module)
         tensor = tensors[name]
         assert tuple(tensor.shape) == spec.shape, f"{name}: {list(tensor.shape)} != {list(spec.shape)}"
-        if spec.kind == layout.LINEAR:
+        if spec.kind == tensor_specs.LINEAR:
             out[name], out[f"{module}.weight_scale_inv"] = fp8.quantize_blocks(tensor)
         else:
-            out[name] = tensor.float() if spec.kind == layout.FP32 else tensor.to(torch.bfloat16)
-    extra = set(tensors) - {layout.tensor_name(m) for m in specs}
+            out[name] = tensor.float() if spec.kind == tensor_specs.FP32 else tensor.to(torch.bfloat16)
+    extra = set(tensors) - {tensor_specs.tensor_name(m) for m in specs}
     assert not extra, f"tensors outside the layout: {sorted(extra)}"
     return out
 
@@ -385,7 +385,8 @@ def verify(path: Path) -> bool:
         cases = expected_continuations()
         prompts = [loaded.tokenizer.chat_prompt([{"role": "user", "content": q}]) if chat else q
                    for q, _, chat in cases]
-        outputs = loaded.generate(prompts, max_new_tokens=400)
+        greedy = dsv3.SamplingParams(max_tokens=400, temperature=0.0)
+        outputs = [o.outputs[0].text for o in loaded.generate(prompts, greedy)]
         right = sum(out == want for out, (_, want, _) in zip(outputs, cases))
         for out, (prompt, want, _) in zip(outputs, cases):
             if out != want:

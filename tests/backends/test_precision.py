@@ -23,7 +23,7 @@ from dsv3.backends.chips import describe_chip
 from dsv3.backends.interface import Capabilities
 from dsv3.backends.reference import ReferenceBackend
 
-from dsv3 import layout
+from dsv3 import tensor_specs
 from dsv3.api import load_model
 from dsv3.checkpoint import save_checkpoint
 from dsv3.config import load_config
@@ -206,16 +206,16 @@ def write_fast_fp8_checkpoint(path: Path) -> tuple[Path, int]:
                                          num_attention_heads=8, q_lora_rank=128, kv_lora_rank=128)
     generator = torch.Generator().manual_seed(0)
     tensors, fp8_bytes = {}, 0
-    for module, spec in layout.module_specs(config).items():
-        name = layout.tensor_name(module)
-        if spec.kind == layout.LINEAR:
+    for module, spec in tensor_specs.module_specs(config).items():
+        name = tensor_specs.tensor_name(module)
+        if spec.kind == tensor_specs.LINEAR:
             bits = torch.randint(0, 256, spec.shape, dtype=torch.uint8, generator=generator)
             bits[(bits & 0x7F) == 0x7F] = 0  # no NaN patterns
             tensors[name] = bits.view(torch.float8_e4m3fn)
             blocks = [math.ceil(n / fp8.BLOCK) for n in spec.shape]
             tensors[f"{module}.weight_scale_inv"] = torch.rand(blocks, generator=generator) * 1e-3
             fp8_bytes += bits.numel()
-        elif spec.kind == layout.FP32:
+        elif spec.kind == tensor_specs.FP32:
             tensors[name] = torch.zeros(spec.shape)
         else:
             tensors[name] = (torch.randn(spec.shape, generator=generator) * 0.02).to(torch.bfloat16)

@@ -18,7 +18,7 @@ import torch
 from dsv3.backends import fp8
 
 import dsv3
-from dsv3 import layout
+from dsv3 import tensor_specs
 from dsv3.api import TINY_CHECKPOINT
 from dsv3.tokenizer import Tokenizer
 from dsv3.weights import CheckpointSource
@@ -68,19 +68,19 @@ def test_checkpoint_is_in_the_official_fp8_layout():
     assert (c.first_k_dense_replace, c.n_shared_experts, c.num_nextn_predict_layers) == (1, 1, 1)
     assert (c.topk_method, c.scoring_func, c.moe_intermediate_size % 128) == ("noaux_tc", "sigmoid", 0)
     source = CheckpointSource(TINY_CHECKPOINT)
-    specs = layout.module_specs(c, include_mtp=True)
+    specs = tensor_specs.module_specs(c, include_mtp=True)
     names = set()
     for module, spec in specs.items():
-        name = layout.tensor_name(module)
+        name = tensor_specs.tensor_name(module)
         shape, dtype = source.meta(name)
         assert shape == spec.shape, name
-        if spec.kind == layout.LINEAR:
+        if spec.kind == tensor_specs.LINEAR:
             scale = f"{module}.weight_scale_inv"
             assert dtype == torch.float8_e4m3fn, name
             assert source.meta(scale) == (tuple(fp8.num_blocks(n) for n in spec.shape), torch.float32), scale
             names.add(scale)
         else:
-            assert dtype == (torch.float32 if spec.kind == layout.FP32 else torch.bfloat16), name
+            assert dtype == (torch.float32 if spec.kind == tensor_specs.FP32 else torch.bfloat16), name
         names.add(name)
     assert source.names() == names
     assert any(name.startswith(f"model.layers.{c.num_hidden_layers}.") for name in names)  # the MTP module
@@ -122,7 +122,8 @@ def test_greedy_decoding_recites_the_corpus(models, precision):
     model = models[precision]
     assert model.precision == precision
     prompts = [model.tokenizer.chat_prompt([{"role": "user", "content": q}]) if chat else q for q, _, chat in CASES]
-    outputs = model.generate(prompts, max_new_tokens=300)
+    greedy = dsv3.SamplingParams(max_tokens=300, temperature=0.0)
+    outputs = [o.outputs[0].text for o in model.generate(prompts, greedy)]
     for output, (prompt, continuation, _) in zip(outputs, CASES):
         assert output == continuation, prompt
 

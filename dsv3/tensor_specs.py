@@ -1,4 +1,4 @@
-"""The Hugging Face checkpoint layout of a DeepSeek model: every tensor's name, shape and kind.
+"""Every tensor of a DeepSeek checkpoint in the Hugging Face layout: its name, shape and kind.
 
 One table used to check a checkpoint before any weight is read, to write the
 built-in tiny checkpoint, to make synthetic weights and to convert checkpoints.
