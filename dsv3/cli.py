@@ -19,6 +19,7 @@ COMMANDS = {
                          "implementation"),
     "convert": ("convert", "convert an FP8 checkpoint to BF16, or to e4m3fnuz for MI300X"),
     "bench": ("bench", "time GEMM, MoE and MLA at the DeepSeek-V3 shapes beside their peers and the roofline"),
+    "serve": ("serve", "serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"),
 }
 
 

@@ -33,16 +33,36 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+#: what a field that takes several shapes accepts, for its type errors
+UNION_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "must be a string or a list of strings",
+    "content": "must be a string or a list of content parts",
+    "tool_choice": "must be 'none', 'auto', 'required' or {\"type\": \"function\", ...}",
+}
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union it tried (str, list[int], literal[...]) in the error location."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def validation_message(error: ValidationError) -> tuple[str, str | None]:
-    """One line for pydantic's first complaint, and the field it names (OpenAI's `param`)."""
+    """One line for pydantic's first complaint, and the top-level field it names (OpenAI's `param`)."""
     first = error.errors()[0]
-    location = [str(part) for part in first["loc"] if not isinstance(part, int)]
-    param = location[0] if location else None
-    where = ".".join(str(part) for part in first["loc"])
-    message = first["msg"]
+    location = list(first["loc"])
+    param = next((str(part) for part in location if isinstance(part, str)), None)
+    got = repr(first.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if any(_is_union_tag(part) for part in location):
+        location = location[:next(i for i, part in enumerate(location) if _is_union_tag(part))]
+        field = next((str(part) for part in reversed(location) if isinstance(part, str)), "")
+        where = ".".join(str(part) for part in location)
+        return f"{where} {UNION_HINTS.get(field, 'has the wrong type')} (got {got})", param
+    where = ".".join(str(part) for part in location)
     if first["type"] == "missing":
         return f"{where} is required", param
-    return f"{where}: {message} (got {first.get('input')!r})" if where else message, param
+    return (f"{where}: {first['msg']} (got {got})" if where else first["msg"]), param
 
 
 async def read_json(request: Request, model: type[BaseModel], limit: int) -> BaseModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dsv3.errors import EngineRequestError, RequestError
+from dsv3.errors import Dsv3Error, EngineRequestError, RequestError
 from dsv3.server.chat_template import ChatTemplate, no_template_error
 from dsv3.server.metrics import ServerMetrics
 from dsv3.server.protocol import (
@@ -39,6 +40,20 @@ from dsv3.server.protocol import (
 from dsv3.server.reasoning import ReasoningStream, split_reasoning
 from dsv3.server.runner import RequestGroup, cancel_on_disconnect
 from dsv3.server.tool_parser import ToolCallStream, parse_tool_calls
+
+log = logging.getLogger("dsv3.server")
+
+
+def stream_error(error: Exception) -> str:
+    """An SSE event with OpenAI's error body, for a failure after the stream's 200 went out."""
+    if isinstance(error, RequestError):
+        api_error = APIError(str(error), param=error.param)
+    elif isinstance(error, Dsv3Error):
+        api_error = APIError(str(error), status=500)
+    else:
+        log.error("a stream failed", exc_info=error)
+        api_error = APIError(f"the server failed on this request: {type(error).__name__}: {error}", status=500)
+    return json.dumps(api_error.body())
 
 
 @dataclass
@@ -163,8 +178,8 @@ class OpenAIServing:
                             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
                         yield CompletionChunk(id=response_id, created=created, model=model,
                                               choices=[choice]).model_dump_json()
-        except EngineRequestError as e:
-            yield json.dumps(APIError(str(e), status=500).body())
+        except Exception as e:  # the stream has started (status 200): the error becomes its last event
+            yield stream_error(e)
         else:
             if request.include_usage:
                 yield CompletionChunk(id=response_id, created=created, model=model, choices=[],
@@ -269,8 +284,8 @@ class OpenAIServing:
                             if tools and tools[i].num_calls and reason == "stop":
                                 reason = "tool_calls"
                             yield chunk(i, DeltaMessage(), reason, completion.stop_reason)
-        except EngineRequestError as e:
-            yield json.dumps(APIError(str(e), status=500).body())
+        except Exception as e:  # the stream has started (status 200): the error becomes its last event
+            yield stream_error(e)
         else:
             if request.include_usage:
                 yield ChatCompletionChunk(id=response_id, created=created, model=model, choices=[],
