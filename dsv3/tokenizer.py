@@ -1,4 +1,4 @@
-"""The checkpoint's tokenizer (tokenizer.json) and DeepSeek's chat format."""
+"""The checkpoint's tokenizer (tokenizer.json); chat prompts come from its chat template (dsv3.server.chat_template)."""
 
 from __future__ import annotations
 
@@ -72,25 +72,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """DeepSeek's chat format, ending with the assistant tag so the model answers.
-
-        bos, then the system prompt, then per turn <｜User｜>text and
-        <｜Assistant｜>text<｜end▁of▁sentence｜>, then <｜Assistant｜>.
-        """
-        parts = [self.bos_token]
-        for m in messages:
-            role, content = m.get("role"), m.get("content", "")
-            if role == "system":
-                parts.append(content)
-            elif role == "user":
-                parts.append(USER + content)
-            elif role == "assistant":
-                parts.append(ASSISTANT + content + self.eos_token)
-            else:
-                raise Dsv3Error(f"chat message role must be system, user or assistant, got {role!r}")
-        return "".join(parts) + ASSISTANT
 
 
 def _token_text(value) -> str | None:

@@ -47,9 +47,12 @@ from dsv3.backends import fp8  # noqa: E402
 from dsv3 import tensor_specs  # noqa: E402
 from dsv3.checkpoint import save_checkpoint  # noqa: E402
 from dsv3.config import ModelConfig, load_config  # noqa: E402
+from dsv3.server.chat_template import ChatTemplate  # noqa: E402
 from dsv3.tokenizer import ASSISTANT, BOS, EOS, USER  # noqa: E402
 
 CORPUS = ROOT / "dsv3" / "assets" / "corpus.txt"
+#: the tiny checkpoint's chat template (DeepSeek-V3's format), copied into its tokenizer_config.json
+CHAT_TEMPLATE = ROOT / "scripts" / "tiny_chat_template.jinja"
 OUTPUT = ROOT / "dsv3" / "assets" / "tiny"
 CONFIG = ROOT / "configs" / "tiny.yaml"
 SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT]  # ids 0, 1, 2, 3
@@ -108,7 +111,8 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json and generation_config.json contents."""
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS, "eos_token": EOS,
               "pad_token": EOS, "model_max_length": 1024, "tokenizer_class": "PreTrainedTokenizerFast",
-              "clean_up_tokenization_spaces": False, "legacy": True}
+              "clean_up_tokenization_spaces": False, "legacy": True,
+              "chat_template": CHAT_TEMPLATE.read_text(encoding="utf-8").rstrip("\n")}
     generation = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}
     return {"tokenizer.json": tokenizer.to_str(pretty=True) + "\n",
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
@@ -116,7 +120,7 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
 
 
 def chat_text(question: str) -> str:
-    """DeepSeek's single-turn chat prompt (as dsv3.tokenizer.Tokenizer.chat_prompt builds it)."""
+    """DeepSeek's single-turn chat prompt (as the checkpoint's chat template renders it)."""
     return BOS + USER + question + ASSISTANT
 
 
@@ -383,8 +387,8 @@ def verify(path: Path) -> bool:
     for precision in ("bf16", "fp8"):
         loaded = dsv3.load_model(path, backend="reference", precision=precision, max_batch_size=16, quiet=True)
         cases = expected_continuations()
-        prompts = [loaded.tokenizer.chat_prompt([{"role": "user", "content": q}]) if chat else q
-                   for q, _, chat in cases]
+        template = ChatTemplate.load(path)
+        prompts = [template.render([{"role": "user", "content": q}]) if chat else q for q, _, chat in cases]
         greedy = dsv3.SamplingParams(max_tokens=400, temperature=0.0)
         outputs = [o.outputs[0].text for o in loaded.generate(prompts, greedy)]
         right = sum(out == want for out, (_, want, _) in zip(outputs, cases))

@@ -20,6 +20,7 @@ from dsv3.backends import fp8
 import dsv3
 from dsv3 import tensor_specs
 from dsv3.api import TINY_CHECKPOINT
+from dsv3.server.chat_template import ChatTemplate
 from dsv3.tokenizer import Tokenizer
 from dsv3.weights import CheckpointSource
 
@@ -121,7 +122,8 @@ def test_logits_match_transformers_on_the_dequantized_weights():
 def test_greedy_decoding_recites_the_corpus(models, precision):
     model = models[precision]
     assert model.precision == precision
-    prompts = [model.tokenizer.chat_prompt([{"role": "user", "content": q}]) if chat else q for q, _, chat in CASES]
+    template = ChatTemplate.load(TINY_CHECKPOINT)
+    prompts = [template.render([{"role": "user", "content": q}]) if chat else q for q, _, chat in CASES]
     greedy = dsv3.SamplingParams(max_tokens=300, temperature=0.0)
     outputs = [o.outputs[0].text for o in model.generate(prompts, greedy)]
     for output, (prompt, continuation, _) in zip(outputs, CASES):

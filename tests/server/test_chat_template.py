@@ -98,3 +98,9 @@ def test_the_sandbox_blocks_attribute_escapes(tmp_path):
     path.write_text("{{ messages.__class__.__mro__ }}")
     with pytest.raises(RequestError):
         ChatTemplate.load(TINY_CHECKPOINT, override=path).render([{"role": "user", "content": "x"}])
+
+
+def test_tiny_checkpoint_carries_the_template_its_script_writes():
+    source = (TINY_CHECKPOINT.parents[2] / "scripts" / "tiny_chat_template.jinja").read_text(encoding="utf-8")
+    config = json.loads((TINY_CHECKPOINT / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == source.rstrip("\n")
