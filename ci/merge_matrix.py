@@ -36,7 +36,7 @@ def load_rows(path: Path = MATRIX) -> list[dict]:
     try:
         rows = yaml.safe_load(path.read_text())["rows"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: not a matrix file with a 'rows' list ({e})")
+        raise InputError(f"{path}: not a matrix file with a 'rows' list ({e})") from e
     for row in rows:
         for key in ("id", "hardware", "runner", "expect"):
             if key not in row:
@@ -48,7 +48,7 @@ def load_result(path: Path) -> dict:
     try:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a readable JSON file ({e})")
+        raise InputError(f"{path}: not a readable JSON file ({e})") from e
     missing = [k for k in ("backend", "device", "date", "torch", "rows") if k not in result]
     if missing:
         raise InputError(f"{path}: not a `dsv3 conformance --json` report (no {missing[0]!r})")

@@ -46,7 +46,7 @@ def launch() -> Launch:
         world = int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", rank))
     except ValueError as e:
-        raise Dsv3Error(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers (set by torchrun): {e}")
+        raise Dsv3Error(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers (set by torchrun): {e}") from e
     if not 0 <= rank < world:
         raise Dsv3Error(f"RANK={rank} is outside WORLD_SIZE={world}")
     return Launch(rank, local, world)
@@ -87,7 +87,7 @@ def init(dist_backend: str, device: torch.device) -> None:
     try:
         dist.init_process_group(backend=dist_backend)
     except (RuntimeError, ValueError) as e:
-        raise Dsv3Error(f"cannot start the {dist_backend} process group: {e}")
+        raise Dsv3Error(f"cannot start the {dist_backend} process group: {e}") from e
     atexit.register(_shutdown)
 
 

@@ -14,6 +14,7 @@ import argparse
 import itertools
 
 import torch
+from dsv3.backends.cuda import CudaBackend
 from dsv3.backends.triton_kernels.configs import TileConfig, kernel_configs
 from dsv3.backends.triton_kernels.moe import moe_experts
 
@@ -25,7 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
-    dev = torch.device("cuda")
+    backend = CudaBackend()
+    dev = backend.device
     g = torch.Generator(dev).manual_seed(0)
     configs = kernel_configs("sm_90")
     gate_up = random_fp8_bytes((NUM_EXPERTS, 2 * INTER, HIDDEN), dev, g)
@@ -44,7 +46,7 @@ def main() -> None:
         run = lambda x, w, i: moe_experts(x, w, i, gate_up, gate_up_scale, down, down_scale,  # noqa: E731
                                           configs, quant=(448.0, False), tile=tile)
         try:
-            ms = time_op(run, sets, dev, target_ms=60).median_ms
+            ms = time_op(run, sets, backend, target_ms=60).median_ms
         except Exception as error:  # a tile that does not fit the shared memory
             print(f"{block_m:>7} {block_n:>7} {warps:>5} {stages:>6}  failed: {str(error).splitlines()[0][:80]}")
             continue

@@ -13,11 +13,11 @@ import json
 
 import torch
 from dsv3.backends.cuda import CudaBackend
+from dsv3.engine import DecodeRunner
 
 from dsv3.bench import model_steps
 from dsv3.bench.common import time_op
 from dsv3.config import load_config
-from dsv3.engine import DecodeRunner
 
 
 def main() -> None:

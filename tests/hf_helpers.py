@@ -262,7 +262,8 @@ class ActivationFakeQuant:
 
     def __enter__(self):
         for name, module in self.model.named_modules():
-            if isinstance(module, torch.nn.Linear) and re.search(r"_proj(_with_mqa)?$", name) and "kv_b_proj" not in name:
+            projection = re.search(r"_proj(_with_mqa)?$", name) and "kv_b_proj" not in name
+            if isinstance(module, torch.nn.Linear) and projection:
                 self.handles.append(module.register_forward_pre_hook(
                     lambda mod, args: (fake_quantize_activation(args[0]),) + args[1:]))
             elif name.endswith("mlp.experts"):

@@ -74,6 +74,7 @@ def test_model_layer_imports_no_vendor_module_and_never_branches_on_hardware(pat
 
 def test_the_checks_see_what_they_look_for():
     """The two walkers find a nested import and a hardware branch (so an empty answer means something)."""
-    tree = ast.parse("def f():\n    from dsv3.errors import Dsv3Error\n    if torch.version.hip:\n        import triton\n")
+    tree = ast.parse("def f():\n    from dsv3.errors import Dsv3Error\n"
+                     "    if torch.version.hip:\n        import triton\n")
     assert [module for _, module in imported_modules(tree)] == ["dsv3.errors", "triton"]
     assert "torch.version.hip" in {dotted(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}

@@ -92,8 +92,8 @@ path = save_checkpoint(tempfile.mkdtemp() + "/tiny", {n: source.get(n) for n in 
 backend = RocmBackend("cpu", describe_chip("amd", "gfx950"))
 model = load_model(path, backend=backend, precision="fp8", max_seq_len=32, quiet=True)
 tokens = torch.randint(2, 400, (2, 9), generator=torch.Generator().manual_seed(1))
-norms = [n for layer in model.transformer.layers for n in (layer.attn_norm, layer.ffn_norm, getattr(layer.attn, "q_a_norm", None))
-         if isinstance(n, RMSNorm)]
+norms = [n for layer in model.transformer.layers
+         for n in (layer.attn_norm, layer.ffn_norm, getattr(layer.attn, "q_a_norm", None)) if isinstance(n, RMSNorm)]
 assert norms and all(n.quantize for n in norms)
 calls = []
 original = backend.quantize_activation
