@@ -26,10 +26,10 @@ import pytest
 import torch
 from dsv3.backends import fp8
 from dsv3.backends.chips import describe_chip
+from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import OPS
 from dsv3.backends.reference import ReferenceBackend
 
-from dsv3.backends.errors import BackendError
 from tests.run_helpers import check_ran, run_python
 
 pytestmark = [pytest.mark.rocm, pytest.mark.emulated]

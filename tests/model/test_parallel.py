@@ -243,7 +243,7 @@ def test_the_fp32_bound_is_far_below_a_wrong_split(single, checkpoints):
 # ---- errors before any weight is read ---------------------------------------------------------
 
 def test_fp8_cut_inside_a_block_is_refused_before_reading(worlds):
-    for rank, result in enumerate(worlds(2)):
+    for result in worlds(2):
         message, reads = result["errors"]["fp8 cut inside a block"]
         assert "q_b_proj.weight [192, 64] would be cut into 96 rows per rank" in message, message
         assert "multiple of the 128-wide FP8 blocks" in message
