@@ -51,6 +51,8 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, K, k_b
     a_scale_ptrs = a_scale_ptr + rows * stride_asm
     b_scale_ptrs = b_scale_ptr + (cols // BLOCK_K) * stride_bsn
 
+    # The block-scaled K loop; moe.py's down kernel has its own copy, specialised deliberately: an
+    # expert's weight offset, the BF16 variant and scales loaded a block ahead would slow this one.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(k_start, k_end):
         if EVEN_K:

@@ -204,6 +204,7 @@ def _down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, routing_ptr, s
         a_scale_next = tl.load(a_scale_ptrs)
         b_scale_next = tl.load(b_scale_ptrs)
 
+    # gemm.py's block-scaled K loop, specialised deliberately for the experts (see there)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, k_blocks):
         if EVEN_K:
