@@ -225,12 +225,27 @@ def test_v1_needs_the_api_key(server, route, headers):
     assert response.status_code == 401 and response.json()["error"]["code"] == 401
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0():
-    process = ServerProcess("--shutdown-timeout", "20")
+def test_r1_reasoning_server_and_sigterm_finishing_in_flight_requests_with_exit_0(client):
+    """A second server, with the R1 reasoning parser: the tiny model never writes </think>, so what the
+    shared server returns as content comes back as reasoning_content. Then SIGTERM mid-stream: the stream
+    still completes, the server exits 0 and stops listening."""
+    messages = [{"role": "user", "content": "Think about it"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    process = ServerProcess("--reasoning-parser", "deepseek-r1", "--shutdown-timeout", "20")
     try:
-        body = {"prompt": "last words", "max_tokens": 8, "stream": True, "ignore_eos": True}
+        r1 = openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        message = r1.chat.completions.create(model="tiny", messages=messages, max_tokens=8,
+                                             temperature=0).choices[0].message
+        assert message.reasoning_content == plain.choices[0].message.content and message.content is None
+        chunks = list(r1.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+        deltas = [c.choices[0].delta for c in chunks]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+        assert not any(d.content for d in deltas)
+
+        body = {"prompt": "last words", "max_tokens": 64, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{process.url}/v1/completions", json=body, timeout=60) as r:
-            events = iter(sse_events_lazy(r))
+            events = sse_events_lazy(r)
             first = next(events)
             process.process.send_signal(15)
             rest = list(events)
