@@ -1,13 +1,15 @@
-"""The conformance cases of the ops that own state or many weights: MLA prefill and decode (on a
-latent cache the backend allocates), MoE routing (each DeepSeek generation's method) and MoE experts.
+"""The conformance cases of the ops that own state or many weights: MLA prefill and decode (on a paged
+latent cache the backend allocates, its blocks shuffled over the pool), MoE routing (each DeepSeek
+generation's method) and MoE experts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsv3.backends.interface import Backend
+from dsv3.backends.interface import Backend, MLAInputs
 from dsv3.conformance.cases import expert_weights, generator, poison, randn, v3_rope, v3_softmax_scale
+from dsv3.conformance.paged import block_tables, paged_batch
 from dsv3.conformance.suite import (
     LITE_HEADS,
     NOPE,
@@ -28,99 +30,126 @@ def _mla_weights(backend: Backend, inp: dict):
     return backend.prepare_mla(inp["kv_b"], heads, NOPE, VALUE, inp["dtype"])
 
 
-def _mla_cache(backend: Backend, inp: dict, max_batch: int, max_seq: int) -> torch.Tensor:
-    return backend.allocate_mla_cache(backend.mla_cache_spec(max_batch, max_seq, RANK, ROPE, inp["dtype"]))
-
-
-def _attention_inputs(g: torch.Generator, batch: int, tokens: int, heads: int, dtype: torch.dtype) -> dict:
-    shapes = dict(q_nope=(batch, tokens, heads, NOPE), q_pe=(batch, tokens, heads, ROPE),
-                  latent=(batch, tokens, RANK), k_pe=(batch, tokens, ROPE))
+def _token_inputs(g: torch.Generator, tokens: int, heads: int, dtype: torch.dtype) -> dict:
+    shapes = dict(q_nope=(tokens, heads, NOPE), q_pe=(tokens, heads, ROPE), latent=(tokens, RANK), k_pe=(tokens, ROPE))
     return {name: randn(g, *shape).to(dtype) for name, shape in shapes.items()}
 
 
-def _prefill(backend, cache, slots, start_pos, part, weights, scale):
-    return backend.mla_prefill(part["q_nope"], part["q_pe"], part["latent"], part["k_pe"], cache, slots,
-                               start_pos, weights, scale)
+def _layout(g: torch.Generator, seq_lens: list[int], block_size: int, shared) -> dict:
+    """The block tables (shuffled over the pool, block 0 unused, padded with zeros) of a case."""
+    tables, num_blocks = block_tables(seq_lens, block_size, g, shared=shared)
+    return dict(tables=tables, num_blocks=num_blocks, block_size=block_size)
+
+
+def _pool(backend: Backend, inp: dict) -> torch.Tensor:
+    spec = backend.mla_cache_spec(inp["num_blocks"], inp["block_size"], RANK, ROPE, inp["dtype"])
+    return backend.allocate_mla_cache(spec)
+
+
+def _prefill(backend: Backend, cache, inp: dict, tokens: list[dict], spans: list[tuple[int, int, int]], weights):
+    """One mla_prefill call: sequence seq's tokens start .. end - 1 for each (seq, start, end) in spans."""
+    rows = {k: torch.cat([tokens[seq][k][start:end] for seq, start, end in spans]) for k in tokens[spans[0][0]]}
+    batch = paged_batch(inp["tables"][[seq for seq, _, _ in spans]], [end for _, _, end in spans],
+                        [end - start for _, start, end in spans], backend.device)
+    return backend.mla_prefill(MLAInputs(**rows), cache, batch, weights, inp["scale"])
 
 
 def mla_prefill_cases(plan: Plan, precision: str) -> list[Case]:
     dtype = ACTIVATION_DTYPES[precision]
 
-    def case(name, heads, batch, tokens, slots, chunks=1, nan=False):
+    def case(name, heads, seq_lens, calls, block_size=64, shared=None, nan=False):
+        """calls: the new tokens of each mla_prefill call, per sequence (0: not in that call)."""
         def inputs(ctx):
             g = generator(f"prefill{precision}{name}")
-            inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), slots=torch.tensor(slots),
+            inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), calls=calls,
                        kv_b=randn(g, heads * (NOPE + VALUE), RANK, scale=RANK ** -0.5),
-                       parts=[_attention_inputs(g, batch, tokens, heads, dtype) for _ in range(chunks)])
+                       tokens=[_token_inputs(g, n, heads, dtype) for n in seq_lens],
+                       **_layout(g, seq_lens, block_size, shared))
             if nan:
-                poison(inp["parts"][0]["latent"], (0, 0), float("nan"))
-                mask = torch.zeros(batch, tokens, heads, dtype=torch.bool)
-                mask[0] = True  # every query of sequence 0 attends token 0
+                poison(inp["tokens"][0]["latent"], (0,), float("nan"))
+                mask = torch.zeros(sum(calls[0]), heads, dtype=torch.bool)
+                mask[:calls[0][0]] = True  # every query of sequence 0 attends its token 0
                 inp["poisoned"] = mask
             return inp
 
         def call(backend, inp):
             weights = _mla_weights(backend, inp)
-            cache = _mla_cache(backend, inp, max(slots) + 1, tokens * chunks)
-            outs = tuple(_prefill(backend, cache, inp["slots"], i * tokens, part, weights, inp["scale"])
-                         for i, part in enumerate(inp["parts"]))
-            return outs if len(outs) > 1 else outs[0]
+            cache = _pool(backend, inp)
+            done = [shared[2] * block_size if shared and seq == shared[1] else 0 for seq in range(len(seq_lens))]
+            outs = []
+            for new in inp["calls"]:
+                spans = [(seq, done[seq], done[seq] + n) for seq, n in enumerate(new) if n]
+                outs.append(_prefill(backend, cache, inp, inp["tokens"], spans, weights))
+                done = [d + n for d, n in zip(done, new, strict=True)]
+            return tuple(outs) if len(outs) > 1 else outs[0]
         return Case("mla_prefill", precision, name, inputs, call, "propagate" if nan else "close")
 
     long, large = plan.long_seq, plan.large_batch
     return [
-        case("length 1, batch 1", V3_HEADS, 1, 1, [0]),
-        case("B=2 T=16, slots [3, 1]", V3_HEADS, 2, 16, [3, 1]),
-        case("chunked: T=24 at start_pos 0 then 24", V3_HEADS, 2, 24, [0, 1], chunks=2),
-        case(f"large batch B={large} T=4", V3_HEADS, large, 4, list(range(large))),
-        case(f"long T={long}, 16 heads (V2-Lite)", LITE_HEADS, 1, long, [0]),
-        case("NaN in sequence 0's first latent", V3_HEADS, 2, 8, [0, 1], nan=True),
+        case("length 1, batch 1", V3_HEADS, [1], [[1]]),
+        case("mixed lengths [16, 5, 64, 65] in one batch, blocks of 16 (ends on a block boundary and one past)",
+             V3_HEADS, [16, 5, 64, 65], [[16, 5, 64, 65]], block_size=16),
+        case("chunked: lengths 48 and 40 in chunks of 24+24 and 17+23 (the second chunks start mid-block)",
+             V3_HEADS, [48, 40], [[24, 17], [24, 23]]),
+        case("a prefix of two blocks shared: sequence 1 prefills its 12 tokens after sequence 0's 128 cached",
+             V3_HEADS, [150, 140], [[150, 0], [0, 12]], shared=(0, 1, 2)),
+        case(f"large batch B={large} T=4", V3_HEADS, [4] * large, [[4] * large]),
+        case(f"long T={long}, 16 heads (V2-Lite), blocks of 128", LITE_HEADS, [long], [[long]], block_size=128),
+        case("NaN in sequence 0's first latent", V3_HEADS, [8, 8], [[8, 8]], nan=True),
     ]
 
 
 def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
     dtype = ACTIVATION_DTYPES[precision]
 
-    def case(name, heads, lengths, nan=False, rope=False):
+    def case(name, heads, history, block_size=64, shared=None, nan=False, rope=False):
+        """history: cached tokens per sequence before the decoded one (the new token's position)."""
+        seq_lens = [n + 1 for n in history]
+
         def inputs(ctx):
             g = generator(f"decode{precision}{name}")
-            inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), lengths=lengths,
-                       rope=[t[:, 0] for t in v3_rope(ctx, torch.tensor(lengths)[:, None])] if rope else None,
+            inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), history=history,
+                       rope=[t[:, 0] for t in v3_rope(ctx, torch.tensor(history)[:, None])] if rope else None,
                        kv_b=randn(g, heads * (NOPE + VALUE), RANK, scale=RANK ** -0.5),
-                       history=[_attention_inputs(g, 1, n, heads, dtype) if n else None for n in lengths],
-                       new={k: v[:, 0] for k, v in _attention_inputs(g, len(lengths), 1, heads, dtype).items()})
+                       tokens=[_token_inputs(g, n, heads, dtype) for n in history],
+                       new=_token_inputs(g, len(history), heads, dtype), **_layout(g, seq_lens, block_size, shared))
             if nan:
                 poison(inp["new"]["q_nope"], (0, 0), float("nan"))
-                mask = torch.zeros(len(lengths), heads, dtype=torch.bool)
+                mask = torch.zeros(len(history), heads, dtype=torch.bool)
                 mask[0, 0] = True  # heads are independent: only head 0 of sequence 0
                 inp["poisoned"] = mask
             return inp
 
         def call(backend, inp):
             weights = _mla_weights(backend, inp)
-            device = backend.device
-            cache = _mla_cache(backend, inp, len(lengths), max(lengths) + 1)
-            for n in sorted(set(lengths) - {0}):  # one prefill per history length, sequences batched
-                slots = [i for i, length in enumerate(lengths) if length == n]
-                history = {k: torch.cat([inp["history"][i][k] for i in slots]) for k in inp["history"][slots[0]]}
-                for start in range(0, n, PREFILL_CHUNK):
-                    chunk = {k: v[:, start:start + PREFILL_CHUNK] for k, v in history.items()}
-                    _prefill(backend, cache, torch.tensor(slots, device=device), start, chunk, weights, inp["scale"])
-            new = inp["new"]
-            return backend.mla_decode(new["q_nope"], new["q_pe"], new["latent"], new["k_pe"], cache,
-                                      torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device), weights, inp["scale"], rope=inp["rope"])
+            cache = _pool(backend, inp)
+            # the history through the backend's own mla_prefill, in chunks of PREFILL_CHUNK, sequences batched; a
+            # sequence that shares another's blocks writes only its own tokens, after the other's
+            first = [shared[2] * block_size if shared and seq == shared[1] else 0 for seq in range(len(history))]
+            for phase in sorted({f > 0 for f in first}):
+                for start in range(0, max(history), PREFILL_CHUNK):
+                    spans = [(seq, max(first[seq], start), min(n, start + PREFILL_CHUNK))
+                             for seq, n in enumerate(history) if (first[seq] > 0) == phase]
+                    spans = [span for span in spans if span[1] < span[2]]
+                    if spans:
+                        _prefill(backend, cache, inp, inp["tokens"], spans, weights)
+            batch = paged_batch(inp["tables"], seq_lens, [1] * len(history), backend.device)
+            return backend.mla_decode(MLAInputs(**inp["new"]), cache, batch, weights, inp["scale"], rope=inp["rope"])
         return Case("mla_decode", precision, name, inputs, call, "propagate" if nan else "close")
 
     long, large = plan.long_seq, plan.large_batch
     return [
         case("batch 1 at position 0 (no history)", V3_HEADS, [0]),
-        case("B=4 at positions [5, 17, 1, 64]", V3_HEADS, [5, 17, 1, 64]),
-        case("B=4 at positions [5, 17, 1, 64], rope in the op (unrotated q_pe, k_pe and YaRN cos/sin)", V3_HEADS,
-             [5, 17, 1, 64], rope=True),
+        case("B=5 at positions [5, 17, 1, 64, 63], blocks of 16 (lengths 65 one past a block boundary, 64 on one)",
+             V3_HEADS, [5, 17, 1, 64, 63], block_size=16),
+        case("B=5 at positions [5, 17, 1, 64, 63], blocks of 16, rope in the op (unrotated q_pe, k_pe and YaRN "
+             "cos/sin)", V3_HEADS, [5, 17, 1, 64, 63], block_size=16, rope=True),
+        case("two sequences sharing a prefix of two blocks of 16, at positions 70 and 40", V3_HEADS, [70, 40],
+             block_size=16, shared=(0, 1, 2)),
         case(f"large batch B={large} at positions 1, 9, 33, 64", V3_HEADS,
              [(1, 9, 33, 64)[i % 4] for i in range(large)]),
-        case(f"long context {long} and {long // 2 + 3}, 16 heads", LITE_HEADS, [long, long // 2 + 3]),
+        case(f"long context {long} and {long // 2 + 3}, 16 heads, blocks of 128", LITE_HEADS,
+             [long - 1, long // 2 + 2], block_size=128),
         case("NaN in sequence 0's query, head 0", V3_HEADS, [3, 9], nan=True),
     ]
 
