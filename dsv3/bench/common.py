@@ -278,14 +278,16 @@ def finish(records: list[Record], roofline: Roofline) -> None:
 
 # ---- output ----------------------------------------------------------------------
 
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """`value` formatted with `spec`, or "-" where there is none (every bench table's cells)."""
+    return "-" if value is None else format(value, spec)
 
 
 def format_roofline(roofline: Roofline) -> str:
     return (f"{roofline.device_name}: copy {roofline.copy_gbps:.0f} GB/s (read+write), BF16 matmul "
-            f"{roofline.bf16_tflops:.0f} TFLOPS, FP8 _scaled_mm tensor-wise {_fmt(roofline.fp8_tensorwise_tflops, 0)}"
-            f" / block-wise {_fmt(roofline.fp8_blockwise_tflops, 0)} TFLOPS (8192^3)")
+            f"{roofline.bf16_tflops:.0f} TFLOPS, FP8 _scaled_mm tensor-wise "
+            f"{fmt(roofline.fp8_tensorwise_tflops, '.0f')} / block-wise {fmt(roofline.fp8_blockwise_tflops, '.0f')} "
+            "TFLOPS (8192^3)")
 
 
 def format_table(records: list[Record]) -> str:
@@ -297,8 +299,8 @@ def format_table(records: list[Record]) -> str:
             rows.append([r.op, r.case, ("* " if r.ours else "  ") + r.impl, "fails", "", "", "", r.error[:70]])
             continue
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.vs_peers.items())
-        rows.append([r.op, r.case, ("* " if r.ours else "  ") + r.impl, _fmt(r.time_ms, 4), _fmt(r.tflops),
-                     _fmt(r.gbps, 0), f"{_fmt(r.roofline_pct, 0)} {r.limit[:3]}", ratios])
+        rows.append([r.op, r.case, ("* " if r.ours else "  ") + r.impl, fmt(r.time_ms, ".4f"), fmt(r.tflops),
+                     fmt(r.gbps, ".0f"), f"{fmt(r.roofline_pct, '.0f')} {r.limit[:3]}", ratios])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

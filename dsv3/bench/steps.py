@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from dsv3.bench.common import Roofline
+from dsv3.bench.common import Roofline, fmt
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
 from dsv3.model import ACTIVATION_DTYPES
@@ -284,10 +284,6 @@ def link_reference(records: list[StepRecord]) -> None:
             r.vs_reference = peer / r.time_ms
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_records(records: list[StepRecord]) -> str:
     """A plain-text table, one row per record."""
     header = ["impl", "batch", "context", "layers", "ms/step", "tokens/s", "floor ms", "x floor", "% fp8",
@@ -298,9 +294,9 @@ def format_records(records: list[StepRecord]) -> str:
             rows.append([r.impl, str(r.batch), str(r.context), str(r.layers), "fails", "", "", "", "", "", "",
                          r.error[:80]])
             continue
-        rows.append([r.impl, str(r.batch), str(r.context), str(r.layers), _fmt(r.time_ms, ".3f"),
-                     _fmt(r.tokens_per_s, ".1f"), f"{_fmt(r.floor_ms, '.3f')} {r.limit[:3]}",
-                     _fmt(r.vs_floor, ".2f"), _fmt(r.fp8_rate_pct, ".0f"), _fmt(r.experts_hit, ".1f"),
+        rows.append([r.impl, str(r.batch), str(r.context), str(r.layers), fmt(r.time_ms, ".3f"),
+                     fmt(r.tokens_per_s, ".1f"), f"{fmt(r.floor_ms, '.3f')} {r.limit[:3]}",
+                     fmt(r.vs_floor, ".2f"), fmt(r.fp8_rate_pct, ".0f"), fmt(r.experts_hit, ".1f"),
                      "-" if r.vs_reference is None else f"{r.vs_reference:.1f}x", r.note])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
