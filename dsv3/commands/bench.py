@@ -1,5 +1,6 @@
 """`dsv3 bench gemm|moe|mla|all`: kernels at the DeepSeek-V3 shapes beside their peers and the roofline;
-`dsv3 bench decode|prefill`: whole model steps at DeepSeek-V3's layer dimensions beside their floor."""
+`dsv3 bench decode|prefill`: whole model steps at DeepSeek-V3's layer dimensions beside their floor;
+`dsv3 bench serve`: requests through the serving engine in this process, or an OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import sys
 
 from dsv3.errors import Dsv3Error
 
-WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill")
+WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill", "serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=WHAT, help="which ops to time (all: gemm, moe and mla), or whole decode or "
-                   "prefill steps")
+    p.add_argument("what", choices=WHAT, help="which ops to time (all: gemm, moe and mla), whole decode or "
+                   "prefill steps, or requests through the serving engine (serve)")
     p.add_argument("--backend", default="cuda", help="backend under test (default cuda)")
     p.add_argument("--device", help="torch device for the backend (default: the backend's)")
     p.add_argument("--json", metavar="FILE", help="also write the roofline, environment and records as JSON")
@@ -27,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     steps.add_argument("--batch", type=int, nargs="+", help="decode batch sizes (default 1 16 64 128)")
     steps.add_argument("--context", type=int, nargs="+", help="tokens cached per sequence (default 1024 8192)")
     steps.add_argument("--tokens", type=int, default=4096, help="prefill tokens (default 4096)")
+    from dsv3.bench import serve
+
+    serve.add_arguments(p)
 
 
 def _bench_module(name: str):
@@ -43,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.backends.registry import create_backend
     from dsv3.bench import common
 
+    if args.what == "serve":  # the engine builds its own backend; --url needs none
+        from dsv3.bench import serve
+
+        return serve.run_command(args)
     try:
         backend = create_backend(args.backend, **({"device": args.device} if args.device else {}))
     except (ValueError, RuntimeError) as e:

@@ -1,0 +1,193 @@
+"""`dsv3 bench serve`: the random dataset and the summary by hand, then whole runs on the CPU: in-process on
+the built-in tiny checkpoint, and `--url` against a real `dsv3 serve` process on a free port."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsv3 import cli
+from dsv3.api import TINY_CHECKPOINT
+from dsv3.bench import serve
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "bench-key"
+LOAD = {"num_prompts": 3, "max_concurrency": 2, "request_rate": math.inf, "input_len": 10, "output_len": 4,
+        "range_ratio": 0.0, "prefix_len": 0}
+
+
+# ---- the dataset and the arrivals ----------------------------------------------------------------
+
+def test_random_requests_lengths_prefix_and_vocabulary():
+    requests = serve.random_requests(200, 100, 20, vocab_size=50, range_ratio=0.5, prefix_len=7, seed=3)
+    assert len(requests) == 200
+    prefix = requests[0].prompt_token_ids[:7]
+    for r in requests:
+        assert r.prompt_token_ids[:7] == prefix
+        assert 50 <= len(r.prompt_token_ids) - 7 <= 150 and 10 <= r.output_len <= 30
+        assert all(0 <= t < 50 for t in r.prompt_token_ids)
+    assert len({len(r.prompt_token_ids) for r in requests}) > 10  # the lengths do vary
+    again = serve.random_requests(200, 100, 20, vocab_size=50, range_ratio=0.5, prefix_len=7, seed=3)
+    assert [r.prompt_token_ids for r in again] == [r.prompt_token_ids for r in requests]
+    fixed = serve.random_requests(5, 16, 8, vocab_size=50)
+    assert [(len(r.prompt_token_ids), r.output_len) for r in fixed] == [(16, 8)] * 5
+
+
+def test_arrivals_all_at_once_or_poisson():
+    assert serve.arrival_delays(4, math.inf, 0) == [0.0] * 4
+    delays = serve.arrival_delays(4000, 20.0, 1)
+    assert delays[0] == 0.0 and delays == sorted(delays)
+    assert abs(delays[-1] / 3999 - 1 / 20.0) < 0.005  # mean gap 1 / rate
+
+
+# ---- the summary ----------------------------------------------------------------------------------
+
+def _result(ttft: float, itl: list[float], cached: int | None = None, error: str | None = None,
+            output_len: int = 4) -> serve.RequestResult:
+    tokens = 0 if error else len(itl) + 1
+    return serve.RequestResult(10, output_len, tokens, None if error else ttft,
+                               None if error else ttft + sum(itl), itl, cached, error)
+
+
+def test_summary_by_hand():
+    results = [_result(0.1, [0.01, 0.02, 0.03], cached=0), _result(0.3, [0.02, 0.02, 0.02], cached=8),
+               _result(0.5, [], error="boom"), _result(0.2, [0.01], cached=0)]  # the last is 2 of 4 tokens
+    before = {"num_preemptions": 1, "prefix_queries": 10, "prefix_hits": 0, "cache_usage": 0.0,
+              "prompt_tokens": 0, "generation_tokens": 0}
+    after = {**before, "num_preemptions": 3, "prefix_queries": 50, "prefix_hits": 10}
+    r = serve.summarize(results, 2.0, "test", "in-process", {**LOAD, "num_prompts": 4}, before, after, 0.5)
+    assert (r.completed, r.failed) == (2, 2)
+    assert r.total_input_tokens == 20 and r.total_output_tokens == 8
+    assert r.output_throughput == 4.0 and r.total_token_throughput == 14.0 and r.request_throughput == 1.0
+    assert r.mean_ttft_ms == pytest.approx(200.0) and r.median_ttft_ms == pytest.approx(200.0)
+    assert r.mean_tpot_ms == pytest.approx(20.0)
+    assert r.median_itl_ms == pytest.approx(20.0) and r.p99_itl_ms == pytest.approx(29.5)
+    assert r.mean_e2el_ms == pytest.approx((160 + 360) / 2)
+    assert r.cached_requests == 1 and r.mean_ttft_cached_ms == pytest.approx(300.0)
+    assert r.mean_ttft_cold_ms == pytest.approx(100.0)
+    assert (r.num_preemptions, r.prefix_cache_queries, r.prefix_cache_hits) == (2, 40, 10)
+    assert r.prefix_cache_hit_rate == 0.25 and r.peak_cache_usage == 0.5
+    assert r.errors == ["boom", "2 of 4 tokens"]
+    serve.add_static(r, 100.0, 2, 12)
+    assert r.static_decode_tokens_per_s == 20.0 and r.vs_static == 0.2
+    table = serve.format_record(r)
+    for line in ("Successful requests:", "Output token throughput (tok/s):", "P99 ITL (ms):", "Preemptions:",
+                 "Output throughput / static rate:", "failed: boom"):
+        assert line in table
+
+
+# ---- whole runs --------------------------------------------------------------------------------------
+
+def check_run(payload: dict, num_prompts: int, output_len: int, in_process: bool) -> dict:
+    """The fields of a run's JSON, consistent with what was asked (fixed lengths, every request completed)."""
+    assert payload["what"] == "serve" and "environment" in payload and "date" in payload
+    [r] = payload["records"]
+    assert r["what"] == "serve" and r["num_prompts"] == num_prompts
+    assert r["completed"] == num_prompts and r["failed"] == 0 and r["errors"] == []
+    assert r["total_output_tokens"] == num_prompts * output_len
+    assert r["duration_s"] > 0
+    assert r["output_throughput"] == pytest.approx(r["total_output_tokens"] / r["duration_s"])
+    assert r["total_token_throughput"] == pytest.approx((r["total_input_tokens"] + r["total_output_tokens"])
+                                                        / r["duration_s"])
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert 0 < r[f"median_{name}_ms"] <= r[f"p99_{name}_ms"], name
+        assert r[f"mean_{name}_ms"] <= r[f"p99_{name}_ms"], name
+    assert r["median_ttft_ms"] <= r["median_e2el_ms"]
+    if in_process:
+        assert 0 < r["peak_cache_usage"] <= 1 and r["cache_usage_after"] == 0  # every block freed
+        assert r["num_preemptions"] >= 0 and r["prefix_cache_queries"] >= r["prefix_cache_hits"] >= 0
+    return r
+
+
+def test_in_process_on_the_tiny_checkpoint(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    code = cli.main(["bench", "serve", "--ckpt", str(TINY_CHECKPOINT), "--backend", "reference",
+                     "--num-prompts", "6", "--input-len", "24", "--output-len", "5", "--max-concurrency", "3",
+                     "--prefix-len", "64", "--num-warmups", "1", "--static-decode-baseline", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "Serving benchmark result" in printed and "Peak cache usage" in printed
+    r = check_run(json.loads(out.read_text()), 6, 5, in_process=True)
+    assert r["total_input_tokens"] == 6 * (64 + 24)
+    assert r["prefix_cache_hits"] > 0  # the shared 64-token prefix is a full block for the later requests
+    assert r["static_batch"] == 3 and r["static_context"] == 64 + 24 + 2 and r["static_decode_ms"] > 0
+    assert r["vs_static"] == pytest.approx(r["output_throughput"] / r["static_decode_tokens_per_s"])
+
+
+def test_in_process_on_synthetic_weights_of_a_config(tmp_path, capsys):
+    """--config with --layers: random weights of the config's dimensions (the tiny model's here, V3's on a GPU)."""
+    out = tmp_path / "serve.json"
+    code = cli.main(["bench", "serve", "--config", str(TINY_CHECKPOINT / "config.json"), "--layers", "2",
+                     "--backend", "reference", "--num-prompts", "4", "--input-len", "12", "--output-len", "3",
+                     "--range-ratio", "0.5", "--max-concurrency", "4", "--json", str(out)])
+    assert code == 0, capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["model"]["layers"] == 2 and payload["model"]["moe_layers"] == 1
+    [r] = payload["records"]
+    assert r["completed"] == 4 and r["failed"] == 0 and r["static_decode_ms"] is None  # off on the CPU by default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dsv3_server(tmp_path):
+    """A real `dsv3 serve` of the tiny checkpoint on a free port, up once /health answers 200."""
+    import httpx
+
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    command = [sys.executable, "-m", "dsv3", "serve", "--port", str(port), "--backend", "reference",
+               "--api-key", API_KEY]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "dsv3 serve did not answer /health in 120 s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_url_against_dsv3_serve(dsv3_server, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    load = ["bench", "serve", "--url", dsv3_server, "--num-prompts", "6", "--input-len", "20", "--prefix-len", "64",
+            "--output-len", "5", "--max-concurrency", "3", "--request-rate", "50"]
+    code = cli.main([*load, "--api-key", API_KEY, "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "Serving benchmark result" in printed
+    r = check_run(json.loads(out.read_text()), 6, 5, in_process=False)
+    assert r["target"] == dsv3_server and r["request_rate"] == 50
+    assert r["total_input_tokens"] == 6 * (64 + 20)
+    assert r["cached_requests"] > 0  # the server's usage says how many prompt tokens its prefix cache served
+    assert r["peak_cache_usage"] is None  # the engine's counters are in-process only
+
+    assert cli.main([*load, "--api-key", "wrong"]) == 2  # /v1/models answers 401: one line, no run
+    assert "401" in capsys.readouterr().err
