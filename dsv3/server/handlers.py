@@ -79,10 +79,18 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------------------------------ checks
 
-    def check_model(self, name: str | None) -> None:
-        if name and name != self.settings.model_name:
-            raise APIError(f"the model {name!r} does not exist (this server serves {self.settings.model_name!r})",
-                           status=404, param="model")
+    def check_request(self, request) -> None:
+        """The model name (404 for another) and the fields dsv3 cannot honour (400, never silently ignored)."""
+        if request.model and request.model != self.settings.model_name:
+            raise APIError(f"the model {request.model!r} does not exist (this server serves "
+                           f"{self.settings.model_name!r})", status=404, param="model")
+        if request.logit_bias:
+            raise APIError("logit_bias is not supported by dsv3", param="logit_bias")
+        if request.response_format and request.response_format.get("type", "text") != "text":
+            raise APIError(f"response_format {request.response_format.get('type')!r} needs guided decoding, which "
+                           "dsv3 does not have; only 'text'", param="response_format")
+        if getattr(request, "suffix", None):
+            raise APIError("suffix (fill in the middle) is not supported by dsv3", param="suffix")
 
     def max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
         """The tokens a completion may generate: requested, or up to the context; 400 beyond it."""
@@ -115,7 +123,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------- completions
 
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
-        self.check_model(request.model)
+        self.check_request(request)
         if request.echo and request.logprobs is not None:
             raise APIError("echo with logprobs needs the prompt's log-probabilities, which dsv3 does not compute",
                            param="echo")
@@ -199,7 +207,7 @@ class OpenAIServing:
     # -------------------------------------------------------------------------------------------- chat
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
-        self.check_model(request.model)
+        self.check_request(request)
         template = self.settings.chat_template
         if template is None:
             raise no_template_error(self.settings.checkpoint)

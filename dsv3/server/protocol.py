@@ -75,6 +75,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # accepted so that asking for them is a clear 400 rather than silently ignored
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -97,6 +100,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -195,6 +195,8 @@ COMPLETION = {"model": "tiny", "prompt": "hi"}
     ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT}, 400, "prompt"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages"),
     ("/v1/completions", {**COMPLETION, "prompt": [[1, 2], [100000]]}, 400, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "model"),
     ("/v1/completions", {**COMPLETION, "prompt": "x" * (MAX_REQUEST_BYTES + 1)}, 413, None),
