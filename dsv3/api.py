@@ -127,6 +127,14 @@ class Model:
             raise EngineRequestError(f"prompt {failed[0][0]}: {failed[0][1]}")
         return outputs
 
+    def greedy_tokens(self, prompts, max_tokens: int) -> list[list[int]]:
+        """The greedy continuation of each prompt as token ids (an end-of-sentence token ends one and is kept),
+        at most `max_tokens` and never past the context: what backends and conversions are compared by."""
+        ids = self._prompt_ids(prompts)
+        params = [SamplingParams(max_tokens=max(1, min(max_tokens, self.max_model_len - len(p))), temperature=0.0)
+                  for p in ids]
+        return [o.outputs[0].token_ids for o in self.generate(ids, params)]
+
     def generate_stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """The outputs of one prompt as the engine produces them (cumulative text and tokens), the last finished."""
         (ids,) = self._prompt_ids(prompt if isinstance(prompt, str) or _is_token_list(prompt) else [prompt])

@@ -303,7 +303,7 @@ def model_cases(precision: str) -> list[Case]:
 
     def greedy(backend, inp):
         model = load(backend, inp)
-        return Greedy(inp["prompts"], model.generate(inp["prompts"], max_new_tokens=8), model)
+        return Greedy(inp["prompts"], model.greedy_tokens(inp["prompts"], 8), model)
 
     return [Case(MODEL, precision, "tiny checkpoint: logits [2, 12]", inputs, logits,
                  "close" if precision == "fp32" else "logits"),

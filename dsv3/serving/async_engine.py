@@ -105,9 +105,9 @@ class EngineLoop:
                     outputs = engine.step()
                 except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the loop
                     outputs = self._fail_all(e)
+                self._stats = engine.stats()  # before the outputs: a caller who sees its request end sees it gone
                 for output in outputs:
                     self._deliver(output.request_id, output, output.finished)
-            self._stats = engine.stats()
         for command in commands:  # shut down: nothing more runs
             if command[0] == "abort":
                 command[2].set()
@@ -124,9 +124,11 @@ class EngineLoop:
                 self.engine.add_request(request_id, prompt, params)
             except Exception as e:  # noqa: BLE001
                 self._deliver(request_id, e, True)
+            self._stats = self.engine.stats()
         else:
             _, request_id, done = command
             output = self.engine.abort(request_id)
+            self._stats = self.engine.stats()
             if output is not None:
                 self._deliver(request_id, output, True)
             done.set()

@@ -1,9 +1,9 @@
-"""The engine's decode runner: batch buckets, static buffers, padding rows, recorded steps.
+"""The model runner's recorded decode steps: batch buckets, static buffers, padding rows in block 0.
 
-On the CPU a fake backend "records" a step by keeping it (replay reruns it on the bucket's
-buffers), which exercises the bucket and padding logic; the reference backend records nothing,
-so the runner falls back to eager steps. On an NVIDIA GPU (marker `gpu`) the CUDA backend
-captures real CUDA graphs, whose replays must match eager steps.
+On the CPU a fake backend "records" a step by keeping it (replay reruns it on the bucket's buffers),
+which exercises the bucket and padding logic; the reference backend records nothing, so the runner
+runs eagerly. On an NVIDIA GPU (marker `gpu`) the CUDA backend captures real CUDA graphs, whose
+replays must match eager steps.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import torch
 from dsv3.backends.reference import ReferenceBackend
 
 import dsv3
-from dsv3.engine import DecodeRunner, Engine, SamplingParams, batch_buckets, spare_slots
-from dsv3.errors import Dsv3Error
+from dsv3.serving.model_runner import ModelRunner, batch_buckets
+from dsv3.serving.params import SamplingParams
+from dsv3.serving.request import Sequence
+from dsv3.serving.scheduler import ScheduledStep
 
-MAX_SEQ_LEN = 40
+BLOCK = 4
 
 
 class KeepingBackend(ReferenceBackend):
@@ -40,10 +42,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def load(backend, **options):
+    settings = dict(backend=backend, precision="fp32", max_model_len=40, cache_tokens=160, block_size=BLOCK,
+                    max_num_seqs=4, seed=7, quiet=True)
+    return dsv3.load_model("tiny", **{**settings, **options})
+
+
 @pytest.fixture(scope="module")
 def model():
-    return dsv3.load_model("tiny", backend=KeepingBackend(), precision="fp32", max_batch_size=4,
-                           max_seq_len=MAX_SEQ_LEN, seed=7, quiet=True)
+    return load(KeepingBackend())
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> bool:
@@ -54,95 +61,112 @@ def random_prompt(length: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(2, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-# ---- buckets and spare rows -----------------------------------------------------------------------
+def decoding(model, lengths: list[int], first_block: int = 1) -> list[Sequence]:
+    """Sequences whose first length - 1 tokens are cached (random latents) and whose last token decodes next."""
+    seqs, block = [], first_block
+    for i, length in enumerate(lengths):
+        tokens = random_prompt(length, i, model.config.vocab_size)
+        seq = Sequence(f"s{i}", f"s{i}", 0, tokens, length, SamplingParams().resolved(), 40)
+        blocks = -(-length // BLOCK)
+        seq.block_table = list(range(block, block + blocks))
+        seq.num_computed_tokens = length - 1
+        block += blocks
+        seqs.append(seq)
+    return seqs
 
-@pytest.mark.parametrize("max_batch, expected", [(1, (1,)), (3, (1, 2, 3)), (8, (1, 2, 4, 8)),
-                                                 (100, (1, 2, 4, 8, 16, 32, 64, 100))])
-def test_batch_buckets(max_batch, expected):
-    assert batch_buckets(max_batch) == expected
+
+# ---- buckets ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_seqs, expected", [(1, (1,)), (3, (1, 2, 3)), (8, (1, 2, 4, 8)),
+                                                (100, (1, 2, 4, 8, 16, 32, 64, 100))])
+def test_batch_buckets(max_seqs, expected):
+    assert batch_buckets(max_seqs) == expected
 
 
 def test_bucket_is_the_smallest_that_holds_the_batch(model):
-    runner = DecodeRunner(model.transformer)
-    assert [runner.bucket(b) for b in (1, 2, 3, 4)] == [1, 2, 4, 4]
-    with pytest.raises(Dsv3Error, match="max_batch_size=4"):
-        runner.bucket(5)
+    runner = ModelRunner(model.transformer, BLOCK, 4, 40)
+    assert [runner.bucket(b) for b in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, None]
 
 
-def test_spare_slots_are_unused_and_distinct():
-    slots = torch.tensor([4, 0, 2])
-    spare = spare_slots(slots, 8, 5)
-    assert sorted(spare.tolist()) == [1, 3, 5, 6, 7]
-    assert spare_slots(slots, 8, 2).tolist() == [1, 3]
-    assert spare_slots(slots, 8, 0).numel() == 0
+# ---- recorded steps on the CPU --------------------------------------------------------------------
 
-
-# ---- recorded steps on the CPU ----------------------------------------------------------------------
-
-def test_padded_bucket_equals_eager_and_leaves_real_caches_alone(model):
-    """Three sequences at slots 0, 2, 3 run in bucket 4: the padding row takes slot 1, writes only its
-    position 0 there, and the real rows' logits and cache writes equal an eager step's."""
+def test_padded_bucket_equals_eager_and_writes_padding_only_to_block_0(model):
+    """Three sequences run in bucket 4: the padding row writes row 0 of block 0 and nothing else; the real
+    rows' logits and cache writes equal an eager step's."""
     t = model.transformer
     torch.manual_seed(0)
     for cache in t.caches:
         cache.normal_()
     before = [cache.clone() for cache in t.caches]
-    tokens, slots, positions = torch.tensor([5, 9, 11]), torch.tensor([0, 2, 3]), torch.tensor([7, 12, 3])
-    expected = t.decode(tokens, slots, positions)
+    seqs = decoding(model, [7, 13, 3])
+    step = ScheduledStep(decodes=seqs)
+    _, expected = ModelRunner(t, BLOCK, 4, 40, enforce_eager=True).run(step)
     after_eager = [cache.clone() for cache in t.caches]
-    for cache, saved in zip(t.caches, before):
+    for cache, saved in zip(t.caches, before, strict=True):
         cache.copy_(saved)
 
-    runner = DecodeRunner(t)
-    got = runner(tokens, slots, positions).clone()
+    runner = ModelRunner(t, BLOCK, 4, 40)
+    _, got = runner.run(step)
     assert runner.recorded_buckets == (4,)
-    assert got.shape == expected.shape
+    assert got.shape == expected.shape == (3, model.config.vocab_size)
     assert close(got, expected)
-    for cache, eager, saved in zip(t.caches, after_eager, before):
-        # fp32 GEMMs over 4 rows instead of 3 may block differently: a few 1e-6 apart on some CPUs
-        assert torch.allclose(cache[slots], eager[slots], rtol=1e-4, atol=1e-5)
-        assert torch.equal(cache[1, 1:], saved[1, 1:])  # the padding row wrote position 0 of slot 1 only
-        assert not torch.equal(cache[1, 0], saved[1, 0])
+    for cache, eager, saved in zip(t.caches, after_eager, before, strict=True):
+        assert torch.allclose(cache[1:], eager[1:], rtol=1e-4, atol=1e-5)  # the sequences' blocks
+        assert torch.equal(cache[0, 1:], saved[0, 1:])  # the padding row wrote position 0 of block 0 only
+        assert not torch.equal(cache[0, 0], saved[0, 0])
 
 
 def test_runner_records_each_bucket_once_and_replays_new_inputs(model):
     t, backend = model.transformer, model.backend
-    runner = DecodeRunner(t)
+    runner = ModelRunner(t, BLOCK, 4, 40)
     first = backend.recorded
-    slots = torch.tensor([1])
-    a = runner(torch.tensor([5]), slots, torch.tensor([3])).clone()
-    b = runner(torch.tensor([6]), slots, torch.tensor([4])).clone()
-    runner(torch.tensor([6, 7]), torch.tensor([0, 1]), torch.tensor([4, 4]))
-    runner(torch.tensor([8]), slots, torch.tensor([5]))
+    (seq,) = decoding(model, [5])
+    _, a = runner.run(ScheduledStep(decodes=[seq]))
+    a = a.clone()
+    seq.token_ids.append(9)
+    seq.num_computed_tokens += 1
+    _, b = runner.run(ScheduledStep(decodes=[seq]))
+    b = b.clone()
+    runner.run(ScheduledStep(decodes=decoding(model, [4, 6], first_block=10)))
+    runner.run(ScheduledStep(decodes=[seq]))
     assert backend.recorded - first == 2
     assert runner.recorded_buckets == (1, 2)
-    assert not torch.equal(a, b)  # the second replay read the new token, not the recorded one
-    assert close(b, t.decode(torch.tensor([6]), slots, torch.tensor([4])))
+    assert not torch.equal(a, b)  # the second replay read the new token and position
+    _, eager = ModelRunner(t, BLOCK, 4, 40, enforce_eager=True).run(ScheduledStep(decodes=[seq]))
+    assert close(b, eager)
 
 
-def test_greedy_tokens_equal_with_and_without_recorded_steps(model):
-    vocab = model.config.vocab_size
+def test_greedy_tokens_equal_with_and_without_recorded_steps():
+    backend = KeepingBackend()
+    recorded = load(backend)
+    eager = load("reference", enforce_eager=True)
+    vocab = recorded.config.vocab_size
     prompts = [random_prompt(9, 1, vocab), random_prompt(4, 2, vocab), random_prompt(13, 3, vocab)]
-    params = SamplingParams(max_new_tokens=10, stop_ids=())
-    eager = Engine(model.transformer, graphs=False).generate(prompts, params)
-    recorded_before = model.backend.recorded
-    engine = Engine(model.transformer, graphs=True)
-    replayed = engine.generate(prompts, params)
-    assert replayed == eager
-    assert all(len(tokens) == 10 for tokens in replayed)
-    assert engine.decoder.recorded_buckets == (4,)  # three prompts, padded to four rows
-    assert model.backend.recorded - recorded_before == 1
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    try:
+        replayed = [o.outputs[0].token_ids for o in recorded.generate(prompts, params)]
+        assert replayed == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+        assert all(len(tokens) == 10 for tokens in replayed)
+        assert 4 in recorded.engine.runner.recorded_buckets  # three decodes padded to four rows
+        assert recorded.engine.block_manager.check_all_free() == []
+    finally:
+        recorded.shutdown()
+        eager.shutdown()
 
 
 def test_backend_without_recordings_runs_eagerly():
-    model = dsv3.load_model("tiny", backend="reference", precision="fp32", max_batch_size=2,
-                            max_seq_len=MAX_SEQ_LEN, seed=7, quiet=True)
-    t = model.transformer
-    runner = DecodeRunner(t)
-    args = torch.tensor([3, 4]), torch.tensor([0, 1]), torch.tensor([2, 5])
-    got = runner(*args)
+    model = load("reference")
+    runner = model.engine.runner
+    _, logits = runner.run(ScheduledStep(decodes=decoding(model, [3, 5])))
     assert not runner.graphs and runner.recorded_buckets == ()
-    assert close(got, t.decode(*args))
+    assert logits.shape == (2, model.config.vocab_size)
+
+
+def test_enforce_eager_and_parallel_models_never_record():
+    from dsv3.parallel import ParallelTransformer
+
+    assert not ModelRunner(load(KeepingBackend()).transformer, BLOCK, 4, 40, enforce_eager=True).graphs
+    assert ParallelTransformer.supports_graphs(None) is False
 
 
 # ---- CUDA graphs (NVIDIA GPU) ------------------------------------------------------------------------
@@ -175,12 +199,12 @@ def test_cuda_graph_runner_replays_without_python(cuda_backend):
     assert torch.equal(y, torch.full_like(y, 7.0))
 
 
-def _tiny_on_cuda(backend, precision: str, max_batch_size: int):
+def _tiny_on_cuda(backend, precision: str, **options):
     from dsv3.api import TINY_CHECKPOINT
 
-    source = TINY_CHECKPOINT if (TINY_CHECKPOINT / "config.json").exists() else "tiny"
-    return dsv3.load_model(str(source), backend=backend, precision=precision, max_batch_size=max_batch_size,
-                           max_seq_len=64, progress=False, quiet=True)
+    settings = dict(backend=backend, precision=precision, max_num_seqs=4, max_model_len=64, cache_tokens=1024,
+                    block_size=16, progress=False, quiet=True)
+    return dsv3.load_model(str(TINY_CHECKPOINT), **{**settings, **options})
 
 
 @pytest.mark.gpu
@@ -189,28 +213,26 @@ def _tiny_on_cuda(backend, precision: str, max_batch_size: int):
 def test_cuda_graph_decode_equals_eager(cuda_backend, precision):
     """Two steps from CUDA graph replays equal eager steps (the caches restored in between); the second
     replay reads its new inputs."""
-    model = _tiny_on_cuda(cuda_backend, precision, 4)
+    model = _tiny_on_cuda(cuda_backend, precision)
     t = model.transformer
-    lengths = [5, 9, 3, 12]
-    for slot, length in enumerate(lengths):
-        t.prefill(torch.tensor([random_prompt(length, slot, model.config.vocab_size)], device="cuda"),
-                  torch.tensor([slot], device="cuda"))
-    slots = torch.arange(4, device="cuda")
-    runner = DecodeRunner(t)
+    seqs = decoding(model, [5, 9, 3, 12])
+    runner, eager_runner = ModelRunner(t, 16, 4, 64), ModelRunner(t, 16, 4, 64, enforce_eager=True)
+    for seq in seqs:  # 16-token blocks: re-lay the tables for this block size
+        seq.block_table = [1 + int(seq.seq_id[1:])]
     for step in range(2):
-        tokens = torch.tensor(random_prompt(4, 10 + step, model.config.vocab_size), device="cuda")
-        positions = torch.tensor(lengths, device="cuda") + step
         saved = [cache.clone() for cache in t.caches]
-        eager = t.decode(tokens, slots, positions).clone()
-        for cache, before in zip(t.caches, saved):
+        _, eager = eager_runner.run(ScheduledStep(decodes=seqs))
+        eager = eager.clone()
+        for cache, before in zip(t.caches, saved, strict=True):
             cache.copy_(before)
-        replayed = runner(tokens, slots, positions).clone()
+        _, replayed = runner.run(ScheduledStep(decodes=seqs))
+        replayed = replayed.clone()
         assert runner.recorded_buckets == (4,)
         error = ((replayed - eager).abs().max() / eager.abs().max()).item()
         assert error <= 1e-2, f"step {step}: graph logits differ from eager by {error:.2e}"
-        for row in (replayed.argmax(-1) != eager.argmax(-1)).nonzero()[:, 0].tolist():
-            top2 = eager[row].topk(2).values  # the MoE's atomic sums may break a near-tie either way
-            assert ((top2[0] - top2[1]) / eager[row].abs().max()).item() < 1e-2, f"step {step} row {row}"
+        for seq in seqs:
+            seq.token_ids.append(7)
+            seq.num_computed_tokens += 1
 
 
 @pytest.mark.gpu
@@ -218,38 +240,19 @@ def test_cuda_graph_decode_equals_eager(cuda_backend, precision):
 def test_cuda_greedy_tokens_equal_with_and_without_graphs(cuda_backend):
     """Three prompts (a padded bucket of four) generate the same greedy tokens from graph replays as
     eagerly; where they part, the eager logits' top two must tie."""
-    model = _tiny_on_cuda(cuda_backend, "fp8", 4)
+    graphs, eager = _tiny_on_cuda(cuda_backend, "fp8"), _tiny_on_cuda(cuda_backend, "fp8", enforce_eager=True)
     prompts = [[1, 5, 9, 200, 3], [7, 7, 7], [42, 17, 99, 3, 5, 8, 13]]
-    params = SamplingParams(max_new_tokens=16)
-    eager = Engine(model.transformer, graphs=False).generate(prompts, params)
-    engine = Engine(model.transformer, graphs=True)
-    replayed = engine.generate(prompts, params)
-    assert engine.decoder.recorded_buckets == (4,)
-    for prompt, got, expected in zip(prompts, replayed, eager):
-        parted = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    replayed = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
+    expected_all = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    assert 4 in graphs.engine.runner.recorded_buckets
+    for prompt, got, expected in zip(prompts, replayed, expected_all, strict=True):
+        parted = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
         if parted is None:
             assert len(got) == len(expected)
             continue
-        row = model.logits(torch.tensor([prompt + expected], device="cuda"))[0, len(prompt) - 1 + parted]
+        row = eager.logits(torch.tensor([prompt + expected], device="cuda"))[0, len(prompt) - 1 + parted]
         top2 = row.topk(2).values
         assert ((top2[0] - top2[1]) / row.abs().max()).item() < 1e-2, f"tokens part at step {parted}"
-
-
-@pytest.mark.gpu
-@pytest.mark.cuda
-def test_cuda_graphs_record_again_after_every_graph_is_gone(cuda_backend):
-    """A model, its runner and their graphs dropped, a new model on the same backend still records its
-    steps (torch cannot reopen a graph pool whose graphs are all gone: the backend starts a new one)."""
-    import gc
-    import warnings
-
-    for round_ in range(3):
-        model = _tiny_on_cuda(cuda_backend, "bf16", 2)
-        runner = DecodeRunner(model.transformer)
-        tokens, slots = torch.tensor([3, 4], device="cuda"), torch.arange(2, device="cuda")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a failed capture warns and decodes eagerly
-            runner(tokens, slots, torch.tensor([0, 0], device="cuda"))
-        assert runner.recorded_buckets == (2,), f"round {round_}"
-        del model, runner
-        gc.collect()
+    graphs.shutdown()
+    eager.shutdown()

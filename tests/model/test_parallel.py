@@ -94,7 +94,7 @@ def _worker(rank: int, world: int, port: int, checkpoints: dict, out: Path) -> N
         results = {}
         for name, precision, tp, ep in CASES[world]:
             model = load_model(checkpoints[name], precision=precision, tp=tp, ep=ep, **LOAD)
-            results[name, precision, tp, ep] = (model.logits(TOKENS), model.generate(PROMPTS, NEW_TOKENS))
+            results[name, precision, tp, ep] = (model.logits(TOKENS), model.greedy_tokens(PROMPTS, NEW_TOKENS))
         errors = {}
         if world == 2:
             reads = ReadCounter()
@@ -186,7 +186,7 @@ def single(checkpoints) -> dict:
     def get(name: str, precision: str):
         if (name, precision) not in cache:
             model = load_model(checkpoints[name], precision=precision, **LOAD)
-            cache[name, precision] = (model, model.logits(TOKENS), model.generate(PROMPTS, NEW_TOKENS))
+            cache[name, precision] = (model, model.logits(TOKENS), model.greedy_tokens(PROMPTS, NEW_TOKENS))
         return cache[name, precision]
     return get
 

@@ -1,0 +1,30 @@
+"""The tiny checkpoint on the reference backend in fp32, with engines of a chosen size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: on a loaded 2-core machine two threads spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**options) -> dsv3.Model:
+    settings = dict(backend="reference", precision="fp32", max_model_len=256, cache_tokens=4096, block_size=16,
+                    quiet=True)
+    return dsv3.load_model(**{**settings, **options})
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny()
+    yield m
+    m.shutdown()

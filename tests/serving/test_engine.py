@@ -1,0 +1,234 @@
+"""The engine's guarantees on the tiny checkpoint (reference backend, fp32).
+
+Greedy output is the same alone, batched with other lengths, after preemption and from the prefix
+cache; seeded sampling is the same whatever else runs; stop strings; bad requests fail alone; a
+failure inside one request fails only it; every block comes back.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny
+
+from dsv3.errors import EngineRequestError, RequestError
+from dsv3.serving.params import SamplingParams
+
+PROMPTS = ["Once upon a time", "The backend of the model is", "A", "DeepSeek-V3 runs on NVIDIA, AMD and Ascend "
+           "chips from one codebase, and this tiny model learned"]
+
+
+def greedy(max_tokens: int = 24) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def ids(model, texts):
+    return [model.tokenizer.encode(t) for t in texts]
+
+
+def tokens_of(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_all_free(model):
+    assert model.engine.block_manager.check_all_free() == []
+    assert not model.engine.requests and not model.engine.scheduler.has_work
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each prompt's greedy tokens, run on its own."""
+    return [model.generate(p, greedy())[0].outputs[0].token_ids for p in PROMPTS]
+
+
+def test_greedy_alone_equals_recomputing_the_whole_sequence(model, alone):
+    prompt = model.tokenizer.encode(PROMPTS[1])
+    sequence = list(prompt)
+    for _ in range(len(alone[1])):
+        sequence.append(int(model.logits(torch.tensor([sequence]))[0, -1].argmax()))
+    assert sequence[len(prompt):] == alone[1]
+
+
+def test_batched_with_other_lengths_and_chunked_prefill_changes_nothing(alone):
+    m = tiny(max_num_batched_tokens=8, max_num_seqs=4)  # prompts in chunks, mixed with the others' decodes
+    try:
+        outputs = m.generate(PROMPTS, greedy())
+        assert tokens_of(outputs) == alone
+        assert len({tuple(a) for a in alone}) == len(alone)  # the prompts really lead to different text
+        assert_all_free(m)
+    finally:
+        m.shutdown()
+
+
+def test_preempted_requests_resume_with_the_same_output(alone):
+    # 6 blocks of 16 for four requests of up to 44 tokens: not enough for all at once
+    m = tiny(cache_tokens=96, max_model_len=96, enable_prefix_caching=False)
+    try:
+        outputs = m.generate(PROMPTS, greedy())
+        assert m.engine.stats().num_preemptions > 0
+        assert tokens_of(outputs) == alone
+        assert_all_free(m)
+    finally:
+        m.shutdown()
+
+
+def test_prefix_cache_hit_gives_the_same_output(model):
+    long_prompt = model.tokenizer.encode(PROMPTS[3] + " many pages of text about latent attention")
+    first = model.generate([long_prompt], greedy())[0]
+    hits = model.engine.stats().prefix_hits
+    again = model.generate([long_prompt], greedy())[0]
+    assert again.num_cached_tokens >= 16 and model.engine.stats().prefix_hits - hits == again.num_cached_tokens
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    off = tiny(enable_prefix_caching=False)
+    try:
+        assert off.generate([long_prompt], greedy())[0].outputs[0].token_ids == first.outputs[0].token_ids
+    finally:
+        off.shutdown()
+    assert_all_free(model)
+
+
+def test_seeded_sampling_is_the_same_whatever_else_is_batched(model):
+    hot = SamplingParams(max_tokens=16, temperature=1.5, seed=1234, ignore_eos=True)
+    alone = model.generate(PROMPTS[0], hot)[0].outputs[0].token_ids
+    others = [SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=0.7, seed=5, ignore_eos=True), greedy()]
+    batched = model.generate(PROMPTS[1:] + PROMPTS[:1], others + [hot])
+    assert batched[-1].outputs[0].token_ids == alone
+    assert model.generate(PROMPTS[0], SamplingParams(max_tokens=16, temperature=1.5, seed=99, ignore_eos=True)
+                          )[0].outputs[0].token_ids != alone
+    assert alone != model.generate(PROMPTS[0], greedy(16))[0].outputs[0].token_ids  # really sampled
+
+
+def test_n_completions_share_the_prompt(model):
+    out = model.generate(PROMPTS[3], SamplingParams(n=3, max_tokens=10, temperature=1.0, seed=7, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    greedy_n = model.generate(PROMPTS[3], SamplingParams(n=2, max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+    assert greedy_n.outputs[0].token_ids == greedy_n.outputs[1].token_ids
+    assert_all_free(model)
+
+
+def test_stop_string_ends_the_text_before_it(model, alone):
+    full = model.generate(PROMPTS[1], greedy())[0].outputs[0]
+    stop = full.text[5:9]
+    assert stop.strip()
+    out = model.generate(PROMPTS[1], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                    stop=[stop]))[0].outputs[0]
+    assert out.text == full.text[:full.text.index(stop)]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert len(out.token_ids) < len(full.token_ids)
+
+
+def test_stop_token_and_length(model, alone):
+    stop_token = alone[0][3]
+    out = model.generate(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                    stop_token_ids=[stop_token]))[0].outputs[0]
+    assert out.token_ids == alone[0][:alone[0].index(stop_token) + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_token)
+    out = model.generate(PROMPTS[0], greedy(5))[0].outputs[0]
+    assert (out.finish_reason, out.token_ids) == ("length", alone[0][:5])
+
+
+def test_logprobs_hold_the_top_k_and_the_sampled_token(model, alone):
+    out = model.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                    logprobs=3))[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for token, entry in zip(out.token_ids, out.logprobs, strict=True):
+        assert token in entry and len(entry) == 3 and max(entry, key=entry.get) == token
+        assert all(v <= 0 for v in entry.values())
+
+
+@pytest.mark.parametrize("prompt, params, param", [
+    ([5] * 256, greedy(1), "prompt"),
+    ([5] * 200, greedy(57), "max_tokens"),
+    ([5, 512], greedy(1), "prompt"),
+    ([], greedy(1), "prompt"),
+    ([5, -3], greedy(1), "prompt"),
+    ([5, 6], SamplingParams(stop_token_ids=[600]), "stop_token_ids"),
+])
+def test_bad_requests_fail_before_any_work_and_alone(model, alone, prompt, params, param):
+    results = {}
+
+    def other():
+        results["other"] = model.generate(PROMPTS[0], greedy())[0].outputs[0].token_ids
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with pytest.raises(RequestError) as error:
+        model.generate([prompt], params)
+    thread.join()
+    assert error.value.param == param and "\n" not in str(error.value)
+    assert results["other"] == alone[0]
+    assert_all_free(model)
+
+
+def test_threads_share_one_engine_and_get_what_each_gets_alone(model, alone):
+    results: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        results[i] = model.generate(PROMPTS[i], greedy())[0].outputs[0].token_ids
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(PROMPTS))] == alone
+
+
+def test_a_failing_sampler_fails_only_its_request(model, alone, monkeypatch):
+    engine = model.engine
+    original = type(engine.sampler).__call__
+
+    def sampler(self, logits, seqs):
+        if any(s.request_id.endswith("poison") for s in seqs):
+            raise RuntimeError("injected sampler failure")
+        return original(self, logits, seqs)
+
+    monkeypatch.setattr(type(engine.sampler), "__call__", sampler)
+    loop = model.engine_loop
+    good = {}
+    thread = threading.Thread(target=lambda: good.update(out=list(loop.stream(ids(model, PROMPTS[:1])[0], greedy()))))
+    thread.start()
+    with pytest.raises(EngineRequestError, match="injected sampler failure"):
+        list(loop.stream(ids(model, PROMPTS[1:2])[0], greedy(), request_id="x-poison"))
+    thread.join()
+    assert good["out"][-1].outputs[0].token_ids == alone[0]
+    assert_all_free(model)
+
+
+def test_a_failing_forward_fails_only_its_request(model, alone, monkeypatch):
+    runner = model.engine.runner
+    original = runner.run
+
+    def run(step):
+        if any(s.request_id == "bad-forward" for s, _ in step.scheduled()):
+            raise RuntimeError("injected forward failure")
+        return original(step)
+
+    monkeypatch.setattr(runner, "run", run)
+    loop = model.engine_loop
+    good = {}
+    thread = threading.Thread(target=lambda: good.update(out=list(loop.stream(ids(model, PROMPTS[2:3])[0], greedy()))))
+    thread.start()
+    with pytest.raises(EngineRequestError, match="injected forward failure"):
+        list(loop.stream(ids(model, PROMPTS[1:2])[0], greedy(), request_id="bad-forward"))
+    thread.join()
+    assert good["out"][-1].outputs[0].token_ids == alone[2]
+    assert_all_free(model)
+
+
+def test_streamed_outputs_are_cumulative_and_end_finished(model, alone):
+    outputs = list(model.generate_stream(PROMPTS[0], greedy()))
+    assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    assert all(a == b[:len(a)] for a, b in zip(tokens, tokens[1:], strict=False))
+    assert tokens[-1] == alone[0]
+    assert outputs[-1].metrics.first_token_time >= outputs[-1].metrics.arrival_time
+
+
+def test_cache_too_small_for_one_request_names_the_flag():
+    with pytest.raises(Exception, match="--cache-tokens"):
+        tiny(cache_tokens=64, max_model_len=256)
