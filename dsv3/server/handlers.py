@@ -165,6 +165,7 @@ class OpenAIServing:
                                  echo: list[str]) -> AsyncIterator[str]:
         created, model = int(time.time()), self.settings.model_name
         sent = {}  # (prompt, completion index) -> (text length, tokens) already streamed
+        ended = set()  # completions whose last chunk went out (siblings still running repeat them)
         finals = [None] * len(group.prompts)
         try:
             async with aclosing(group.outputs()) as outputs:
@@ -173,6 +174,8 @@ class OpenAIServing:
                         finals[i] = output
                     for completion in output.outputs:
                         key = (i, completion.index)
+                        if key in ended:
+                            continue
                         text_len, num_tokens = sent.get(key, (0, 0))
                         delta = completion.text[text_len:]
                         if key not in sent:
@@ -180,9 +183,12 @@ class OpenAIServing:
                         if not delta and completion.finish_reason is None:
                             continue
                         sent[key] = (len(completion.text), len(completion.token_ids))
+                        if completion.finish_reason is not None:
+                            ended.add(key)
+                        offset = len(echo[i]) + text_len
                         choice = CompletionChoice(
                             index=i * request.n + completion.index, text=delta,
-                            logprobs=self._completion_logprobs(completion, num_tokens, request.logprobs, 0),
+                            logprobs=self._completion_logprobs(completion, num_tokens, request.logprobs, offset),
                             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
                         yield CompletionChunk(id=response_id, created=created, model=model,
                                               choices=[choice]).model_dump_json()
@@ -270,6 +276,7 @@ class OpenAIServing:
         for index in range(request.n):
             yield chunk(index, DeltaMessage(role="assistant", content=""))
         sent: dict[int, tuple[int, int]] = {}
+        ended: set[int] = set()  # choices whose last chunk went out (siblings still running repeat them)
         reasoning = {i: ReasoningStream() for i in range(request.n)} if self.settings.reasoning_parser else None
         tools = {i: ToolCallStream() for i in range(request.n)} if parse_tools else None
         final = None
@@ -279,6 +286,8 @@ class OpenAIServing:
                     final = output
                     for completion in output.outputs:
                         i = completion.index
+                        if i in ended:
+                            continue
                         text_len, num_tokens = sent.get(i, (0, 0))
                         new_text = completion.text[text_len:]
                         sent[i] = (len(completion.text), len(completion.token_ids))
@@ -288,6 +297,7 @@ class OpenAIServing:
                         if delta is not None or (logprobs and logprobs.content):
                             yield chunk(i, delta or DeltaMessage(), logprobs=logprobs)
                         if done:
+                            ended.add(i)
                             reason = completion.finish_reason
                             if tools and tools[i].num_calls and reason == "stop":
                                 reason = "tool_calls"

@@ -109,6 +109,24 @@ def test_stop_strings_end_the_text_before_them(client):
     assert "".join(c.choices[0].text for c in streamed) == text[:text.index(stop)]
 
 
+def test_n_choices_stream_like_the_whole_response_and_end_once(client):
+    args = dict(model="tiny", max_tokens=6, n=3, temperature=1.0, seed=5)
+    whole = client.completions.create(prompt="Several endings:", **args)
+    chunks = list(client.completions.create(prompt="Several endings:", stream=True, **args))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+    messages = [{"role": "user", "content": "Pick a word"}]
+    whole = client.chat.completions.create(messages=messages, **args)
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **args))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+
+
 def test_n_logprobs_and_echo(client):
     response = client.completions.create(model="tiny", prompt=["a b c", "d e f"], max_tokens=3, n=2,
                                          temperature=1.0, seed=1, logprobs=2)
