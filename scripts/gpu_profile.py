@@ -13,7 +13,6 @@ import json
 
 import torch
 from dsv3.backends.cuda import CudaBackend
-from dsv3.engine import DecodeRunner
 
 from dsv3.bench import model_steps
 from dsv3.bench.common import time_op
@@ -35,18 +34,17 @@ def main() -> None:
     device = backend.device
     g = torch.Generator(device).manual_seed(1)
     tokens = torch.randint(0, config.vocab_size, (1,), device=device, generator=g)
-    slots, positions = torch.zeros(1, dtype=torch.long, device=device), torch.full((1,), args.context, device=device)
+    step = model_steps.StaticDecode(model, tokens, args.context)
     prompt = torch.randint(0, config.vocab_size, (1, args.tokens), device=device, generator=g)
     out = {}
     with torch.inference_mode():
-        decode = model_steps.profile_step(lambda: model.decode(tokens, slots, positions), top=args.top)
+        decode = model_steps.profile_step(step.eager, top=args.top)
         prefill = model_steps.profile_step(lambda: model_steps.prefill_last_logits(model, prompt), steps=2,
                                            top=args.top)
         prefill_ms = time_op(lambda: model_steps.prefill_last_logits(model, prompt), [()], backend, graph=False,
                              min_reps=3, max_reps=20).median_ms
-        runner = DecodeRunner(model, graphs=True)
-        runner(tokens, slots, positions)
-        graph_ms = time_op(lambda: runner(tokens, slots, positions), [()], backend, graph=False,
+        replay = step.recorded()
+        graph_ms = time_op(replay, [()], backend, graph=False,
                            target_ms=500, min_reps=3, max_reps=20).median_ms
     for name, profile, ms in (("decode batch 1", decode, graph_ms), ("prefill", prefill, prefill_ms)):
         print(f"\n== {name}: {ms:.3f} ms measured (graph for decode), kernels sum to {profile['step_us'] / 1e3:.3f} ms")

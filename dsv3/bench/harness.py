@@ -1,6 +1,7 @@
 """The bench model on a device and how its steps are timed: how many layers fit in free memory
 (bench_config, fit_layers), building it with synthetic weights (build_model), filling its caches,
-counting the experts it runs (ExpertCounter) and profiling a step (timing: common.time_op).
+the static decode step the serving engine is measured against (StaticDecode), counting the experts
+it runs (ExpertCounter) and profiling a step (timing: common.time_op).
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from typing import Callable
 
 import torch
 
-from dsv3.backends.interface import Backend
+from dsv3.backends.interface import Backend, PagedBatch
 from dsv3.bench.steps import _absorbed_mla_bytes, _activation_bytes, layer_read_bytes
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
-from dsv3.model import ForwardState, Transformer
+from dsv3.model import ForwardBatch, Transformer
 from dsv3.weights import RandomSource, WeightLoader
 
 HEADROOM = 0.15            # of free device memory left unused
 WORKSPACE_BYTES = 1 << 30  # activations, graph pools, kernel workspaces
+BLOCK_SIZE = 64            # the engine's default cache block
 
 
 # ---- the model: how many layers fit, building it ----------------------------------------------
@@ -81,7 +83,8 @@ def build_model(config: ModelConfig, backend: Backend, precision: str, max_batch
     source = RandomSource(config, fp8=precision == "fp8", seed=seed, device=backend.device, fast=True)
     loader = WeightLoader(source, config, progress=False)
     try:
-        model = Transformer(config, backend, loader, precision, max_batch, max_seq)
+        model = Transformer(config, backend, loader, precision, max_seq)
+        model.allocate_cache(1 + max_batch * _blocks(max_seq), BLOCK_SIZE)  # block 0: the engine's scratch
     except torch.OutOfMemoryError as e:
         raise Dsv3Error(f"bench: {config.num_hidden_layers} layers with a cache for batch {max_batch} x {max_seq} "
                         f"tokens do not fit on {backend.device} (pass fewer --layers): {str(e).splitlines()[0]}") from e
@@ -99,13 +102,55 @@ def fill_caches(model: Transformer, seed: int = 0) -> None:
         cache.normal_(generator=g)
 
 
+def _blocks(num_tokens: int) -> int:
+    return -(-num_tokens // BLOCK_SIZE)
+
+
+def _paged(num_seqs: int, seq_len: int, query_len: int, device: torch.device) -> PagedBatch:
+    """Sequence b in its own run of blocks after the scratch block, as a fresh engine would place it."""
+    per_seq = _blocks(seq_len)
+    return PagedBatch(
+        block_tables=1 + torch.arange(num_seqs * per_seq, dtype=torch.int32, device=device).view(num_seqs, -1),
+        seq_lens=torch.full((num_seqs,), seq_len, dtype=torch.int32, device=device),
+        query_start=torch.arange(0, num_seqs * query_len + 1, query_len, dtype=torch.int32, device=device),
+        max_query_len=query_len, max_seq_len=seq_len)
+
+
 def prefill_last_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Prefill tokens [1, T] into cache row 0 from position 0; float32 logits [1, V] of the last token
-    only (what generation needs; Transformer.prefill projects every position)."""
-    slots = torch.zeros(1, dtype=torch.long, device=tokens.device)
-    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-    state = ForwardState(slots, positions, 0, model.cos[positions], model.sin[positions])
-    return model.project(model.hidden(tokens, state)[:, -1])
+    """Prefill tokens [1, T] into the first sequence's blocks from position 0; float32 logits [1, V] of
+    the last token only (what generation needs)."""
+    t = tokens.shape[1]
+    positions = torch.arange(t, device=tokens.device)
+    batch = ForwardBatch(tokens[0], positions, 0, None, _paged(1, t, t, tokens.device), logits_indices=positions[-1:])
+    return model.forward(batch)
+
+
+class StaticDecode:
+    """One decode step of a fixed batch: every sequence at `context` tokens, each in its own blocks.
+
+    This is the ceiling the serving engine is held to: the same forward with no scheduling, no host
+    work between steps and, where the backend records steps, one graph replay.
+
+    Args:
+        model: a model from build_model (its cache holds batch x (context + 1) tokens).
+        tokens: int64 [B] the new tokens.
+        context: tokens already cached per sequence.
+    """
+
+    def __init__(self, model: Transformer, tokens: torch.Tensor, context: int):
+        self.model = model
+        b = tokens.shape[0]
+        positions = torch.full((b,), context, dtype=torch.long, device=tokens.device)
+        self.batch = ForwardBatch(tokens, positions, b, _paged(b, context + 1, 1, tokens.device), None)
+        self.logits = torch.empty(b, model.config.vocab_size, dtype=torch.float32, device=tokens.device)
+
+    def eager(self) -> torch.Tensor:
+        """Run the step; float32 logits [B, V]."""
+        return self.model.forward(self.batch)
+
+    def recorded(self) -> Callable[[], None] | None:
+        """The step recorded for replay (backend.graph_runner; it writes self.logits), or None."""
+        return self.model.backend.graph_runner(lambda: self.logits.copy_(self.model.forward(self.batch)))
 
 
 class ExpertCounter:

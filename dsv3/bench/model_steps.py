@@ -4,9 +4,9 @@ The model is configs/deepseek-v3.yaml with fewer layers (dense first, then MoE, 
 one MoE layer): `--layers N`, or as many as fit in the device's free memory with 15% to spare. Its
 weights are synthetic FP8 made on the device (RandomSource(fast=True)). Decode runs at batch 1, 16,
 64 and 128 with 1k and 8k tokens already in every sequence's cache (random latents are written
-into the cache instead of running a long prefill), through the engine's DecodeRunner (graph replay
-where the backend records one) and eagerly (Transformer.decode); prefill runs 4096 tokens of one
-sequence up to the last token's logits.
+into the cache instead of running a long prefill), as harness.StaticDecode: each sequence in its own
+blocks of the paged cache, replayed from a recording where the backend makes one, and eagerly;
+prefill runs 4096 tokens of one sequence up to the last token's logits.
 
 The floor of a step is max(bytes / copy bandwidth, FP8 FLOPs / FP8 block-wise rate + other FLOPs /
 BF16 rate), all measured in the same run (common.measure_roofline). Bytes: every weight the step
@@ -40,6 +40,7 @@ from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests and scripts/
     HEADROOM,
     WORKSPACE_BYTES,
     ExpertCounter,
+    StaticDecode,
     bench_config,
     build_model,
     fill_caches,
@@ -73,7 +74,6 @@ from dsv3.bench.steps import (  # noqa: F401 - re-exported: tests use them as mo
     summary_lines,
 )
 from dsv3.config import ModelConfig
-from dsv3.engine import DecodeRunner
 from dsv3.errors import Dsv3Error
 from dsv3.model import Transformer
 
@@ -160,7 +160,7 @@ def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
                                                  json_path)
     model = build_model(config, backend, precision, max_batch, max_seq)
     fill_caches(model)
-    runner = DecodeRunner(model, graphs=True)
+    graphs = True
     name = backend.capabilities.name
     g = torch.Generator(device).manual_seed(1)
     with torch.inference_mode():
@@ -169,24 +169,23 @@ def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
                             contexts[0], g)
         for batch in sorted(batches):
             tokens = torch.randint(0, config.vocab_size, (batch,), device=device, generator=g)
-            slots = torch.arange(batch, device=device)
             hits = None
             for context in contexts:
-                positions = torch.full((batch,), context, device=device)
+                step = StaticDecode(model, tokens, context)
                 if hits is None:
                     with ExpertCounter(backend) as counter:
-                        model.decode(tokens, slots, positions)
+                        step.eager()
                     hits = counter.hits or None
                 cost = decode_cost(config, precision, batch, context, hits)
-                for mode in ("graph", "eager") if runner.graphs else ("eager",):
-                    step = runner if mode == "graph" else model.decode
-                    fn = partial(step, tokens, slots, positions)
+                for mode in ("graph", "eager") if graphs else ("eager",):
                     record = partial(make_record, "decode", f"dsv3 {name} ({mode})", True, batch, context,
                                      config.num_hidden_layers, cost, roofline)
                     try:
+                        fn = step.eager
                         if mode == "graph":
-                            fn()  # records this bucket, or learns that the backend records none
-                            if not runner.graphs:
+                            fn = step.recorded()
+                            if fn is None:
+                                graphs = False
                                 report.payload["notes"].append(f"backend {name} records no graphs: decode is eager")
                                 continue
                         timing = time_op(fn, [()], backend, graph=False, warmup=1 if quick else 2,
@@ -194,8 +193,10 @@ def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
                     except Exception as e:  # noqa: BLE001 - a failure is a result
                         report.add(record(None, batch, hits, error=_error(e)))
                         continue
+                    finally:
+                        fn = None  # a recorded step's memory goes with it
                     report.add(record(timing.median_ms, batch, hits, note=f"{timing.reps} steps"))
-    runner = model = None
+    step = model = None
     free_memory(device)
     if reference and name != "reference":
         _time_reference(backend, config, precision, roofline, report, contexts)
@@ -210,9 +211,8 @@ def _profile_decode(model: Transformer, report: Report, batch: int, context: int
     """Profile one eager decode step (the kernels a graph replays, each seen by the profiler)."""
     device = model.backend.device
     tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device, generator=generator)
-    slots, positions = torch.arange(batch, device=device), torch.full((batch,), context, device=device)
     try:
-        result = profile_step(lambda: model.decode(tokens, slots, positions))
+        result = profile_step(StaticDecode(model, tokens, context).eager)
         result["what"] = f"decode batch {batch} context {context}, kernels of an eager step"
         print(format_profile(result), flush=True)
     except Exception as e:  # noqa: BLE001 - no profile is a result, not a failed run
@@ -236,13 +236,11 @@ def _time_reference(backend: Backend, config: ModelConfig, precision: str, roofl
     fill_caches(model)
     g = torch.Generator(device).manual_seed(1)
     tokens = torch.randint(0, config.vocab_size, (1,), device=device, generator=g)
-    slots = torch.zeros(1, dtype=torch.long, device=device)
     with torch.inference_mode():
         for context in contexts:
-            positions = torch.full((1,), context, device=device)
             cost = decode_cost(config, precision, 1, context, None)
             try:
-                timing = time_op(partial(model.decode, tokens, slots, positions), [()], reference, graph=False,
+                timing = time_op(StaticDecode(model, tokens, context).eager, [()], reference, graph=False,
                                  warmup=1, target_ms=0.0, min_reps=2, max_reps=2)
             except Exception as e:  # noqa: BLE001
                 report.add(make_record("decode", "reference backend (eager)", False, 1, context,
