@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, MAX_MODEL_LEN, MAX_REQUEST_BYTES, STARTUP_LIMIT_S, ServerProcess
+from conftest import API_KEY, MAX_MODEL_LEN, MAX_REQUEST_BYTES, ROOT, STARTUP_LIMIT_S, ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -107,6 +109,17 @@ def test_stop_strings_end_the_text_before_them(client):
     streamed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0,
                                          stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text[:text.index(stop)]
+
+
+def test_generate_chat_renders_the_same_prompt_as_the_server(client):
+    """`dsv3 generate --chat` and /v1/chat/completions go through one template: same greedy answer."""
+    question = "What is dsv3?"
+    served = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                            max_tokens=20, temperature=0).choices[0].message.content
+    result = subprocess.run([sys.executable, "-m", "dsv3", "generate", "--chat", question, "--max-new-tokens", "20",
+                             "--quiet"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == served + "\n"
 
 
 def test_n_choices_stream_like_the_whole_response_and_end_once(client):
