@@ -8,6 +8,7 @@ holds --cache-tokens tokens (default DEFAULT_CPU_CACHE_TOKENS, less where the ho
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,10 @@ def _accelerator_budget(model: Transformer, memory, max_model_len: int, max_num_
     """Bytes left for the cache: utilization x total - in use now - the profiled activation peak."""
     backend = model.backend
     backend.synchronize()
+    gc.collect()
+    if torch.accelerator.is_available() and hasattr(torch.accelerator, "empty_cache"):
+        # the allocator's cached blocks would count as in use
+        torch.accelerator.empty_cache()
     before = backend.memory_info(reset_peak=True)
     profile_forward(model, max_num_batched_tokens, max_model_len, block_size)
     backend.synchronize()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import dsv3
+from serving_helpers import tiny
 
 
 @pytest.fixture(autouse=True)
@@ -15,12 +14,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny(**options) -> dsv3.Model:
-    settings = dict(backend="reference", precision="fp32", max_model_len=256, cache_tokens=4096, block_size=16,
-                    quiet=True)
-    return dsv3.load_model(**{**settings, **options})
 
 
 @pytest.fixture(scope="module")

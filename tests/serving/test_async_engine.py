@@ -6,7 +6,7 @@ import asyncio
 import random
 
 import pytest
-from conftest import tiny
+from serving_helpers import tiny
 
 from dsv3.errors import EngineRequestError, RequestError
 from dsv3.serving.async_engine import AsyncEngine

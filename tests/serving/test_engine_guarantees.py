@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny
+from serving_helpers import tiny
 
 from dsv3.errors import EngineRequestError, RequestError
 from dsv3.serving.params import SamplingParams
