@@ -678,43 +678,34 @@ def _load_model(args, static_context: int):
 
 
 def static_decode_ms(model, batch: int, context: int, quick: bool = False) -> tuple[float, str]:
-    """(ms, "graph" or "eager"): `bench decode`'s static step on the engine's model and cache pool: `batch`
-    sequences with `context` random latents cached each, in blocks of their own, one new token each,
-    replayed from a recording where the backend makes one. Run while the engine is idle: it overwrites
-    the pool."""
+    """(ms, "graph" or "eager"): `bench decode`'s static step (harness.StaticDecode) on the engine's model and
+    cache pool, timed as `bench decode` times it: `batch` sequences with `context` random latents cached each,
+    one new token each, replayed from a recording where the backend makes one. Run while the engine is idle:
+    it overwrites the pool."""
     import torch
 
-    from dsv3.backends.interface import PagedBatch
     from dsv3.bench.common import time_op
-    from dsv3.model import ForwardBatch
+    from dsv3.bench.harness import BLOCK_SIZE, StaticDecode, fill_caches
 
     transformer, config = model.transformer, model.engine.config
-    device = transformer.backend.device
-    per_seq = -(-(context + 1) // config.block_size)
-    if 1 + batch * per_seq > config.num_blocks:
-        raise Dsv3Error(f"bench serve: the static step needs {1 + batch * per_seq} blocks, the pool has "
+    if config.block_size != BLOCK_SIZE:
+        raise Dsv3Error(f"bench serve: the static step lays sequences out in blocks of {BLOCK_SIZE}; the engine's "
+                        f"are {config.block_size} (--block-size)")
+    needed = 1 + batch * -(-(context + 1) // BLOCK_SIZE)
+    if needed > config.num_blocks:
+        raise Dsv3Error(f"bench serve: the static step needs {needed} blocks, the engine's pool has "
                         f"{config.num_blocks}")
+    device = transformer.backend.device
+    fill_caches(transformer)
     g = torch.Generator(device).manual_seed(1)
-    for cache in transformer.caches:  # random latents, as `bench decode` fills its caches
-        cache.normal_(generator=g)
-    tables = 1 + torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
-    paged = PagedBatch(block_tables=tables, seq_lens=torch.full((batch,), context + 1, dtype=torch.int32,
-                                                                device=device),
-                       query_start=torch.arange(batch + 1, dtype=torch.int32, device=device),
-                       max_query_len=1, max_seq_len=context + 1)
-    step_batch = ForwardBatch(tokens=torch.randint(0, transformer.config.vocab_size, (batch,), device=device,
-                                                   generator=g),
-                              positions=torch.full((batch,), context, dtype=torch.long, device=device),
-                              num_decode_tokens=batch, decode=paged, prefill=None)
-    logits = torch.empty(batch, transformer.config.vocab_size, dtype=torch.float32, device=device)
-
-    def step() -> None:
-        logits.copy_(transformer.forward(step_batch))
-
-    timing = time_op(step, [()], transformer.backend, graph=not config.enforce_eager and transformer.supports_graphs(),
-                     target_ms=100.0 if quick else 300.0, min_reps=2 if quick else 3, max_reps=20,
-                     warmup=1 if quick else 2)
-    return timing.median_ms, timing.mode
+    step = StaticDecode(transformer, torch.randint(0, transformer.config.vocab_size, (batch,), device=device,
+                                                   generator=g), context)
+    with torch.inference_mode():
+        fn = step.recorded() if not config.enforce_eager and transformer.supports_graphs() else None
+        mode = "eager" if fn is None else "graph"
+        timing = time_op(fn or step.eager, [()], transformer.backend, graph=False, warmup=1 if quick else 2,
+                         target_ms=100.0 if quick else 300.0, min_reps=2 if quick else 3, max_reps=20)
+    return timing.median_ms, mode
 
 
 def run_engine(args) -> int:
