@@ -287,23 +287,13 @@ from dsv3.backends.rocm import Libraries, RocmBackend
 from dsv3.backends.triton_kernels import amd_configs, mla
 from dsv3.conformance.paged import block_tables, paged_batch
 from tests.backends.test_rocm_backend import block_scaled_gemm, fake_aiter
+from tests.numerics import adversarial as adversarial_with, row_error
 
 g = torch.Generator().manual_seed(0)
 TOL = 8e-3  # fp32 sums in another order, and bf16 outputs
 
-def row_error(got, expected):
-    got, expected = got.float().flatten(0, -2), expected.float().flatten(0, -2)
-    assert torch.isfinite(got).all()
-    scale = expected.abs().amax(-1).clamp_min(1e-6 * expected.abs().max().clamp_min(1e-30))
-    return ((got - expected).abs().amax(-1) / scale).max().item()
-
 def adversarial(m, k):
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    x[0, :128] = 0                 # an all-zero 128-block
-    if m > 1:
-        x[1, 3] = 3000.0           # beyond the format's max
-        x[-1] = 0                  # an all-zero row: its output must be exactly zero
-    return x
+    return adversarial_with(m, k, g)
 
 def checkpoint_weight(*shape):
     # as stored in the checkpoint: e4m3fn with scale_inv, some -0 (0x80) bytes among them

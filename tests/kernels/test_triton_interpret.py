@@ -22,21 +22,11 @@ from dsv3.backends import fp8
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.triton_kernels.configs import NVIDIA_SM90, PORTABLE
 FORMATS = (("e4m3fn", torch.float8_e4m3fn, 448.0), ("e4m3fnuz", torch.float8_e4m3fnuz, 224.0))
+from tests.numerics import adversarial as adversarial_with, row_error
 g = torch.Generator().manual_seed(0)
 
-def row_error(got, expected):
-    got, expected = got.float().flatten(0, -2), expected.float().flatten(0, -2)
-    assert torch.isfinite(got).all()
-    scale = expected.abs().amax(-1).clamp_min(1e-6 * expected.abs().max().clamp_min(1e-30))
-    return ((got - expected).abs().amax(-1) / scale).max().item()
-
 def adversarial(m, k):
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    x[0, :128] = 0                 # an all-zero 128-block
-    if m > 1:
-        x[1, 3] = 3000.0           # beyond e4m3's 448
-        x[-1] = 0                  # an all-zero row
-    return x
+    return adversarial_with(m, k, g)
 """
 
 QUANT = """
