@@ -12,19 +12,12 @@ from dsv3.backends import fp8
 from dsv3.backends.interface import RoutingConfig
 
 from dsv3.conformance import TOLERANCES
+from numerics import row_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda]
 
 #: op -> precision -> max over rows of max|out - ref| / max|ref row|: the suite's one table.
 TOL = {op: {precision: tol.error for precision, tol in by_precision.items()} for op, by_precision in TOLERANCES.items()}
-
-
-def row_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """max over rows of max|got - expected| / max|expected| in that row (exact zero rows must stay zero)."""
-    got, expected = got.float().flatten(0, -2), expected.float().flatten(0, -2)
-    assert torch.isfinite(got).all(), "non-finite output"
-    scale = expected.abs().amax(-1).clamp_min(1e-6 * expected.abs().max().clamp_min(1e-30))
-    return ((got - expected).abs().amax(-1) / scale).max().item()
 
 
 @pytest.fixture(scope="module")
