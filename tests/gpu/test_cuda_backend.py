@@ -10,9 +10,9 @@ import pytest
 import torch
 from dsv3.backends import fp8
 from dsv3.backends.interface import RoutingConfig
+from numerics import row_error
 
 from dsv3.conformance import TOLERANCES
-from numerics import row_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda]
 
