@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, UsageError
 
 # ---- the requests ------------------------------------------------------------------------------
 
@@ -543,20 +543,22 @@ def _load(args, num_prompts: int) -> dict:
 def _check(args) -> None:
     for name in ("input_len", "output_len", "max_concurrency"):
         if getattr(args, name) < 1:
-            raise Dsv3Error(f"bench serve: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise UsageError(f"bench serve: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("prefix_len", "seed"):
         if getattr(args, name) < 0:
-            raise Dsv3Error(f"bench serve: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+            raise UsageError(f"bench serve: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.num_prompts is not None and args.num_prompts < 1:
-        raise Dsv3Error(f"bench serve: --num-prompts must be at least 1, got {args.num_prompts}")
+        raise UsageError(f"bench serve: --num-prompts must be at least 1, got {args.num_prompts}")
     if not args.request_rate > 0:
-        raise Dsv3Error(f"bench serve: --request-rate must be positive (inf: all at once), got {args.request_rate}")
+        raise UsageError(f"bench serve: --request-rate must be positive (inf: all at once), got {args.request_rate}")
     if not 0 <= args.range_ratio < 1:
-        raise Dsv3Error(f"bench serve: --range-ratio must be in [0, 1), got {args.range_ratio}")
+        raise UsageError(f"bench serve: --range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.vocab_size is not None and args.vocab_size < 1:
-        raise Dsv3Error(f"bench serve: --vocab-size must be at least 1, got {args.vocab_size}")
+        raise UsageError(f"bench serve: --vocab-size must be at least 1, got {args.vocab_size}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (args.tp or 1) > 1 or (args.ep or 1) > 1:
+        raise UsageError("bench serve: it drives one engine in one process; run it without torchrun, --tp or --ep")
     if args.num_warmups is not None and args.num_warmups < 0:
-        raise Dsv3Error(f"bench serve: --num-warmups must be >= 0, got {args.num_warmups}")
+        raise UsageError(f"bench serve: --num-warmups must be >= 0, got {args.num_warmups}")
 
 
 def _num_prompts(args, on_host: bool) -> int:
@@ -660,7 +662,7 @@ def _load_model(args, static_context: int):
         if layers is None:
             free = free_memory(backend.device)
             if free is None:
-                raise Dsv3Error("bench serve: pass --layers N with --config on the CPU (or --ckpt DIR)")
+                raise UsageError("bench serve: pass --layers N with --config on the CPU (or --ckpt DIR)")
             precision = "fp8" if backend.capabilities.has_fp8 and args.precision in ("auto", "fp8") else "bf16"
             layers = fit_layers(base, precision, free, args.max_concurrency, max(_longest(args), static_context))
         source = bench_config(base, layers)

@@ -84,6 +84,20 @@ def test_summary_by_hand():
         assert line in table
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--range-ratio", "1.5"], "--range-ratio must be in [0, 1)"),
+    (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+    (["--request-rate", "0"], "--request-rate must be positive"),
+    (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+    (["--prefix-len", "-1"], "--prefix-len must be >= 0"),
+    (["--url", "http://127.0.0.1:9", "--num-warmups", "-1"], "--num-warmups must be >= 0"),
+])
+def test_bad_flags_are_one_line_before_anything_loads(flags, says, capsys):
+    assert cli.main(["bench", "serve", "--ckpt", str(TINY_CHECKPOINT), "--backend", "reference", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
+
 # ---- whole runs --------------------------------------------------------------------------------------
 
 def check_run(payload: dict, num_prompts: int, output_len: int, in_process: bool) -> dict:
