@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
+    check_address(args.host, args.port)
     if args.config and not args.ckpt:
         raise UsageError("dsv3 serve needs a checkpoint with its tokenizer (--ckpt DIR, or none for the built-in "
                          "tiny one); --config builds random weights without a tokenizer")
@@ -74,3 +76,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0 if started else 1
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before loading the model when the server could not listen on host:port (taken, or not ours)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        raise UsageError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None

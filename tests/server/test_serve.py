@@ -45,6 +45,14 @@ def test_starts_quickly_and_lists_the_model(server, client):
     assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed
 
 
+def test_a_taken_port_is_one_line_before_loading(server):
+    result = subprocess.run([sys.executable, "-m", "dsv3", "serve", "--port", str(server.port)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"dsv3: error: cannot listen on --host 127.0.0.1 --port {server.port}: " \
+                                    "Address already in use"
+
+
 def test_completion_stream_equals_the_whole_response(client):
     whole = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12,
                                       temperature=0)
