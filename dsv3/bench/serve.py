@@ -131,10 +131,10 @@ def _error(e: BaseException) -> str:
 class EngineTarget:
     """An AsyncEngine (Contract B) in this process."""
 
+    sample_interval = 0.01
+
     def __init__(self, engine):
         self.engine = engine
-        self.name = "in-process"
-        self.peak_cache_usage = 0.0
 
     def sampling_params(self, output_len: int):
         from dsv3.serving.params import SamplingParams
@@ -155,39 +155,50 @@ class EngineTarget:
             result.error = _error(e)
         return stream.done()
 
-    def stats(self) -> dict:
+    async def scrape(self) -> dict:
         s = self.engine.stats()
-        return {"cache_usage": s.cache_usage, "num_preemptions": s.num_preemptions,
-                "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
-                "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens}
+        return {"num_running": s.num_running + s.num_waiting, "cache_usage": s.cache_usage,
+                "num_preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries,
+                "prefix_hits": s.prefix_hits}
 
-    async def settled_stats(self, timeout: float = 10.0) -> dict:
-        """stats() once the engine has stepped past its last request (its snapshot follows the outputs)."""
-        deadline = time.perf_counter() + timeout
-        s = self.engine.stats()
-        while (s.num_running or s.num_waiting) and time.perf_counter() < deadline:
-            await asyncio.sleep(0.001)
-            s = self.engine.stats()
-        return self.stats()
 
-    async def sample_cache(self, interval: float = 0.01) -> None:
-        """Track the peak cache usage until cancelled."""
-        while True:
-            self.peak_cache_usage = max(self.peak_cache_usage, self.engine.stats().cache_usage)
-            await asyncio.sleep(interval)
+#: the engine's counters in a server's /metrics: dsv3's names and vLLM's (`dsv3:` or `vllm:` before them)
+SERVER_METRICS = {"num_running": ("num_requests_running", "num_requests_waiting"),
+                  "cache_usage": ("kv_cache_usage_perc", "gpu_cache_usage_perc"),
+                  "num_preemptions": ("num_preemptions",),
+                  "prefix_queries": ("prefix_cache_queries", "gpu_prefix_cache_queries"),
+                  "prefix_hits": ("prefix_cache_hits", "gpu_prefix_cache_hits")}
+
+
+def parse_metrics(text: str) -> dict:
+    """The SERVER_METRICS found in Prometheus text, each summed over its labels (and over the names listed
+    for it); a key is missing where the server exports none of its names."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        prefix, _, name = family.name.removesuffix("_total").partition(":")  # counters parse either way
+        key = next((k for k, names in SERVER_METRICS.items() if name in names), None)
+        if prefix not in ("dsv3", "vllm") or key is None:
+            continue
+        total = sum(s.value for s in family.samples if s.name in (family.name, family.name + "_total"))
+        values[key] = values.get(key, 0.0) + total
+    return values
 
 
 class HttpTarget:
-    """An OpenAI-compatible server, through streamed /v1/completions with token-id prompts."""
+    """An OpenAI-compatible server, through streamed /v1/completions with token-id prompts; its engine's
+    counters from /metrics where it exports them (dsv3's or vLLM's names)."""
+
+    sample_interval = 0.25
 
     def __init__(self, url: str, model: str | None, api_key: str | None, max_connections: int):
         try:
             import httpx
         except ImportError:
             raise Dsv3Error("bench serve --url needs httpx: pip install httpx") from None
-        base = url.rstrip("/")
-        self.base = base if base.endswith("/v1") else base + "/v1"
-        self.name = url
+        root = url.rstrip("/").removesuffix("/v1")
+        self.base, self.metrics_url = root + "/v1", root + "/metrics"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=30.0),
                                         limits=httpx.Limits(max_connections=max_connections,
@@ -244,6 +255,14 @@ class HttpTarget:
             result.error = _error(e)
         return stream.done()
 
+    async def scrape(self) -> dict:
+        """The server's engine counters (parse_metrics), {} where /metrics is missing or unreadable."""
+        try:
+            response = await self.client.get(self.metrics_url)
+            return parse_metrics(response.text) if response.status_code == 200 else {}
+        except Exception:  # noqa: BLE001 - a server without Prometheus metrics is benchmarked all the same
+            return {}
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -258,6 +277,32 @@ def _error_message(text: str) -> str:
 
 
 # ---- the load ------------------------------------------------------------------------------------
+
+class EngineWatch:
+    """The target's engine counters (its `scrape()`) before and after a run, and the peak cache usage in
+    between, sampled every `target.sample_interval` seconds."""
+
+    def __init__(self, target):
+        self.target = target
+        self.peak_cache_usage: float | None = None
+
+    async def settled(self, timeout: float = 10.0) -> dict:
+        """The counters once no request runs or waits (the engine's snapshot follows its last outputs)."""
+        deadline = time.perf_counter() + timeout
+        values = await self.target.scrape()
+        while values.get("num_running") and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+            values = await self.target.scrape()
+        return values
+
+    async def sample(self) -> None:
+        """Track the peak cache usage until cancelled."""
+        while True:
+            usage = (await self.target.scrape()).get("cache_usage")
+            if usage is not None:
+                self.peak_cache_usage = max(self.peak_cache_usage or 0.0, usage)
+            await asyncio.sleep(self.target.sample_interval)
+
 
 async def run_load(target, requests: Sequence[BenchRequest], max_concurrency: int, request_rate: float = math.inf,
                    seed: int = 0, tag: str = "bench") -> tuple[list[RequestResult], float]:
@@ -300,8 +345,9 @@ class ServeRecord:
         cached_requests, mean_ttft_cached_ms, mean_ttft_cold_ms: requests that had prompt tokens from the
             prefix cache, and the mean TTFT with and without (where the target says how many).
         peak_cache_usage, cache_usage_after, num_preemptions, prefix_cache_queries, prefix_cache_hits,
-            prefix_cache_hit_rate: the engine's, in-process only (cache_usage_after: once every request is
-            done, 0 unless blocks leak; tokens for queries and hits).
+            prefix_cache_hit_rate: the engine's, in-process, or from the server's /metrics where it exports
+            them (cache_usage_after: once every request is done, 0 unless blocks leak; tokens for queries
+            and hits; the peak sampled every 10 ms in-process, 250 ms over HTTP).
         static_decode_ms, static_decode_tokens_per_s, static_batch, static_context: the static decode step
             of `bench decode` at the concurrency and the mean context; vs_static: output_throughput over
             static_decode_tokens_per_s; median_itl_vs_static: median_itl_ms over static_decode_ms (the
@@ -370,7 +416,8 @@ def summarize(results: Sequence[RequestResult], duration_s: float, impl: str, ta
               engine_before: dict | None = None, engine_after: dict | None = None,
               peak_cache_usage: float | None = None) -> ServeRecord:
     """The record of one run: `load` holds num_prompts, max_concurrency, request_rate, input_len,
-    output_len, range_ratio, prefix_len; the engine dicts (EngineTarget.stats) are taken before and after."""
+    output_len, range_ratio, prefix_len; the engine's counters (EngineWatch.settled, keys of SERVER_METRICS,
+    any missing) are taken before and after."""
     done = [r for r in results if r.ok and r.output_tokens >= r.output_len]
     for r in results:
         if r.ok and r.output_tokens < r.output_len:
@@ -395,13 +442,17 @@ def summarize(results: Sequence[RequestResult], duration_s: float, impl: str, ta
         record.cached_requests = len(cached)
         record.mean_ttft_cached_ms = statistics.fmean(cached) * 1e3 if cached else None
         record.mean_ttft_cold_ms = statistics.fmean(cold) * 1e3 if cold else None
-    if engine_before is not None and engine_after is not None:
-        record.peak_cache_usage = max(peak_cache_usage or 0.0, engine_after["cache_usage"])
-        record.cache_usage_after = engine_after["cache_usage"]
-        record.num_preemptions = engine_after["num_preemptions"] - engine_before["num_preemptions"]
-        record.prefix_cache_queries = engine_after["prefix_queries"] - engine_before["prefix_queries"]
-        record.prefix_cache_hits = engine_after["prefix_hits"] - engine_before["prefix_hits"]
-        if record.prefix_cache_queries:
+    before, after = engine_before or {}, engine_after or {}
+
+    def grown(key: str) -> int | None:
+        return round(after[key] - before[key]) if key in after and key in before else None
+
+    if "cache_usage" in after:
+        record.peak_cache_usage = max(peak_cache_usage or 0.0, after["cache_usage"])
+        record.cache_usage_after = after["cache_usage"]
+    record.num_preemptions = grown("num_preemptions")
+    record.prefix_cache_queries, record.prefix_cache_hits = grown("prefix_queries"), grown("prefix_hits")
+    if record.prefix_cache_queries and record.prefix_cache_hits is not None:
             record.prefix_cache_hit_rate = record.prefix_cache_hits / record.prefix_cache_queries
     record.errors = list(dict.fromkeys(r.error for r in failed if r.error))[:5]
     return record
@@ -418,6 +469,10 @@ def add_static(record: ServeRecord, step_ms: float, batch: int, context: int) ->
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def format_record(r: ServeRecord) -> str:
@@ -448,13 +503,13 @@ def format_record(r: ServeRecord) -> str:
         rows.append(("Requests with cached prompt tokens:", str(r.cached_requests)))
         rows.append(("Mean TTFT cached / cold (ms):",
                      f"{_fmt(r.mean_ttft_cached_ms, '.2f')} / {_fmt(r.mean_ttft_cold_ms, '.2f')}"))
-    if r.peak_cache_usage is not None:
+    if r.peak_cache_usage is not None or r.num_preemptions is not None:
         rows.append(" Engine ".center(60, "-"))
-        rows.append(("Peak cache usage:", f"{100 * r.peak_cache_usage:.1f}%"))
-        rows.append(("Cache usage once done:", f"{100 * r.cache_usage_after:.1f}%"))
-        rows.append(("Preemptions:", str(r.num_preemptions)))
-        rows.append(("Prefix cache hits (tokens):", f"{r.prefix_cache_hits} of {r.prefix_cache_queries}"
-                     + (f" ({100 * r.prefix_cache_hit_rate:.1f}%)" if r.prefix_cache_hit_rate is not None else "")))
+        rows.append(("Peak cache usage:", _percent(r.peak_cache_usage)))
+        rows.append(("Cache usage once done:", _percent(r.cache_usage_after)))
+        rows.append(("Preemptions:", _fmt(r.num_preemptions, "d")))
+        rows.append(("Prefix cache hits (tokens):", f"{_fmt(r.prefix_cache_hits, 'd')} of "
+                     f"{_fmt(r.prefix_cache_queries, 'd')} ({_percent(r.prefix_cache_hit_rate)})"))
     if r.static_decode_ms is not None:
         rows.append(" Static batch decode (bench decode) ".center(60, "-"))
         rows.append((f"Step at batch {r.static_batch}, context {r.static_context} (ms):", f"{r.static_decode_ms:.3f}"))
@@ -582,15 +637,15 @@ async def _drive(target, args, vocab_size: int, num_prompts: int):
         failed = [r.error for r in results if r.error]
         if failed:
             raise Dsv3Error(f"bench serve: {len(failed)} of {warmups} warm-up requests failed: {failed[0]}")
-    before = await target.settled_stats() if isinstance(target, EngineTarget) else None
-    sampler = asyncio.create_task(target.sample_cache()) if before is not None else None
+    watch = EngineWatch(target)
+    before = await watch.settled()
+    sampler = asyncio.create_task(watch.sample())
     try:
         results, duration = await run_load(target, requests, args.max_concurrency, args.request_rate, args.seed)
     finally:
-        if sampler is not None:
-            sampler.cancel()
-    after = await target.settled_stats() if before is not None else None
-    return results, duration, before, after
+        sampler.cancel()
+    after = await watch.settled()
+    return results, duration, before, after, watch.peak_cache_usage
 
 
 def _report(args, record: ServeRecord, payload: dict) -> None:
@@ -624,8 +679,9 @@ def run_url(args) -> int:
         finally:
             await target.close()
 
-    model, results, duration, _, _ = asyncio.run(main())
-    record = summarize(results, duration, f"{args.url} {model}", args.url, _load(args, num_prompts))
+    model, results, duration, before, after, peak = asyncio.run(main())
+    record = summarize(results, duration, f"{args.url} {model}", args.url, _load(args, num_prompts), before, after,
+                       peak)
     _report(args, record, _payload(args.url, "http", {}, {"name": model, "vocab_size": vocab_size}, []))
     return 0 if record.completed else 1
 
@@ -725,13 +781,12 @@ def run_engine(args) -> int:
     notes: list[str] = []
     try:
         async def main():
-            target = EngineTarget(model.async_engine)
-            return target, *(await _drive(target, args, model.config.vocab_size, num_prompts))
+            return await _drive(EngineTarget(model.async_engine), args, model.config.vocab_size, num_prompts)
 
-        target, results, duration, before, after = asyncio.run(main())
+        results, duration, before, after, peak = asyncio.run(main())
         name = model.backend.capabilities.name
         record = summarize(results, duration, f"dsv3 engine in-process ({name})", "in-process",
-                           _load(args, num_prompts), before, after, target.peak_cache_usage)
+                           _load(args, num_prompts), before, after, peak)
         if static:
             try:
                 ms, mode = static_decode_ms(model, args.max_concurrency, static_context, args.quick)

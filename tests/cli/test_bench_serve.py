@@ -98,6 +98,30 @@ def test_bad_flags_are_one_line_before_anything_loads(flags, says, capsys):
     assert says in err and len(err.strip().splitlines()) == 1, err
 
 
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{engine="0",model_name="m"} 7.0
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 4096.0
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1024.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 99.0
+"""
+
+
+def test_server_metrics_of_vllm_by_their_names():
+    assert serve.parse_metrics(VLLM_METRICS) == {"num_running": 4.0, "cache_usage": 0.25, "num_preemptions": 7.0,
+                                                 "prefix_queries": 4096.0, "prefix_hits": 1024.0}
+    assert serve.parse_metrics("# TYPE other_total counter\nother_total 1.0\n") == {}
+
+
 # ---- whole runs --------------------------------------------------------------------------------------
 
 def check_run(payload: dict, num_prompts: int, output_len: int, in_process: bool) -> dict:
@@ -201,7 +225,8 @@ def test_url_against_dsv3_serve(dsv3_server, tmp_path, capsys):
     assert r["target"] == dsv3_server and r["request_rate"] == 50
     assert r["total_input_tokens"] == 6 * (64 + 20)
     assert r["cached_requests"] > 0  # the server's usage says how many prompt tokens its prefix cache served
-    assert r["peak_cache_usage"] is None  # the engine's counters are in-process only
+    assert 0 < r["peak_cache_usage"] <= 1 and r["cache_usage_after"] == 0  # from its /metrics
+    assert r["prefix_cache_hits"] > 0 and r["num_preemptions"] == 0
 
     assert cli.main([*load, "--api-key", "wrong"]) == 2  # /v1/models answers 401: one line, no run
     assert "401" in capsys.readouterr().err
