@@ -300,6 +300,7 @@ def test_merge_flags_a_backend_that_was_not_built_and_lists_rows():
 # ---- one row per backend, by marker ----------------------------------------------------------------
 
 @pytest.mark.reference
+@pytest.mark.exhaustive
 def test_reference_row_passes_its_own_suite():
     report = run_conformance(ReferenceBackend(), TEST_PLAN)
     assert {r.op for r in report.results} == set(SUITE_OPS)
@@ -339,6 +340,7 @@ def test_ascend_row():
 @pytest.mark.ascend
 @pytest.mark.emulated
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_ascend_row_on_the_npu_emulation(monkeypatch):
     emulation = Path(__file__).resolve().parents[1] / "npu_emulation"
     if not (emulation / "torch_npu").is_dir():
