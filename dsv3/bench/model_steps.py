@@ -134,8 +134,7 @@ def _setup(what: str, backend: Backend, base: ModelConfig, layers: int | None, m
                         f"{base.max_position_embeddings}")
     device = backend.device
     on_host = device.type == "cpu"  # a small roofline there: 8192^3 would take minutes
-    roofline = measure_roofline(device, backend.capabilities.fp8_dtype, size=512 if on_host else 8192,
-                                copy_bytes=(32 << 20) if on_host else (1 << 30))
+    roofline = measure_roofline(backend, size=512 if on_host else 8192, copy_bytes=(32 << 20) if on_host else (1 << 30))
     print(format_roofline(roofline) + (" (on the CPU: matmul 512^3)" if on_host else ""), flush=True)
     free = free_memory(device)
     if layers is None:
