@@ -62,8 +62,10 @@ class CudaBackend(TritonBackend):
             "rms_norm": "triton (residual add fused; the 1x128 quantization too where FP8 linears read it)",
             "rotary": "triton (one launch, fp32 math)",
             "swiglu": "triton (one launch)",
-            "mla_prefill": "triton (backends/triton_kernels/mla.py)",
-            "mla_decode": "triton (backends/triton_kernels/mla.py); rope and the cache write in the attention kernel",
+            "mla_prefill": "paged: tokens written and latents gathered through the block tables, expanded, "
+                           "torch SDPA (backends/triton_kernels/mla.py)",
+            "mla_decode": "triton split flash-decoding through the block tables (backends/triton_kernels/mla.py); "
+                          "rope and the cache write in the attention kernel",
             "moe_route": "fp32 router GEMM (cuBLAS), then one triton routing kernel",
             "moe_experts": "triton grouped GEMM: gate+up with SwiGLU (and FP8 quant) fused, down with "
                            "weighted atomic combine",

@@ -220,10 +220,10 @@ class RocmBackend(TritonBackend):
             "rms_norm": f"triton (residual add fused; the 1x128 quantization too where FP8 linears read it), {tiles}",
             "rotary": "triton (one launch, fp32 math)",
             "swiglu": "triton (one launch)",
-            "mla_prefill": f"{mla}: latents expanded, torch SDPA",
-            "mla_decode": (f"{mla}: split flash-decoding, {tiles} ({few.block_h} or {many.block_h} heads x "
-                           f"{few.block_n} tokens), rope and the cache write in the kernel; aiter MLA not used "
-                           "(its paged cache layout differs)"),
+            "mla_prefill": f"{mla}: paged, latents gathered through the block tables and expanded, torch SDPA",
+            "mla_decode": (f"{mla}: split flash-decoding through the block tables, {tiles} ({few.block_h} or "
+                           f"{many.block_h} heads x {few.block_n} tokens), rope and the cache write in the kernel; "
+                           "aiter MLA not used (its paged cache layout differs)"),
             "moe_route": "fp32 router GEMM (hipBLASLt), then one triton routing kernel",
             "moe_experts": (f"triton grouped GEMM, {tiles} ({c.moe_decode.block_m} or {c.moe_prefill.block_m} rows): "
                             "gate+up with SwiGLU (and FP8 quant) fused, down with weighted atomic combine; "

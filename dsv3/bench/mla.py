@@ -4,8 +4,10 @@ Decode cases: 16 heads (one GPU of TP8, memory-bound) and 128 heads (no TP,
 compute-bound), batch 1, 16, 64, 128, context 4k-32k, every sequence at full
 length. Peers in the same run: the same absorbed attention written in plain
 torch BF16 (bmm, fp32 softmax) and, on a few small cases, the reference
-backend. Bytes are the cache bytes the op must read (batch x context x 576 x 2
-for BF16); FLOPs are 2 x batch x heads x context x (576 + 512).
+backend. The cache is a pool of 64-token blocks, each sequence's blocks in random
+order (as an engine's block tables leave them). Bytes are the cache bytes the op
+must read (batch x context x 576 x 2 for BF16); FLOPs are 2 x batch x heads x
+context x (576 + 512).
 
 Run through `dsv3 bench mla` (which calls `run`).
 """
@@ -16,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from dsv3.backends.interface import Backend, MLAWeights
+from dsv3.backends.interface import Backend, MLAInputs, MLAWeights, PagedBatch
 from dsv3.bench.common import (
     Record,
     rotation_count,
@@ -31,6 +33,7 @@ CONTEXTS = (4096, 8192, 16384, 32768)
 QUICK = [(16, 64, 4096), (16, 64, 32768), (128, 64, 4096), (128, 64, 32768), (16, 1, 32768), (128, 1, 4096)]
 REFERENCE_CASES = {(16, 1, 4096), (16, 16, 4096), (128, 1, 4096), (128, 16, 4096)}
 PREFILL_CASES = [(128, 1, 4096, 0), (128, 1, 512, 3584), (16, 4, 4096, 0)]  # heads, batch, tokens, start_pos
+BLOCK_SIZE = 64
 
 
 def decode_cases(quick: bool) -> list[tuple[int, int, int]]:
@@ -45,27 +48,41 @@ def _weights(backend: Backend, heads: int, device, generator) -> MLAWeights:
     return backend.prepare_mla(kv_b, heads, NOPE, V_DIM, torch.bfloat16)
 
 
+def paged_pool(batch: int, context: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random BF16 pool holding `batch` sequences of `context` tokens in BLOCK_SIZE blocks, block 0 left
+    free, and their block tables (int32 [batch, blocks per sequence]) in random order."""
+    per_seq = -(-context // BLOCK_SIZE)
+    pool = torch.randn(1 + batch * per_seq, BLOCK_SIZE, RANK + ROPE, device=device, generator=generator,
+                       dtype=torch.bfloat16)
+    order = torch.randperm(batch * per_seq, device=device, generator=generator) + 1
+    return pool, order.view(batch, per_seq).to(torch.int32)
+
+
 def _decode_inputs(batch: int, heads: int, context: int, device, generator) -> tuple:
-    """One input set: queries, the new token, a random full cache, rows and positions (length = context)."""
+    """One input set: the new tokens, a random full pool and the batch (every sequence context tokens long)."""
     def rand(*shape):
         return torch.randn(*shape, device=device, generator=generator, dtype=torch.bfloat16)
 
-    cache = rand(batch, context, RANK + ROPE)
-    slots = torch.arange(batch, device=device)
-    positions = torch.full((batch,), context - 1, device=device)
-    return (rand(batch, heads, NOPE), rand(batch, heads, ROPE), rand(batch, RANK), rand(batch, ROPE), cache, slots,
-            positions)
+    pool, tables = paged_pool(batch, context, device, generator)
+    paged = PagedBatch(tables, torch.full((batch,), context, dtype=torch.int32, device=device),
+                       torch.arange(batch + 1, dtype=torch.int32, device=device), 1, context)
+    inputs = MLAInputs(rand(batch, heads, NOPE), rand(batch, heads, ROPE), rand(batch, RANK), rand(batch, ROPE))
+    return inputs, pool, paged
 
 
 def torch_absorbed_decode(weights: MLAWeights) -> Callable:
-    """The torch BF16 peer: absorbed MLA over cache[:B] with bmm and an fp32 softmax (all sequences full)."""
+    """The torch BF16 peer: absorbed MLA with bmm and an fp32 softmax over each sequence's blocks gathered
+    through its table (all sequences full)."""
     w_uk, w_uv = weights.w_uk.to(torch.bfloat16), weights.w_uv.to(torch.bfloat16)
 
-    def decode(q_nope, q_pe, latent, k_pe, cache, slots, positions):
-        cache[slots, positions] = torch.cat((latent, k_pe), dim=-1)
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
-        query = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, 576]
-        kv = cache[:query.shape[0]]  # slots are 0..B-1 here: a view, no gather
+    def decode(inputs: MLAInputs, pool: torch.Tensor, batch: PagedBatch):
+        last = batch.seq_lens.long() - 1
+        rows = batch.block_tables.long().gather(1, (last // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + last % BLOCK_SIZE
+        pool.view(-1, RANK + ROPE)[rows] = torch.cat((inputs.latent, inputs.k_pe), dim=-1)
+        q_latent = torch.bmm(inputs.q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+        query = torch.cat((q_latent, inputs.q_pe), dim=-1)  # [B, H, 576]
+        # [B, S, 576]: the gather a torch paged cache needs (every sequence is max_seq_len long here)
+        kv = pool[batch.block_tables.long()].flatten(1, 2)[:, :batch.max_seq_len]
         scores = torch.bmm(query, kv.transpose(1, 2)).float() * SOFTMAX_SCALE  # [B, H, S]
         probs = scores.softmax(dim=-1).to(torch.bfloat16)
         out_latent = torch.bmm(probs, kv[..., :RANK])  # [B, H, 512]
@@ -119,15 +136,17 @@ def bench_prefill(backend: Backend, reference: Backend | None, device, records: 
         return torch.randn(*shape, device=device, generator=generator, dtype=torch.bfloat16)
 
     weights = _weights(backend, heads, device, generator)
-    args = (rand(batch, tokens, heads, NOPE), rand(batch, tokens, heads, ROPE), rand(batch, tokens, RANK),
-            rand(batch, tokens, ROPE), rand(batch, end, RANK + ROPE), torch.arange(batch, device=device))
-    run_case(records, "mla", case, ours,
-             lambda *a: backend.mla_prefill(*a, start_pos, weights, SOFTMAX_SCALE), [args], backend, flops,
-             bytes_moved, "bf16", ours=True, graph=False)
+    n = batch * tokens
+    pool, tables = paged_pool(batch, end, device, generator)
+    paged = PagedBatch(tables, torch.full((batch,), end, dtype=torch.int32, device=device),
+                       torch.arange(0, n + 1, tokens, dtype=torch.int32, device=device), tokens, end)
+    args = (MLAInputs(rand(n, heads, NOPE), rand(n, heads, ROPE), rand(n, RANK), rand(n, ROPE)), pool, paged)
+    run_case(records, "mla", case, ours, lambda *a: backend.mla_prefill(*a, weights, SOFTMAX_SCALE), [args],
+             backend, flops, bytes_moved, "bf16", ours=True, graph=False)
     if reference is not None and heads * batch * tokens * end <= 128 * 4096 * 4096:
         ref_weights = _weights(reference, heads, device, torch.Generator(device).manual_seed(0))
         run_case(records, "mla", case, "reference backend (fp32)",
-                 lambda *a: reference.mla_prefill(*a, start_pos, ref_weights, SOFTMAX_SCALE), [args], backend,
+                 lambda *a: reference.mla_prefill(*a, ref_weights, SOFTMAX_SCALE), [args], backend,
                  flops, bytes_moved, "bf16", graph=False, target_ms=20.0)
 
 

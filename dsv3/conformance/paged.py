@@ -20,7 +20,7 @@ def block_tables(seq_lens: list[int], block_size: int, g: torch.Generator,
         seq_lens: final tokens per sequence.
         block_size: tokens per block.
         g: the generator that shuffles the pool.
-        shared: (a, b, n): sequence b's first n blocks are sequence a's (a cached prefix).
+        shared: (a, b, n): sequence b's first n blocks are sequence a's (a cached prefix), a and b in any order.
     Returns:
         (int32 [B, max_blocks + 1] tables, num_blocks of the pool).
     """
@@ -31,8 +31,9 @@ def block_tables(seq_lens: list[int], block_size: int, g: torch.Generator,
     num_blocks = 1 + needed + spare_blocks
     order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
     tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    for seq, count in enumerate(per_seq):
-        first = 0
+    donor_first = sorted(range(len(seq_lens)), key=lambda seq: not shared or seq != shared[0])
+    for seq in donor_first:
+        count, first = per_seq[seq], 0
         if shared and seq == shared[1]:
             tables[seq, :reused] = tables[shared[0], :reused]
             first = reused

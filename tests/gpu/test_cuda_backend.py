@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from dsv3.backends import fp8
-from dsv3.backends.interface import RoutingConfig
+from dsv3.backends.interface import MLAInputs, RoutingConfig
 from numerics import row_error
 
 from dsv3.conformance import TOLERANCES
+from dsv3.conformance.paged import block_tables, concat, paged_batch, take_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda]
 
@@ -215,31 +216,45 @@ def test_moe_experts_from_the_norms_fp8_copy(backends, tokens):
     assert error <= 2 ** -8, error
 
 
-@pytest.mark.parametrize("lengths", [[1, 300], [2048, 17, 1]])
-def test_mla_decode(backends, lengths):
+@pytest.mark.parametrize("lengths,shared", [([1, 300], None), ([2048, 17, 1], None), ([129, 200], (1, 0, 2))],
+                         ids=["short-long", "mixed", "shared-prefix"])
+def test_mla_prefill_then_decode(backends, lengths, shared):
+    """The backend's paged prefill (history in two chunks, the second starting mid-block) and decode against
+    the reference's, blocks of 64 shuffled over the pool; in one case sequence 0 reuses sequence 1's first two
+    blocks as its prefix and prefills only its own tokens."""
     cuda, ref = backends
-    heads, nope, rope, rank, v = 16, 128, 64, 512, 128
-    batch = len(lengths)
+    heads, nope, rope, rank, v, block_size = 16, 128, 64, 512, 128, 64
     g = torch.Generator("cuda").manual_seed(4)
     kv_b = torch.randn(heads * (nope + v), rank, device="cuda", generator=g) / rank ** 0.5
-    caches, weights = [], []
-    for b in (cuda, ref):
-        spec = b.mla_cache_spec(batch, max(lengths) + 1, rank, rope, torch.bfloat16)
-        caches.append(b.allocate_mla_cache(spec))
-        weights.append(b.prepare_mla(kv_b, heads, nope, v, torch.bfloat16))
-    history = max(lengths)
-    latent = torch.randn(batch, history, rank, device="cuda", generator=g).bfloat16()
-    k_pe = torch.randn(batch, history, rope, device="cuda", generator=g).bfloat16()
-    slots = torch.arange(batch, device="cuda")
+    tables, num_blocks = block_tables(lengths, block_size, torch.Generator().manual_seed(5), shared=shared)
+    first = [shared[2] * block_size if shared and seq == shared[1] else 0 for seq in range(len(lengths))]
+    history = [n - 1 for n in lengths]
     q = lambda *s: torch.randn(*s, device="cuda", generator=g).bfloat16()  # noqa: E731
-    for b, cache, w in zip((cuda, ref), caches, weights):
-        b.mla_prefill(q(batch, history, heads, nope), q(batch, history, heads, rope), latent, k_pe, cache, slots, 0,
-                      w, 0.1)
-    positions = torch.tensor(lengths, device="cuda") - 1
-    q_nope, q_pe, new_latent, new_pe = q(batch, heads, nope), q(batch, heads, rope), q(batch, rank), q(batch, rope)
-    got = cuda.mla_decode(q_nope, q_pe, new_latent, new_pe, caches[0], slots, positions, weights[0], 0.1)
-    expected = ref.mla_decode(q_nope, q_pe, new_latent, new_pe, caches[1], slots, positions, weights[1], 0.1)
-    assert row_error(got, expected) <= TOL["mla_decode"]["bf16"]
+    tokens = [MLAInputs(q(n, heads, nope), q(n, heads, rope), q(n, rank), q(n, rope)) for n in lengths]
+    new = concat([take_rows(t, slice(n - 1, n)) for t, n in zip(tokens, lengths, strict=True)])
+    # phase 0: the sequences that own all their blocks, in two chunks; phase 1: the one reusing a prefix
+    calls = []
+    for phase in sorted({f > 0 for f in first}):
+        seqs = [s for s in range(len(lengths)) if (first[s] > 0) == phase and history[s] > first[s]]
+        middle = {s: first[s] + (history[s] - first[s]) // 2 for s in seqs}
+        for bounds in ({s: (first[s], middle[s]) for s in seqs}, {s: (middle[s], history[s]) for s in seqs}):
+            spans = [(s, *bounds[s]) for s in seqs if bounds[s][0] < bounds[s][1]]
+            if spans:
+                calls.append(spans)
+    outputs = []
+    for b in (cuda, ref):
+        cache = b.allocate_mla_cache(b.mla_cache_spec(num_blocks, block_size, rank, rope, torch.bfloat16))
+        weights = b.prepare_mla(kv_b, heads, nope, v, torch.bfloat16)
+        outs = []
+        for spans in calls:
+            inputs = concat([take_rows(tokens[s], slice(start, end)) for s, start, end in spans])
+            batch = paged_batch(tables[[s for s, _, _ in spans]], [end for _, _, end in spans],
+                                [end - start for _, start, end in spans], "cuda")
+            outs.append(b.mla_prefill(inputs, cache, batch, weights, 0.1))
+        outs.append(b.mla_decode(new, cache, paged_batch(tables, lengths, [1] * len(lengths), "cuda"), weights, 0.1))
+        outputs.append(outs)
+    for kind, got, expected in zip(["prefill"] * len(calls) + ["decode"], *outputs, strict=True):
+        assert row_error(got, expected) <= TOL[f"mla_{kind}"]["bf16"], kind
 
 
 def test_decode_ops_capture_in_a_cuda_graph(backends):
