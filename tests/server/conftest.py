@@ -1,74 +1,9 @@
-"""A real `dsv3 serve` process on the tiny checkpoint, on a free port, shared by the end-to-end tests."""
+"""The real `dsv3 serve` process the end-to-end tests share."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-API_KEY = "test-key"
-MAX_REQUEST_BYTES = 256 * 1024
-MAX_MODEL_LEN = 512
-#: issue 20's target: start to the first 200 on /health within this on a CPU
-STARTUP_LIMIT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m dsv3 serve` in a subprocess; `url` once /health answers 200."""
-
-    def __init__(self, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"dsv3-serve-{self.port}.log", "w+")
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        env.pop("DSV3_API_KEY", None)
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dsv3", "serve", "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN),
-             "--max-num-seqs", "16", "--cache-tokens", "8192", *flags],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        while time.monotonic() - started < 120:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"dsv3 serve exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            self.stop()
-            raise RuntimeError(f"dsv3 serve did not answer /health within 120 s:\n{self.output()}")
-        self.startup_s = time.monotonic() - started
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def terminate(self, timeout: float = 30) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+from serve_helpers import API_KEY, MAX_REQUEST_BYTES, ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, MAX_MODEL_LEN, MAX_REQUEST_BYTES, ROOT, STARTUP_LIMIT_S, ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
+from serve_helpers import API_KEY, MAX_MODEL_LEN, MAX_REQUEST_BYTES, ROOT, STARTUP_LIMIT_S, ServerProcess
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPTS = [f"Prompt number {i}: the quick brown fox" + " jumps" * (i % 5) for i in range(16)]
