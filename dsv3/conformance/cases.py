@@ -94,6 +94,16 @@ def poison(x: torch.Tensor, row_index: tuple[int, ...], value: float, column: in
     x[row_index + (column,)] = value
 
 
+def zero_row(inp: dict) -> None:
+    """Row 1 of the input all zero: its output must come out exactly zero."""
+    inp["x"][1] = 0
+
+
+def times_1e4(inp: dict) -> None:
+    """The input x1e4: beyond FP8's range, and far from bf16's rounding of typical values."""
+    inp["x"] *= 1e4
+
+
 # ---- op cases ------------------------------------------------------------------------------
 
 def _linear(precision: str):
@@ -191,12 +201,6 @@ def rms_norm_cases(plan: Plan, precision: str) -> list[Case]:
         return Case("rms_norm", precision, name, inputs,
                     lambda backend, inp: backend.rms_norm(inp["x"], inp["weight"], 1e-6, inp["residual"]), check)
 
-    def zero_row(inp):
-        inp["x"][1] = 0
-
-    def large(inp):
-        inp["x"] *= 1e4
-
     def non_finite(inp):
         poison(inp["x"], (1,), float("nan"))
         poison(inp["x"], (2,), float("inf"), 7)
@@ -208,7 +212,7 @@ def rms_norm_cases(plan: Plan, precision: str) -> list[Case]:
         case("residual D=7168 M=1", 1, 7168, residual=True),
         case(f"large batch D=7168 M={plan.large_tokens}", plan.large_tokens, 7168),
         case("zero row D=7168", 4, 7168, transform=zero_row),
-        case("values 1e4 D=7168", 4, 7168, transform=large),
+        case("values 1e4 D=7168", 4, 7168, transform=times_1e4),
         case("NaN and inf rows D=7168", 4, 7168, transform=non_finite, check="propagate"),
         case("NaN and inf rows, residual D=512", 4, 512, residual=True, transform=non_finite, check="propagate"),
     ]

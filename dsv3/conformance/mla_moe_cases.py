@@ -8,7 +8,16 @@ from __future__ import annotations
 import torch
 
 from dsv3.backends.interface import Backend, MLAInputs
-from dsv3.conformance.cases import expert_weights, generator, poison, randn, v3_rope, v3_softmax_scale
+from dsv3.conformance.cases import (
+    expert_weights,
+    generator,
+    poison,
+    randn,
+    times_1e4,
+    v3_rope,
+    v3_softmax_scale,
+    zero_row,
+)
 from dsv3.conformance.paged import block_tables, paged_batch
 from dsv3.conformance.suite import (
     LITE_HEADS,
@@ -221,12 +230,6 @@ def moe_experts_cases(plan: Plan, precision: str) -> list[Case]:
             rows.append(torch.cat((torch.tensor([2]), others + (others >= 2).long())))
         return torch.stack(rows)
 
-    def zero_row(inp):
-        inp["x"][1] = 0
-
-    def beyond_range(inp):
-        inp["x"] *= 1e4
-
     def non_finite(inp):
         poison(inp["x"], (1,), float("nan"))
         poison(inp["x"], (4,), float("inf"), 9)
@@ -242,7 +245,7 @@ def moe_experts_cases(plan: Plan, precision: str) -> list[Case]:
              check="propagate"),
     ]
     if precision == "fp8":
-        cases.append(case("activations beyond FP8 range (x1e4)", main, 4, transform=beyond_range))
+        cases.append(case("activations beyond FP8 range (x1e4)", main, 4, transform=times_1e4))
     if extra and precision != "fp32":
         cases.append(case("N=4", extra, 4))
     return cases
