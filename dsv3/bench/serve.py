@@ -352,6 +352,8 @@ class ServeRecord:
             of `bench decode` at the concurrency and the mean context; vs_static: output_throughput over
             static_decode_tokens_per_s; median_itl_vs_static: median_itl_ms over static_decode_ms (the
             engine's typical step against the static one).
+        baseline, vs_baseline: `--baseline FILE`, an earlier run's JSON (e.g. in-process beside this --url run),
+            and output_throughput over its output_throughput.
         errors: the first distinct failure messages.
     """
 
@@ -401,6 +403,8 @@ class ServeRecord:
     static_context: int | None = None
     vs_static: float | None = None
     median_itl_vs_static: float | None = None
+    baseline: str | None = None
+    vs_baseline: float | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -510,6 +514,9 @@ def format_record(r: ServeRecord) -> str:
         rows.append(("Preemptions:", _fmt(r.num_preemptions, "d")))
         rows.append(("Prefix cache hits (tokens):", f"{_fmt(r.prefix_cache_hits, 'd')} of "
                      f"{_fmt(r.prefix_cache_queries, 'd')} ({_percent(r.prefix_cache_hit_rate)})"))
+    if r.vs_baseline is not None:
+        rows.append(f" Against {r.baseline} ".center(60, "-"))
+        rows.append(("Output throughput / baseline's:", f"{r.vs_baseline:.3f}"))
     if r.static_decode_ms is not None:
         rows.append(" Static batch decode (bench decode) ".center(60, "-"))
         rows.append((f"Step at batch {r.static_batch}, context {r.static_context} (ms):", f"{r.static_decode_ms:.3f}"))
@@ -526,6 +533,9 @@ def check_record(r: ServeRecord) -> list[str]:
     """The issues' targets this record speaks to, one line each: engine / static decode (with the static
     baseline), P99 / median ITL (with a finite request rate), cached / cold TTFT (at concurrency 1)."""
     lines = []
+    if r.vs_baseline is not None:
+        lines.append(f"output throughput / {r.baseline}: {r.vs_baseline:.3f} (issue 20's HTTP vs in-process target: "
+                     ">= 0.9)")
     if r.vs_static is not None:
         lines.append(f"engine / static decode at batch {r.static_batch}: {r.vs_static:.3f} (target >= 0.9)")
     if r.p99_over_median_itl is not None and r.request_rate != math.inf:
@@ -575,6 +585,8 @@ def add_arguments(p) -> None:
                    "$OPENAI_API_KEY)")
     g.add_argument("--vocab-size", type=int, help="--url: prompt token ids are drawn below this (default: the "
                    "vocabulary of --ckpt, else of the built-in tiny checkpoint)")
+    g.add_argument("--baseline", metavar="FILE", help="an earlier bench serve JSON (e.g. the in-process run) to "
+                   "print this run's output throughput against")
     g.add_argument("--static-decode-baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="also time bench decode's static step at the concurrency and the mean context (default: "
                    "on an accelerator, in-process)")
@@ -615,6 +627,8 @@ def _check(args) -> None:
         raise UsageError("bench serve: it drives one engine in one process; run it without torchrun, --tp or --ep")
     if args.num_warmups is not None and args.num_warmups < 0:
         raise UsageError(f"bench serve: --num-warmups must be >= 0, got {args.num_warmups}")
+    if args.baseline:
+        read_baseline(args.baseline)
 
 
 def _num_prompts(args, on_host: bool) -> int:
@@ -649,7 +663,25 @@ async def _drive(target, args, vocab_size: int, num_prompts: int):
     return results, duration, before, after, watch.peak_cache_usage
 
 
+def read_baseline(path: str) -> tuple[str, float]:
+    """(who ran it, output tokens/s) of the first record of an earlier bench serve JSON."""
+    try:
+        earlier = json.loads(Path(path).read_text())["records"][0]
+        return str(earlier["impl"]), float(earlier["output_throughput"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise UsageError(f"bench serve: --baseline {path}: not a bench serve JSON ({_error(e)})") from None
+
+
+def add_baseline(record: ServeRecord, path: str) -> None:
+    """This run's output throughput over that of an earlier run (read_baseline)."""
+    impl, throughput = read_baseline(path)
+    record.baseline = f"{path} ({impl})"
+    record.vs_baseline = record.output_throughput / throughput if throughput > 0 else None
+
+
 def _report(args, record: ServeRecord, payload: dict) -> None:
+    if args.baseline:
+        add_baseline(record, args.baseline)
     print(format_record(record), flush=True)
     for line in check_record(record):
         print(line)

@@ -91,6 +91,7 @@ def test_summary_by_hand():
     (["--num-prompts", "0"], "--num-prompts must be at least 1"),
     (["--prefix-len", "-1"], "--prefix-len must be >= 0"),
     (["--url", "http://127.0.0.1:9", "--num-warmups", "-1"], "--num-warmups must be >= 0"),
+    (["--baseline", str(TINY_CHECKPOINT / "config.json")], "not a bench serve JSON"),
 ])
 def test_bad_flags_are_one_line_before_anything_loads(flags, says, capsys):
     assert cli.main(["bench", "serve", "--ckpt", str(TINY_CHECKPOINT), "--backend", "reference", *flags]) == 2
@@ -217,7 +218,10 @@ def test_url_against_dsv3_serve(dsv3_server, tmp_path, capsys):
     out = tmp_path / "serve.json"
     load = ["bench", "serve", "--url", dsv3_server, "--num-prompts", "6", "--input-len", "20", "--prefix-len", "64",
             "--output-len", "5", "--max-concurrency", "3", "--request-rate", "50"]
-    code = cli.main([*load, "--api-key", API_KEY, "--json", str(out)])
+    baseline = tmp_path / "in_process.json"
+    baseline.write_text(json.dumps({"records": [{"impl": "dsv3 engine in-process (reference)",
+                                                 "output_throughput": 10.0}]}))
+    code = cli.main([*load, "--api-key", API_KEY, "--baseline", str(baseline), "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "Serving benchmark result" in printed
@@ -227,6 +231,8 @@ def test_url_against_dsv3_serve(dsv3_server, tmp_path, capsys):
     assert r["cached_requests"] > 0  # the server's usage says how many prompt tokens its prefix cache served
     assert 0 <= r["peak_cache_usage"] <= 1 and r["cache_usage_after"] == 0  # from its /metrics (sampled 4x a second)
     assert r["prefix_cache_hits"] > 0 and r["num_preemptions"] == 0
+    assert r["vs_baseline"] == pytest.approx(r["output_throughput"] / 10.0) and "in-process" in r["baseline"]
+    assert "issue 20's HTTP vs in-process target" in printed
 
     assert cli.main([*load, "--api-key", "wrong"]) == 2  # /v1/models answers 401: one line, no run
     assert "401" in capsys.readouterr().err
