@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dsv3.backends.chips import DENSE_DTYPES
 from dsv3.backends.interface import (
     Backend,
     CacheSpec,
@@ -28,7 +29,8 @@ from dsv3.config import ModelConfig, yarn_get_mscale
 from dsv3.errors import Dsv3Error
 from dsv3.weights import WeightLoader
 
-ACTIVATION_DTYPES = {"fp8": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: the activation dtype of each precision: the dense dtype, and bf16 around FP8 linears
+ACTIVATION_DTYPES = {"fp8": torch.bfloat16, **DENSE_DTYPES}
 
 
 def rope_tables(config: ModelConfig, max_seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
