@@ -16,7 +16,7 @@ import pytest
 
 from dsv3 import cli
 from dsv3.api import TINY_CHECKPOINT
-from dsv3.bench import serve
+from dsv3.bench import serve_load, serve_records
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "bench-key"
@@ -27,7 +27,7 @@ LOAD = {"num_prompts": 3, "max_concurrency": 2, "request_rate": math.inf, "input
 # ---- the dataset and the arrivals ----------------------------------------------------------------
 
 def test_random_requests_lengths_prefix_and_vocabulary():
-    requests = serve.random_requests(200, 100, 20, vocab_size=50, range_ratio=0.5, prefix_len=7, seed=3)
+    requests = serve_load.random_requests(200, 100, 20, vocab_size=50, range_ratio=0.5, prefix_len=7, seed=3)
     assert len(requests) == 200
     prefix = requests[0].prompt_token_ids[:7]
     for r in requests:
@@ -35,15 +35,15 @@ def test_random_requests_lengths_prefix_and_vocabulary():
         assert 50 <= len(r.prompt_token_ids) - 7 <= 150 and 10 <= r.output_len <= 30
         assert all(0 <= t < 50 for t in r.prompt_token_ids)
     assert len({len(r.prompt_token_ids) for r in requests}) > 10  # the lengths do vary
-    again = serve.random_requests(200, 100, 20, vocab_size=50, range_ratio=0.5, prefix_len=7, seed=3)
+    again = serve_load.random_requests(200, 100, 20, vocab_size=50, range_ratio=0.5, prefix_len=7, seed=3)
     assert [r.prompt_token_ids for r in again] == [r.prompt_token_ids for r in requests]
-    fixed = serve.random_requests(5, 16, 8, vocab_size=50)
+    fixed = serve_load.random_requests(5, 16, 8, vocab_size=50)
     assert [(len(r.prompt_token_ids), r.output_len) for r in fixed] == [(16, 8)] * 5
 
 
 def test_arrivals_all_at_once_or_poisson():
-    assert serve.arrival_delays(4, math.inf, 0) == [0.0] * 4
-    delays = serve.arrival_delays(4000, 20.0, 1)
+    assert serve_load.arrival_delays(4, math.inf, 0) == [0.0] * 4
+    delays = serve_load.arrival_delays(4000, 20.0, 1)
     assert delays[0] == 0.0 and delays == sorted(delays)
     assert abs(delays[-1] / 3999 - 1 / 20.0) < 0.005  # mean gap 1 / rate
 
@@ -51,9 +51,9 @@ def test_arrivals_all_at_once_or_poisson():
 # ---- the summary ----------------------------------------------------------------------------------
 
 def _result(ttft: float, itl: list[float], cached: int | None = None, error: str | None = None,
-            output_len: int = 4) -> serve.RequestResult:
+            output_len: int = 4) -> serve_load.RequestResult:
     tokens = 0 if error else len(itl) + 1
-    return serve.RequestResult(10, output_len, tokens, None if error else ttft,
+    return serve_load.RequestResult(10, output_len, tokens, None if error else ttft,
                                None if error else ttft + sum(itl), itl, cached, error)
 
 
@@ -63,7 +63,7 @@ def test_summary_by_hand():
     before = {"num_preemptions": 1, "prefix_queries": 10, "prefix_hits": 0, "cache_usage": 0.0,
               "prompt_tokens": 0, "generation_tokens": 0}
     after = {**before, "num_preemptions": 3, "prefix_queries": 50, "prefix_hits": 10}
-    r = serve.summarize(results, 2.0, "test", "in-process", {**LOAD, "num_prompts": 4}, before, after, 0.5)
+    r = serve_records.summarize(results, 2.0, "test", "in-process", {**LOAD, "num_prompts": 4}, before, after, 0.5)
     assert (r.completed, r.failed) == (2, 2)
     assert r.total_input_tokens == 20 and r.total_output_tokens == 8
     assert r.output_throughput == 4.0 and r.total_token_throughput == 14.0 and r.request_throughput == 1.0
@@ -76,9 +76,9 @@ def test_summary_by_hand():
     assert (r.num_preemptions, r.prefix_cache_queries, r.prefix_cache_hits) == (2, 40, 10)
     assert r.prefix_cache_hit_rate == 0.25 and r.peak_cache_usage == 0.5
     assert r.errors == ["boom", "2 of 4 tokens"]
-    serve.add_static(r, 100.0, 2, 12)
+    serve_records.add_static(r, 100.0, 2, 12)
     assert r.static_decode_tokens_per_s == 20.0 and r.vs_static == 0.2
-    table = serve.format_record(r)
+    table = serve_records.format_record(r)
     for line in ("Successful requests:", "Output token throughput (tok/s):", "P99 ITL (ms):", "Preemptions:",
                  "Output throughput / static rate:", "failed: boom"):
         assert line in table
@@ -118,9 +118,9 @@ vllm:generation_tokens_total{engine="0",model_name="m"} 99.0
 
 
 def test_server_metrics_of_vllm_by_their_names():
-    assert serve.parse_metrics(VLLM_METRICS) == {"num_running": 4.0, "cache_usage": 0.25, "num_preemptions": 7.0,
+    assert serve_load.parse_metrics(VLLM_METRICS) == {"num_running": 4.0, "cache_usage": 0.25, "num_preemptions": 7.0,
                                                  "prefix_queries": 4096.0, "prefix_hits": 1024.0}
-    assert serve.parse_metrics("# TYPE other_total counter\nother_total 1.0\n") == {}
+    assert serve_load.parse_metrics("# TYPE other_total counter\nother_total 1.0\n") == {}
 
 
 # ---- whole runs --------------------------------------------------------------------------------------
