@@ -447,15 +447,18 @@ def test_tiny_model_through_the_backend_kernels_under_triton_interpreter():
     check_ran(run_python(MODEL_INTERPRETED, interpret=True), "model ok")
 
 
-def test_rocm_backend_sets_every_attribute_the_cuda_backend_ops_use():
-    """RocmBackend runs CudaBackend's methods without its constructor: whatever that constructor sets,
-    RocmBackend's must set too (a guard against the two drifting apart)."""
+def test_cuda_and_rocm_backends_share_one_constructor_path():
+    """Both are TritonBackends built through its constructor (RocmBackend is no longer a CudaBackend that
+    skips CudaBackend's constructor): every field the shared ops read is set for both."""
     pytest.importorskip("triton")
     from dsv3.backends.cuda import CudaBackend
+    from dsv3.backends.triton_backend import TritonBackend
 
     cuda = CudaBackend(chip=describe_chip("nvidia", "sm_90"))  # no GPU needed with a described chip
-    missing = set(vars(cuda)) - set(vars(rocm_backend("gfx942")))
-    assert not missing, f"RocmBackend.__init__ does not set {sorted(missing)}"
+    rocm = rocm_backend("gfx942")
+    assert isinstance(cuda, TritonBackend) and isinstance(rocm, TritonBackend) and not isinstance(rocm, CudaBackend)
+    missing = set(vars(cuda)) - set(vars(rocm))
+    assert not missing, f"RocmBackend does not set {sorted(missing)}"
 
 
 # ---- 4. compiled for gfx942 and gfx950 by Triton's AMD backend, on the CPU -----------------------------------
