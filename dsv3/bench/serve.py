@@ -129,7 +129,8 @@ def _num_prompts(args, on_host: bool) -> int:
 
 
 async def _drive(target, args, vocab_size: int, num_prompts: int):
-    """Warm-up, then the run; (results, duration, engine stats before and after or Nones)."""
+    """Warm-up requests (not counted), then the run: (results, seconds, the engine's counters before and after,
+    its peak cache usage or None)."""
     requests = random_requests(num_prompts, args.input_len, args.output_len, vocab_size, args.range_ratio,
                                args.prefix_len, args.seed)
     warmups = args.max_concurrency if args.num_warmups is None else args.num_warmups
@@ -308,7 +309,7 @@ def run_engine(args) -> int:
     return 0 if record.completed else 1
 
 
-def run_command(args, backend=None) -> int:
+def run_command(args) -> int:
     """`dsv3 bench serve` (dsv3/commands/bench.py parses the options)."""
     if args.url:
         return run_url(args)
