@@ -137,7 +137,9 @@ class Model:
 
     def generate_stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """The outputs of one prompt as the engine produces them (cumulative text and tokens), the last finished."""
-        (ids,) = self._prompt_ids(prompt if isinstance(prompt, str) or _is_token_list(prompt) else [prompt])
+        if not (isinstance(prompt, str) or _is_token_list(prompt)):
+            raise RequestError("generate_stream takes one prompt: a str or a list of token ids", param="prompt")
+        (ids,) = self._prompt_ids(prompt)
         if self._lockstep:
             yield from self._generate_in_lockstep([ids], [sampling_params], stream=True)
             return

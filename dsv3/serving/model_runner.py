@@ -87,8 +87,9 @@ class ModelRunner:
             size = self.bucket(len(step.decodes))
             if size is not None:
                 logits = self._replay(size, step.decodes)
-                if logits is not None:  # every decode samples
-                    return seqs, logits[:len(step.decodes)]
+                if logits is not None:  # a one-token chunk inside a prompt is a decode row that samples nothing
+                    logits = logits[:len(step.decodes)]
+                    return seqs, logits if len(sampling) == len(step.decodes) else logits[sampling]
         return seqs, self.model.forward(self._eager_batch(step, sampling))
 
     # ---- eager ------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if count <= 0:  # nothing to compute (cannot happen while every sampled token is appended)
+                i += 1
+                continue
             while not bm.allocate(seq, count):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -136,6 +136,19 @@ def test_runner_records_each_bucket_once_and_replays_new_inputs(model):
     assert close(b, eager)
 
 
+def test_a_one_token_prompt_chunk_in_a_recorded_step_samples_nothing(model):
+    """A budget that leaves one token for a prompt makes it a decode row; only the rows that reach their
+    sequence's end come back, in order."""
+    a, b = decoding(model, [6, 9])
+    b.num_computed_tokens -= 3  # three prompt tokens still to compute: this step runs one of them
+    step = ScheduledStep(decodes=[b, a])
+    seqs, got = ModelRunner(model.transformer, BLOCK, 4, 40).run(step)
+    b.num_computed_tokens = 5  # the same inputs again, eagerly
+    seqs_eager, expected = ModelRunner(model.transformer, BLOCK, 4, 40, enforce_eager=True).run(step)
+    assert seqs == seqs_eager == [a]
+    assert got.shape == (1, model.config.vocab_size) and close(got, expected)
+
+
 def test_greedy_tokens_equal_with_and_without_recorded_steps():
     backend = KeepingBackend()
     recorded = load(backend)
