@@ -113,9 +113,8 @@ class ModelRunner:
 
     def _paged(self, seqs: list[Sequence], counts: list[int]) -> PagedBatch:
         width = max(len(s.block_table) for s in seqs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
-        for row, seq in enumerate(seqs):
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        tables = torch.tensor([s.block_table + [SCRATCH_BLOCK] * (width - len(s.block_table)) for s in seqs],
+                              dtype=torch.int32)
         seq_lens = [s.num_computed_tokens + n for s, n in zip(seqs, counts, strict=True)]
         query_start = [0]
         for n in counts:
@@ -142,15 +141,13 @@ class ModelRunner:
 
     def _fill(self, bucket: _Bucket, seqs: list[Sequence]) -> None:
         """Write the step's inputs into the bucket's buffers; padding rows write only block 0."""
-        size = bucket.tokens.shape[0]
-        tokens = torch.zeros(size, dtype=torch.long)
-        positions = torch.zeros(size, dtype=torch.long)
-        seq_lens = torch.ones(size, dtype=torch.int32)
-        tables = torch.full((size, self.max_blocks_per_seq), SCRATCH_BLOCK, dtype=torch.int32)
-        for row, seq in enumerate(seqs):
-            position = seq.num_computed_tokens
-            tokens[row], positions[row], seq_lens[row] = seq.token_ids[position], position, position + 1
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        width, padding = self.max_blocks_per_seq, bucket.tokens.shape[0] - len(seqs)
+        positions_list = [seq.num_computed_tokens for seq in seqs] + [0] * padding
+        tokens = torch.tensor([seq.token_ids[seq.num_computed_tokens] for seq in seqs] + [0] * padding)
+        positions = torch.tensor(positions_list)
+        seq_lens = torch.tensor([p + 1 for p in positions_list], dtype=torch.int32)
+        tables = torch.tensor([seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in seqs]
+                              + [[SCRATCH_BLOCK] * width] * padding, dtype=torch.int32)
         for buffer, value in ((bucket.tokens, tokens), (bucket.positions, positions), (bucket.seq_lens, seq_lens),
                               (bucket.block_tables, tables)):
             buffer.copy_(value, non_blocking=True)
