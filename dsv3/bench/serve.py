@@ -64,8 +64,8 @@ def add_arguments(p) -> None:
     g.add_argument("--max-concurrency", type=int, default=64, help="requests in flight at most (default 64)")
     g.add_argument("--request-rate", type=float, default=math.inf, help="requests per second, Poisson arrivals "
                    "(default inf: all at once, held back by --max-concurrency)")
-    g.add_argument("--num-warmups", type=int, help="short requests sent before the run, not counted (default: "
-                   "the concurrency)")
+    g.add_argument("--num-warmups", type=int, help="requests sent before the run, not counted (default: the "
+                   "concurrency; each decodes until they all have been prefilled)")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals (default 0)")
     g.add_argument("--url", help="drive an OpenAI-compatible server at URL (http://host:port) instead of an "
                    "engine in this process")
@@ -135,9 +135,12 @@ async def _drive(target, args, vocab_size: int, num_prompts: int):
                                args.prefix_len, args.seed)
     warmups = args.max_concurrency if args.num_warmups is None else args.num_warmups
     if warmups:
-        # other prompts (a different seed), so that the run's prompts find nothing of theirs in the prefix cache
-        warm = random_requests(warmups, args.input_len, min(args.output_len, 4), vocab_size, 0.0, args.prefix_len,
-                               args.seed + 1_000_003)
+        # Other prompts (another seed), so that the run's find nothing of theirs in the prefix cache; long enough
+        # that the first is still decoding when the last is prefilled, so the full batch's decode step (and, as
+        # they finish one by one, the smaller ones) are recorded before the run.
+        prefill_steps = -(-warmups * (args.prefix_len + args.input_len) // args.max_num_batched_tokens)
+        warm = random_requests(warmups, args.input_len, min(args.output_len, prefill_steps + 8), vocab_size, 0.0,
+                               args.prefix_len, args.seed + 1_000_003)
         results, _ = await run_load(target, warm, args.max_concurrency, tag="warmup")
         failed = [r.error for r in results if r.error]
         if failed:
