@@ -104,7 +104,10 @@ class EngineLoop:
                 try:
                     outputs = engine.step()
                 except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the loop
-                    outputs = self._fail_all(e)
+                    try:
+                        outputs = self._fail_all(e)
+                    except Exception:  # noqa: BLE001
+                        outputs = []
                 self._stats = engine.stats()  # before the outputs: a caller who sees its request end sees it gone
                 for output in outputs:
                     self._deliver(output.request_id, output, output.finished)

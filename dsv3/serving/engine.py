@@ -105,6 +105,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, config.block_size, config.max_num_seqs, config.max_model_len,
                                   config.enforce_eager)
+        self.runner.record_all()
         self.sampler = Sampler(model.backend.device, config.seed)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = self.generation_tokens = 0

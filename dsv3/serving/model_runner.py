@@ -67,6 +67,16 @@ class ModelRunner:
         self.graphs = not enforce_eager and model.supports_graphs()
         self._recorded: dict[int, _Bucket] = {}
 
+    def record_all(self) -> None:
+        """Record every bucket now (all rows padding, writing only block 0), so that no step waits for a
+        recording later; stops at the first the backend declines."""
+        with torch.inference_mode():
+            for size in self.buckets:
+                if not self.graphs:
+                    return
+                if size not in self._recorded and self._record(size, []) is None:
+                    self.graphs = False
+
     @property
     def recorded_buckets(self) -> tuple[int, ...]:
         return tuple(sorted(self._recorded))

@@ -232,3 +232,13 @@ def test_streamed_outputs_are_cumulative_and_end_finished(model, alone):
 def test_cache_too_small_for_one_request_names_the_flag():
     with pytest.raises(Exception, match="--cache-tokens"):
         tiny(cache_tokens=64, max_model_len=256)
+
+
+def test_a_string_is_one_prompt_and_token_lists_are_prompts(model, alone):
+    """Issue 18: Model.generate("a string") is one prompt, never one per character."""
+    (one,) = model.generate(PROMPTS[0], greedy(3))
+    assert one.prompt_token_ids == model.tokenizer.encode(PROMPTS[0]) and one.outputs[0].token_ids == alone[0][:3]
+    assert len(model.generate(model.tokenizer.encode(PROMPTS[0]), greedy(3))) == 1  # a list of ids: one prompt
+    assert len(model.generate(ids(model, PROMPTS), greedy(3))) == len(PROMPTS)
+    with pytest.raises(RequestError, match="one prompt"):
+        next(model.generate_stream(PROMPTS, greedy(3)))
