@@ -1,8 +1,13 @@
 """The DeepSeek-V3 model: MLA with YaRN RoPE, DeepSeekMoE, MTP, on any backend.
 
-Reads bottom-up: rotary tables, the linear wrapper, MLA, MLP, MoE, Block, MTP,
-Transformer. Every heavy op goes through the backend object passed in; this
-file never looks at the hardware.
+Reads bottom-up: rotary tables, the flat batch, the linear wrapper, MLA, MLP, MoE,
+Block, MTP, Transformer. Every heavy op goes through the backend object passed in;
+this file never looks at the hardware.
+
+The latent cache is a pool of fixed-size blocks per layer; one forward runs a flat
+batch of tokens from many sequences (decode tokens first, then prefill chunks), each
+sequence reading and writing its blocks through its block table. Who runs, and in
+which blocks, is the serving engine's business (dsv3/serving).
 """
 
 from __future__ import annotations
