@@ -92,6 +92,8 @@ class EngineLoop:
         engine = self.engine
         while True:
             with self._cond:
+                if engine.idle and engine.has_unfinished_requests() and not self._commands:
+                    self._cond.wait(0.01)  # requests that cannot run yet: no busy loop
                 while not self._commands and not engine.has_unfinished_requests() and not self._shutdown:
                     self._cond.wait()
                 if self._shutdown:

@@ -109,6 +109,7 @@ class LLMEngine:
         self.sampler = Sampler(model.backend.device, config.seed)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = self.generation_tokens = 0
+        self.idle = True
 
     @property
     def max_model_len(self) -> int:
@@ -198,6 +199,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; the outputs of every request that changed (finished ones for the last time)."""
         step = self.scheduler.schedule()
+        self.idle = step.is_empty  # nothing could run (the loop then waits rather than spins)
         changed: dict[str, _Request] = {}
         if not step.is_empty:
             step, seqs, logits = self._run(step, changed)

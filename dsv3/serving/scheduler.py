@@ -108,8 +108,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             leader = seq.leader
-            if leader is not None and not leader.is_finished and leader.is_prefilling and bm.enable_prefix_caching:
-                break  # completions of one prompt share its blocks: wait until the first has computed them
+            if leader is not None and leader.status is Status.RUNNING and leader.is_prefilling \
+                    and bm.enable_prefix_caching:
+                break  # completions of one prompt share its blocks: wait while the first computes them
             blocks, hashes = bm.cached_prefix(seq.token_ids)
             num_cached = len(blocks) * bm.block_size
             count = min(seq.num_tokens - num_cached, budget)

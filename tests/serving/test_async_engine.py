@@ -88,7 +88,7 @@ def test_200_random_requests_with_random_cancels_leave_every_block_free():
             prompt = (shared[:rng.randrange(0, 40)] if rng.random() < 0.5 else []) + \
                 [rng.randrange(2, vocab) for _ in range(rng.randrange(1, 30))]
             params = SamplingParams(max_tokens=rng.randrange(1, 24), temperature=rng.choice([0.0, 1.0]),
-                                    seed=rng.choice([None, i]))
+                                    seed=rng.choice([None, i]), n=rng.choice([1, 1, 1, 2]))
             cancel_after = rng.randrange(1, 6) if rng.random() < 0.25 else None
             seen = 0
             async for output in engine.generate(prompt, params, f"r{i}"):
