@@ -66,6 +66,13 @@ def check_output(target: Path, overwrite: bool) -> None:
         raise Dsv3Error(f"{target}: exists and is not a directory; choose another output")
     if target.exists() and not overwrite:
         raise Dsv3Error(f"{target}: already exists (choose another output, or pass --overwrite to replace it)")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise Dsv3Error(f"{target}: cannot be created, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Dsv3Error(f"{target}: cannot be created, {parent} is not writable")
 
 
 def is_checkpoint_dir(path: Path) -> bool:

@@ -10,14 +10,17 @@ import math
 from dsv3.errors import OutOfMemoryError, UsageError
 
 
-def check_int(name: str, value, minimum: int | None = None, optional: bool = False) -> None:
-    """`value` is an int (not a bool) of at least `minimum`; None passes when optional."""
+def check_int(name: str, value, minimum: int | None = None, optional: bool = False,
+              maximum: int | None = None) -> None:
+    """`value` is an int (not a bool) in [minimum, maximum]; None passes when optional."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise UsageError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise UsageError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{name} must be at most {maximum}, got {value}")
 
 
 def check_number(name: str, value, low: float | None = None, high: float | None = None,
@@ -45,7 +48,7 @@ def check_sampling(max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, prefix
         raise UsageError(f"{prefix}temperature {temperature:g} is too small to sample with (logits / temperature "
                          f"overflow); use 0 for greedy decoding or at least {MIN_TEMPERATURE:g}")
     check_number(f"{prefix}top{'-' if prefix else '_'}p", top_p, 0.0, 1.0, low_open=True)
-    check_int(f"{prefix}seed", seed, 0)
+    check_int(f"{prefix}seed", seed, 0, maximum=2**63 - 1)  # a torch generator's seed is a signed 64-bit int
 
 
 def check_device(device: str | None) -> None:

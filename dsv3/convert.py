@@ -24,7 +24,7 @@ from dsv3.backends import fp8
 from dsv3.checkpoint import ShardWriter, atomic_directory, check_output, is_checkpoint_dir, write_config
 from dsv3.config import from_dict
 from dsv3.errors import CheckpointError, Dsv3Error
-from dsv3.weights import INDEX_FILE, CheckpointSource, read_json
+from dsv3.weights import INDEX_FILE, CheckpointSource, FiniteSource, read_json
 
 TARGETS = ("bf16", "e4m3fnuz")
 SCALE_SUFFIX = "_scale_inv"
@@ -56,7 +56,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, to: str = "bf16",
     check_target(source, target, overwrite)
     links = _check_links(source)
     raw_config = _read_config(source)
-    reader = CheckpointSource(source)
+    reader = FiniteSource(CheckpointSource(source))  # a NaN/Inf weight is named, not converted
     scales = _fp8_weights(reader)
     if not scales:
         raise CheckpointError(f"{source}: no float8_e4m3fn weights with {SCALE_SUFFIX} scales; nothing to convert")

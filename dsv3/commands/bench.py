@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from dsv3.errors import Dsv3Error
 
@@ -46,7 +47,10 @@ def _bench_module(name: str):
 def run(args: argparse.Namespace) -> int:
     from dsv3.backends.registry import create_backend
     from dsv3.bench import common
+    from dsv3.commands.conformance import check_output_file
 
+    if args.json:  # refused now, not after the whole bench has run
+        check_output_file(Path(args.json), "--json")
     if args.what == "serve":  # the engine builds its own backend; --url needs none
         from dsv3.bench import serve
 

@@ -19,6 +19,7 @@ from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.interface import OPS
 from dsv3.backends.probe import probe
 from dsv3.backends.select import build, decide, describe, installed_packages
+from dsv3.checks import check_device
 from dsv3.errors import Dsv3Error
 from dsv3.precision import resolve_precision
 
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
     report = collect(args.backend, args.device)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 2 if report["backend"]["error"] else 0

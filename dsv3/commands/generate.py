@@ -123,6 +123,10 @@ def preflight(args: argparse.Namespace, prompts: list[str] | None) -> None:
 
 def has_chat_template(checkpoint: Path, tokenizer: Tokenizer) -> bool:
     settings = tokenizer.settings
+    template = settings.get("chat_template")
+    if template is not None and not isinstance(template, (str, list)):
+        raise UsageError(f"{checkpoint / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                         f"named templates, found {type(template).__name__}")
     return bool(settings.get("chat_template")) or (checkpoint / "chat_template.jinja").is_file()
 
 
