@@ -67,8 +67,10 @@ def test_preempted_requests_resume_with_the_same_output(alone):
     m = tiny(cache_tokens=96, max_model_len=96, enable_prefix_caching=False)
     try:
         outputs = m.generate(PROMPTS, greedy())
-        assert m.engine.stats().num_preemptions > 0
+        stats = m.engine.stats()
+        assert stats.num_preemptions > 0
         assert tokens_of(outputs) == alone
+        assert stats.generation_tokens == sum(map(len, alone))  # resumed, not generated again from the prompt
         assert_all_free(m)
     finally:
         m.shutdown()
