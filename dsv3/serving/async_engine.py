@@ -23,9 +23,12 @@ from dsv3.serving.params import SamplingParams
 
 Sink = Callable[[object], None]  # takes a RequestOutput or an exception
 
+#: an engine thread with nothing to do for this long ends (a thread would keep its model alive)
+IDLE_EXIT_SECONDS = 2.0
+
 
 class EngineLoop:
-    """Owns the engine thread (started on the first request).
+    """Owns the engine thread (started by the first request, ended after IDLE_EXIT_SECONDS without work).
 
     Args:
         engine: the engine it drives; nothing else may touch it while the loop runs.
@@ -64,9 +67,10 @@ class EngineLoop:
         """End a request; with `wait`, return once its blocks are free."""
         done = threading.Event()
         with self._cond:
-            if self._thread is None or request_id not in self._sinks:
+            if request_id not in self._sinks or self._shutdown:
                 return
             self._commands.append(("abort", request_id, done))
+            self._start()
             self._cond.notify()
         if wait:
             done.wait()
@@ -95,7 +99,10 @@ class EngineLoop:
                 if engine.idle and engine.has_unfinished_requests() and not self._commands:
                     self._cond.wait(0.01)  # requests that cannot run yet: no busy loop
                 while not self._commands and not engine.has_unfinished_requests() and not self._shutdown:
-                    self._cond.wait()
+                    if not self._cond.wait(IDLE_EXIT_SECONDS) and not self._commands \
+                            and not engine.has_unfinished_requests() and not self._shutdown:
+                        self._thread = None  # idle: the next request starts a new thread; the model can be freed
+                        return
                 if self._shutdown:
                     commands, self._commands = self._commands, []
                     break
