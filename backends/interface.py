@@ -424,6 +424,8 @@ class Backend(ABC):
 
         Sequence b's new tokens sit at positions seq_lens[b] - q_len_b .. seq_lens[b] - 1 (a chunk may
         start mid-sequence: the earlier positions are read from the cache); token p attends over [0, p].
+        A backend may pad every sequence to batch.max_query_len queries and batch.max_seq_len keys, so a
+        step's one-token decodes belong in mla_decode.
 
         Args:
             inputs: N new tokens, q_pe and k_pe rotated.
