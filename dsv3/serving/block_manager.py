@@ -93,6 +93,8 @@ class BlockManager:
         """
         table = seq.block_table
         num_tokens = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        if not cached_blocks and num_tokens <= len(table) * self.block_size:
+            return True  # the common decode step: its last block has room
         needed = self.blocks_for(num_tokens) - len(table) - len(cached_blocks)
         revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
         if max(needed, 0) + revived > len(self.free):

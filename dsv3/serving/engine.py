@@ -304,12 +304,14 @@ class LLMEngine:
         completions = []
         for seq, detokenizer in zip(request.seqs, request.detokenizers, strict=True):
             text = detokenizer.visible_text(seq.is_finished) if detokenizer is not None else ""
-            completions.append(CompletionOutput(seq.index, text, list(seq.output_token_ids),
+            completions.append(CompletionOutput(seq.index, text, seq.token_ids[seq.num_prompt_tokens:],
                                                 None if seq.logprobs is None else list(seq.logprobs),
                                                 seq.finish_reason, seq.stop_reason))
         cached = request.seqs[0].num_cached_tokens or 0
+        m = request.metrics
         return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.finished,
-                             cached, RequestMetrics(**vars(request.metrics)), request.error)
+                             cached, RequestMetrics(m.arrival_time, m.first_token_time, m.last_token_time),
+                             request.error)
 
     # ---- stats -----------------------------------------------------------------------------------
 
