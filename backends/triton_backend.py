@@ -32,20 +32,7 @@ import torch.nn.functional as F
 from dsv3.backends import fp8
 from dsv3.backends.chips import DENSE_DTYPES, ChipInfo
 from dsv3.backends.errors import BackendError
-from dsv3.backends.interface import (
-    Backend,
-    CacheSpec,
-    Capabilities,
-    ExpertWeights,
-    LinearWeight,
-    MLAInputs,
-    MLAWeights,
-    PagedBatch,
-    Precision,
-    QuantizedActivation,
-    RoutingConfig,
-    plain,
-)
+from dsv3.backends.interface import Backend, Capabilities, ExpertWeights, LinearWeight, QuantizedActivation, plain
 from dsv3.backends.triton_kernels import elementwise, gemm, mla, moe, norm, quant, routing
 from dsv3.backends.triton_kernels.configs import KernelConfigs
 
@@ -182,7 +169,7 @@ class TritonBackend(Backend):
 
     # ---- weight preparation ------------------------------------------------
 
-    def prepare_linear(self, weight, scale_inv, precision: Precision) -> LinearWeight:
+    def prepare_linear(self, weight, scale_inv, precision) -> LinearWeight:
         out_features, in_features = weight.shape
         weight = weight.to(self.device)
         scale_inv = None if scale_inv is None else scale_inv.to(self.device, torch.float32)
@@ -221,7 +208,7 @@ class TritonBackend(Backend):
                                f"{self.chip.arch} takes float8_e4m3fn (the checkpoint's) or {dtype}")
         return weight.contiguous(), scale.contiguous()
 
-    def prepare_experts(self, gate_up, gate_up_scale, down, down_scale, precision: Precision) -> ExpertWeights:
+    def prepare_experts(self, gate_up, gate_up_scale, down, down_scale, precision) -> ExpertWeights:
         parts = []
         for w, s in ((gate_up, gate_up_scale), (down, down_scale)):
             w = w.to(self.device)
@@ -237,7 +224,7 @@ class TritonBackend(Backend):
                 parts += [w.to(DENSE_DTYPES[precision]).contiguous(), None]
         return ExpertWeights(*parts)
 
-    def prepare_mla(self, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, dtype) -> MLAWeights:
+    def prepare_mla(self, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, dtype):
         return mla.prepare_mla(kv_b_weight.to(self.device), num_heads, qk_nope_head_dim, v_head_dim, dtype)
 
     # ---- GEMM --------------------------------------------------------------
@@ -328,17 +315,16 @@ class TritonBackend(Backend):
 
     # ---- MLA (the kernels and their arguments: backends/triton_kernels/mla.py) -----------------
 
-    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
+    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype):
         return mla.mla_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype)
 
-    def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
+    def allocate_mla_cache(self, spec):
         return mla.allocate_mla_cache(spec, self.device)
 
-    def mla_prefill(self, inputs: MLAInputs, cache, batch: PagedBatch, weights: MLAWeights, softmax_scale):
+    def mla_prefill(self, inputs, cache, batch, weights, softmax_scale):
         return mla.mla_prefill(inputs, cache, batch, weights, softmax_scale)
 
-    def mla_decode(self, inputs: MLAInputs, cache, batch: PagedBatch, weights: MLAWeights, softmax_scale,
-                   rope=None):
+    def mla_decode(self, inputs, cache, batch, weights, softmax_scale, rope=None):
         config = self.mla_decode_config(inputs.q_nope.shape[1], cache.dtype)
         return mla.mla_decode(inputs, cache, batch, weights, softmax_scale, config=config, rope=rope)
 
@@ -348,7 +334,7 @@ class TritonBackend(Backend):
 
     # ---- MoE ---------------------------------------------------------------
 
-    def moe_route(self, x, gate_weight, bias, config: RoutingConfig):
+    def moe_route(self, x, gate_weight, bias, config):
         return routing.route(F.linear(x.float(), gate_weight.float()), bias, config)
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
