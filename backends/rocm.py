@@ -1,7 +1,7 @@
 """The ROCm backend: AMD Instinct GPUs through a ROCm build of PyTorch (device "cuda", RCCL as "nccl").
 
-It runs the CUDA backend's ops (it subclasses CudaBackend), that is the shared Triton kernels of
-backends/triton_kernels, with AMD tile configurations (amd_configs.py) and AMD FP8 numerics:
+It runs the shared Triton backend's ops (backends/triton_backend.py, as the CUDA backend does), that is
+the kernels of backends/triton_kernels, with AMD tile configurations (amd_configs.py) and AMD FP8 numerics:
 
 - gfx942 (MI300X, MI325X) has e4m3fnuz only. FP8 weights are converted at load: the e4m3fn
   bits are reinterpreted, the pattern 0x80 (-0 in fn, NaN in fnuz) becomes 0 and every weight
