@@ -123,7 +123,7 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         message = str(error) if isinstance(error, Dsv3Error) else f"{type(error).__name__}: {error}"
         return error_response(APIError(f"the server failed on this request: {message}", status=500))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         return Response(status_code=200)
 

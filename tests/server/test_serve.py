@@ -43,6 +43,7 @@ def test_starts_quickly_and_lists_the_model(server, client):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
     assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed
+    assert httpx.head(f"{server.url}/health").status_code == 200
 
 
 def test_a_taken_port_is_one_line_before_loading(server):
