@@ -123,3 +123,24 @@ def test_malformed_tool_output_is_content_not_an_error(chat):
 def test_without_tools_the_markers_stay_content(chat):
     choice = chat(["</think>", CALLS_BEGIN, CALL, CALLS_END], stream=False).choices[0]
     assert choice.message.content == CALLS_BEGIN + CALL + CALLS_END and not choice.message.tool_calls
+
+
+def test_outputs_waiting_together_are_handed_on_as_the_latest_one():
+    """A reader slower than the engine gets one (cumulative) output for several steps, never stale ones."""
+    from dsv3.server.metrics import ServerMetrics
+    from dsv3.server.runner import RequestGroup
+
+    class Burst(ScriptedEngine):
+        async def generate(self, prompt_token_ids, params, request_id):  # no await between steps
+            for step in range(5):
+                yield RequestOutput(request_id, list(prompt_token_ids), [CompletionOutput(
+                    0, "x" * (step + 1), list(range(step + 1)), None, "length" if step == 4 else None)], step == 4)
+
+    engine = Burst()
+    group = RequestGroup(engine, "cmpl-1", [[1, 2]], None, ServerMetrics(engine.stats, "tiny").timer())
+
+    async def read():
+        return [output async for _, output in group.outputs()]
+
+    outputs = asyncio.run(read())
+    assert [o.outputs[0].text for o in outputs] == ["xxxxx"] and outputs[0].finished
