@@ -16,10 +16,11 @@ from dsv3 import checks, parallel
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import Backend
 from dsv3.backends.select import select
+from dsv3.checkpoint import CheckpointSource, RandomSource, WeightLoader
 from dsv3.config import ModelConfig, load_config
 from dsv3.errors import (
     BackendSetupError,
-    CheckpointError,
+    ConfigError,
     Dsv3Error,
     EngineRequestError,
     OutOfMemoryError,
@@ -35,7 +36,6 @@ from dsv3.serving.engine import EngineConfig, LLMEngine
 from dsv3.serving.outputs import RequestOutput
 from dsv3.serving.params import SamplingParams, generation_defaults
 from dsv3.tokenizer import Tokenizer
-from dsv3.weights import CheckpointSource, RandomSource, WeightLoader
 
 TINY_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny"
 
@@ -261,7 +261,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     tokenizer = None
     if checkpoint:
         if not (Path(path_or_config) / "config.json").is_file():
-            raise CheckpointError(f"{path_or_config}: not a checkpoint directory (no config.json)")
+            raise ConfigError(f"{path_or_config}: not a checkpoint directory (no config.json)")
         config = load_config(path_or_config)
         source = CheckpointSource(path_or_config)
         if (Path(path_or_config) / "tokenizer.json").exists():  # read before the weights: fail fast

@@ -21,10 +21,19 @@ import torch
 from tqdm import tqdm
 
 from dsv3.backends import fp8
-from dsv3.checkpoint import ShardWriter, atomic_directory, check_output, is_checkpoint_dir, write_config
+from dsv3.checkpoint import (
+    INDEX_FILE,
+    CheckpointSource,
+    FiniteSource,
+    ShardWriter,
+    atomic_directory,
+    check_output,
+    is_checkpoint_dir,
+    read_json,
+    write_config,
+)
 from dsv3.config import from_dict
 from dsv3.errors import CheckpointError, Dsv3Error
-from dsv3.weights import INDEX_FILE, CheckpointSource, FiniteSource, read_json
 
 TARGETS = ("bf16", "e4m3fnuz")
 SCALE_SUFFIX = "_scale_inv"

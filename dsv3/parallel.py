@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from dsv3 import distributed, tensor_specs
 from dsv3.backends import fp8
 from dsv3.backends.interface import Backend, QuantizedActivation, plain
+from dsv3.checkpoint import CheckpointSource, WeightLoader
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
 from dsv3.model import MoE, Transformer
-from dsv3.weights import CheckpointSource, WeightLoader
 
 ROWS, COLUMNS = 0, 1
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from dsv3.checkpoint.read import check_regular_file, read_json
 from dsv3.errors import Dsv3Error, UsageError
-from dsv3.weights import check_regular_file, read_json
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"

@@ -312,7 +312,7 @@ def checkpoint_config(c: ModelConfig) -> dict:
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint in fp32, FP8 linears multiplied by their block scales."""
-    from dsv3.weights import CheckpointSource
+    from dsv3.checkpoint import CheckpointSource
 
     source = CheckpointSource(path)
     out = {}

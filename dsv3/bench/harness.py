@@ -14,10 +14,10 @@ import torch
 
 from dsv3.backends.interface import Backend, PagedBatch
 from dsv3.bench.steps import _absorbed_mla_bytes, _activation_bytes, layer_read_bytes
+from dsv3.checkpoint import RandomSource, WeightLoader
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
 from dsv3.model import ForwardBatch, Transformer
-from dsv3.weights import RandomSource, WeightLoader
 
 HEADROOM = 0.15            # of free device memory left unused
 WORKSPACE_BYTES = 1 << 30  # activations, graph pools, kernel workspaces

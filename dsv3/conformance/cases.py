@@ -81,8 +81,7 @@ def tiny_checkpoint(ctx: Context) -> Path:
         return TINY_CHECKPOINT
 
     def build():
-        from dsv3.checkpoint import save_checkpoint
-        from dsv3.weights import RandomSource
+        from dsv3.checkpoint import RandomSource, save_checkpoint
         config = load_config("tiny")
         source = RandomSource(config, fp8=True, seed=0)
         tensors = {name: source.get(name) for name in sorted(source.names())}

@@ -20,10 +20,9 @@ from dsv3.backends.interface import OPS, MLAInputs, RoutingConfig
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.registry import create_backend
 
-from dsv3.checkpoint import save_checkpoint
+from dsv3.checkpoint import RandomSource, save_checkpoint
 from dsv3.config import load_config
 from dsv3.conformance.paged import block_tables, paged_batch
-from dsv3.weights import RandomSource
 
 pytestmark = [pytest.mark.ascend, pytest.mark.emulated]
 

@@ -25,11 +25,10 @@ from dsv3.backends.reference import ReferenceBackend
 
 from dsv3 import tensor_specs
 from dsv3.api import load_model
-from dsv3.checkpoint import save_checkpoint
+from dsv3.checkpoint import CheckpointSource, RandomSource, save_checkpoint
 from dsv3.config import load_config
 from dsv3.errors import Dsv3Error
 from dsv3.precision import resolve_precision
-from dsv3.weights import CheckpointSource, RandomSource
 
 REPO = Path(__file__).resolve().parents[2]
 H100 = describe_chip("nvidia", "sm_90", "NVIDIA H100 80GB HBM3")
@@ -146,7 +145,7 @@ from dsv3.backends.reference import ReferenceBackend
 from dsv3.api import load_model
 from dsv3.config import load_config
 from dsv3.model import Transformer
-from dsv3.weights import CheckpointSource, WeightLoader
+from dsv3.checkpoint import CheckpointSource, WeightLoader
 
 def anonymous_bytes():
     with open("/proc/self/status") as f:

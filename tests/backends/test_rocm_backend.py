@@ -415,7 +415,7 @@ from dsv3.backends.rocm import RocmBackend
 from dsv3 import load_model
 from dsv3.checkpoint import save_checkpoint
 from dsv3.config import load_config
-from dsv3.weights import RandomSource
+from dsv3.checkpoint import RandomSource
 
 config = load_config("tiny")
 source = RandomSource(config, fp8=True, seed=7)
@@ -604,9 +604,8 @@ def test_ocp_fp8_on_gfx942_would_be_emulated():
 
 @pytest.fixture(scope="module")
 def tiny_fp8_checkpoint(tmp_path_factory):
-    from dsv3.checkpoint import save_checkpoint
+    from dsv3.checkpoint import RandomSource, save_checkpoint
     from dsv3.config import load_config
-    from dsv3.weights import RandomSource
 
     config = load_config("tiny")
     source = RandomSource(config, fp8=True, seed=7)

@@ -46,7 +46,7 @@ def test_load_model_source_of_the_wrong_type_is_a_type_error():
 
 
 def test_a_directory_without_config_is_not_taken_for_a_config_name(tmp_path):
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+    with pytest.raises(ConfigError, match="not a checkpoint directory"):
         dsv3.load_model(tmp_path, **LOAD)
 
 

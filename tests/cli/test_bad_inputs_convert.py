@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import dsv3.checkpoint
+import dsv3.checkpoint.write
 from dsv3.api import TINY_CHECKPOINT
 from dsv3.convert import convert_checkpoint
 from dsv3.errors import CheckpointError, Dsv3Error, Terminated
@@ -93,9 +93,9 @@ def test_replace_puts_the_old_checkpoint_back_when_the_new_one_cannot_move_in(tm
             raise OSError("disk gone")
         real_rename(src, dst)
 
-    monkeypatch.setattr(dsv3.checkpoint.os, "rename", rename)
+    monkeypatch.setattr(dsv3.checkpoint.write.os, "rename", rename)
     with pytest.raises(OSError):
-        dsv3.checkpoint._replace(new, target)
+        dsv3.checkpoint.write._replace(new, target)
     assert calls[0] == ("out", "out") and calls[1] == ("new", "out")  # aside first, then the new one in
     assert (target / "old").read_text() == "old checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
@@ -131,7 +131,7 @@ def test_sigterm_handler_is_restored_after_the_write(source, tmp_path):
     convert_checkpoint(source, tmp_path / "bf16", progress=False)
     assert signal.getsignal(signal.SIGTERM) is before
     with pytest.raises(Terminated):
-        with dsv3.checkpoint.atomic_directory(tmp_path / "again"):
+        with dsv3.checkpoint.write.atomic_directory(tmp_path / "again"):
             os.kill(os.getpid(), signal.SIGTERM)
     assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again.*"))
 

@@ -13,12 +13,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import dsv3.convert
 from dsv3.api import load_model
-from dsv3.checkpoint import save_checkpoint
+from dsv3.checkpoint import INDEX_FILE, CheckpointSource, RandomSource, save_checkpoint
 from dsv3.cli import main
 from dsv3.config import load_config
 from dsv3.convert import convert_checkpoint
 from dsv3.errors import CheckpointError
-from dsv3.weights import INDEX_FILE, CheckpointSource, RandomSource
 
 SPECIAL_WEIGHT = "model.layers.0.self_attn.q_a_proj.weight"
 

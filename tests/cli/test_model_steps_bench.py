@@ -18,9 +18,9 @@ import torch
 from dsv3 import cli
 from dsv3.bench import model_steps
 from dsv3.bench.common import Roofline
+from dsv3.checkpoint import RandomSource, WeightLoader
 from dsv3.config import load_config
 from dsv3.errors import Dsv3Error
-from dsv3.weights import RandomSource, WeightLoader
 
 ROOT = Path(__file__).resolve().parents[2]
 

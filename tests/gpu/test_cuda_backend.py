@@ -297,9 +297,8 @@ def test_tiny_checkpoint_same_greedy_tokens(tmp_path, backends, precision):
     Where tokens part, the reference's top two logits there must tie.
     """
     from dsv3.api import TINY_CHECKPOINT, load_model
-    from dsv3.checkpoint import save_checkpoint
+    from dsv3.checkpoint import RandomSource, save_checkpoint
     from dsv3.config import load_config
-    from dsv3.weights import RandomSource
 
     cuda, ref = backends
     path = TINY_CHECKPOINT

@@ -46,7 +46,7 @@ from dsv3 import load_model
 from dsv3.checkpoint import save_checkpoint
 from dsv3.config import load_config
 from dsv3.model import RMSNorm
-from dsv3.weights import RandomSource
+from dsv3.checkpoint import RandomSource
 
 g = torch.Generator().manual_seed(0)
 for arch in ("gfx950", "gfx942"):

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv3
+import dsv3.api
+from dsv3.checkpoint import INDEX_FILE
 from dsv3.errors import CheckpointError, ConfigError, Dsv3Error
-from dsv3.weights import INDEX_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 KV_B = "model.layers.1.self_attn.kv_b_proj.weight"
@@ -230,6 +231,8 @@ def test_command_prints_one_line_and_exits_2(checkpoint):
     def shrink(tensors, weight_map, shard):
         tensors[KV_B] = tensors[KV_B][:-1].clone()
     edit_shard(checkpoint, KV_B, shrink)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # generate checks the tokenizer before the weights
+        shutil.copy(dsv3.api.TINY_CHECKPOINT / name, checkpoint / name)
     quiet = run_generate(checkpoint, "--quiet", "--backend", "reference")
     assert quiet.returncode == 2
     assert quiet.stdout == ""

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3.checkpoint import save_checkpoint
+from dsv3.checkpoint import RandomSource, save_checkpoint
 from dsv3.config import ModelConfig, load_config
 from dsv3.errors import Dsv3Error
-from dsv3.weights import RandomSource
 
 pytestmark = pytest.mark.distributed
 
@@ -63,7 +62,7 @@ class ReadCounter:
     """Counts tensor reads from checkpoints (get and get_slice) in this process."""
 
     def __init__(self):
-        from dsv3.weights import CheckpointSource
+        from dsv3.checkpoint import CheckpointSource
         self.count = 0
         for method in ("get", "get_slice"):
             original = getattr(CheckpointSource, method)
@@ -321,8 +320,8 @@ def test_models_that_cannot_be_cut(world, tp, ep, precision, expected):
 
 def test_each_rank_reads_only_its_slices(checkpoints):
     """The sharded loader of rank 1 of 2 (tp 2, ep 2) asks for half of every cut tensor and half the experts."""
+    from dsv3.checkpoint import CheckpointSource
     from dsv3.parallel import ParallelPlan, ShardedLoader
-    from dsv3.weights import CheckpointSource
     config = tiny16_config()
     source = CheckpointSource(checkpoints["tiny16"])
     requests = []
@@ -350,8 +349,8 @@ def test_a_cut_inside_a_block_is_dequantized_exactly(checkpoints):
     """bf16/fp32 may cut FP8 weights anywhere: the covering blocks are read and dequantized, then cut."""
     from dsv3.backends import fp8
 
+    from dsv3.checkpoint import CheckpointSource
     from dsv3.parallel import ParallelPlan, ShardedLoader
-    from dsv3.weights import CheckpointSource
     config = load_config("tiny")
     source = CheckpointSource(checkpoints["tiny"])
     loader = ShardedLoader(source, config, ParallelPlan(rank=1, world_size=2, local_rank=1, tp=2, ep=2), progress=False)

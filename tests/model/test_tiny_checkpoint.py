@@ -20,9 +20,9 @@ from dsv3.backends import fp8
 import dsv3
 from dsv3 import tensor_specs
 from dsv3.api import TINY_CHECKPOINT
+from dsv3.checkpoint import CheckpointSource
 from dsv3.server.chat_template import ChatTemplate
 from dsv3.tokenizer import Tokenizer
-from dsv3.weights import CheckpointSource
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")

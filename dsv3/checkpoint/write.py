@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dsv3.checkpoint.read import INDEX_FILE
 from dsv3.errors import Dsv3Error, Terminated
-from dsv3.weights import INDEX_FILE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
