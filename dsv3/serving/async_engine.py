@@ -118,8 +118,7 @@ class EngineLoop:
                     except Exception:  # noqa: BLE001
                         outputs = []
                 self._stats = engine.stats()  # before the outputs: a caller who sees its request end sees it gone
-                for output in outputs:
-                    self._deliver(output.request_id, output, output.finished)
+                self._deliver_step(outputs)
         for command in commands:  # shut down: nothing more runs
             if command[0] == "abort":
                 command[2].set()
@@ -156,14 +155,25 @@ class EngineLoop:
                 outputs.append(out)
         return outputs
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs: one wake-up per asyncio event loop for all its requests, not one per request."""
+        by_loop: dict = {}
+        for output in outputs:
+            with self._cond:
+                sink = self._sinks.pop(output.request_id, None) if output.finished else \
+                    self._sinks.get(output.request_id)
+            if isinstance(sink, AsyncSink):
+                by_loop.setdefault(sink.loop, []).append((sink.inbox, output))
+            elif sink is not None:
+                _call(sink, output)
+        for loop, items in by_loop.items():
+            _call(loop.call_soon_threadsafe, _put_all, items)
+
     def _deliver(self, request_id: str, item, last: bool) -> None:
         with self._cond:
             sink = self._sinks.pop(request_id, None) if last else self._sinks.get(request_id)
         if sink is not None:
-            try:
-                sink(item)
-            except Exception:  # noqa: BLE001 - a caller gone (its event loop closed) must not stop the loop
-                pass
+            _call(sink, item)
 
     # ---- plain threads -----------------------------------------------------------------------------
 
@@ -182,6 +192,28 @@ class EngineLoop:
         finally:
             if not finished:
                 self.abort(request_id)
+
+
+class AsyncSink:
+    """Where an asyncio caller's outputs go: its event loop and its request's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue):
+        self.loop, self.inbox = loop, inbox
+
+    def __call__(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.inbox.put_nowait, item)
+
+
+def _put_all(items) -> None:
+    for inbox, item in items:
+        inbox.put_nowait(item)
+
+
+def _call(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - a caller gone (its event loop closed) must not stop the loop
+        pass
 
 
 def _checked(item) -> RequestOutput:
@@ -219,8 +251,7 @@ class AsyncEngine:
         bad request (before any output) and EngineRequestError where the engine failed it."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
-        self.loop.submit(request_id, prompt_token_ids, params,
-                         lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
+        self.loop.submit(request_id, prompt_token_ids, params, AsyncSink(loop, inbox))
         finished = False
         try:
             while not finished:
