@@ -307,6 +307,10 @@ class PagedBatch:
 class Backend(ABC):
     """Base class of every backend. Subclasses set `capabilities` in __init__.
 
+    The abstract methods are the ops every backend implements. Every other op has a default here (the
+    reference math, or None where a backend cannot do something, as graph_runner), which a backend
+    overrides where it has its own; callers never probe for an op with hasattr.
+
     `emulation` stays None for a backend that runs on its own device; a backend whose vendor ops are
     stood in for (a CPU emulation of torch_npu, TRITON_INTERPRET=1) says what is emulated, and
     `dsv3 conformance` then reports its passing cases as "emulated", never as "pass".
