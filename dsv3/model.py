@@ -30,9 +30,9 @@ from dsv3.backends.interface import (
     RoutingConfig,
     plain,
 )
+from dsv3.checkpoint import WeightLoader
 from dsv3.config import ModelConfig, yarn_get_mscale
 from dsv3.errors import Dsv3Error
-from dsv3.weights import WeightLoader
 
 #: the activation dtype of each precision: the dense dtype, and bf16 around FP8 linears
 ACTIVATION_DTYPES = {"fp8": torch.bfloat16, **DENSE_DTYPES}
