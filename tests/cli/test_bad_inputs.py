@@ -173,6 +173,7 @@ def cases(broken: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
         "random_weights_alone": gen + ["--random-weights"],
         "device_unknown": gen + ["--device", "warp9"],
         "device_meta": gen + ["--device", "meta"],
+        "device_cuda0": gen + ["--device", "cuda:0"],
         "max_model_len_too_small": gen + ["--max-model-len", "1"],
         "prompt_longer_than_context": ["generate", long_prompt, "--max-model-len", "64"],
         "max_shard_size_nan": ["convert", str(TINY_CHECKPOINT), str(tmp / "out_nan"), "--max-shard-size", "nan"],
@@ -279,9 +280,8 @@ def test_unknown_device_is_one_line(batch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_device_without_cuda_is_one_line():
-    result = dsv3("generate", "Hello", "--device", "cuda:0", text=True)
-    assert_error(result.returncode, result.stderr, 2, "--device cuda:0: this machine has no usable cuda device")
+def test_cuda_device_without_cuda_is_one_line(batch):
+    case(batch, "device_cuda0", 2, "--device cuda:0: this machine has no usable cuda device")
 
 
 def test_max_shard_size_nan_is_refused(batch):
