@@ -268,14 +268,15 @@ def test_v1_needs_the_api_key(server, route, headers):
 
 
 def test_r1_reasoning_server_and_sigterm_finishing_in_flight_requests_with_exit_0(client):
-    """A second server, with the R1 reasoning parser: the tiny model never writes </think>, so what the
-    shared server returns as content comes back as reasoning_content. Then SIGTERM mid-stream: the stream
-    still completes, the server exits 0 and stops listening."""
+    """A second server, with the R1 reasoning parser and its key from DSV3_API_KEY: the tiny model never
+    writes </think>, so what the shared server returns as content comes back as reasoning_content. Then
+    SIGTERM mid-stream: the stream still completes, the server exits 0 and stops listening."""
     messages = [{"role": "user", "content": "Think about it"}]
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
-    process = ServerProcess("--reasoning-parser", "deepseek-r1", "--shutdown-timeout", "20")
+    process = ServerProcess("--reasoning-parser", "deepseek-r1", "--shutdown-timeout", "20", api_key_env="env-key")
     try:
-        r1 = openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert httpx.get(f"{process.url}/v1/models").status_code == 401  # the key from DSV3_API_KEY
+        r1 = openai.OpenAI(base_url=f"{process.url}/v1", api_key="env-key", max_retries=0, timeout=60)
         message = r1.chat.completions.create(model="tiny", messages=messages, max_tokens=8,
                                              temperature=0).choices[0].message
         assert message.reasoning_content == plain.choices[0].message.content and message.content is None
@@ -286,7 +287,8 @@ def test_r1_reasoning_server_and_sigterm_finishing_in_flight_requests_with_exit_
         assert not any(d.content for d in deltas)
 
         body = {"prompt": "last words", "max_tokens": 64, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{process.url}/v1/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"{process.url}/v1/completions", json=body, timeout=60,
+                          headers={"Authorization": "Bearer env-key"}) as r:
             events = sse_events_lazy(r)
             first = next(events)
             process.process.send_signal(15)
