@@ -142,7 +142,8 @@ class ChatTemplate:
         """
         template = self._templates.get("tool_use") if tools else None
         template = template or self._templates["default"]
-        variables = {**self.special_tokens, **kwargs}
+        reserved = ("messages", "tools", "documents", "add_generation_prompt")
+        variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if k not in reserved}}
         try:
             return template.render(messages=messages, tools=tools, documents=None,
                                    add_generation_prompt=add_generation_prompt, **variables)
