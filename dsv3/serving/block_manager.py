@@ -41,7 +41,8 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.hashes: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict()  # blocks used and freed since, least recent first
+        self.next_fresh = 1  # blocks next_fresh.. were never handed out (a pool may have millions)
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0     # of which found cached
 
@@ -53,12 +54,12 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.num_blocks - self.next_fresh
 
     @property
     def usage(self) -> float:
         """Fraction of the usable blocks held by sequences (0..1)."""
-        return 1.0 - len(self.free) / self.num_usable_blocks
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -97,7 +98,7 @@ class BlockManager:
             return True  # the common decode step: its last block has room
         needed = self.blocks_for(num_tokens) - len(table) - len(cached_blocks)
         revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
-        if max(needed, 0) + revived > len(self.free):
+        if max(needed, 0) + revived > self.num_free_blocks:
             return False
         for block in cached_blocks:
             self._take(block)
@@ -112,6 +113,13 @@ class BlockManager:
         self.ref_counts[block] += 1
 
     def _pop_free(self) -> int:
+        """An unhashed freed block, else a never-used one, else the least recently freed (its hash evicted)."""
+        front = next(iter(self.free), None)
+        if (front is None or self.hashes[front] is not None) and self.next_fresh < self.num_blocks:
+            block = self.next_fresh
+            self.next_fresh += 1
+            self.ref_counts[block] = 1
+            return block
         block, _ = self.free.popitem(last=False)
         old = self.hashes[block]
         if old is not None:  # evicted: its content is about to be overwritten
@@ -152,8 +160,8 @@ class BlockManager:
         held = [b for b in range(1, self.num_blocks) if self.ref_counts[b]]
         if held:
             problems.append(f"blocks still held: {held[:10]}")
-        if len(self.free) != self.num_usable_blocks:
-            problems.append(f"{len(self.free)} of {self.num_usable_blocks} blocks free")
+        if self.num_free_blocks != self.num_usable_blocks:
+            problems.append(f"{self.num_free_blocks} of {self.num_usable_blocks} blocks free")
         if SCRATCH_BLOCK in self.free or self.ref_counts[SCRATCH_BLOCK]:
             problems.append("the scratch block was handed out")
         return problems

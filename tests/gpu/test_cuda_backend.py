@@ -314,7 +314,7 @@ def test_tiny_checkpoint_same_greedy_tokens(tmp_path, backends, precision):
     for backend in (cuda, ref):
         name = backend.capabilities.name
         models[name] = load_model(str(path), backend=backend, precision=precision, max_batch_size=2,
-                                  max_seq_len=64, progress=False, quiet=True)
+                                  max_seq_len=64, cache_tokens=1024, progress=False, quiet=True)
         tokens[name] = models[name].greedy_tokens(prompts, 16)
     for prompt, got, expected in zip(prompts, tokens["cuda"], tokens["reference"]):
         parted = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
