@@ -131,10 +131,18 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    card = ModelCard(id=settings.model_name, root=settings.checkpoint, max_model_len=serving.max_model_len)
+
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
-        card = ModelCard(id=settings.model_name, root=settings.checkpoint, max_model_len=serving.max_model_len)
         return ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    async def model(name: str):
+        if name != settings.model_name:
+            raise APIError(f"the model {name!r} does not exist (this server serves {settings.model_name!r})",
+                           status=404, param="model")
+        return card.model_dump()
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):

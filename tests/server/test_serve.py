@@ -41,7 +41,9 @@ def sse_events(response: httpx.Response) -> list[str]:
 def test_starts_quickly_and_lists_the_model(server, client):
     assert server.startup_s < STARTUP_LIMIT_S, f"took {server.startup_s:.1f} s to answer /health"
     models = client.models.list().data
-    assert [m.id for m in models] == ["tiny"]
+    assert [m.id for m in models] == ["tiny"] and client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed
     assert httpx.head(f"{server.url}/health").status_code == 200
 
