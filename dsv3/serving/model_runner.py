@@ -13,6 +13,7 @@ chunks, and every step where the model or backend cannot record, run eagerly.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,7 +75,12 @@ class ModelRunner:
             for size in self.buckets:
                 if not self.graphs:
                     return
-                if size not in self._recorded and self._record(size, []) is None:
+                try:
+                    if size not in self._recorded and self._record(size, []) is None:
+                        self.graphs = False
+                except Exception as e:  # noqa: BLE001 - eager steps still serve; say why they are slower
+                    warnings.warn(f"recording the decode step of batch {size} failed, decode runs eagerly: "
+                                  f"{type(e).__name__}: {e}", stacklevel=2)
                     self.graphs = False
 
     @property
