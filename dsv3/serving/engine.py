@@ -317,8 +317,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s, bm = self.scheduler, self.block_manager
-        running = {seq.request_id for seq in s.running}
-        waiting = {seq.request_id for seq in s.waiting} - running
+        running = {seq.request_id for seq in list(s.running)}  # copies: safe to call from another thread
+        waiting = {seq.request_id for seq in list(s.waiting)} - running
         return EngineStats(num_running=len(running), num_waiting=len(waiting), cache_usage=bm.usage,
                            prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens,
