@@ -157,15 +157,23 @@ class TritonBackend(Backend):
         raise NotImplementedError
 
     def linear_fp8_gemms(self) -> str:
-        """Which GEMM an FP8 linear runs at which M (the thresholds `linear_impl` dispatches on)."""
-        c = self.configs
-        text = (f"triton fp8 gemm (decode, split-K {c.gemm_decode.block_m}x{c.gemm_decode.block_n}) "
-                f"for M <= {c.decode_max_m}")
+        """Which GEMM an FP8 linear runs at which M, read off `linear_impl` itself (so the description
+        cannot drift from the dispatch), for a weight whose N is a multiple of 128 and K of 512 (every
+        DeepSeek-V3 linear but kv_a's 576 rows; a ragged N keeps the split-K kernel up to decode_max_m)."""
+        n = 8 * fp8.BLOCK
+        extra = {"scaled_mm": (torch.empty(n, 0), None)} if self.scaled_mm is not None else {}
         if self.vendor_gemm is not None:
-            return text + f", {self.vendor_gemm.name} from M = {c.scaled_mm_min_m}"
-        if self.scaled_mm is not None:
-            return text + f", torch._scaled_mm block-wise (cuBLAS/hipBLASLt) from M = {c.scaled_mm_min_m}"
-        return text + f", triton fp8 gemm (tiled {c.gemm_prefill.block_m}x{c.gemm_prefill.block_n}) above"
+            extra["vendor_gemm"] = True
+        weight = LinearWeight(torch.empty(0), torch.empty(0), n, SCALED_MM_K_ALIGN, extra)
+        spans: list[list] = []  # [first M, last M, impl]
+        for m in range(1, max(self.configs.decode_max_m, self.configs.scaled_mm_min_m) + 2):
+            impl = self.linear_impl(m, weight)
+            if spans and spans[-1][2] == impl:
+                spans[-1][1] = m
+            else:
+                spans.append([m, m, impl])
+        parts = [f"M {a}-{b}: {impl}" if a != b else f"M {a}: {impl}" for a, b, impl in spans[:-1]]
+        return "; ".join([*parts, f"M >= {spans[-1][0]}: {spans[-1][2]}"])
 
     # ---- weight preparation ------------------------------------------------
 

@@ -206,3 +206,19 @@ def test_cuda_backend_capabilities_per_arch():
     assert ampere.supports("linear_bf16", "bf16") and "BF16 fallback" in ampere.capabilities.ops["linear_fp8"]
     with pytest.raises(ValueError, match="NVIDIA"):
         CudaBackend("cuda", chip=describe_chip("amd", "gfx942"))
+
+
+def test_linear_fp8_description_is_read_off_the_dispatch():
+    """Capabilities.ops["linear_fp8"] names, per M range, the GEMM linear_impl picks: with torch._scaled_mm
+    the split-K kernel stops at scaled_mm_min_m, without it at decode_max_m."""
+    from dsv3.backends.chips import describe_chip
+    from dsv3.backends.cuda import CudaBackend
+    from dsv3.backends.triton_backend import ScaledMM
+
+    hopper = CudaBackend("cuda", chip=describe_chip("nvidia", "sm_90"))
+    c = hopper.configs
+    assert hopper.linear_fp8_gemms() == (f"M 1-{c.decode_max_m}: triton fp8 gemm (decode, split-K); "
+                                         f"M >= {c.decode_max_m + 1}: triton fp8 gemm (tiled)")
+    hopper.scaled_mm = ScaledMM("view", pad_n=False)
+    assert hopper.linear_fp8_gemms() == (f"M 1-{c.scaled_mm_min_m - 1}: triton fp8 gemm (decode, split-K); "
+                                         f"M >= {c.scaled_mm_min_m}: torch._scaled_mm block-wise")
