@@ -6,12 +6,13 @@ the FP8 dtype and activation max, how torch._scaled_mm takes block scales where 
 (`ScaledMM`, checked once by `check_scaled_mm`) and an optional vendor GEMM (`VendorGemm`,
 e.g. aiter) for FP8 linears of prefill-sized M. Everything else is here:
 
-- FP8 linear: activations quantized 1x128 by a Triton kernel; then for M <= decode_max_m the
-  split-K Triton GEMM (bound by reading the weight once), and from scaled_mm_min_m the vendor
-  GEMM, else torch._scaled_mm block-wise, else the tiled Triton GEMM. Where N is not a multiple
-  of 128, the split-K kernel keeps M up to decode_max_m (it wins there). _scaled_mm needs K to be
-  a multiple of 512 (its weight-scale layout); where it also wants N to be a multiple of 128,
-  such weights keep a zero-padded copy (576 -> 640 rows) and the extra columns are dropped.
+- FP8 linear: activations quantized 1x128 by a Triton kernel; then the split-K Triton GEMM at
+  decode sizes (bound by reading the weight once); from scaled_mm_min_m rows the vendor GEMM or
+  torch._scaled_mm block-wise where there is one (a ragged N keeps the split-K kernel up to
+  decode_max_m: it wins there), else the split-K kernel up to decode_max_m and the tiled Triton
+  GEMM above (Capabilities.ops says which, read off the dispatch). _scaled_mm needs K to be a
+  multiple of 512 (its weight-scale layout); where it also wants N to be a multiple of 128, such
+  weights keep a zero-padded copy (576 -> 640 rows) and the extra columns are dropped.
 - BF16/FP32 linear: F.linear (cuBLAS or hipBLASLt).
 - RMSNorm (residual add and the 1x128 quantization fused), rotary, SwiGLU, routing (after the
   fp32 router GEMM) and the grouped MoE in Triton; MLA in backends/triton_kernels/mla.py.
