@@ -19,6 +19,15 @@ BLOCK = 4
 MAX_LEN = 40
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: on a loaded 2-core machine two threads spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return dsv3.load_model("tiny", backend="reference", precision="fp32", max_model_len=MAX_LEN, cache_tokens=256,
