@@ -69,7 +69,7 @@ class Model:
         self.engine_loop = EngineLoop(engine)
         self.async_engine = AsyncEngine(self.engine_loop, tokenizer, transformer.config)
         # ranks of a parallel model must run identical steps: one caller at a time steps in its own thread
-        self._lockstep = getattr(transformer, "plan", None) is not None
+        self._lockstep = transformer.runs_in_lockstep()
         self._lock = threading.Lock()
 
     @property

@@ -362,6 +362,11 @@ class Transformer:
         """Whether a decode step may be recorded (backend.graph_runner) and replayed."""
         return True
 
+    def runs_in_lockstep(self) -> bool:
+        """Whether other processes run this model's every step with it (tensor/expert parallel ranks), so that
+        steps must come in the same order on every rank."""
+        return False
+
     # ---- forward -------------------------------------------------------------------------------------
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -366,6 +366,9 @@ class ParallelTransformer(Transformer):
         """ParallelMoE finds each rank's tokens on the host (nonzero): no recorded steps."""
         return False
 
+    def runs_in_lockstep(self) -> bool:
+        return True
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each rank looks up the tokens in its vocabulary rows (zeros elsewhere); the all-reduce fills in."""
         if self.plan.tp == 1:
