@@ -248,10 +248,12 @@ class ShardedLoader(WeightLoader):
         config: the whole model's config.
         plan: this rank's plan (checked with plan.check first).
         progress: show a progress bar.
+        device: the rank's device, where each slice is moved and checked for NaN/Inf.
     """
 
-    def __init__(self, source, config: ModelConfig, plan: ParallelPlan, progress: bool = True):
-        super().__init__(source, config, include_mtp=False, progress=progress)
+    def __init__(self, source, config: ModelConfig, plan: ParallelPlan, progress: bool = True,
+                 device: str | torch.device | None = None):
+        super().__init__(source, config, include_mtp=False, progress=progress, device=device)
         self.plan = plan
         self._bar.total = sum(plan.holds(m, config.n_routed_experts) for m in self.specs)
 
@@ -439,7 +441,7 @@ def build(plan: ParallelPlan, config: ModelConfig, backend: Backend, source, pre
                 "max_model_len": max_model_len, "load_mtp": load_mtp}
     agree(fingerprint(config, source, settings))
     plan.check(config, precision, load_mtp)
-    loader = ShardedLoader(source, config, plan, progress=progress and plan.is_primary)
+    loader = ShardedLoader(source, config, plan, progress=progress and plan.is_primary, device=backend.device)
     try:
         return ParallelTransformer(config, backend, loader, precision, max_model_len)
     finally:
