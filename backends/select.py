@@ -99,7 +99,8 @@ def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str
 
     Args:
         chip: the probed or described chip.
-        requested: "auto" (or None), or a backend name (from --backend); overrides DSV3_BACKEND.
+        requested: "auto" (or None), or a backend name (from --backend); overrides DSV3_BACKEND. An
+            empty name is refused: an unset DSV3_BACKEND may be empty, a --backend '' is a mistake.
         env: environment variables; DSV3_BACKEND names a backend, DSV3_FP8_MAX sets the
             activation FP8 max (e.g. 240 instead of 224 on gfx942).
         available_packages: importable vendor modules (see installed_packages()).
@@ -112,7 +113,10 @@ def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str
     """
     env = {} if env is None else env
     chip = _with_fp8_max(chip, env.get("DSV3_FP8_MAX"))
-    if requested not in (None, "", "auto"):
+    if requested == "":
+        known = ", ".join(sorted(set(registry) | set(BACKEND_VENDORS)))
+        raise BackendUnavailable(f"an empty backend name was requested; choose auto, {known}")
+    if requested not in (None, "auto"):
         name, source, said = requested, "requested", "requested"
     elif env.get("DSV3_BACKEND", "auto") not in ("", "auto"):
         name, source, said = env["DSV3_BACKEND"], "DSV3_BACKEND", f"DSV3_BACKEND={env['DSV3_BACKEND']}"

@@ -268,6 +268,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
             tokenizer = Tokenizer(path_or_config)
     else:
         config = path_or_config if isinstance(path_or_config, ModelConfig) else load_config(path_or_config)
+    sampling_defaults = generation_defaults(path_or_config if checkpoint else None)
     chosen_precision, why = resolve_precision(precision, chosen.capabilities, config.is_fp8 or not checkpoint, chip)
     info(why, quiet)
     if not checkpoint:
@@ -308,7 +309,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         eos.add(tokenizer.eos_id)
     try:
         engine = LLMEngine(transformer, config_, None if tokenizer is None else tokenizer.backend_tokenizer, eos,
-                           generation_defaults(path_or_config if checkpoint else None))
+                           sampling_defaults)
     except torch.OutOfMemoryError:
         raise OutOfMemoryError(f"out of memory allocating the cache ({cache.describe()}); lower "
                                f"--gpu-memory-utilization or set --cache-tokens") from None

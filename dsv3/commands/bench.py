@@ -9,7 +9,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, UsageError
 
 WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill", "serve")
 
@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:  # refused now, not after the whole bench has run
         check_output_file(Path(args.json), "--json")
+    if args.what != "serve" and args.ckpt:
+        raise UsageError(f"bench {args.what}: --ckpt is for bench serve; bench {args.what} builds random weights "
+                         "with the layer dimensions of --config")
     if args.what == "serve":  # the engine builds its own backend; --url needs none
         from dsv3.bench import serve
 

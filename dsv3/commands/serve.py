@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import socket
 import sys
@@ -49,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if args.max_request_bytes < 1024:
         raise UsageError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
-    if args.shutdown_timeout < 0:
-        raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
+        raise UsageError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
     check_address(args.host, args.port)

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv3.errors import RequestError
+from dsv3.errors import ConfigError, RequestError
 
 #: a positive temperature below this is raised to it: smaller ones overflow the softmax into NaN
 MIN_TEMPERATURE = 1e-2
@@ -153,27 +153,37 @@ def _range(low, high) -> str:
 
 def generation_defaults(checkpoint: str | Path | None) -> dict:
     """Sampling defaults from a checkpoint's generation_config.json: temperature, top_p, top_k, min_p,
-    repetition_penalty where it sets them; `do_sample: false` without a temperature means greedy."""
+    repetition_penalty where it sets them; `do_sample: false` without a temperature means greedy.
+
+    A file that is there but unreadable, or whose values are not valid sampling settings, is a
+    ConfigError naming the file and the field: its defaults (R1's temperature 0.6) must not be dropped
+    silently.
+    """
     if checkpoint is None:
         return {}
     path = Path(checkpoint) / "generation_config.json"
-    if not path.is_file():
+    if not path.exists():
         return {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from e
     if not isinstance(raw, dict):
-        return {}
+        raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     defaults = {}
     for name in DEFAULTABLE:
         value = raw.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            defaults[name] = int(value) if name == "top_k" else float(value)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path}: {name} must be a finite number, found {value!r}")
+        defaults[name] = int(value) if name == "top_k" else float(value)
     if raw.get("do_sample") is False:
         defaults["temperature"] = 0.0
-    try:  # a default out of range is dropped rather than failing every request
+    try:
         SamplingParams(**defaults)
-    except RequestError:
-        return {}
+    except RequestError as e:
+        raise ConfigError(f"{path}: {e}") from e
     return defaults

@@ -124,6 +124,7 @@ BROKEN = {  # name -> how a copy of the tiny checkpoint is broken
     "bad_tokenizer_config": lambda p: with_json(p, "tokenizer_config.json", "{not json"),
     "no_tokenizer": lambda p: (p / "tokenizer.json").unlink() or p,
     "no_template": no_chat_template,
+    "bad_generation_config": lambda p: with_json(p, "generation_config.json", '{"temperature": "warm"}'),
 }
 
 
@@ -179,6 +180,9 @@ def cases(broken: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
         "max_shard_size_nan": ["convert", str(TINY_CHECKPOINT), str(tmp / "out_nan"), "--max-shard-size", "nan"],
         "convert_into_a_file": ["convert", str(TINY_CHECKPOINT), str(tmp / "a_file"), "--overwrite"],
         "conformance_json_dir": ["conformance", "--quick", "--op", "rms_norm", "--json", str(tmp / "json_dir")],
+        "backend_empty": gen + ["--backend", ""],
+        "bench_decode_with_ckpt": ["bench", "decode", "--ckpt", "deepseek-v3", "--backend", "reference"],
+        "serve_shutdown_timeout_nan": ["serve", "--shutdown-timeout", "nan"],
         **{f"ckpt_{name}": gen + ["--ckpt", str(path)] for name, path in broken.items()
            if name != "no_template"},
         "chat_without_template": gen + ["--chat", "--ckpt", str(broken["no_template"])],
@@ -222,6 +226,17 @@ def test_nan_weight_is_named(batch):
 
 def test_infinite_config_value_is_refused(batch):
     case(batch, "ckpt_inf_rope", 2, "config.json", "'rope_theta' must be finite, found inf")
+
+
+def test_broken_generation_config_is_named_not_dropped(batch):
+    before_loading(case(batch, "ckpt_bad_generation_config", 2, "generation_config.json",
+                        "temperature must be a finite number, found 'warm'"))
+
+
+def test_flags_that_used_to_be_ignored_are_refused(batch):
+    case(batch, "backend_empty", 2, "an empty backend name was requested; choose auto")
+    case(batch, "bench_decode_with_ckpt", 2, "bench decode: --ckpt is for bench serve")
+    case(batch, "serve_shutdown_timeout_nan", 2, "--shutdown-timeout must be a finite number of seconds >= 0, got nan")
 
 
 def test_ckpt_must_be_a_checkpoint_directory(batch):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
-from dsv3.errors import Dsv3Error, RequestError
+from dsv3.errors import ConfigError, Dsv3Error, RequestError
 from dsv3.serving.params import MIN_TEMPERATURE, SamplingParams, generation_defaults
 
 
@@ -48,6 +49,17 @@ def test_generation_config(tmp_path):
     assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95}
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     assert generation_defaults(tmp_path) == {"temperature": 0.0}
-    (tmp_path / "generation_config.json").write_text("{not json")
-    assert generation_defaults(tmp_path) == {}
     assert generation_defaults(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not readable JSON"),
+    ("[0.6]", "expected a JSON object, found list"),
+    ('{"temperature": NaN}', "temperature must be a finite number, found nan"),
+    ('{"top_p": "high"}', "top_p must be a finite number, found 'high'"),
+    ('{"top_p": 7}', "top_p"),
+])
+def test_a_broken_generation_config_is_named_not_dropped(tmp_path, text, message):
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match="generation_config.json: .*" + re.escape(message)):
+        generation_defaults(tmp_path)
