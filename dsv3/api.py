@@ -207,7 +207,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
                block_size: int = engine_args.DEFAULT_BLOCK_SIZE, gpu_memory_utilization: float = 0.9,
                cache_tokens: int | None = None,
                max_num_batched_tokens: int = engine_args.DEFAULT_MAX_NUM_BATCHED_TOKENS,
-               enable_prefix_caching: bool = True, enforce_eager: bool = False) -> Model:
+               enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto") -> Model:
     """Load a DeepSeek model.
 
     Args:
@@ -231,13 +231,16 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         max_num_batched_tokens: tokens per engine step (longer prompts prefill in chunks).
         enable_prefix_caching: reuse the cache of equal prompt prefixes.
         enforce_eager: never replay recorded decode steps.
+        load_format: "auto" reads the checkpoint's weights; "dummy" makes random ones for its config and
+            keeps its tokenizer and generation defaults (vLLM's --load-format dummy: for benchmarks).
     Returns:
         A Model.
     """
     max_num_seqs = _alias("max_num_seqs", max_num_seqs, "max_batch_size", max_batch_size,
                           engine_args.DEFAULT_MAX_NUM_SEQS)
     max_model_len = _alias("max_model_len", max_model_len, "max_seq_len", max_seq_len, None)
-    _check_load_arguments(path_or_config, backend, precision, device, max_num_seqs, max_model_len, seed, tp, ep)
+    _check_load_arguments(path_or_config, backend, precision, device, max_num_seqs, max_model_len, seed, tp, ep,
+                          load_format)
     engine_args.check_engine_arguments(argparse.Namespace(
         max_model_len=max_model_len, block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
         cache_tokens=cache_tokens, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
@@ -258,12 +261,12 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     info(f"backend {chosen.capabilities.name} on {chosen.capabilities.device}: {reason}", quiet)
 
     checkpoint = isinstance(path_or_config, (str, Path)) and Path(path_or_config).is_dir()
-    tokenizer = None
+    tokenizer = source = None
     if checkpoint:
         if not (Path(path_or_config) / "config.json").is_file():
             raise ConfigError(f"{path_or_config}: not a checkpoint directory (no config.json)")
         config = load_config(path_or_config)
-        source = CheckpointSource(path_or_config)
+        source = CheckpointSource(path_or_config) if load_format == "auto" else None
         if (Path(path_or_config) / "tokenizer.json").exists():  # read before the weights: fail fast
             tokenizer = Tokenizer(path_or_config)
     else:
@@ -271,8 +274,10 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     sampling_defaults = generation_defaults(path_or_config if checkpoint else None)
     chosen_precision, why = resolve_precision(precision, chosen.capabilities, config.is_fp8 or not checkpoint, chip)
     info(why, quiet)
-    if not checkpoint:
-        source = RandomSource(config, fp8=chosen_precision == "fp8", seed=seed, device=chosen.device)
+    if source is None:  # synthetic weights: a config, or a checkpoint's config with load_format="dummy"
+        # a dummy load makes V3-sized experts already stacked on the device, as bench decode does
+        fast = load_format == "dummy" and plan is None and chosen_precision == "fp8"
+        source = RandomSource(config, fp8=chosen_precision == "fp8", seed=seed, device=chosen.device, fast=fast)
     max_model_len = max_model_len or min(4096, config.max_position_embeddings)
     if max_model_len > config.max_position_embeddings:
         raise Dsv3Error(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
@@ -326,7 +331,7 @@ def _alias(name: str, value, old_name: str, old_value, default):
 
 
 def _check_load_arguments(path_or_config, backend, precision, device, max_num_seqs, max_model_len, seed,
-                          tp, ep) -> None:
+                          tp, ep, load_format) -> None:
     """load_model's arguments, checked before anything is built."""
     if not isinstance(path_or_config, (str, Path, ModelConfig, type(None))):
         raise TypeError(f"load_model takes a checkpoint directory, a config name or path, or a ModelConfig; "
@@ -341,3 +346,5 @@ def _check_load_arguments(path_or_config, backend, precision, device, max_num_se
     checks.check_int("tp", tp, 1, optional=True)
     checks.check_int("ep", ep, 1, optional=True)
     checks.check_device(device)
+    if load_format not in ("auto", "dummy"):
+        raise Dsv3Error(f"load_format must be 'auto' or 'dummy', got {load_format!r}")

@@ -13,6 +13,7 @@ from dsv3.errors import UsageError
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_MAX_NUM_SEQS = 128
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +40,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cache of equal prompt prefixes (default on)")
     g.add_argument("--enforce-eager", action="store_true", help="never replay recorded decode steps (CUDA graphs)")
+    g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="auto: the checkpoint's safetensors; dummy: random weights of the checkpoint's config, "
+                   "with its tokenizer (for benchmarks: a directory with config.json and tokenizer files is "
+                   "enough)")
 
 
 def check_engine_arguments(args: argparse.Namespace) -> None:
@@ -79,4 +84,4 @@ def model_from_args(args: argparse.Namespace):
     if args.config and layers:
         source = load_config(args.config).replace(num_hidden_layers=layers)
     return load_model(source, backend=args.backend, precision=args.precision, device=args.device,
-                      quiet=args.quiet, tp=args.tp, ep=args.ep, **engine_options(args))
+                      quiet=args.quiet, tp=args.tp, ep=args.ep, load_format=args.load_format, **engine_options(args))

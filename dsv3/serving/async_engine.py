@@ -11,9 +11,11 @@ breaks, its requests fail with the message and the loop goes on.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from dsv3.errors import EngineRequestError, RequestError
@@ -25,6 +27,16 @@ Sink = Callable[[object], None]  # takes a RequestOutput or an exception
 
 #: an engine thread with nothing to do for this long ends (a thread would keep its model alive)
 IDLE_EXIT_SECONDS = 2.0
+
+#: every loop alive, shut down when the interpreter exits: an engine thread still waiting (or running
+#: torch) while the interpreter tears down aborts the process ("terminate called ...", exit 134)
+_LOOPS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_every_loop() -> None:
+    for loop in list(_LOOPS):
+        loop.shutdown()
 
 
 class EngineLoop:
@@ -43,6 +55,7 @@ class EngineLoop:
         self._shutdown = False
         self._stats = engine.stats()
         self._ids = itertools.count()
+        _LOOPS.add(self)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
