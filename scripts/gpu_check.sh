@@ -3,6 +3,7 @@
 #
 # Usage, from the repository root on the GPU machine:
 #     bash scripts/gpu_check.sh                 # or: OUT=/tmp/out BUDGET=560 bash scripts/gpu_check.sh
+#     bash scripts/gpu_check.sh serve           # the serving engine and server instead (see the end)
 #
 # Steps, each with its own time limit (cut to what is left of BUDGET seconds, 560 by default so that
 # installing and the summary fit in 10 minutes); a failing step does not stop the next:
@@ -46,6 +47,47 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   >> "$OUT/gpu.txt" 2>&1
 python3 -m dsv3 doctor >> "$OUT/gpu.txt" 2>&1
+
+if [ "${1:-}" = "serve" ]; then
+  # The serving targets (issues 19 and 20) on a weightless checkpoint of DeepSeek-V3's dimensions with
+  # LAYERS layers (random weights, --load-format dummy), each run beside its baseline in the same call:
+  #   engine: 1k in / 256 out at concurrency 64, against bench decode's static step on the same model
+  #   chunked: 4k prompts arriving while 64 requests decode (P99 / median ITL), at two token budgets
+  #   prefix: a shared 4k prefix at concurrency 1 (cached against cold TTFT)
+  #   http: the engine run again through `dsv3 serve` and streamed /v1/completions (against engine)
+  LAYERS=${LAYERS:-8}
+  CKPT=/tmp/dsv3-v3-$LAYERS
+  rm -rf "$CKPT"
+  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers "$LAYERS" > "$OUT/serve_setup.log" 2>&1
+  model=(--ckpt "$CKPT" --load-format dummy)
+  step serve_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model tests/serving tests/gpu
+  step serve_engine 150 python3 -m dsv3 bench serve "${model[@]}" --num-prompts 192 --input-len 1024 \
+    --output-len 256 --max-concurrency 64 --json "$OUT/serve_engine.json"
+  step serve_chunked 90 python3 -m dsv3 bench serve "${model[@]}" --num-prompts 48 --input-len 4096 \
+    --output-len 128 --max-concurrency 64 --request-rate 4 --max-num-batched-tokens 512 \
+    --no-static-decode-baseline --json "$OUT/serve_chunked.json"
+  step serve_prefix 60 python3 -m dsv3 bench serve "${model[@]}" --num-prompts 8 --prefix-len 4096 \
+    --input-len 64 --output-len 16 --max-concurrency 1 --num-warmups 0 --no-static-decode-baseline \
+    --json "$OUT/serve_prefix.json"
+  python3 -m dsv3 serve "${model[@]}" --port 8321 > "$OUT/serve_server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 240); do
+    python3 -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:8321/health').status_code != 200)" \
+      2>/dev/null && break
+    sleep 1
+  done
+  step serve_http 120 python3 -m dsv3 bench serve --url http://127.0.0.1:8321 --num-prompts 192 --input-len 1024 \
+    --output-len 256 --max-concurrency 64 --baseline "$OUT/serve_engine.json" --json "$OUT/serve_http.json"
+  kill -TERM "$server"; wait "$server"; echo "server exit: $?" >> "$OUT/steps.txt"
+  echo
+  echo "================ serve summary ($SECONDS s) ================"
+  cat "$OUT/steps.txt"
+  for f in "$OUT"/serve_*.log; do
+    echo "== $(basename "$f")"
+    grep -E "cache:|Output token throughput|Median ITL|P99 ITL|P99 / median|cached / cold|vs static|static decode|baseline|Successful|Peak cache|error" "$f" | head -14
+  done
+  exit 0
+fi
 
 step tests 180 python3 -m pytest -q -p no:cacheprovider -m gpu
 step conformance 150 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"

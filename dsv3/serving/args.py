@@ -64,7 +64,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     return dict(max_model_len=args.max_model_len, block_size=args.block_size,
                 gpu_memory_utilization=args.gpu_memory_utilization, cache_tokens=args.cache_tokens,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                load_format=getattr(args, "load_format", "auto"))
 
 
 def model_from_args(args: argparse.Namespace):
@@ -84,4 +85,4 @@ def model_from_args(args: argparse.Namespace):
     if args.config and layers:
         source = load_config(args.config).replace(num_hidden_layers=layers)
     return load_model(source, backend=args.backend, precision=args.precision, device=args.device,
-                      quiet=args.quiet, tp=args.tp, ep=args.ep, load_format=args.load_format, **engine_options(args))
+                      quiet=args.quiet, tp=args.tp, ep=args.ep, **engine_options(args))
