@@ -236,6 +236,9 @@ def _load_model(args, static_context: int):
                      "moe_layers": sum(source.is_moe_layer(i) for i in range(layers))}
     model = load_model(source, backend=backend, precision=args.precision, quiet=args.quiet, tp=args.tp, ep=args.ep,
                        **engine_options(args))
+    layers = model.config.num_hidden_layers
+    described.update(layers=layers, moe_layers=sum(model.config.is_moe_layer(i) for i in range(layers)),
+                     load_format=getattr(args, "load_format", "auto"))
     described.update(precision=model.precision, max_model_len=model.max_model_len,
                      num_blocks=model.engine.config.num_blocks, block_size=model.engine.config.block_size,
                      max_num_seqs=model.engine.config.max_num_seqs,
