@@ -287,6 +287,14 @@ class FiniteSource:
     def get(self, name: str) -> torch.Tensor:
         return self._checked(name, self.source.get(name))
 
+    def stacked_experts(self, module: str, ids: range) -> tuple[torch.Tensor, ...] | None:
+        """The source's stacked experts where it makes them (synthetic: finite by construction), counted."""
+        make = getattr(self.source, "stacked_experts", None)
+        stacked = None if make is None else make(module, ids)
+        if stacked is not None:
+            self.bytes_loaded += sum(t.numel() * t.element_size() for t in stacked)
+        return stacked
+
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         return self._checked(name, self.source.get_slice(name, dim, start, stop))
 
