@@ -107,6 +107,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         engine = self.engine
+        pending = []  # the requests the latest step changed: their outputs go out once the next step is launched
         while True:
             with self._cond:
                 if engine.idle and engine.has_unfinished_requests() and not self._commands:
@@ -124,14 +125,24 @@ class EngineLoop:
                 self._apply(command)
             if engine.has_unfinished_requests():
                 try:
-                    outputs = engine.step()
+                    launched = engine.launch_step()
+                    # the previous step's outputs go out while this one runs on the device: the callers'
+                    # threads (an asyncio loop taking the GIL to handle them) no longer delay the launch
+                    previous, pending = pending, []
+                    self._deliver_step(engine.outputs(previous))
+                    pending = engine.finish_step(launched)
                 except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the loop
+                    self._deliver_step(engine.outputs(pending))  # the previous step's, where the launch raised
+                    pending = []
                     try:
-                        outputs = self._fail_all(e)
+                        self._deliver_step(self._fail_all(e))
                     except Exception:  # noqa: BLE001
-                        outputs = []
+                        pass
                 self._stats = engine.stats()  # before the outputs: a caller who sees its request end sees it gone
-                self._deliver_step(outputs)
+            if pending and (engine.idle or not engine.has_unfinished_requests()):
+                self._deliver_step(engine.outputs(pending))  # no step to overlap with: out now
+                pending = []
+        self._deliver_step(engine.outputs(pending))
         for command in commands:  # shut down: nothing more runs
             if command[0] == "abort":
                 command[2].set()

@@ -36,6 +36,7 @@ class IncrementalDetokenizer:
         self.stop = list(stop)
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.text = ""
+        self.num_tokens = 0  # tokens added
         context = list(prompt_token_ids[-PROMPT_CONTEXT:])
         self._stream = None
         if DecodeStream is not None:
@@ -50,6 +51,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str | None:
         """Append one token's text; returns the stop string it completed, if any (the text then ends before it)."""
         before = len(self.text)
+        self.num_tokens += 1
         self.text += self._decode_next(token_id)
         if not self.stop or len(self.text) == before:
             return None

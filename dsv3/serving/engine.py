@@ -83,6 +83,17 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
 
+@dataclass
+class LaunchedStep:
+    """A step between launch_step and finish_step: what runs, who samples, their logits (still being
+    computed on an accelerator) and the requests already changed (failed) while launching."""
+
+    step: ScheduledStep
+    seqs: list[Sequence]
+    logits: torch.Tensor | None
+    changed: dict[str, _Request]
+
+
 class LLMEngine:
     """The engine over one model.
 
@@ -198,13 +209,28 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; the outputs of every request that changed (finished ones for the last time)."""
+        return self.outputs(self.finish_step(self.launch_step()))
+
+    def launch_step(self) -> "LaunchedStep":
+        """The first part of a step: schedule it and start its forward. On an accelerator the device work
+        runs on after this returns (nothing waits for it before finish_step reads the logits), so the
+        caller can do other host work meanwhile (`outputs` of the previous step); no add or abort before
+        finish_step."""
         step = self.scheduler.schedule()
         self.idle = step.is_empty  # nothing could run (the loop then waits rather than spins)
-        changed: dict[str, _Request] = {}
+        launched = LaunchedStep(step, [], None, {})
         if not step.is_empty:
-            step, seqs, logits = self._run(step, changed)
+            launched.step, launched.seqs, launched.logits = self._run(step, launched.changed)
+        return launched
+
+    def finish_step(self, launched: "LaunchedStep") -> list["_Request"]:
+        """The second part: sample, append each sequence's token and decide whether it ends (finished
+        requests leave the engine here). Returns the requests that changed; `outputs` makes their
+        outputs, detokenizing what needs no stop string check, and may run after the next launch_step."""
+        step, seqs, changed = launched.step, launched.seqs, launched.changed
+        if not step.is_empty:
             self.scheduler.update(step)
-            sampled = self._sample(logits, seqs, changed)
+            sampled = self._sample(launched.logits, seqs, changed)
             now = time.monotonic()
             for seq, token, logprobs in sampled:
                 request = self.requests.get(seq.request_id)
@@ -215,13 +241,19 @@ class LLMEngine:
                 except Exception as e:  # noqa: BLE001 - e.g. the detokenizer: only this request fails
                     self._fail(request, e)
                 changed[request.request_id] = request
-        outputs = []
         for request in changed.values():
-            if request.done:
-                request.finished = True
-                self.requests.pop(request.request_id, None)
-            outputs.append(self._output(request))
-        return outputs
+            self._retire_if_done(request)
+        return list(changed.values())
+
+    def outputs(self, requests: list["_Request"]) -> list[RequestOutput]:
+        """The outputs of requests finish_step returned (cumulative: built now, they say the same as then,
+        as long as no step finished in between)."""
+        return [self._output(request) for request in requests]
+
+    def _retire_if_done(self, request: "_Request") -> None:
+        if request.done and not request.finished:
+            request.finished = True
+            self.requests.pop(request.request_id, None)
 
     def _run(self, step: ScheduledStep, changed: dict) -> tuple[ScheduledStep, list[Sequence], torch.Tensor]:
         """The forward; where it raises, each sequence alone, failing the requests that still raise."""
@@ -281,7 +313,8 @@ class LLMEngine:
             request.metrics.first_token_time = now
         request.metrics.last_token_time = now
         detokenizer = request.detokenizers[seq.index]
-        stop_string = detokenizer.add(token) if detokenizer is not None else None
+        # text is needed now only to look for stop strings; otherwise `_output` catches up later
+        stop_string = self._detokenize(seq, detokenizer) if detokenizer is not None and detokenizer.stop else None
         params = seq.params
         if stop_string is not None:
             self.scheduler.finish(seq, "stop", stop_string)
@@ -300,7 +333,24 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
 
+    @staticmethod
+    def _detokenize(seq: Sequence, detokenizer: IncrementalDetokenizer) -> str | None:
+        """Feed the detokenizer seq's output tokens it has not seen; the stop string one completed, if any."""
+        first = seq.num_prompt_tokens + detokenizer.num_tokens
+        for token in seq.token_ids[first:]:
+            stop_string = detokenizer.add(token)
+            if stop_string is not None:
+                return stop_string
+        return None
+
     def _output(self, request: _Request) -> RequestOutput:
+        for seq, detokenizer in zip(request.seqs, request.detokenizers, strict=True):
+            if detokenizer is not None and not detokenizer.stop:
+                try:
+                    self._detokenize(seq, detokenizer)
+                except Exception as e:  # noqa: BLE001 - only this request fails
+                    self._fail(request, e)
+                    self._retire_if_done(request)
         completions = []
         for seq, detokenizer in zip(request.seqs, request.detokenizers, strict=True):
             text = detokenizer.visible_text(seq.is_finished) if detokenizer is not None else ""

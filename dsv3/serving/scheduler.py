@@ -146,6 +146,8 @@ class Scheduler:
         """Record that the step ran; returns the sequences whose next token is to be sampled now."""
         ready = []
         for seq, count in step.scheduled():
+            if seq.is_finished:  # ended while the step ran (its blocks are already free)
+                continue
             seq.num_computed_tokens += count
             self.block_manager.cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
