@@ -45,6 +45,51 @@ class _Bucket:
     seq_lens: torch.Tensor      # int32 [size]
     logits: torch.Tensor        # float32 [size, vocab]
     replay: Callable[[], None]
+    staging: "_Staging | None" = None
+
+
+class _Staging:
+    """A bucket's inputs on the host, kept between steps: each step writes its tokens, positions and
+    lengths in place, and a row of block tables only where its sequence or table changed.
+
+    The rows' tables are known by the list object a sequence holds and its length: the block manager only
+    appends to a table, and a freed sequence gets a new list (held here, so its identity is not reused).
+    """
+
+    def __init__(self, size: int, width: int):
+        self.tokens = torch.zeros(size, dtype=torch.long)
+        self.positions = torch.zeros(size, dtype=torch.long)
+        self.seq_lens = torch.ones(size, dtype=torch.int32)
+        self.block_tables = torch.zeros(size, width, dtype=torch.int32)
+        self.np_tokens, self.np_positions = self.tokens.numpy(), self.positions.numpy()
+        self.np_seq_lens, self.np_tables = self.seq_lens.numpy(), self.block_tables.numpy()
+        self.rows: list[tuple[list[int], int] | None] = [None] * size  # None: a padding row (zeros)
+        self.tables_copied = False  # the device's block tables equal these
+
+    def write(self, seqs: list[Sequence]) -> None:
+        n = len(seqs)
+        positions = [seq.num_computed_tokens for seq in seqs]
+        self.np_positions[:n] = positions
+        self.np_positions[n:] = 0
+        self.np_tokens[:n] = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
+        self.np_tokens[n:] = 0
+        self.np_seq_lens[:n] = self.np_positions[:n] + 1
+        self.np_seq_lens[n:] = 1
+        rows = self.rows
+        for i, seq in enumerate(seqs):
+            table, row = seq.block_table, rows[i]
+            if row is None or row[0] is not table or row[1] != len(table):
+                known = row[1] if row is not None and row[0] is table else 0
+                self.np_tables[i, known:len(table)] = table[known:]
+                if row is not None and row[0] is not table:
+                    self.np_tables[i, len(table):row[1]] = SCRATCH_BLOCK
+                rows[i] = (table, len(table))
+                self.tables_copied = False
+        for i in range(n, len(rows)):
+            if rows[i] is not None:
+                self.np_tables[i, :rows[i][1]] = SCRATCH_BLOCK
+                rows[i] = None
+                self.tables_copied = False
 
 
 class ModelRunner:
@@ -157,16 +202,16 @@ class ModelRunner:
 
     def _fill(self, bucket: _Bucket, seqs: list[Sequence]) -> None:
         """Write the step's inputs into the bucket's buffers; padding rows write only block 0."""
-        width, padding = self.max_blocks_per_seq, bucket.tokens.shape[0] - len(seqs)
-        positions_list = [seq.num_computed_tokens for seq in seqs] + [0] * padding
-        tokens = torch.tensor([seq.token_ids[seq.num_computed_tokens] for seq in seqs] + [0] * padding)
-        positions = torch.tensor(positions_list)
-        seq_lens = torch.tensor([p + 1 for p in positions_list], dtype=torch.int32)
-        tables = torch.tensor([seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in seqs]
-                              + [[SCRATCH_BLOCK] * width] * padding, dtype=torch.int32)
-        for buffer, value in ((bucket.tokens, tokens), (bucket.positions, positions), (bucket.seq_lens, seq_lens),
-                              (bucket.block_tables, tables)):
+        staging = bucket.staging
+        if staging is None:
+            staging = bucket.staging = _Staging(bucket.tokens.shape[0], self.max_blocks_per_seq)
+        staging.write(seqs)
+        for buffer, value in ((bucket.tokens, staging.tokens), (bucket.positions, staging.positions),
+                              (bucket.seq_lens, staging.seq_lens)):
             buffer.copy_(value, non_blocking=True)
+        if not staging.tables_copied:
+            bucket.block_tables.copy_(staging.block_tables, non_blocking=True)
+            staging.tables_copied = True
 
     def _record(self, size: int, seqs: list[Sequence]) -> _Bucket | None:
         """Allocate a bucket's buffers, fill them with this step's inputs and record the step."""
