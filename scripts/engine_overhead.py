@@ -15,7 +15,7 @@ delivery to the asyncio thread, the consumer's per-token work) is the real code.
 median ITL / device step is the engine's cost per decode step (issue 19 wants at most 1.1x); the CPU of
 this machine is not the GPU host's, so the absolute host milliseconds differ, the structure does not.
 
-    python scripts/engine_overhead.py [--device-ms 15] [--concurrency 64] [--output-len 128] [--profile FILE]
+    python scripts/engine_overhead.py [--device-ms 15] [--concurrency 64] [--output-len 128] [--consumer-us 60]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -108,8 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--consumer-us", type=float, default=0.0, help="extra consumer work per output, in Python "
+                   "holding the GIL (an HTTP server's JSON and SSE framing; default 0: bench serve's own)")
     p.add_argument("--repeats", type=int, default=1, help="runs (after one warm-up run); medians of each printed")
-    p.add_argument("--profile", help="write a cProfile of the run (all threads) to this file")
     args = p.parse_args(argv)
 
     from dsv3.api import TINY_CHECKPOINT, load_model
@@ -131,8 +133,18 @@ def main(argv=None) -> int:
     device = StubDevice()
     stub_engine(engine, device, args.device_ms, args.prefill_ms)
     target = EngineTarget(model.async_engine)
+    if args.consumer_us:  # an HTTP server's per-output work (JSON, SSE framing), holding the GIL
+        generate = model.async_engine.generate
+
+        async def heavier(*a, **k):
+            async for output in generate(*a, **k):
+                end = time.perf_counter() + args.consumer_us / 1e6
+                while time.perf_counter() < end:
+                    pass
+                yield output
+
+        target.engine = SimpleNamespace(generate=heavier, stats=model.async_engine.stats)
     vocab = engine.vocab_size
-    profiler = None
 
     async def run(seed: int):
         requests = random_requests(args.concurrency, args.input_len, args.output_len, vocab, seed=seed)
@@ -146,20 +158,11 @@ def main(argv=None) -> int:
         return statistics.median(itl) * 1e3, statistics.mean(itl) * 1e3, statistics.median(gaps) * 1e3, duration
 
     asyncio.run(run(10_000))  # warm-up (buckets recorded, caches warm)
-    if args.profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        threading.setprofile(lambda *a: None)
-        profiler.enable()
     for i in range(args.repeats):
         median, mean, gap, duration = asyncio.run(run(i))
         print(f"median ITL {median:6.2f} ms  mean {mean:6.2f} ms  device step {args.device_ms:.2f} ms  "
               f"ratio {median / args.device_ms:.3f}  device idle between decode steps {gap:.2f} ms (median)  "
               f"({duration:.1f} s)", flush=True)
-    if profiler is not None:
-        profiler.disable()
-        profiler.dump_stats(args.profile)
     model.shutdown()
     return 0
 
