@@ -142,8 +142,9 @@ class ModelRunner:
         their float32 logits [S, V] in that order."""
         scheduled = step.scheduled()
         sampling = [i for i, (seq, count) in enumerate(scheduled)
-                    if seq.num_computed_tokens + count == seq.num_tokens]
-        seqs = [scheduled[i][0] for i in sampling]
+                    if seq.num_computed_tokens + count == len(seq.token_ids)]
+        seqs = [scheduled[i][0] for i in sampling] if len(sampling) < len(scheduled) else step.decodes + \
+            [seq for seq, _ in step.prefills]
         if not step.prefills and self.graphs:
             size = self.bucket(len(step.decodes))
             if size is not None:

@@ -40,6 +40,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: float32 [S, V], row i for seqs[i]."""
         params = [s.params for s in seqs]
+        if all(p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1 and not p.presence_penalty
+               and not p.frequency_penalty for p in params):  # plain greedy (the common case): one pass
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
         logits = logits.float()
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = apply_penalties(logits, seqs)

@@ -145,11 +145,13 @@ class Scheduler:
     def update(self, step: ScheduledStep) -> list[Sequence]:
         """Record that the step ran; returns the sequences whose next token is to be sampled now."""
         ready = []
+        cache_full_blocks, block_size = self.block_manager.cache_full_blocks, self.block_manager.block_size
         for seq, count in step.scheduled():
             if seq.is_finished:  # ended while the step ran (its blocks are already free)
                 continue
             seq.num_computed_tokens += count
-            self.block_manager.cache_full_blocks(seq)
+            if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * block_size:  # a block filled up
+                cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 ready.append(seq)
         return ready
