@@ -42,6 +42,7 @@ from dsv3.backends.interface import (
     LinearWeight,
     MLAInputs,
     MLAWeights,
+    NormOutput,
     PagedBatch,
     Precision,
     RoutingConfig,
@@ -216,11 +217,11 @@ class AscendBackend(Backend):
             return self._plain.rms_norm(x, weight, eps, residual)
         gamma = weight.to(x.dtype)  # gamma must have self's dtype; self is 2-8-D (2.14 docs, npu_rms_norm)
         if residual is None:
-            return self.npu.npu_rms_norm(x, gamma, epsilon=eps)[0]  # -> (y, rstd)
+            return NormOutput(self.npu.npu_rms_norm(x, gamma, epsilon=eps)[0], x)  # -> (y, rstd)
         # npu_add_rms_norm(x1, x2, gamma, epsilon) -> (y, rstd, x1 + x2) (not in the 2.14 docs file; the
         # op-plugin test test_npu_add_rms_norm.py and the hiascend API page give this signature)
         y, _, summed = self.npu.npu_add_rms_norm(x, residual, gamma, eps)
-        return y, summed
+        return NormOutput(y, summed)
 
     def rotary(self, x, cos, sin):
         rope_dim = x.shape[-1]

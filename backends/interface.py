@@ -161,6 +161,29 @@ def plain(x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class NormOutput:
+    """What `Backend.rms_norm` returns, on every backend and with or without a residual.
+
+    Attributes:
+        values: [..., D] the normalized activation, in x's dtype.
+        residual: [..., D] the residual stream the next residual add reads: x + residual where a residual
+            came, else x itself.
+        quantized: the FP8 copy of `values` (per token per 128 channels) where `quantize` asked for it and
+            the backend made it, else None.
+    """
+
+    values: torch.Tensor
+    residual: torch.Tensor
+    quantized: QuantizedActivation | None = None
+
+    @property
+    def activation(self) -> torch.Tensor | QuantizedActivation:
+        """What a linear or the routed experts read: the FP8 copy where one came (they skip their own
+        quantization, bit for bit the same result), else the values."""
+        return self.values if self.quantized is None else self.quantized
+
+
+@dataclass(frozen=True)
 class RoutingConfig:
     """How a MoE layer picks experts (from the model config).
 
@@ -384,12 +407,12 @@ class Backend(ABC):
 
     @abstractmethod
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                 quantize: bool = False):
+                 quantize: bool = False) -> NormOutput:
         """RMSNorm over the last dim, in fp32, result in x's dtype.
 
-        With `residual`, first h = x + residual and return (rms_norm(h), h).
-        `quantize` says the result feeds FP8 linears: a backend that quantizes in the same kernel returns a
-        QuantizedActivation in place of the normalized tensor; one that does not ignores the flag.
+        With `residual`, first h = x + residual and normalize h; NormOutput.residual is h (x without one).
+        `quantize` says the result feeds FP8 linears: a backend that can also returns the FP8 copy
+        (NormOutput.quantized); one that cannot leaves it None.
         """
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

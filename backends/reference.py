@@ -23,6 +23,7 @@ from dsv3.backends.interface import (
     LinearWeight,
     MLAInputs,
     MLAWeights,
+    NormOutput,
     PagedBatch,
     Precision,
     RoutingConfig,
@@ -129,8 +130,7 @@ class ReferenceBackend(Backend):
             x = x + residual
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        out = weight.to(x.dtype) * normed.to(x.dtype)
-        return (out, x) if residual is not None else out
+        return NormOutput(weight.to(x.dtype) * normed.to(x.dtype), x)
 
     def rotary(self, x, cos, sin):
         extra = x.dim() - cos.dim()

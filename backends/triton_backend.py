@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from dsv3.backends import fp8
 from dsv3.backends.chips import DENSE_DTYPES, ChipInfo
 from dsv3.backends.errors import BackendError
-from dsv3.backends.interface import Backend, Capabilities, ExpertWeights, LinearWeight, QuantizedActivation, plain
+from dsv3.backends.interface import (
+    Backend,
+    Capabilities,
+    ExpertWeights,
+    LinearWeight,
+    NormOutput,
+    QuantizedActivation,
+    plain,
+)
 from dsv3.backends.triton_kernels import elementwise, gemm, mla, moe, norm, quant, routing
 from dsv3.backends.triton_kernels.configs import KernelConfigs
 
@@ -313,8 +321,9 @@ class TritonBackend(Backend):
         out, h, q, s = norm.rms_norm(x2, weight, eps, r2, self.configs.norm, quant=fused)
         if quantize and not in_kernel:
             q, s = self.quantize_activation(out)
-        out = out.view(shape) if q is None else QuantizedActivation(out.view(shape), q, s)
-        return (out, h.view(shape)) if residual is not None else out
+        out = out.view(shape)
+        return NormOutput(out, x if residual is None else h.view(shape),
+                          None if q is None else QuantizedActivation(out, q, s))
 
     def rotary(self, x, cos, sin):
         return elementwise.rotary(x, cos, sin)

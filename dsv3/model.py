@@ -24,6 +24,7 @@ from dsv3.backends.interface import (
     CacheSpec,
     LinearWeight,
     MLAInputs,
+    NormOutput,
     PagedBatch,
     Precision,
     QuantizedActivation,
@@ -140,7 +141,8 @@ def _stackable(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
 
 class RMSNorm:
     """RMSNorm; `quantize` where only FP8 linears (and the router, which reads the values) take the result:
-    a backend that can then returns a QuantizedActivation, and the linears skip their own quantization."""
+    a backend that can then hands on the FP8 copy too (NormOutput.activation), and the linears skip their own
+    quantization."""
 
     def __init__(self, backend: Backend, weight: torch.Tensor, eps: float, quantize: bool = False):
         self.backend, self.weight, self.eps, self.quantize = backend, weight, eps, quantize
@@ -150,7 +152,7 @@ class RMSNorm:
              quantize: bool = False) -> "RMSNorm":
         return cls(backend, loader.tensor(module).to(backend.device, dtype), eps, quantize)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormOutput:
         return self.backend.rms_norm(x, self.weight, self.eps, residual, quantize=self.quantize)
 
 
@@ -197,11 +199,11 @@ class MLA:
             q, kv_a = self.q_proj(x), self.kv_a_proj(x)
         else:
             q_a, kv_a = self.qkv_a_proj(x)
-            q = self.q_b_proj(self.q_a_norm(q_a))
+            q = self.q_b_proj(self.q_a_norm(q_a).activation)
         q = q.view(n, self.num_heads, c.qk_head_dim)
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_norm(latent)
+        latent = self.kv_a_norm(latent).values
         d = batch.num_decode_tokens
         outs = []
         if d:
@@ -272,9 +274,9 @@ class Block:
 
     def __call__(self, x, residual, cache, batch, cos, sin):
         """Returns (block output, residual stream); the residual add is fused into the next norm."""
-        h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm(x, residual)
-        h, residual = self.ffn_norm(self.attn(h, cache, batch, cos, sin), residual)
-        return self.ffn(h), residual
+        normed = self.attn_norm(x, residual)
+        normed = self.ffn_norm(self.attn(normed.activation, cache, batch, cos, sin), normed.residual)
+        return self.ffn(normed.activation), normed.residual
 
 
 class MTP:
@@ -380,8 +382,7 @@ class Transformer:
         x, residual = self.embed_tokens(batch.tokens), None
         for layer, cache in zip(self.layers, caches, strict=True):
             x, residual = layer(x, residual, cache, batch, cos, sin)
-        x, _ = self.norm(x, residual)
-        return x
+        return self.norm(x, residual).values
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits from final hidden states."""
@@ -424,10 +425,10 @@ class Transformer:
         h = self.hidden(batch, caches[:-1])
         mtp = self.mtp[0]
         next_embedded = F.embedding(next_tokens.reshape(-1).to(h.device), mtp.embed)
-        x = mtp.eh_proj(torch.cat((mtp.enorm(next_embedded), mtp.hnorm(h)), dim=-1))
+        x = mtp.eh_proj(torch.cat((mtp.enorm(next_embedded).values, mtp.hnorm(h).values), dim=-1))
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
         x, residual = mtp.block(x, None, caches[-1], batch, cos, sin)
-        x, _ = mtp.norm(x, residual)
+        x = mtp.norm(x, residual).values
         return F.linear(x, mtp.head).float().view(*tokens.shape, -1)
 
 

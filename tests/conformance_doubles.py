@@ -11,6 +11,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
+from dsv3.backends.interface import NormOutput
 from dsv3.backends.reference import ReferenceBackend
 
 
@@ -21,8 +22,7 @@ class WrongRmsNormBackend(ReferenceBackend):
         if residual is not None:
             x = x + residual
         xf = x.float()
-        out = weight.to(x.dtype) * (xf / (xf.abs().mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return (out, x) if residual is not None else out
+        return NormOutput(weight.to(x.dtype) * (xf / (xf.abs().mean(-1, keepdim=True) + eps)).to(x.dtype), x)
 
 
 class DoubledScaleBackend(ReferenceBackend):

@@ -145,9 +145,11 @@ def test_rms_norm(npu, calls, fused):
     x = torch.randn(2, 5, 64, generator=gen(0)).bfloat16()
     residual = torch.randn(2, 5, 64, generator=gen(1)).bfloat16()
     weight = (torch.rand(64, generator=gen(2)) + 0.5).bfloat16()
-    assert_close_bf16(backend.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6))
-    out, summed = backend.rms_norm(x, weight, 1e-6, residual)
-    ref_out, ref_summed = ref.rms_norm(x, weight, 1e-6, residual)
+    alone = backend.rms_norm(x, weight, 1e-6)
+    assert_close_bf16(alone.values, ref.rms_norm(x, weight, 1e-6).values)
+    assert alone.residual is x and alone.quantized is None
+    got, expected = backend.rms_norm(x, weight, 1e-6, residual), ref.rms_norm(x, weight, 1e-6, residual)
+    out, summed, ref_out, ref_summed = got.values, got.residual, expected.values, expected.residual
     assert torch.equal(summed, ref_summed)
     assert_close_bf16(out, ref_out)
     assert ran(calls, "rms_norm") == fused

@@ -229,9 +229,10 @@ def test_rms_norm_and_fused_residual():
     x, residual = torch.randn(3, 5, 64, generator=generator(17)), torch.randn(3, 5, 64, generator=generator(18))
     weight = torch.rand(64, generator=generator(19)) + 0.5
     expected = weight * (x + residual) / ((x + residual).pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
-    normed, summed = backend.rms_norm(x, weight, 1e-6, residual)
-    assert torch.allclose(normed, expected, atol=1e-5) and torch.equal(summed, x + residual)
-    assert torch.allclose(backend.rms_norm(x + residual, weight, 1e-6), expected, atol=1e-5)
+    out = backend.rms_norm(x, weight, 1e-6, residual)
+    assert torch.allclose(out.values, expected, atol=1e-5) and torch.equal(out.residual, x + residual)
+    alone = backend.rms_norm(x + residual, weight, 1e-6)
+    assert torch.allclose(alone.values, expected, atol=1e-5) and alone.quantized is None
 
 
 def test_rotary_is_complex_multiplication_of_adjacent_pairs():

@@ -104,8 +104,8 @@ def test_rms_norm(backends, rows, residual, dtype):
     w = torch.rand(7168, device="cuda", dtype=dtype) + 0.5
     got, expected = cuda.rms_norm(x, w, 1e-6, r), ref.rms_norm(x, w, 1e-6, r)
     precision = "fp32" if dtype == torch.float32 else "bf16"
-    for g, e in zip(got if residual else (got,), expected if residual else (expected,)):
-        assert row_error(g, e) <= TOL["rms_norm"][precision]
+    assert row_error(got.values, expected.values) <= TOL["rms_norm"][precision]
+    assert torch.equal(got.residual, expected.residual)
 
 
 @pytest.mark.parametrize("rows", [1, 16, 80, 81])
@@ -119,9 +119,10 @@ def test_rms_norm_hands_its_fp8_copy_to_the_linear(backends, rows):
     x = activations(rows, 7168, True) * 3
     r = activations(rows, 7168, False, seed=5)
     w = torch.rand(7168, device="cuda", dtype=torch.bfloat16) + 0.5
-    (fused, h), (values, h_plain) = cuda.rms_norm(x, w, 1e-6, r, quantize=True), cuda.rms_norm(x, w, 1e-6, r)
-    assert isinstance(fused, QuantizedActivation)
-    assert torch.equal(fused.values, values) and torch.equal(h, h_plain)
+    out, out_plain = cuda.rms_norm(x, w, 1e-6, r, quantize=True), cuda.rms_norm(x, w, 1e-6, r)
+    fused, values = out.activation, out_plain.values
+    assert isinstance(fused, QuantizedActivation) and out_plain.quantized is None
+    assert torch.equal(fused.values, values) and torch.equal(out.residual, out_plain.residual)
     q, s = cuda.quantize_activation(values)
     assert torch.equal(fused.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused.scales, s)
     linear = cuda.prepare_linear(*fp8_weight(2112, 7168), "fp8")
@@ -207,7 +208,7 @@ def test_moe_experts_from_the_norms_fp8_copy(backends, tokens):
     experts = cuda.prepare_experts(*expert_stack(32, 1024, 256), "fp8")
     weights, ids = routing(tokens, 32, 8, "random")
     fused = cuda.rms_norm(activations(tokens, 1024, True), torch.ones(1024, device="cuda", dtype=torch.bfloat16),
-                          1e-6, quantize=True)
+                          1e-6, quantize=True).activation
     # the same bits but for the order of the fp32 atomic adds into each token's row, which can move the
     # bf16 result by one unit in the last place (2^-8 of the row's largest value at most); a wrong copy
     # or wrong scales would be off by far more
@@ -268,7 +269,8 @@ def test_decode_ops_capture_in_a_cuda_graph(backends):
     route_w, route_ids = routing(4, 32, 8, "random")
 
     def step():
-        return cuda.linear(cuda.rms_norm(x, norm_weight, 1e-6), w), cuda.moe_experts(xm, route_w, route_ids, experts)
+        normed = cuda.rms_norm(x, norm_weight, 1e-6).values
+        return cuda.linear(normed, w), cuda.moe_experts(xm, route_w, route_ids, experts)
 
     step()
     torch.cuda.synchronize()

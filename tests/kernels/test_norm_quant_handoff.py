@@ -23,10 +23,10 @@ def test_reference_ignores_the_request_and_reads_the_values():
     x = torch.randn(3, 256, generator=g).bfloat16()
     residual = torch.randn(3, 256, generator=g).bfloat16()
     weight = torch.rand(256, generator=g).bfloat16() + 0.5
-    normed, h = ref.rms_norm(x, weight, 1e-6, residual, quantize=True)
-    assert isinstance(normed, torch.Tensor)
-    expected, expected_h = ref.rms_norm(x, weight, 1e-6, residual)
-    assert torch.equal(normed, expected) and torch.equal(h, expected_h)
+    out = ref.rms_norm(x, weight, 1e-6, residual, quantize=True)
+    assert out.quantized is None and out.activation is out.values
+    normed, expected = out.values, ref.rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(normed, expected.values) and torch.equal(out.residual, expected.residual)
     from dsv3.backends import fp8
     w, s = fp8.quantize_blocks(torch.randn(64, 256, generator=g) / 16)
     linear = ref.prepare_linear(w, s, "fp8")
@@ -59,10 +59,11 @@ for arch in ("gfx950", "gfx942"):
         x[0, :128] = 0  # an all-zero 128-block
         residual = torch.randn(rows, 384, generator=g).bfloat16()
         weight = torch.rand(384, generator=g).bfloat16() + 0.5
-        fused, h = backend.rms_norm(x, weight, 1e-6, residual, quantize=True)
-        values, h_plain = backend.rms_norm(x, weight, 1e-6, residual)
-        assert isinstance(fused, QuantizedActivation), arch
-        assert torch.equal(fused.values, values) and torch.equal(h, h_plain)
+        out = backend.rms_norm(x, weight, 1e-6, residual, quantize=True)
+        out_plain = backend.rms_norm(x, weight, 1e-6, residual)
+        fused, values = out.activation, out_plain.values
+        assert isinstance(fused, QuantizedActivation) and out_plain.quantized is None, arch
+        assert torch.equal(fused.values, values) and torch.equal(out.residual, out_plain.residual)
         q, s = backend.quantize_activation(values)
         assert fused.q.dtype == caps.fp8_dtype and fused.scales.stride() == s.stride()
         assert torch.equal(fused.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused.scales, s)
@@ -77,7 +78,7 @@ for arch in ("gfx950", "gfx942"):
     experts = backend.prepare_experts(gate_up, gate_up_scale, down, down_scale, "fp8")
     for tokens in (1, 40):
         x = torch.randn(tokens, hidden, generator=g).bfloat16()
-        fused = backend.rms_norm(x, torch.ones(hidden, dtype=torch.bfloat16), 1e-6, quantize=True)
+        fused = backend.rms_norm(x, torch.ones(hidden, dtype=torch.bfloat16), 1e-6, quantize=True).activation
         ids = torch.rand(tokens, num_experts, generator=g).topk(2, dim=-1).indices
         weights = torch.rand(tokens, 2, generator=g)
         assert torch.equal(backend.moe_experts(fused, weights, ids, experts),
