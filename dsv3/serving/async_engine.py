@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import itertools
 import queue
 import threading
@@ -124,25 +125,24 @@ class EngineLoop:
             for command in commands:
                 self._apply(command)
             if engine.has_unfinished_requests():
+                previous, pending = pending, []
                 try:
-                    launched = engine.launch_step()
-                    # the previous step's outputs go out while this one runs on the device: the callers'
-                    # threads (an asyncio loop taking the GIL to handle them) no longer delay the launch
-                    previous, pending = pending, []
-                    self._deliver_step(engine.outputs(previous))
+                    # the previous step's outputs go out once this one is launched, while it runs on the
+                    # device: the callers' threads (an asyncio loop taking the GIL to handle them) no longer
+                    # delay the launch; before a step that runs eagerly, as they would wait for all of it
+                    launched = engine.launch_step(functools.partial(self._deliver_requests, previous))
+                    self._deliver_requests(previous)
                     pending = engine.finish_step(launched)
                 except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the loop
-                    self._deliver_step(engine.outputs(pending))  # the previous step's, where the launch raised
-                    pending = []
+                    self._deliver_requests(previous)  # where the launch raised
                     try:
                         self._deliver_step(self._fail_all(e))
                     except Exception:  # noqa: BLE001
                         pass
                 self._stats = engine.stats()  # before the outputs: a caller who sees its request end sees it gone
-            if pending and (engine.idle or not engine.has_unfinished_requests()):
-                self._deliver_step(engine.outputs(pending))  # no step to overlap with: out now
-                pending = []
-        self._deliver_step(engine.outputs(pending))
+            if engine.idle or not engine.has_unfinished_requests():
+                self._deliver_requests(pending)  # no step to overlap with: out now
+        self._deliver_requests(pending)
         for command in commands:  # shut down: nothing more runs
             if command[0] == "abort":
                 command[2].set()
@@ -178,6 +178,13 @@ class EngineLoop:
                 out.error = request.error
                 outputs.append(out)
         return outputs
+
+    def _deliver_requests(self, requests: list) -> None:
+        """The outputs of the requests a step changed (LLMEngine.finish_step), delivered once: the list empties."""
+        if requests:
+            outputs = self.engine.outputs(requests)
+            requests.clear()
+            self._deliver_step(outputs)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """A step's outputs: one wake-up per asyncio event loop for all its requests, not one per request."""

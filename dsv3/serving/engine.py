@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -211,15 +212,18 @@ class LLMEngine:
         """Run one step; the outputs of every request that changed (finished ones for the last time)."""
         return self.outputs(self.finish_step(self.launch_step()))
 
-    def launch_step(self) -> "LaunchedStep":
-        """The first part of a step: schedule it and start its forward. On an accelerator the device work
-        runs on after this returns (nothing waits for it before finish_step reads the logits), so the
+    def launch_step(self, before_eager: Callable[[], None] | None = None) -> "LaunchedStep":
+        """The first part of a step: schedule it and start its forward. A replayed decode step runs on
+        the device after this returns (nothing waits for it before finish_step reads the logits), so the
         caller can do other host work meanwhile (`outputs` of the previous step); no add or abort before
-        finish_step."""
+        finish_step. `before_eager` is called first where the step runs eagerly instead (its forward may
+        keep the host busy for all of its length: work left for later would wait as long)."""
         step = self.scheduler.schedule()
         self.idle = step.is_empty  # nothing could run (the loop then waits rather than spins)
         launched = LaunchedStep(step, [], None, {})
         if not step.is_empty:
+            if before_eager is not None and not self.runner.replays(step):
+                before_eager()
             launched.step, launched.seqs, launched.logits = self._run(step, launched.changed)
         return launched
 

@@ -136,6 +136,14 @@ class ModelRunner:
         """The smallest bucket holding `batch` decodes, or None."""
         return next((size for size in self.buckets if size >= batch), None)
 
+    def replays(self, step: ScheduledStep) -> bool:
+        """Whether `run` replays a recorded decode step for it (which returns once the step is queued on an
+        accelerator), rather than running the model eagerly or recording."""
+        if step.prefills or not self.graphs:
+            return False
+        size = self.bucket(len(step.decodes))
+        return size is not None and size in self._recorded
+
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
         """Run a step; returns the sequences that sample now (their chunk reaches their last token) and
