@@ -5,6 +5,7 @@ one-step-at-a-time engine says after the same step (text, tokens, finish), stop 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from dsv3.serving.params import SamplingParams
 
@@ -52,3 +53,32 @@ def test_streamed_outputs_equal_the_stepped_engines(model):
         assert final[4]
         if request_id != "q1":
             assert final[0] == model.tokenizer.decode(final[1])
+
+
+def test_an_eager_step_delivers_the_previous_outputs_before_its_forward(model):
+    """On the CPU every step runs eagerly: a token must reach its caller before the next forward runs."""
+    loop, runner = model.engine_loop, model.engine.runner
+    assert not runner.graphs  # the reference backend records nothing: every step is eager
+    delivered, seen_at_run = [], []
+    real_run = runner.run
+
+    def run(step):
+        seen_at_run.append(len(delivered))
+        return real_run(step)
+
+    runner.run = run
+    try:
+        done = threading.Event()
+
+        def sink(output):
+            delivered.append(output)
+            if output.finished:
+                done.set()
+
+        loop.submit("eager", model.tokenizer.encode("Hello"), SamplingParams(max_tokens=5, temperature=0.0,
+                                                                             ignore_eos=True), sink)
+        assert done.wait(60)
+    finally:
+        del runner.run
+    assert len(delivered) == 5
+    assert seen_at_run == [0, 1, 2, 3, 4]
