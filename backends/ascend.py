@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from dsv3.backends.interface import (
     MLAInputs,
     MLAWeights,
     NormOutput,
+    OpImpl,
     PagedBatch,
     Precision,
     RoutingConfig,
@@ -69,6 +71,39 @@ MLA_PREFILL_MAX_KV = 131088
 #: The compressed causal mask sparse_modes 2-4 take: 2048 x 2048, True (masked) above the diagonal.
 MASK_SIZE = 2048
 INT32_MAX = 2**31 - 1
+#: npu_rms_norm takes 2-8-D input (2.14 docs).
+NORM_DIMS = (2, 8)
+#: npu_rotary_mul's interleave mode: the rope dim even and below this, B * N heads below ROPE_MAX_HEADS (2.14 docs).
+ROPE_MAX_DIM, ROPE_MAX_HEADS = 896, 1000
+#: npu_moe_gating_top_k as vllm-ascend runs it: DeepSeek-V3's 256 experts in 8 groups, 4 of them kept.
+GATING_EXPERTS, GATING_GROUPS, GATING_TOPK_GROUPS = 256, 8, 4
+#: npu_moe_init_routing_v2's expert count limit.
+MOE_MAX_EXPERTS = 1024
+
+_FIA = ("torch_npu.npu_fused_infer_attention_score, MLA form ({}) through the block tables")
+_FIA_WHEN = (f"kv_lora_rank is {MLA_LATENT_DIM}, the rope dim {MLA_ROPE_DIM}, bf16/fp16, heads <= {{}} (padded) "
+             "and the block size {}")
+#: op -> (the fused path that switches it, what runs on the NPU, written from the limits above that the
+#: dispatch checks); elsewhere an op runs the reference backend's code (`_plain`), and Capabilities.ops says so.
+NPU_OPS: dict[str, tuple[str, OpImpl]] = {
+    "rms_norm": ("rms_norm", OpImpl("torch_npu.npu_rms_norm / npu_add_rms_norm",
+                                    when=f"x is {NORM_DIMS[0]}-{NORM_DIMS[1]}-D")),
+    "rotary": ("rope", OpImpl("torch_npu.npu_rotary_mul interleave, fp32",
+                              when=f"x is 3-D or more, the rope dim even and < {ROPE_MAX_DIM}, heads < "
+                                   f"{ROPE_MAX_HEADS}")),
+    "mla_prefill": ("attention", OpImpl(_FIA.format("sparse_mode 4, BSND right-padded"),
+                                        when=_FIA_WHEN.format(MLA_PREFILL_HEADS, " or ".join(
+                                            map(str, PREFILL_BLOCK_SIZES))))),
+    "mla_decode": ("attention", OpImpl(_FIA.format("sparse_mode 0, BSND"),
+                                       when=_FIA_WHEN.format(max(MLA_DECODE_HEADS), " or ".join(
+                                           map(str, DECODE_BLOCK_SIZES))))),
+    "moe_route": ("moe_gating", OpImpl("torch_npu.npu_moe_gating_top_k",
+                                       when=f"sigmoid noaux_tc with {GATING_EXPERTS} experts in {GATING_GROUPS} "
+                                            f"groups, topk_group {GATING_TOPK_GROUPS}, normalized, 1 < k <= 32")),
+    "moe_experts": ("moe_experts", OpImpl("torch_npu.npu_moe_init_routing_v2 + npu_grouped_matmul + npu_swiglu + "
+                                          "npu_grouped_matmul + torch gather",
+                                          when=f"dense experts, at most {MOE_MAX_EXPERTS}")),
+}
 
 
 def fused_settings(use_fused: bool | Mapping[str, bool] = True,
@@ -143,29 +178,16 @@ class AscendBackend(Backend):
             ops=self._describe_ops(),
         )
 
-    def _describe_ops(self) -> dict[str, str]:
-        on = self.fused
-        suffix = f" [{self.emulation}]" if self.emulation else ""
-        mla = ("torch_npu.npu_fused_infer_attention_score, MLA form ({}) through the block tables where "
-               "kv_lora_rank is 512, the rope dim 64, heads <= 128 (padded) and the block size {}; else torch")
-        ops = {
-            "linear_fp8": ("torch: block-scaled FP8 emulated in fp32 (no torch_npu block-FP8 GEMM wired)"
-                           if self.chip.has_fp8 else f"none: {self.chip.arch} has no FP8 (BF16 dequantized at load)"),
-            "linear_bf16": "torch: F.linear",
-            "rms_norm": "torch_npu.npu_rms_norm / npu_add_rms_norm" if on["rms_norm"] else "torch: fp32 (plain)",
-            "rotary": "torch_npu.npu_rotary_mul interleave, fp32" if on["rope"] else "torch: fp32 interleaved (plain)",
-            "swiglu": "torch: silu, then the product",
-            "mla_prefill": (mla.format("sparse_mode 4, BSND right-padded", "64 or 128") if on["attention"]
-                            else "torch: fp32 (plain)"),
-            "mla_decode": (mla.format("sparse_mode 0, BSND", "16 or 128") if on["attention"]
-                           else "torch: fp32 (plain)"),
-            "moe_route": ("torch_npu.npu_moe_gating_top_k for sigmoid noaux_tc with 256 experts in 8 groups, "
-                          "topk_group 4; else torch" if on["moe_gating"] else "torch: fp32 (plain)"),
-            "moe_experts": ("torch_npu.npu_moe_init_routing_v2 + npu_grouped_matmul + npu_swiglu + "
-                            "npu_grouped_matmul + torch gather (dense experts); else torch loop"
-                            if on["moe_experts"] else "torch: loop over experts (plain)"),
-        }
-        return {name: text + suffix if text.startswith("torch_npu") else text for name, text in ops.items()}
+    def _describe_ops(self) -> dict[str, str | OpImpl]:
+        """What each op runs: NPU_OPS where its fused path is on, else the reference backend's code."""
+        ops: dict[str, str | OpImpl] = {op: f"{impl} (plain)" for op, impl in self._plain.capabilities.ops.items()}
+        ops["linear_fp8"] = ("torch: block-scaled FP8 emulated in fp32 (no torch_npu block-FP8 GEMM wired)"
+                             if self.chip.has_fp8 else f"none: {self.chip.arch} has no FP8 (BF16 dequantized at load)")
+        notes = (self.emulation,) if self.emulation else ()
+        for op, (path, impl) in NPU_OPS.items():
+            if self.fused[path]:
+                ops[op] = replace(impl, otherwise=ops[op], notes=notes)
+        return ops
 
     # ---- weight preparation (once, at load) --------------------------------
 
@@ -213,7 +235,7 @@ class AscendBackend(Backend):
     # ---- small ops ---------------------------------------------------------
 
     def rms_norm(self, x, weight, eps, residual=None, quantize=False):
-        if not self.fused["rms_norm"] or not 2 <= x.dim() <= 8:
+        if not self.fused["rms_norm"] or not NORM_DIMS[0] <= x.dim() <= NORM_DIMS[1]:
             return self._plain.rms_norm(x, weight, eps, residual)
         gamma = weight.to(x.dtype)  # gamma must have self's dtype; self is 2-8-D (2.14 docs, npu_rms_norm)
         if residual is None:
@@ -227,7 +249,8 @@ class AscendBackend(Backend):
         rope_dim = x.shape[-1]
         heads = math.prod(x.shape[2:-1])
         # interleave mode: input 4-D BSND with r1/r2 1S1D, D even and < 896, B * N < 1000 (2.14 docs)
-        if not self.fused["rope"] or x.dim() < 3 or rope_dim % 2 or rope_dim >= 896 or heads >= 1000:
+        if (not self.fused["rope"] or x.dim() < 3 or rope_dim % 2 or rope_dim >= ROPE_MAX_DIM
+                or heads >= ROPE_MAX_HEADS):
             return self._plain.rotary(x, cos, sin)
         tokens = x.shape[0] * x.shape[1]
         # B = 1 and every token on the S axis, so the per-position tables fit the 1S1D form; fp32 input
@@ -378,7 +401,8 @@ class AscendBackend(Backend):
         only configs that normalize with k > 1 match; group_count 8 is DeepSeek-V3's, as vllm-ascend runs it.
         """
         return (self.fused["moe_gating"] and config.scoring == "sigmoid" and config.method == "noaux_tc"
-                and bias is not None and num_experts == 256 and config.num_groups == 8 and config.topk_groups == 4
+                and bias is not None and num_experts == GATING_EXPERTS and config.num_groups == GATING_GROUPS
+                and config.topk_groups == GATING_TOPK_GROUPS
                 and 1 < config.top_k <= 32 and config.normalize)
 
     def moe_route(self, x, gate_weight, bias, config: RoutingConfig):
@@ -399,7 +423,7 @@ class AscendBackend(Backend):
         x = plain(x)
         num_experts = experts.num_experts
         if (not self.fused["moe_experts"] or experts.is_fp8 or "gate_up_kn" not in experts.extra
-                or num_experts > 1024):
+                or num_experts > MOE_MAX_EXPERTS):
             return self._plain.moe_experts(x, weights, ids, experts)
         tokens, top_k = ids.shape
         # Dropless routing (drop_pad_mode 0, quant_mode -1): expert_idx must be int32 [N, K]; it is flattened

@@ -53,20 +53,3 @@ class CudaBackend(TritonBackend):
         if reset_peak:
             torch.cuda.reset_peak_memory_stats(self.device)
         return info
-
-    def describe_ops(self, fp8_dtype, fp8_max) -> dict[str, str]:
-        return {
-            "linear_fp8": f"triton 1x128 quant, then {self.linear_fp8_gemms()}" if fp8_dtype else
-                          f"unavailable on {self.chip.arch}: BF16 fallback",
-            "linear_bf16": "torch F.linear (cuBLAS)",
-            "rms_norm": "triton (residual add fused; the 1x128 quantization too where FP8 linears read it)",
-            "rotary": "triton (one launch, fp32 math)",
-            "swiglu": "triton (one launch)",
-            "mla_prefill": "paged: tokens written and latents gathered through the block tables, expanded, "
-                           "torch SDPA (backends/triton_kernels/mla.py)",
-            "mla_decode": "triton split flash-decoding through the block tables (backends/triton_kernels/mla.py); "
-                          "rope and the cache write in the attention kernel",
-            "moe_route": "fp32 router GEMM (cuBLAS), then one triton routing kernel",
-            "moe_experts": "triton grouped GEMM: gate+up with SwiGLU (and FP8 quant) fused, down with "
-                           "weighted atomic combine",
-        }

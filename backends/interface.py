@@ -34,6 +34,28 @@ OPS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class OpImpl:
+    """How a backend runs one op, as data: written where the backend's dispatch takes its limits from, so
+    `Capabilities.ops` says what the dispatch does.
+
+    Attributes:
+        name: what runs.
+        when: where it runs, from the limits the dispatch checks ("" = always).
+        otherwise: what runs elsewhere (with `when`).
+        notes: facts a vendor adds (libraries found or not used).
+    """
+
+    name: str
+    when: str = ""
+    otherwise: str = ""
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.name} where {self.when}; else {self.otherwise}" if self.when else self.name
+        return "; ".join((text, *self.notes))
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """Static facts about a backend, fixed when it is built.
 
@@ -45,7 +67,8 @@ class Capabilities:
         dist_backend: torch.distributed backend for this hardware (nccl, hccl, gloo).
         native_fp8: the chip runs FP8 natively (the reference backend only emulates it), so
             precision "auto" picks FP8 for FP8 checkpoints.
-        ops: op name -> a short description of the implementation that runs.
+        ops: op name -> a short description of the implementation that runs (an OpImpl given here is
+            kept as its description).
     """
 
     name: str
@@ -57,7 +80,7 @@ class Capabilities:
     ops: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        object.__setattr__(self, "ops", MappingProxyType(dict(self.ops)))
+        object.__setattr__(self, "ops", MappingProxyType({op: str(impl) for op, impl in self.ops.items()}))
 
     @property
     def has_fp8(self) -> bool:

@@ -168,6 +168,8 @@ class RocmBackend(TritonBackend):
         aiter: use aiter where it is installed and checks out (None: unless DSV3_ROCM_AITER=0).
     """
 
+    blas = "hipBLASLt"
+
     def __init__(self, device: str | None = None, chip: ChipInfo | None = None, fp8_max: float | None = None,
                  ue8m0: bool = False, aiter: bool | None = None):
         device = torch.device(device or "cuda")
@@ -187,6 +189,14 @@ class RocmBackend(TritonBackend):
         self.emulation = None if on_amd else self._emulation_note(chip, device, on_gpu)
         num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if on_gpu
                    else 4 if device.type == "cpu" else amd_configs.COMPUTE_UNITS.get(self.arch, 304))
+        converted = ("weights converted from e4m3fn at load (0x80 -> 0, scales x2)"
+                     if fp8_dtype == torch.float8_e4m3fnuz else None)
+        self.op_notes = {
+            "linear_fp8": tuple(filter(None, (converted, *self.libraries.notes, "library speed not timed by dsv3")))
+            if fp8_dtype is not None else (),
+            "mla_decode": ("aiter MLA not used (its paged cache layout differs)",),
+            "moe_experts": ("aiter fused_moe not used (its weight layout differs)",),
+        }
         # where torch._scaled_mm is used, N is padded to 128: always safe, and not checked on AMD hardware
         scaled_mm = self.libraries.scaled_mm and ScaledMM(self.libraries.scaled_mm.scale_layout, pad_n=True)
         super().__init__("rocm", device, chip, amd_configs.kernel_configs(self.arch, amd_launch=on_amd), num_sms,
@@ -200,35 +210,6 @@ class RocmBackend(TritonBackend):
         fmt = chip.fp8_format or "no FP8"
         return (f"the Triton kernels with {self.arch} tiles, without AMD-only launch settings, "
                 f"in {fmt}, on {where}")
-
-    def describe_ops(self, fp8_dtype: torch.dtype | None, fp8_max: float | None) -> dict[str, str]:
-        tiles = f"{self.arch} tiles"
-        c = self.configs
-        if fp8_dtype is None:
-            linear_fp8 = f"unavailable on {self.arch} (no FP8): FP8 checkpoints run dequantized to BF16"
-        else:
-            fmt = str(fp8_dtype).removeprefix("torch.float8_")
-            converted = ", weights converted from e4m3fn at load (0x80 -> 0, scales x2)" if fmt == "e4m3fnuz" else ""
-            linear_fp8 = (f"triton 1x128 quant to {fmt} (max {fp8_max:g}){converted}; {tiles}: "
-                          f"{self.linear_fp8_gemms()} [{'; '.join(self.libraries.notes)}; library speed not "
-                          "timed by dsv3]")
-        few, many = (amd_configs.mla_decode_config(self.arch, heads, torch.bfloat16) for heads in (16, 128))
-        mla = "triton (backends/triton_kernels/mla.py)"
-        return {
-            "linear_fp8": linear_fp8,
-            "linear_bf16": "torch F.linear (hipBLASLt on ROCm)",
-            "rms_norm": f"triton (residual add fused; the 1x128 quantization too where FP8 linears read it), {tiles}",
-            "rotary": "triton (one launch, fp32 math)",
-            "swiglu": "triton (one launch)",
-            "mla_prefill": f"{mla}: paged, latents gathered through the block tables and expanded, torch SDPA",
-            "mla_decode": (f"{mla}: split flash-decoding through the block tables, {tiles} ({few.block_h} or "
-                           f"{many.block_h} heads x {few.block_n} tokens), rope and the cache write in the kernel; "
-                           "aiter MLA not used (its paged cache layout differs)"),
-            "moe_route": "fp32 router GEMM (hipBLASLt), then one triton routing kernel",
-            "moe_experts": (f"triton grouped GEMM, {tiles} ({c.moe_decode.block_m} or {c.moe_prefill.block_m} rows): "
-                            "gate+up with SwiGLU (and FP8 quant) fused, down with weighted atomic combine; "
-                            "aiter fused_moe not used (its weight layout differs)"),
-        }
 
     def mla_decode_config(self, num_heads: int, cache_dtype: torch.dtype):
         return amd_configs.mla_decode_config(self.arch, num_heads, cache_dtype, self.amd_launch)

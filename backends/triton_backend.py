@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -39,6 +39,7 @@ from dsv3.backends.interface import (
     ExpertWeights,
     LinearWeight,
     NormOutput,
+    OpImpl,
     QuantizedActivation,
     plain,
 )
@@ -146,8 +147,14 @@ class TritonBackend(Backend):
         scaled_mm: how torch._scaled_mm takes block scales here, or None where it is not used.
         vendor_gemm: a vendor FP8 GEMM used from scaled_mm_min_m rows, or None.
         dist_backend: torch.distributed backend.
-    Capabilities.ops comes from `describe_ops`, which each vendor backend writes.
+    Capabilities.ops comes from `implementations`: one table for both vendors, written from the limits the
+    dispatch reads (the tile tables, linear_impl); a vendor adds only data (`blas`, `op_notes`).
     """
+
+    #: the library torch's F.linear (the BF16 linears, the router GEMM) runs on
+    blas = "cuBLAS"
+    #: op -> facts the vendor adds to its line in Capabilities.ops
+    op_notes: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, name: str, device: torch.device, chip: ChipInfo, configs: KernelConfigs, num_sms: int,
                  fp8_dtype: torch.dtype | None, fp8_max: float | None, ue8m0: bool, scaled_mm: ScaledMM | None,
@@ -159,11 +166,39 @@ class TritonBackend(Backend):
         fp8_max = fp8_max if fp8_dtype is not None else None
         self.capabilities = Capabilities(name=name, device=str(device), fp8_dtype=fp8_dtype, fp8_max=fp8_max,
                                          dist_backend=dist_backend, native_fp8=fp8_dtype is not None,
-                                         ops=self.describe_ops(fp8_dtype, fp8_max))
+                                         ops=self.implementations(fp8_dtype, fp8_max))
 
-    def describe_ops(self, fp8_dtype: torch.dtype | None, fp8_max: float | None) -> dict[str, str]:
-        """Capabilities.ops: op name -> what runs (called once, by the constructor)."""
-        raise NotImplementedError
+    def implementations(self, fp8_dtype: torch.dtype | None, fp8_max: float | None) -> dict[str, OpImpl]:
+        """What each op runs, from the limits its dispatch reads (for Capabilities.ops)."""
+        c, tiles = self.configs, f"{self.chip.arch} tiles"
+        if fp8_dtype is None:
+            linear_fp8 = OpImpl(f"unavailable on {self.chip.arch} (no FP8): BF16 fallback, FP8 checkpoints "
+                                "run dequantized to BF16")
+        else:
+            fmt = str(fp8_dtype).removeprefix("torch.float8_")
+            linear_fp8 = OpImpl(f"triton 1x128 quant to {fmt} (max {fp8_max:g}); {self.linear_fp8_gemms()}")
+        mla = "triton (backends/triton_kernels/mla.py)"
+        decode_tiles = [self.mla_decode_config(heads, torch.bfloat16) for heads in (16, 128)]
+        decode_tiles = (f", {tiles} ({decode_tiles[0].block_h} or {decode_tiles[1].block_h} heads x "
+                        f"{decode_tiles[0].block_n} tokens)" if None not in decode_tiles else "")
+        impls = {
+            "linear_fp8": linear_fp8,
+            "linear_bf16": OpImpl(f"torch F.linear ({self.blas})"),
+            "rms_norm": OpImpl("triton, residual add fused; where FP8 linears read it, the 1x128 copy quantized "
+                               "in the norm kernel", when=f"rows <= {c.norm.block_m}",
+                               otherwise="by the quantization kernel after it"),
+            "rotary": OpImpl("triton (one launch, fp32 math)"),
+            "swiglu": OpImpl("triton (one launch)"),
+            "mla_prefill": OpImpl(f"{mla}: paged, latents gathered through the block tables and expanded, "
+                                  "torch SDPA"),
+            "mla_decode": OpImpl(f"{mla}: split flash-decoding through the block tables{decode_tiles}, rope and "
+                                 "the cache write in the kernel"),
+            "moe_route": OpImpl(f"fp32 router GEMM ({self.blas}), then one triton routing kernel"),
+            "moe_experts": OpImpl(f"triton grouped GEMM, {tiles} ({c.moe_decode.block_m} rows, "
+                                  f"{c.moe_prefill.block_m} from {c.moe_prefill_min_rows} rows per expert): "
+                                  "gate+up with SwiGLU (and FP8 quant) fused, down with weighted atomic combine"),
+        }
+        return {op: replace(impl, notes=self.op_notes.get(op, ())) for op, impl in impls.items()}
 
     def linear_fp8_gemms(self) -> str:
         """Which GEMM an FP8 linear runs at which M, read off `linear_impl` itself (so the description
@@ -316,7 +351,7 @@ class TritonBackend(Backend):
         quantize = quantize and caps.has_fp8
         # the kernel quantizes while the row is split over programs; above that, the norm and then the
         # quantization kernel are faster (H100: 6.2 against 6.6 us at 64 rows), and the copy is still handed on
-        in_kernel = quantize and x2.shape[0] <= self.configs.norm.block_m
+        in_kernel = quantize and x2.shape[0] <= self.configs.norm.block_m  # as `implementations` says
         fused = (caps.fp8_dtype, caps.fp8_max, self.ue8m0) if in_kernel else None
         out, h, q, s = norm.rms_norm(x2, weight, eps, r2, self.configs.norm, quant=fused)
         if quantize and not in_kernel:

@@ -94,6 +94,19 @@ def test_capabilities_on_910b(npu):
     assert not ascend().supports("linear_fp8", "fp8") and ascend().supports("linear_bf16", "bf16")
 
 
+@pytest.mark.parametrize("path", ["rms_norm", "rope", "attention", "moe_gating", "moe_experts"])
+def test_capabilities_follow_each_fused_path(npu, path):
+    """Capabilities.ops is written from NPU_OPS, the table whose paths and limits the dispatch checks: a path
+    switched off turns exactly its ops to the reference's code."""
+    from dsv3.backends.ascend import NPU_OPS
+
+    fused, plain = ascend().capabilities.ops, ascend(fused={path: False}).capabilities.ops
+    reference = ReferenceBackend().capabilities.ops
+    for op, (op_path, impl) in NPU_OPS.items():
+        assert fused[op].startswith(f"{impl.name} where {impl.when}; else {reference[op]} (plain)"), op
+        assert plain[op] == (f"{reference[op]} (plain)" if op_path == path else fused[op]), op
+
+
 def test_capabilities_on_950_have_fp8(npu):
     caps = ascend(chip=ASCEND_950).capabilities
     assert caps.fp8_dtype == torch.float8_e4m3fn and caps.native_fp8 and caps.fp8_max == 448.0
