@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from dsv3.backends.chips import FP8_FORMATS, ChipInfo
 from dsv3.backends.errors import BackendUnavailable
-from dsv3.backends.interface import MemoryInfo
 from dsv3.backends.probe import probe_device
 from dsv3.backends.triton_backend import TritonBackend, check_scaled_mm
 from dsv3.backends.triton_kernels.configs import kernel_configs
@@ -44,12 +43,3 @@ class CudaBackend(TritonBackend):
             num_sms=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else DEFAULT_NUM_SMS,
             fp8_dtype=fp8_dtype, fp8_max=chip.fp8_max, ue8m0=ue8m0,
             scaled_mm=check_scaled_mm(device, fp8_dtype) if on_gpu and fp8_dtype is not None else None)
-
-    def memory_info(self, reset_peak: bool = False) -> MemoryInfo:
-        """The GPU's memory from torch.cuda (free device-wide, this process's allocated and peak)."""
-        free, total = torch.cuda.mem_get_info(self.device)
-        info = MemoryInfo(total=total, free=free, allocated=torch.cuda.memory_allocated(self.device),
-                          peak=torch.cuda.max_memory_allocated(self.device), accelerator=True)
-        if reset_peak:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return info

@@ -32,6 +32,7 @@ from dsv3.backends.interface import (
     plain,
 )
 from dsv3.checkpoint import WeightLoader
+from dsv3.checks import token_batch
 from dsv3.config import ModelConfig, yarn_get_mscale
 from dsv3.errors import Dsv3Error
 
@@ -409,7 +410,7 @@ class Transformer:
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Float32 logits [B, T, V] of a whole batch of sequences from position 0 (the engine's cache untouched)."""
-        _check_token_ids(tokens, self.config.vocab_size)
+        tokens = token_batch(tokens, self.config.vocab_size)
         batch, caches = self._whole_sequences(tokens, len(self.layers))
         return self.forward(batch, caches).view(*tokens.shape, -1)
 
@@ -419,8 +420,7 @@ class Transformer:
         `tokens` [B, T] (from position 0) and the embedding of the following token `next_tokens` [B, T]."""
         if not self.mtp:
             raise Dsv3Error("the MTP module was not loaded (load_model(..., load_mtp=True))")
-        _check_token_ids(tokens, self.config.vocab_size)
-        _check_token_ids(next_tokens, self.config.vocab_size)
+        tokens, next_tokens = (token_batch(t, self.config.vocab_size) for t in (tokens, next_tokens))
         batch, caches = self._whole_sequences(tokens, len(self.layers) + 1)
         h = self.hidden(batch, caches[:-1])
         mtp = self.mtp[0]
@@ -430,17 +430,3 @@ class Transformer:
         x, residual = mtp.block(x, None, caches[-1], batch, cos, sin)
         x = mtp.norm(x, residual).values
         return F.linear(x, mtp.head).float().view(*tokens.shape, -1)
-
-
-def _check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
-    """A [B, T] integer tensor of ids in [0, vocab_size), T >= 1; else one Dsv3Error."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool \
-            or tokens.is_complex():
-        raise Dsv3Error(f"tokens must be an integer tensor [batch, seq], got "
-                        f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
-    if tokens.dim() != 2 or tokens.numel() == 0:
-        raise Dsv3Error(f"tokens must be a non-empty [batch, seq] tensor, got shape {list(tokens.shape)}")
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise Dsv3Error(f"token id {bad} is outside the vocabulary [0, {vocab_size})")

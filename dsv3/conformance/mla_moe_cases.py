@@ -34,9 +34,13 @@ from dsv3.conformance.suite import (
 from dsv3.model import ACTIVATION_DTYPES
 
 
-def _mla_weights(backend: Backend, inp: dict):
-    heads = inp["heads"]
-    return backend.prepare_mla(inp["kv_b"], heads, NOPE, VALUE, inp["dtype"])
+def _prepare(backend: Backend, inp: dict, shared, num_seqs: int):
+    """A case's absorbed weights, a fresh cache pool, and per sequence the tokens already in it: the shared
+    prefix (shared = (owner, sharer, blocks)) for the sequence that shares it, else 0."""
+    weights = backend.prepare_mla(inp["kv_b"], inp["heads"], NOPE, VALUE, inp["dtype"])
+    spec = backend.mla_cache_spec(inp["num_blocks"], inp["block_size"], RANK, ROPE, inp["dtype"])
+    cached = [shared[2] * inp["block_size"] if shared and seq == shared[1] else 0 for seq in range(num_seqs)]
+    return weights, backend.allocate_mla_cache(spec), cached
 
 
 def _token_inputs(g: torch.Generator, tokens: int, heads: int, dtype: torch.dtype) -> dict:
@@ -48,11 +52,6 @@ def _layout(g: torch.Generator, seq_lens: list[int], block_size: int, shared) ->
     """The block tables (shuffled over the pool, block 0 unused, padded with zeros) of a case."""
     tables, num_blocks = block_tables(seq_lens, block_size, g, shared=shared)
     return dict(tables=tables, num_blocks=num_blocks, block_size=block_size)
-
-
-def _pool(backend: Backend, inp: dict) -> torch.Tensor:
-    spec = backend.mla_cache_spec(inp["num_blocks"], inp["block_size"], RANK, ROPE, inp["dtype"])
-    return backend.allocate_mla_cache(spec)
 
 
 def _prefill(backend: Backend, cache, inp: dict, tokens: list[dict], spans: list[tuple[int, int, int]], weights):
@@ -82,9 +81,7 @@ def mla_prefill_cases(plan: Plan, precision: str) -> list[Case]:
             return inp
 
         def call(backend, inp):
-            weights = _mla_weights(backend, inp)
-            cache = _pool(backend, inp)
-            done = [shared[2] * block_size if shared and seq == shared[1] else 0 for seq in range(len(seq_lens))]
+            weights, cache, done = _prepare(backend, inp, shared, len(seq_lens))
             outs = []
             for new in inp["calls"]:
                 spans = [(seq, done[seq], done[seq] + n) for seq, n in enumerate(new) if n]
@@ -130,11 +127,9 @@ def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
             return inp
 
         def call(backend, inp):
-            weights = _mla_weights(backend, inp)
-            cache = _pool(backend, inp)
             # the history through the backend's own mla_prefill, in chunks of PREFILL_CHUNK, sequences batched; a
             # sequence that shares another's blocks writes only its own tokens, after the other's
-            first = [shared[2] * block_size if shared and seq == shared[1] else 0 for seq in range(len(history))]
+            weights, cache, first = _prepare(backend, inp, shared, len(history))
             for phase in sorted({f > 0 for f in first}):
                 for start in range(0, max(history), PREFILL_CHUNK):
                     spans = [(seq, max(first[seq], start), min(n, start + PREFILL_CHUNK))

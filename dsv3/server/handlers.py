@@ -7,8 +7,9 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -142,24 +143,19 @@ class OpenAIServing:
             prompts.append(ids)
         max_tokens = min(self.max_tokens(request.max_tokens, len(ids), "prompt") for ids in prompts)
         params = self.sampling_params(request, max_tokens, request.logprobs)
-        group = RequestGroup(self.engine, random_id("cmpl-"), prompts, params, self.metrics.timer())
-        response_id = group.ids[0].rsplit("-", 1)[0]
         echo = texts if request.echo else [""] * len(prompts)
-        if request.stream:
-            return EventSourceResponse(self._completion_stream(group, request, response_id, echo), sep="\n")
-        finals = await cancel_on_disconnect(raw, self._collect(group))
-        if finals is None:
-            return Response(status_code=499)
-        choices = []
-        for i, output in enumerate(finals):
-            for completion in output.outputs:
-                choices.append(CompletionChoice(
-                    index=i * request.n + completion.index, text=echo[i] + completion.text,
-                    logprobs=self._completion_logprobs(completion, 0, request.logprobs, len(echo[i])),
-                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
-        response = CompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
+
+        def respond(finals: list, response_id: str) -> CompletionResponse:
+            choices = [CompletionChoice(index=i * request.n + completion.index, text=echo[i] + completion.text,
+                                        logprobs=self._completion_logprobs(completion, 0, request.logprobs,
+                                                                           len(echo[i])),
+                                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+                       for i, output in enumerate(finals) for completion in output.outputs]
+            return CompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
                                       usage=self._usage(finals))
-        return JSONResponse(response.model_dump())
+
+        return await self._run(raw, request, "cmpl-", prompts, params, respond,
+                               lambda group, response_id: self._completion_stream(group, request, response_id, echo))
 
     async def _completion_stream(self, group: RequestGroup, request: CompletionRequest, response_id: str,
                                  echo: list[str]) -> AsyncIterator[str]:
@@ -200,6 +196,20 @@ class OpenAIServing:
                                       usage=self._usage(finals)).model_dump_json()
         yield "[DONE]"
 
+    async def _run(self, raw: Request, request: CompletionRequest | ChatCompletionRequest, prefix: str,
+                   prompts: list[list[int]], params, respond: Callable[[list, str], BaseModel],
+                   stream: Callable[[RequestGroup, str], AsyncIterator[str]]) -> Response:
+        """Send one API request's prompts to the engine under one response id (prefix + random); stream the
+        outputs, or wait for all of them and answer respond(finals, response_id) (499 where the client left)."""
+        group = RequestGroup(self.engine, random_id(prefix), prompts, params, self.metrics.timer())
+        response_id = group.ids[0].rsplit("-", 1)[0]
+        if request.stream:
+            return EventSourceResponse(stream(group, response_id), sep="\n")
+        finals = await cancel_on_disconnect(raw, self._collect(group))
+        if finals is None:
+            return Response(status_code=499)
+        return JSONResponse(respond(finals, response_id).model_dump())
+
     async def _collect(self, group: RequestGroup) -> list:
         finals = [None] * len(group.prompts)
         try:
@@ -225,30 +235,29 @@ class OpenAIServing:
         prompt = self.tokenizer.encode(text, add_bos=False)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
         params = self.sampling_params(request, max_tokens, request.logprobs_count)
-        group = RequestGroup(self.engine, random_id("chatcmpl-"), [prompt], params, self.metrics.timer())
-        response_id = group.ids[0].rsplit("-", 1)[0]
-        if request.stream:
-            return EventSourceResponse(self._chat_stream(group, request, response_id, parse_tools), sep="\n")
-        finals = await cancel_on_disconnect(raw, self._collect(group))
-        if finals is None:
-            return Response(status_code=499)
-        choices = []
-        for completion in finals[0].outputs:
-            reasoning, content = None, completion.text
-            if self.settings.reasoning_parser:
-                reasoning, content = split_reasoning(content)
-            calls = []
-            if parse_tools:
-                content, calls = parse_tool_calls(content or "")
-            finish_reason = "tool_calls" if calls and completion.finish_reason == "stop" else completion.finish_reason
-            choices.append(ChatChoice(
-                index=completion.index,
-                message=ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None),
-                logprobs=self._chat_logprobs(completion, 0, request.logprobs_count),
-                finish_reason=finish_reason, stop_reason=completion.stop_reason))
-        response = ChatCompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
+
+        def respond(finals: list, response_id: str) -> ChatCompletionResponse:
+            choices = []
+            for completion in finals[0].outputs:
+                reasoning, content = None, completion.text
+                if self.settings.reasoning_parser:
+                    reasoning, content = split_reasoning(content)
+                calls = []
+                if parse_tools:
+                    content, calls = parse_tool_calls(content or "")
+                finish_reason = ("tool_calls" if calls and completion.finish_reason == "stop"
+                                 else completion.finish_reason)
+                choices.append(ChatChoice(
+                    index=completion.index,
+                    message=ChatResponseMessage(content=content, reasoning_content=reasoning,
+                                                tool_calls=calls or None),
+                    logprobs=self._chat_logprobs(completion, 0, request.logprobs_count),
+                    finish_reason=finish_reason, stop_reason=completion.stop_reason))
+            return ChatCompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
                                           usage=self._usage(finals))
-        return JSONResponse(response.model_dump())
+
+        return await self._run(raw, request, "chatcmpl-", [prompt], params, respond,
+                               lambda group, response_id: self._chat_stream(group, request, response_id, parse_tools))
 
     def _tool_parsing(self, request: ChatCompletionRequest) -> bool:
         """Whether this request's output is parsed for tool calls; 400 for what dsv3 cannot honour."""
