@@ -78,7 +78,7 @@ if [ "$MODE" = "serve" ] || [ "$MODE" = "final" ]; then
     --output-len 128 --max-concurrency 64 --request-rate 4 --num-warmups 4 --max-num-batched-tokens 512 \
     --no-static-decode-baseline --json "$OUT/serve_chunked.json"
   step serve_prefix 60 python3 -m dsv3 bench serve "${model[@]}" --num-prompts 8 --prefix-len 4096 \
-    --input-len 64 --output-len 16 --max-concurrency 1 --num-warmups 0 --no-static-decode-baseline \
+    --input-len 64 --output-len 16 --max-concurrency 1 --no-static-decode-baseline \
     --json "$OUT/serve_prefix.json"
   python3 -m dsv3 serve "${model[@]}" --port 8321 > "$OUT/serve_server.log" 2>&1 &
   server=$!
@@ -87,7 +87,7 @@ if [ "$MODE" = "serve" ] || [ "$MODE" = "final" ]; then
       2>/dev/null && break
     sleep 1
   done
-  step serve_http 120 python3 -m dsv3 bench serve --url http://127.0.0.1:8321 --num-prompts 192 --input-len 1024 \
+  step serve_http 120 python3 -m dsv3 bench serve --url http://127.0.0.1:8321 --ckpt "$CKPT" --num-prompts 192 --input-len 1024 \
     --output-len 256 --max-concurrency 64 --baseline "$OUT/serve_engine.json" --json "$OUT/serve_http.json"
   kill -TERM "$server"; wait "$server"; echo "server exit: $?" >> "$OUT/steps.txt"
   echo
