@@ -54,8 +54,8 @@ def check_sampling(max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, prefix
 def check_device(device: str | None) -> None:
     """A torch device string naming a device type this torch build has and an index it can see.
 
-    Generic over device types: the type's torch module (torch.cuda, torch.xpu, torch.npu once
-    torch_npu is imported, ...) says whether it is available and how many devices it sees.
+    Generic over device types, with no vendor named: the torch module named after the type (which a
+    vendor's torch build or extension registers) says whether it is available and how many devices it sees.
     """
     if device is None:
         return
