@@ -44,6 +44,12 @@ step() {
 }
 
 step install 60 python3 -m pip install -q --no-deps --no-build-isolation -e .
+if ! python3 -c "import dsv3.backends, dsv3.configs" 2>> "$OUT/install.log"; then
+  echo "dsv3 did not install: its package-dir layout needs setuptools >= 64 (an older one installs a legacy" \
+       "develop link that maps neither dsv3.backends nor dsv3.configs); python3 -m pip install -U setuptools" \
+    | tee -a "$OUT/steps.txt"
+  exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   >> "$OUT/gpu.txt" 2>&1
