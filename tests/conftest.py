@@ -25,3 +25,13 @@ def tiny_config():
     from dsv3.config import load_config
 
     return load_config("tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread: on a loaded 2-core machine two threads spin against each other (up to 10x slower).
+    Modules that want it for every test say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

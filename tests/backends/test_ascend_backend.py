@@ -8,9 +8,7 @@ shows which path ran.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +24,6 @@ from dsv3.conformance.paged import block_tables, paged_batch
 
 pytestmark = [pytest.mark.ascend, pytest.mark.emulated]
 
-EMULATION_DIR = Path(__file__).resolve().parents[1] / "npu_emulation"
 ASCEND_910B = describe_chip("huawei", "ascend910b", name="Ascend910B2")
 ASCEND_950 = describe_chip("huawei", "ascend950", name="Ascend950PR")
 FUSED_OPS = {  # fused path -> the torch_npu ops it calls
@@ -36,23 +33,6 @@ FUSED_OPS = {  # fused path -> the torch_npu ops it calls
     "moe_gating": ("npu_moe_gating_top_k",),
     "moe_experts": ("npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu"),
 }
-
-
-@pytest.fixture(scope="module")
-def npu():
-    """The emulated torch_npu, importable as `torch_npu` only while this module's tests run."""
-    saved = sys.modules.pop("torch_npu", None)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(EMULATION_DIR))
-        mp.delenv("DSV3_ASCEND_PLAIN", raising=False)
-        module = importlib.import_module("torch_npu")
-        assert Path(module.__file__).is_relative_to(EMULATION_DIR), "a real torch_npu shadowed the emulation"
-        try:
-            yield module
-        finally:
-            sys.modules.pop("torch_npu", None)
-            if saved is not None:
-                sys.modules["torch_npu"] = saved
 
 
 @pytest.fixture

@@ -25,15 +25,6 @@ from dsv3.errors import Dsv3Error
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread: on a loaded 2-core machine two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- the accounting, by hand on the tiny config ---------------------------------------------------
 # tiny: hidden 128, vocab 512, 3 layers (1 dense with intermediate 256, then 2 MoE), 4 heads,
 # q_lora 64, kv_lora 64, nope 32, rope 16, v 32; 8 experts of intermediate 128, top-2, 1 shared.

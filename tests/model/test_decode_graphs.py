@@ -18,6 +18,8 @@ from dsv3.serving.params import SamplingParams
 from dsv3.serving.request import Sequence
 from dsv3.serving.scheduler import ScheduledStep
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 BLOCK = 4
 
 
@@ -31,15 +33,6 @@ class KeepingBackend(ReferenceBackend):
     def graph_runner(self, step):
         self.recorded += 1
         return step
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: on a loaded 2-core machine two threads spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def load(backend, **options):

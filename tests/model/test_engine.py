@@ -15,17 +15,10 @@ import dsv3
 from dsv3.errors import Dsv3Error
 from dsv3.model import ForwardBatch
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 BLOCK = 4
 MAX_LEN = 40
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: on a loaded 2-core machine two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

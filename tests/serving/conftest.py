@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from serving_helpers import tiny
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: on a loaded 2-core machine two threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_threaded(one_thread):
+    """Every serving test on one CPU thread (tests/conftest.py's one_thread)."""
 
 
 @pytest.fixture(scope="module")
