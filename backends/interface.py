@@ -325,6 +325,10 @@ class PagedBatch:
             MLAInputs, at positions seq_lens[b] - q_len_b .. seq_lens[b] - 1 (decode: arange(B + 1)).
         max_query_len, max_seq_len: host ints, upper bounds of the query lengths and seq_lens for kernel
             grids (prefill); decode never needs them.
+        shared_rows: host bool, decode only: rows may be successive tokens of one sequence (a short prompt
+            chunk run as decode rows, each with its own seq_len and a copy of the sequence's table), so
+            row b attends to the tokens of the rows before it: every row's token is in the cache before
+            any row reads it. A backend that writes all rows before attending needs nothing more.
     """
 
     block_tables: torch.Tensor
@@ -332,6 +336,7 @@ class PagedBatch:
     query_start: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    shared_rows: bool = False
 
     @property
     def num_seqs(self) -> int:

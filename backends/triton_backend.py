@@ -38,6 +38,7 @@ from dsv3.backends.interface import (
     Capabilities,
     ExpertWeights,
     LinearWeight,
+    MLAInputs,
     NormOutput,
     OpImpl,
     QuantizedActivation,
@@ -379,6 +380,9 @@ class TritonBackend(Backend):
 
     def mla_decode(self, inputs, cache, batch, weights, softmax_scale, rope=None):
         config = self.mla_decode_config(inputs.q_nope.shape[1], cache.dtype)
+        if batch.shared_rows:  # the keys go to the cache before the kernel: rotate them here
+            q_pe, k_pe = self.rotate_for_decode(inputs.q_pe, inputs.k_pe, rope)
+            inputs, rope = MLAInputs(inputs.q_nope, q_pe, inputs.latent, k_pe), None
         return mla.mla_decode(inputs, cache, batch, weights, softmax_scale, config=config, rope=rope)
 
     def mla_decode_config(self, num_heads: int, cache_dtype: torch.dtype):

@@ -67,19 +67,19 @@ def stub_engine(engine, device: StubDevice, device_ms: float, prefill_ms_per_1k:
     bank = torch.randn(64, runner.buckets[-1], vocab, generator=g)
     counter = iter(range(1 << 62))
 
-    def record(size, seqs):
+    def record(size, shared, rows):
         bucket = _Bucket(tokens=torch.zeros(size, dtype=torch.long), positions=torch.zeros(size, dtype=torch.long),
                          block_tables=torch.zeros(size, runner.max_blocks_per_seq, dtype=torch.int32),
                          seq_lens=torch.ones(size, dtype=torch.int32),
                          logits=torch.zeros(size, vocab), replay=lambda: None)
-        runner._fill(bucket, seqs)
+        runner._fill(bucket, rows)
 
         def replay():
             bucket.logits.copy_(bank[next(counter) % len(bank), :size])  # the "device" writes its output
             device.launch(device_ms / 1e3, decode=True)
 
         bucket.replay = replay
-        runner._recorded[size] = bucket
+        runner._recorded[(size, shared)] = bucket
         return bucket
 
     def forward(batch):

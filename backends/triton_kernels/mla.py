@@ -89,7 +89,7 @@ def _decode_partial_kernel(
     stride_table, stride_rope, num_heads, num_splits, scale_log2,
     RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROTATE: tl.constexpr,
+    ROTATE: tl.constexpr, WRITE: tl.constexpr,
 ):
     """One (head block, split, sequence): online softmax over its share of the sequence.
 
@@ -99,7 +99,8 @@ def _decode_partial_kernel(
     Writes partial_out [B, H, num_splits, RANK] (normalized) and partial_lse [B, H, num_splits]
     (log2 domain) for the splits that hold at least one token. With ROTATE, q_pe and k_pe come
     unrotated and are rotated here by the sequence's cos/sin (rounded to their dtype, as the rotary
-    op rounds), so the rope key goes to the cache rotated without a launch of its own.
+    op rounds), so the rope key goes to the cache rotated without a launch of its own. Without WRITE
+    the new tokens are in the cache already (rows that share a sequence) and nothing is stored.
     """
     head_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -161,7 +162,7 @@ def _decode_partial_kernel(
         acc = tl.dot(probs.to(kv.dtype), kv, acc=acc * rescale[:, None], input_precision=DOT_PRECISION)
         max_score = new_max
 
-    if holds_new & (head_block == 0):  # nobody reads this row in this launch: no race
+    if WRITE and holds_new & (head_block == 0):  # nobody reads this row in this launch: no race
         last = seq_len - 1
         new_row = (cache_ptr + tl.load(table + last // PAGE).to(tl.int64) * stride_cache_block
                    + (last % PAGE) * stride_cache_token)
@@ -333,9 +334,10 @@ def choose_num_splits(batch: int, heads: int, max_seq_len: int, config: DecodeCo
 
 
 def _attend_splits(q_latent, q_pe, latent, k_pe, cache, batch: PagedBatch, softmax_scale, config, num_splits,
-                   rope=None):
+                   rope=None, write=True):
     """Launch the partial kernel; returns (partial_out [B, H, splits, C] fp32, partial_lse [B, H, splits]).
-    rope: None (q_pe and k_pe rotated already) or (cos, sin) [B, R/2] to rotate them in the kernel."""
+    rope: None (q_pe and k_pe rotated already) or (cos, sin) [B, R/2] to rotate them in the kernel.
+    write: the kernel stores the new tokens (False: they are in the cache already)."""
     num_seqs, heads, rank = q_latent.shape
     rope_dim = q_pe.shape[-1]
     _check_cache(cache, rank, rope_dim)
@@ -354,7 +356,7 @@ def _attend_splits(q_latent, q_pe, latent, k_pe, cache, batch: PagedBatch, softm
         cache.stride(0), cache.stride(1), tables.stride(0), cos.stride(0), heads, num_splits,
         softmax_scale * _LOG2E, RANK=rank, ROPE=rope_dim, BLOCK_C=triton.next_power_of_2(rank),
         BLOCK_R=triton.next_power_of_2(rope_dim), BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-        PAGE=cache.shape[1], DOT_PRECISION=_dot_precision(cache.dtype), ROTATE=rope is not None,
+        PAGE=cache.shape[1], DOT_PRECISION=_dot_precision(cache.dtype), ROTATE=rope is not None, WRITE=write,
         num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
     return partial_out, partial_lse
 
@@ -376,7 +378,7 @@ def _combine(partial_out, partial_lse, seq_lens, out, block_n):
 def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weights: MLAWeights,
                softmax_scale: float, config: DecodeConfig | None = None, num_splits: int | None = None,
                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One new token per sequence: write it through the block table, attend over [0, seq_lens[b]) (absorbed).
+    """One new token per row: write it through the block table, attend over [0, seq_lens[b]) (absorbed).
 
     Three launches: the latent query (a batched GEMM over heads), the split attention kernel, and a
     combine kernel that also applies w_uv (up to FUSED_COMBINE_MAX_SPLITS splits; beyond, the combine
@@ -386,7 +388,8 @@ def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weight
     Args:
         inputs: q_nope [B, H, nope], q_pe [B, H, R], latent [B, C], k_pe [B, R]; q_pe and k_pe rotated,
             or not yet with `rope`.
-        cache: [num_blocks, block_size, C + R]; batch: block_tables [B, W] and seq_lens [B] int32.
+        cache: [num_blocks, block_size, C + R]; batch: block_tables [B, W] and seq_lens [B] int32; with
+            batch.shared_rows the tokens are written first (one more launch) and `rope` must be None.
         weights: w_uk [H, nope, C] and w_uv [H, v, C] (any float dtype; converted once to the cache's).
         config, num_splits: override the kernel's tile sizes and sequence splits.
         rope: (cos, sin) [B, R/2] float32 of the new positions: the attention kernel rotates q_pe and k_pe
@@ -403,9 +406,14 @@ def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weight
     if num_splits is None:
         addressable = batch.block_tables.shape[1] * cache.shape[1]
         num_splits = choose_num_splits(num_seqs, heads, addressable, config, _num_sms(cache.device))
+    if batch.shared_rows:  # a row may read the tokens of the rows before it: all go in first
+        if rope is not None:
+            raise BackendError("MLA decode: rows that share sequences take q_pe and k_pe rotated (rope=None)")
+        write_tokens(inputs, cache, batch)
     q_latent = torch.bmm(q_nope.to(dtype).transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]
     partial_out, partial_lse = _attend_splits(q_latent, inputs.q_pe.to(dtype), inputs.latent, inputs.k_pe, cache,
-                                              batch, softmax_scale, config, num_splits, rope)
+                                              batch, softmax_scale, config, num_splits, rope,
+                                              write=not batch.shared_rows)
     if num_splits <= FUSED_COMBINE_MAX_SPLITS:
         out = torch.empty(num_seqs, heads, v_dim, dtype=q_nope.dtype, device=cache.device)
         block_b = 16

@@ -5,6 +5,8 @@ generation's method) and MoE experts.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from dsv3.backends.interface import Backend, MLAInputs
@@ -108,17 +110,20 @@ def mla_prefill_cases(plan: Plan, precision: str) -> list[Case]:
 def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
     dtype = ACTIVATION_DTYPES[precision]
 
-    def case(name, heads, history, block_size=64, shared=None, nan=False, rope=False):
-        """history: cached tokens per sequence before the decoded one (the new token's position)."""
-        seq_lens = [n + 1 for n in history]
+    def case(name, heads, history, block_size=64, shared=None, nan=False, rope=False, chunk=1):
+        """history: cached tokens per sequence before the decoded one (the new token's position).
+        chunk: sequence 0 runs this many prompt tokens as decode rows that share its table (shared_rows)."""
+        row_seqs = [0] * chunk + list(range(1, len(history)))
+        positions = [history[0] + i for i in range(chunk)] + history[1:]
+        seq_lens = [history[0] + chunk] + [n + 1 for n in history[1:]]
 
         def inputs(ctx):
             g = generator(f"decode{precision}{name}")
             inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), history=history,
-                       rope=[t[:, 0] for t in v3_rope(ctx, torch.tensor(history)[:, None])] if rope else None,
+                       rope=[t[:, 0] for t in v3_rope(ctx, torch.tensor(positions)[:, None])] if rope else None,
                        kv_b=randn(g, heads * (NOPE + VALUE), RANK, scale=RANK ** -0.5),
                        tokens=[_token_inputs(g, n, heads, dtype) for n in history],
-                       new=_token_inputs(g, len(history), heads, dtype), **_layout(g, seq_lens, block_size, shared))
+                       new=_token_inputs(g, len(positions), heads, dtype), **_layout(g, seq_lens, block_size, shared))
             if nan:
                 poison(inp["new"]["q_nope"], (0, 0), float("nan"))
                 mask = torch.zeros(len(history), heads, dtype=torch.bool)
@@ -137,7 +142,9 @@ def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
                     spans = [span for span in spans if span[1] < span[2]]
                     if spans:
                         _prefill(backend, cache, inp, inp["tokens"], spans, weights)
-            batch = paged_batch(inp["tables"], seq_lens, [1] * len(history), backend.device)
+            batch = paged_batch(inp["tables"][row_seqs], [p + 1 for p in positions], [1] * len(positions),
+                                backend.device)
+            batch = replace(batch, shared_rows=chunk > 1)
             return backend.mla_decode(MLAInputs(**inp["new"]), cache, batch, weights, inp["scale"], rope=inp["rope"])
         return Case("mla_decode", precision, name, inputs, call, "propagate" if nan else "close")
 
@@ -150,6 +157,8 @@ def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
              "cos/sin)", V3_HEADS, [5, 17, 1, 64, 63], block_size=16, rope=True),
         case("two sequences sharing a prefix of two blocks of 16, at positions 70 and 40", V3_HEADS, [70, 40],
              block_size=16, shared=(0, 1, 2)),
+        case("a prompt chunk of 21 tokens as decode rows (shared_rows) after 70 cached, beside decodes at 5 and 16, "
+             "blocks of 16, rope in the op", V3_HEADS, [70, 5, 16], block_size=16, rope=True, chunk=21),
         case(f"large batch B={large} at positions 1, 9, 33, 64", V3_HEADS,
              [(1, 9, 33, 64)[i % 4] for i in range(large)]),
         case(f"long context {long} and {long // 2 + 3}, 16 heads, blocks of 128", LITE_HEADS,

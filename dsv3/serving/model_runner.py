@@ -1,14 +1,21 @@
 """The device side of a step: the flat token batch, the model call, recorded decode steps.
 
-A step's sequences run as one flat batch: decode tokens first (one per sequence), then prefill chunks.
-Their block tables, lengths and query offsets go to the device as a PagedBatch per group. Only the
-rows of sequences that sample a token this step are projected to logits.
+A step runs as decode rows where it can: one token per row, each row with its position, its
+sequence's block table and seq_len = position + 1. A decode is one row; a prompt chunk is one row
+per token (the rows of one sequence share its table and attend to the rows before them:
+PagedBatch.shared_rows). That holds every step whose tokens fit the largest batch bucket: pure
+decode steps, and short chunks such as the uncached tail of a prompt whose prefix is cached, which
+then run absorbed over the cached context (nothing is expanded through kv_b) and, where the backend
+records, in a recorded step instead of an eager one. Longer chunks run as one flat batch: decode
+tokens first, then the chunks, through mla_prefill. Only the rows of sequences that sample a token
+this step are projected to logits.
 
-A pure-decode step replays a recording (backend.graph_runner; CUDA graphs on NVIDIA) of its batch
-bucket: the smallest of batch_buckets(max_num_seqs) that holds it. The bucket's inputs are static
-buffers written in place before each replay; padding rows run token 0 at position 0 through a block
-table of zeros, so they write only the scratch block 0, which no sequence owns. Steps with prefill
-chunks, and every step where the model or backend cannot record, run eagerly.
+A row step replays a recording (backend.graph_runner; CUDA graphs on NVIDIA) of its bucket: the
+smallest of batch_buckets(max_num_seqs) that holds it, recorded once for steps of decodes alone and
+once for steps with chunk rows (those write every row's token before attending). The bucket's inputs
+are static buffers written in place before each replay; padding rows run token 0 at position 0
+through a block table of zeros, so they write only the scratch block 0, which no sequence owns.
+Where the model or backend cannot record, row steps run eagerly too.
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ class _Bucket:
     staging: "_Staging | None" = None
 
 
+#: a row of a step: (sequence, position of the token it runs)
+Row = tuple[Sequence, int]
+
+
 class _Staging:
     """A bucket's inputs on the host, kept between steps: each step writes its tokens, positions and
     lengths in place, and a row of block tables only where its sequence or table changed.
@@ -66,17 +77,16 @@ class _Staging:
         self.rows: list[tuple[list[int], int] | None] = [None] * size  # None: a padding row (zeros)
         self.tables_copied = False  # the device's block tables equal these
 
-    def write(self, seqs: list[Sequence]) -> None:
-        n = len(seqs)
-        positions = [seq.num_computed_tokens for seq in seqs]
-        self.np_positions[:n] = positions
+    def write(self, step_rows: list[Row]) -> None:
+        n = len(step_rows)
+        self.np_positions[:n] = [position for _, position in step_rows]
         self.np_positions[n:] = 0
-        self.np_tokens[:n] = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
+        self.np_tokens[:n] = [seq.token_ids[position] for seq, position in step_rows]
         self.np_tokens[n:] = 0
         self.np_seq_lens[:n] = self.np_positions[:n] + 1
         self.np_seq_lens[n:] = 1
         rows = self.rows
-        for i, seq in enumerate(seqs):
+        for i, (seq, _) in enumerate(step_rows):
             table, row = seq.block_table, rows[i]
             if row is None or row[0] is not table or row[1] != len(table):
                 known = row[1] if row is not None and row[0] is table else 0
@@ -111,66 +121,96 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs = not enforce_eager and model.supports_graphs()
-        self._recorded: dict[int, _Bucket] = {}
+        self._recorded: dict[tuple[int, bool], _Bucket] = {}  # (size, shared rows) -> bucket
 
     def record_all(self) -> None:
-        """Record every bucket now (all rows padding, writing only block 0), so that no step waits for a
-        recording later; stops at the first the backend declines."""
+        """Record every bucket now, for decode steps and for steps with chunk rows (all rows padding,
+        writing only block 0), so that no step waits for a recording later; stops at the first the backend
+        declines."""
         with torch.inference_mode():
-            for size in self.buckets:
+            for key in ((size, shared) for shared in (False, True) for size in self.buckets):
                 if not self.graphs:
                     return
                 try:
-                    if size not in self._recorded and self._record(size, []) is None:
+                    if key not in self._recorded and self._record(*key, []) is None:
                         self.graphs = False
                 except Exception as e:  # noqa: BLE001 - eager steps still serve; say why they are slower
-                    warnings.warn(f"recording the decode step of batch {size} failed, decode runs eagerly: "
+                    warnings.warn(f"recording the decode step of batch {key[0]} failed, decode runs eagerly: "
                                   f"{type(e).__name__}: {e}", stacklevel=2)
                     self.graphs = False
 
     @property
     def recorded_buckets(self) -> tuple[int, ...]:
-        return tuple(sorted(self._recorded))
+        """The sizes recorded for decode steps."""
+        return tuple(sorted(size for size, shared in self._recorded if not shared))
+
+    @property
+    def recorded_row_buckets(self) -> tuple[int, ...]:
+        """The sizes recorded for steps with chunk rows."""
+        return tuple(sorted(size for size, shared in self._recorded if shared))
 
     def bucket(self, batch: int) -> int | None:
-        """The smallest bucket holding `batch` decodes, or None."""
+        """The smallest bucket holding `batch` rows, or None."""
         return next((size for size in self.buckets if size >= batch), None)
 
     def replays(self, step: ScheduledStep) -> bool:
-        """Whether `run` replays a recorded decode step for it (which returns once the step is queued on an
+        """Whether `run` replays a recorded step for it (which returns once the step is queued on an
         accelerator), rather than running the model eagerly or recording."""
-        if step.prefills or not self.graphs:
+        if not self.graphs:
             return False
-        size = self.bucket(len(step.decodes))
-        return size is not None and size in self._recorded
+        size = self.bucket(step.num_tokens)
+        return size is not None and (size, bool(step.prefills)) in self._recorded
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
         """Run a step; returns the sequences that sample now (their chunk reaches their last token) and
         their float32 logits [S, V] in that order."""
         scheduled = step.scheduled()
+        ends, end = [], -1  # each scheduled sequence's last row
+        for _, count in scheduled:
+            end += count
+            ends.append(end)
         sampling = [i for i, (seq, count) in enumerate(scheduled)
                     if seq.num_computed_tokens + count == len(seq.token_ids)]
-        seqs = [scheduled[i][0] for i in sampling] if len(sampling) < len(scheduled) else step.decodes + \
-            [seq for seq, _ in step.prefills]
-        if not step.prefills and self.graphs:
-            size = self.bucket(len(step.decodes))
-            if size is not None:
-                logits = self._replay(size, step.decodes)
-                if logits is not None:  # a one-token chunk inside a prompt is a decode row that samples nothing
-                    logits = logits[:len(step.decodes)]
-                    return seqs, logits if len(sampling) == len(step.decodes) else logits[sampling]
-        return seqs, self.model.forward(self._eager_batch(step, sampling))
+        seqs = [scheduled[i][0] for i in sampling]
+        logits_rows = [ends[i] for i in sampling]
+        size = self.bucket(step.num_tokens)
+        if size is None:
+            return seqs, self.model.forward(self._eager_batch(step, logits_rows))
+        rows = [(seq, seq.num_computed_tokens + j) for seq, count in scheduled for j in range(count)]
+        shared = bool(step.prefills)
+        if self.graphs:
+            logits = self._replay(size, shared, rows)
+            if logits is not None:
+                if len(logits_rows) == len(rows):
+                    return seqs, logits[:len(rows)]
+                return seqs, logits[torch.tensor(logits_rows, device=logits.device)]
+        return seqs, self.model.forward(self._rows_batch(rows, shared, logits_rows))
 
     # ---- eager ------------------------------------------------------------------------------------
 
-    def _eager_batch(self, step: ScheduledStep, sampling: list[int]) -> ForwardBatch:
-        tokens, positions, ends = [], [], []
+    def _rows_batch(self, rows: list[Row], shared: bool, logits_rows: list[int]) -> ForwardBatch:
+        """The step as decode rows, eagerly."""
+        device = self.device
+        width = max(len(seq.block_table) for seq, _ in rows)
+        tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq, _ in rows]
+        positions = [position for _, position in rows]
+        paged = PagedBatch(block_tables=torch.tensor(tables, dtype=torch.int32).to(device),
+                           seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32).to(device),
+                           query_start=torch.arange(len(rows) + 1, dtype=torch.int32).to(device),
+                           max_query_len=1, max_seq_len=max(positions) + 1, shared_rows=shared)
+        return ForwardBatch(tokens=torch.tensor([seq.token_ids[p] for seq, p in rows], dtype=torch.long).to(device),
+                            positions=torch.tensor(positions, dtype=torch.long).to(device),
+                            num_decode_tokens=len(rows), decode=paged, prefill=None,
+                            logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(device))
+
+    def _eager_batch(self, step: ScheduledStep, logits_rows: list[int]) -> ForwardBatch:
+        """The step as one flat batch: decode tokens, then the prefill chunks through mla_prefill."""
+        tokens, positions = [], []
         for seq, count in step.scheduled():
             start = seq.num_computed_tokens
             tokens += seq.token_ids[start:start + count]
             positions += range(start, start + count)
-            ends.append(len(tokens) - 1)
         decode = self._paged(step.decodes, [1] * len(step.decodes)) if step.decodes else None
         prefill = None
         if step.prefills:
@@ -179,7 +219,7 @@ class ModelRunner:
         return ForwardBatch(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                             positions=torch.tensor(positions, dtype=torch.long, device=device),
                             num_decode_tokens=len(step.decodes), decode=decode, prefill=prefill,
-                            logits_indices=torch.tensor([ends[i] for i in sampling], dtype=torch.long, device=device))
+                            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device))
 
     def _paged(self, seqs: list[Sequence], counts: list[int]) -> PagedBatch:
         width = max(len(s.block_table) for s in seqs)
@@ -195,26 +235,26 @@ class ModelRunner:
                           query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
                           max_query_len=max(counts), max_seq_len=max(seq_lens))
 
-    # ---- recorded decode steps ------------------------------------------------------------------
+    # ---- recorded steps ---------------------------------------------------------------------------
 
-    def _replay(self, size: int, seqs: list[Sequence]) -> torch.Tensor | None:
-        bucket = self._recorded.get(size)
+    def _replay(self, size: int, shared: bool, rows: list[Row]) -> torch.Tensor | None:
+        bucket = self._recorded.get((size, shared))
         if bucket is None:
-            bucket = self._record(size, seqs)
+            bucket = self._record(size, shared, rows)
             if bucket is None:
                 self.graphs = False
                 return None
         else:
-            self._fill(bucket, seqs)
+            self._fill(bucket, rows)
         bucket.replay()
         return bucket.logits
 
-    def _fill(self, bucket: _Bucket, seqs: list[Sequence]) -> None:
+    def _fill(self, bucket: _Bucket, rows: list[Row]) -> None:
         """Write the step's inputs into the bucket's buffers; padding rows write only block 0."""
         staging = bucket.staging
         if staging is None:
             staging = bucket.staging = _Staging(bucket.tokens.shape[0], self.max_blocks_per_seq)
-        staging.write(seqs)
+        staging.write(rows)
         for buffer, value in ((bucket.tokens, staging.tokens), (bucket.positions, staging.positions),
                               (bucket.seq_lens, staging.seq_lens)):
             buffer.copy_(value, non_blocking=True)
@@ -222,7 +262,7 @@ class ModelRunner:
             bucket.block_tables.copy_(staging.block_tables, non_blocking=True)
             staging.tables_copied = True
 
-    def _record(self, size: int, seqs: list[Sequence]) -> _Bucket | None:
+    def _record(self, size: int, shared: bool, rows: list[Row]) -> _Bucket | None:
         """Allocate a bucket's buffers, fill them with this step's inputs and record the step."""
         model, device = self.model, self.device
         bucket = _Bucket(tokens=torch.zeros(size, dtype=torch.long, device=device),
@@ -231,10 +271,10 @@ class ModelRunner:
                          seq_lens=torch.ones(size, dtype=torch.int32, device=device),
                          logits=torch.zeros(size, model.config.vocab_size, dtype=torch.float32, device=device),
                          replay=lambda: None)
-        self._fill(bucket, seqs)
+        self._fill(bucket, rows)
         paged = PagedBatch(block_tables=bucket.block_tables, seq_lens=bucket.seq_lens,
                            query_start=torch.arange(size + 1, dtype=torch.int32, device=device),
-                           max_query_len=1, max_seq_len=self.max_model_len)
+                           max_query_len=1, max_seq_len=self.max_model_len, shared_rows=shared)
         batch = ForwardBatch(bucket.tokens, bucket.positions, size, paged, None)
 
         def step() -> None:
@@ -244,5 +284,5 @@ class ModelRunner:
         if replay is None:
             return None
         bucket.replay = replay
-        self._recorded[size] = bucket
+        self._recorded[(size, shared)] = bucket
         return bucket

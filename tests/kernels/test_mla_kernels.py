@@ -11,6 +11,8 @@ decode is captured in a CUDA graph and replayed with new tables and lengths.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from dsv3.backends.interface import MLAInputs, MLAWeights
@@ -64,6 +66,18 @@ def make_paged(seq_lens: list[int], query_lens: list[int], heads: int, block_siz
 
 def make_decode(seq_lens: list[int], heads: int, block_size: int, dims: dict, dtype, device, seed=0, shared=None):
     return make_paged(seq_lens, [1] * len(seq_lens), heads, block_size, dims, dtype, device, seed, shared)
+
+
+def make_chunk_rows(history: int, chunk: int, other: int, heads: int, block_size: int, dims: dict, dtype, device):
+    """Sequence 0's prompt chunk of `chunk` tokens after `history` cached ones as decode rows that share its
+    table (PagedBatch.shared_rows), then one decode of sequence 1 at position `other`; and the same tokens
+    as an mla_prefill call (batch "as_prefill"), which must give the same outputs."""
+    case = make_paged([history + chunk, other + 1], [chunk, 1], heads, block_size, dims, dtype, device, seed=4)
+    prefill = case["batch"]
+    positions = [history + i for i in range(chunk)] + [other]
+    rows = paged_batch(prefill.block_tables[[0] * chunk + [1]], [p + 1 for p in positions], [1] * len(positions),
+                       device)
+    return {**case, "batch": replace(rows, shared_rows=True), "as_prefill": prefill}
 
 
 def check_decode(mla, case: dict, tolerance: float, softmax_scale: float = 0.1, **kernel_options) -> None:
@@ -125,7 +139,23 @@ def _emulated_decode_check() -> None:
     check_decode(mla, odd, tolerance, config=small_tiles, num_splits=2)
     check_fused_rope(mla, case)
     check_fused_rope(mla, odd, config=small_tiles, num_splits=3)
+    rows = make_chunk_rows(history=13, chunk=6, other=9, heads=4, block_size=8, dims=TINY, dtype=torch.float32,
+                           device="cpu")
+    for options in (dict(config=small_tiles, num_splits=1), dict(config=small_tiles, num_splits=3)):
+        check_decode(mla, rows, tolerance, **options)
+    check_rows_equal_prefill(mla, rows, tolerance, config=small_tiles, num_splits=2)
     print("emulated decode ok")
+
+
+def check_rows_equal_prefill(mla, case: dict, tolerance: float, **kernel_options) -> None:
+    """A chunk run as shared decode rows writes the cache and attends as the same chunk through mla_prefill."""
+    rows_cache, prefill_cache = case["cache"].clone(), case["cache"].clone()
+    out = mla.mla_decode(case["inputs"], rows_cache, case["batch"], case["weights"], 0.1, **kernel_options)
+    ref = ReferenceBackend(rows_cache.device).mla_prefill(case["inputs"], prefill_cache, case["as_prefill"],
+                                                         case["weights"], 0.1)
+    assert torch.equal(rows_cache, prefill_cache)
+    error = relative_error(out, ref)
+    assert error < tolerance, f"rows against prefill: error {error:.2e}"
 
 
 @pytest.mark.emulated
@@ -211,6 +241,20 @@ def test_decode_matches_reference(heads, batch, lengths, block_size):
         seq_lens[0], seq_lens[-1] = max_seq, 1
     case = make_decode(seq_lens, heads, block_size, DEEPSEEK, torch.bfloat16, "cuda", seed=batch + heads)
     check_decode(mla, case, TOLERANCES[("decode", torch.bfloat16)], softmax_scale=192 ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("history,chunk", [(0, 64), (4032, 64), (3000, 128)])
+def test_prompt_chunk_as_decode_rows_on_the_gpu(heads, history, chunk):
+    """Many programs run at once on the GPU: rows that read tokens of the rows before them must find them
+    written (shared_rows), which the interpreter, running programs one by one, cannot show."""
+    from dsv3.backends.triton_kernels import mla
+
+    rows = make_chunk_rows(history, chunk, 777, heads, 64, DEEPSEEK, torch.bfloat16, "cuda")
+    check_decode(mla, rows, TOLERANCES[("decode", torch.bfloat16)], softmax_scale=192 ** -0.5)
+    check_rows_equal_prefill(mla, rows, TOLERANCES[("decode", torch.bfloat16)])
 
 
 @pytest.mark.gpu

@@ -142,6 +142,31 @@ def test_a_one_token_prompt_chunk_in_a_recorded_step_samples_nothing(model):
     assert got.shape == (1, model.config.vocab_size) and close(got, expected)
 
 
+def test_a_short_prompt_chunk_runs_as_decode_rows_like_a_prefill(model):
+    """A decode and a 3-token prompt chunk fit bucket 4: the step replays the bucket recorded for chunk rows,
+    and its logits and cache writes equal those of the same step as a flat batch through mla_prefill."""
+    t = model.transformer
+    torch.manual_seed(1)
+    for cache in t.caches:
+        cache.normal_()
+    before = [cache.clone() for cache in t.caches]
+    a, b = decoding(model, [6, 11], first_block=20)
+    b.num_computed_tokens = len(b.token_ids) - 3  # the last three prompt tokens of b are still to compute
+    step = ScheduledStep(decodes=[a], prefills=[(b, 3)])
+    runner = ModelRunner(t, BLOCK, 4, 40)
+    seqs, got = runner.run(step)
+    assert runner.recorded_row_buckets == (4,) and seqs == [a, b]
+    after_rows = [cache.clone() for cache in t.caches]
+    for cache, saved in zip(t.caches, before, strict=True):
+        cache.copy_(saved)
+    with torch.inference_mode():
+        expected = t.forward(runner._eager_batch(step, [0, 3]))
+    assert got.shape == expected.shape == (2, model.config.vocab_size)
+    assert close(got, expected)
+    for cache, rows in zip(t.caches, after_rows, strict=True):
+        assert torch.allclose(cache[1:], rows[1:], rtol=1e-4, atol=1e-5)
+
+
 def test_greedy_tokens_equal_with_and_without_recorded_steps():
     backend = KeepingBackend()
     recorded = load(backend)
