@@ -169,17 +169,14 @@ class MLA:
         c = config
         self.backend, self.config = backend, c
         self.num_heads = c.num_attention_heads
-        if c.q_lora_rank is None:
-            self.q_proj = Linear.load(backend, loader, f"{prefix}.q_proj", precision)
-        else:
-            self.kv_a_proj = None
-            self.qkv_a_proj = FusedLinear(backend, loader, [f"{prefix}.q_a_proj", f"{prefix}.kv_a_proj_with_mqa"],
-                                          precision)
+        # one GEMM for the two projections of the block's input: q_a and kv_a, or (V2-Lite, no q_lora_rank)
+        # q and kv_a; under TP the loader hands q_proj's rows of this rank, and the split follows its size
+        first = f"{prefix}.q_proj" if c.q_lora_rank is None else f"{prefix}.q_a_proj"
+        self.qkv_a_proj = FusedLinear(backend, loader, [first, f"{prefix}.kv_a_proj_with_mqa"], precision)
+        if c.q_lora_rank is not None:
             self.q_a_norm = RMSNorm.load(backend, loader, f"{prefix}.q_a_layernorm", c.rms_norm_eps, dtype,
                                          quantize=precision == "fp8")
             self.q_b_proj = Linear.load(backend, loader, f"{prefix}.q_b_proj", precision)
-        if c.q_lora_rank is None:  # V2-Lite: q_proj is split over TP ranks, kv_a is not; they stay apart
-            self.kv_a_proj = Linear.load(backend, loader, f"{prefix}.kv_a_proj_with_mqa", precision)
         self.kv_a_norm = RMSNorm.load(backend, loader, f"{prefix}.kv_a_layernorm", c.rms_norm_eps, dtype)
         kv_b, kv_b_scale = loader.linear(f"{prefix}.kv_b_proj")
         # dequantized to the activation dtype, as a BF16 checkpoint would store it
@@ -196,11 +193,9 @@ class MLA:
         the cache); prefill chunks are rotated here and go to mla_prefill.
         """
         c, n = self.config, x.shape[0]
-        if c.q_lora_rank is None:
-            q, kv_a = self.q_proj(x), self.kv_a_proj(x)
-        else:
-            q_a, kv_a = self.qkv_a_proj(x)
-            q = self.q_b_proj(self.q_a_norm(q_a).activation)
+        q, kv_a = self.qkv_a_proj(x)
+        if c.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_norm(q).activation)
         q = q.view(n, self.num_heads, c.qk_head_dim)
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
