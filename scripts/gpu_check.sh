@@ -5,6 +5,8 @@
 #     bash scripts/gpu_check.sh                 # or: OUT=/tmp/out BUDGET=560 bash scripts/gpu_check.sh
 #     bash scripts/gpu_check.sh serve           # the serving engine and server instead (see below)
 #     bash scripts/gpu_check.sh final           # the GPU tests, conformance, then the serving runs
+#     bash scripts/gpu_check.sh latency         # issue 21: small-batch decode steps, their profiles, the
+#                                               # kernel checks of scripts/gpu_*.py, and a cached-prefix TTFT
 #
 # Steps, each with its own time limit (cut to what is left of BUDGET seconds, 560 by default so that
 # installing and the summary fit in 10 minutes); a failing step does not stop the next:
@@ -62,6 +64,30 @@ python3 -c "import openai" 2>/dev/null || ignore=(--ignore=tests/server)
 if [ "$MODE" = "final" ]; then
   step tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu "${ignore[@]}"
   step conformance 150 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"
+fi
+if [ "$MODE" = "latency" ]; then
+  # Decode latency (issue 21): V2-Lite whole and V3 layers at batch 1 and 64 beside their floors, the
+  # kernel-level scripts that exist (GEMM split reduction, MoE alignment, FP8 cache), a profile of the
+  # V2-Lite batch-1 replay, and the cached-prefix TTFT of the serving engine (issue 19).
+  step latency_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/model/test_decode_graphs.py
+  for script in gpu_gemm_split gpu_moe_align gpu_fp8_cache; do
+    if [ -f "scripts/$script.py" ]; then step "$script" 100 python3 "scripts/$script.py" --json "$OUT/$script.json"; fi
+  done
+  step decode_lite 100 python3 -m dsv3 bench decode --config deepseek-v2-lite --batch 1 64 --context 1024 \
+    --no-reference --json "$OUT/decode_lite.json"
+  step decode_v3 100 python3 -m dsv3 bench decode --batch 1 64 --context 1024 8192 --no-reference \
+    --json "$OUT/decode_v3.json"
+  step profile_lite 80 python3 scripts/gpu_profile.py --config deepseek-v2-lite --tokens 2048 --top 25 \
+    --json "$OUT/profile_lite.json"
+  CKPT=/tmp/dsv3-v3-8
+  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers 8 > "$OUT/serve_setup.log" 2>&1
+  step serve_prefix 90 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 8 \
+    --prefix-len 4096 --input-len 64 --output-len 16 --max-concurrency 1 --no-static-decode-baseline \
+    --json "$OUT/serve_prefix.json"
+  echo
+  echo "================ latency summary ($SECONDS s) ================"
+  cat "$OUT/steps.txt"
+  exit 0
 fi
 if [ "$MODE" = "serve" ] || [ "$MODE" = "final" ]; then
   # The serving targets (issues 19 and 20) on a weightless checkpoint of DeepSeek-V3's dimensions with
