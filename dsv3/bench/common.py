@@ -201,48 +201,64 @@ def measure_roofline(backend: Backend, size: int = 8192, copy_bytes: int = 1 << 
 
 @dataclass
 class Record:
-    """One implementation timed on one case.
+    """One row of any `dsv3 bench`: an op timed on one case, a whole model step, or a serving run.
 
     Attributes:
-        op: "gemm", "moe" or "mla".
-        case: the shape, e.g. "M=64 N=7168 K=16384".
-        impl: who ran it ("dsv3 cuda: triton fp8 gemm (decode)", "torch._scaled_mm block-wise", ...).
+        what: the bench: "gemm", "moe", "mla" (ops), "decode", "prefill" (steps) or "serve".
+        impl: who ran it ("dsv3 cuda: triton fp8 gemm (decode)", "reference backend (eager)", a server URL, ...).
         ours: this row is dsv3's (peers are compared against it).
-        flops: floating-point operations of the op.
-        bytes: the fewest bytes it must move (each input read once, each output written once).
-        compute: the matmul rate it is held against: "fp8_blockwise", "fp8_tensorwise" or "bf16".
-        time_ms: median time of one call, None where it failed.
-        mode: "graph" or "eager".
+        time_ms: median time of one call or step; None where it failed, and for serve (its latencies are metrics).
         error: why it failed (one line), else None.
-        vs_peers: peer impl -> peer time / our time (> 1: dsv3 is faster); dsv3's rows only.
-        roofline_pct: the floor max(bytes / copy bandwidth, flops / matmul rate) over the time, in percent.
-        limit: "memory" or "compute", whichever term of the floor is larger.
+        metrics: the bench's own numbers, named as in the JSON (written beside the fields above):
+            ops (op_record, finish): case, flops, bytes, compute, mode, vs_peers, roofline_pct, limit, tflops, gbps;
+            steps (steps.make_record): batch, context, layers, the floor and its ratios, note;
+            serve (serve_records.summarize): vLLM `bench serve`'s names.
     """
 
-    op: str
-    case: str
+    what: str
     impl: str
-    ours: bool
-    flops: float
-    bytes: float
-    compute: str
+    ours: bool = False
     time_ms: float | None = None
-    mode: str = ""
     error: str | None = None
-    vs_peers: dict[str, float] = field(default_factory=dict)
-    roofline_pct: float | None = None
-    limit: str = ""
-
-    @property
-    def tflops(self) -> float | None:
-        return None if self.time_ms is None else self.flops / (self.time_ms * 1e-3) / 1e12
-
-    @property
-    def gbps(self) -> float | None:
-        return None if self.time_ms is None else self.bytes / (self.time_ms * 1e-3) / 1e9
+    metrics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tflops": self.tflops, "gbps": self.gbps}
+        """The JSON row: the fields and the metrics side by side (non-finite floats as "inf", "nan")."""
+        row = {"what": self.what, "impl": self.impl, "ours": self.ours, "time_ms": self.time_ms, "error": self.error,
+               **self.metrics}
+        return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "Record":
+        """A record from its JSON row (to_dict)."""
+        fields = ("what", "impl", "ours", "time_ms", "error")
+        return cls(row["what"], row["impl"], row.get("ours", False), row.get("time_ms"), row.get("error"),
+                   {k: v for k, v in row.items() if k not in fields})
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(e).splitlines()[0][:160] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
+
+
+def op_record(op: str, case: str, impl: str, ours: bool, flops: float, bytes_moved: float, compute: str,
+              error: str | None = None) -> Record:
+    """An op bench's record before it is timed.
+
+    Args:
+        op: "gemm", "moe" or "mla".
+        case: the shape, e.g. "M=64 N=7168 K=16384".
+        flops: floating-point operations of the op.
+        bytes_moved: the fewest bytes it must move (each input read once, each output written once).
+        compute: the matmul rate it is held against: "fp8_blockwise", "fp8_tensorwise" or "bf16".
+    Returns:
+        The record; `finish` adds vs_peers (peer impl -> peer time / our time, dsv3's rows only),
+        roofline_pct (the floor max(bytes / copy bandwidth, flops / matmul rate) over the time, in percent),
+        limit ("memory" or "compute", the larger term of the floor), tflops and gbps.
+    """
+    return Record(op, impl, ours, error=error,
+                  metrics={"case": case, "flops": flops, "bytes": bytes_moved, "compute": compute, "mode": ""})
 
 
 def run_case(records: list[Record], op: str, case: str, impl: str, fn: Callable, inputs: Sequence[tuple],
@@ -250,30 +266,34 @@ def run_case(records: list[Record], op: str, case: str, impl: str, fn: Callable,
              graph: bool = True, target_ms: float = 60.0) -> Record:
     """Time one implementation on one case on the backend's device and append its record (a failure is
     recorded, not raised)."""
-    record = Record(op, case, impl, ours, flops, bytes_moved, compute)
+    record = op_record(op, case, impl, ours, flops, bytes_moved, compute)
     try:
         timing = time_op(fn, inputs, backend, graph=graph, target_ms=target_ms)
-        record.time_ms, record.mode = timing.median_ms, timing.mode
+        record.time_ms, record.metrics["mode"] = timing.median_ms, timing.mode
     except Exception as e:  # noqa: BLE001 - a peer that does not support a shape is a result
-        record.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        record.error = error_line(e)
     records.append(record)
     return record
 
 
 def finish(records: list[Record], roofline: Roofline) -> None:
-    """Fill each record's percent of roofline, and each of dsv3's rows' ratios to the peers of its case."""
+    """Fill each op record's rates and percent of roofline, and each of dsv3's rows' ratios to the peers of its
+    case."""
     for r in records:
-        rate = roofline.peak(r.compute) or roofline.bf16_tflops
-        memory_ms = r.bytes / (roofline.copy_gbps * 1e9) * 1e3
-        compute_ms = r.flops / (rate * 1e12) * 1e3
-        r.limit = "memory" if memory_ms >= compute_ms else "compute"
-        if r.time_ms is not None:
-            r.roofline_pct = 100.0 * max(memory_ms, compute_ms) / r.time_ms
+        m, seconds = r.metrics, None if r.time_ms is None else r.time_ms * 1e-3
+        rate = roofline.peak(m["compute"]) or roofline.bf16_tflops
+        memory_ms = m["bytes"] / (roofline.copy_gbps * 1e9) * 1e3
+        compute_ms = m["flops"] / (rate * 1e12) * 1e3
+        m["vs_peers"], m["limit"] = {}, "memory" if memory_ms >= compute_ms else "compute"
+        m["roofline_pct"] = None if seconds is None else 100.0 * max(memory_ms, compute_ms) / r.time_ms
+        m["tflops"] = None if seconds is None else m["flops"] / seconds / 1e12
+        m["gbps"] = None if seconds is None else m["bytes"] / seconds / 1e9
     for r in records:
         if not r.ours or r.time_ms is None:
             continue
-        r.vs_peers = {peer.impl: peer.time_ms / r.time_ms for peer in records
-                      if not peer.ours and peer.op == r.op and peer.case == r.case and peer.time_ms is not None}
+        r.metrics["vs_peers"] = {peer.impl: peer.time_ms / r.time_ms for peer in records
+                                 if not peer.ours and peer.what == r.what and peer.metrics["case"] == r.metrics["case"]
+                                 and peer.time_ms is not None}
 
 
 # ---- output ----------------------------------------------------------------------
@@ -290,19 +310,40 @@ def format_roofline(roofline: Roofline) -> str:
             "TFLOPS (8192^3)")
 
 
+def _op_cells(r: Record) -> tuple[list[str], list[str]]:
+    m = r.metrics
+    ratios = ", ".join(f"{k} {v:.2f}" for k, v in m["vs_peers"].items())
+    return ([r.what, m["case"], ("* " if r.ours else "  ") + r.impl],
+            [fmt(r.time_ms, ".4f"), fmt(m["tflops"]), fmt(m["gbps"], ".0f"),
+             f"{fmt(m['roofline_pct'], '.0f')} {m['limit'][:3]}", ratios])
+
+
+def _step_cells(r: Record) -> tuple[list[str], list[str]]:
+    m = r.metrics
+    return ([r.impl, str(m["batch"]), str(m["context"]), str(m["layers"])],
+            [fmt(r.time_ms, ".3f"), fmt(m["tokens_per_s"], ".1f"), f"{fmt(m['floor_ms'], '.3f')} {m['limit'][:3]}",
+             fmt(m["vs_floor"], ".2f"), fmt(m["fp8_rate_pct"], ".0f"), fmt(m["experts_hit"], ".1f"),
+             "-" if m["vs_reference"] is None else f"{m['vs_reference']:.1f}x", m["note"]])
+
+
+#: each kind of table: its header and the cells of a row (the labels, then the values)
+TABLES = {"op": (["op", "case", "impl", "ms", "TFLOPS", "GB/s", "% roof", "peer time / dsv3 time"], _op_cells),
+          "step": (["impl", "batch", "context", "layers", "ms/step", "tokens/s", "floor ms", "x floor", "% fp8",
+                    "experts/layer", "vs reference", "note"], _step_cells)}
+
+
 def format_table(records: list[Record]) -> str:
-    """A plain-text table: one row per record, dsv3's rows marked with '*' and followed by peer ratios."""
-    header = ["op", "case", "impl", "ms", "TFLOPS", "GB/s", "% roof", "peer time / dsv3 time"]
+    """A plain-text table, one row per record: the op benches' columns (dsv3's rows marked with '*' and followed
+    by peer ratios), or whole steps' (decode, prefill). A failed row says "fails" and why."""
+    header, cells = TABLES["step" if records and records[0].what in ("decode", "prefill") else "op"]
     rows = [header]
     for r in records:
+        labels, values = cells(r)
         if r.error:
-            rows.append([r.op, r.case, ("* " if r.ours else "  ") + r.impl, "fails", "", "", "", r.error[:70]])
-            continue
-        ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.vs_peers.items())
-        rows.append([r.op, r.case, ("* " if r.ours else "  ") + r.impl, fmt(r.time_ms, ".4f"), fmt(r.tflops),
-                     fmt(r.gbps, ".0f"), f"{fmt(r.roofline_pct, '.0f')} {r.limit[:3]}", ratios])
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+            values = ["fails"] + [""] * (len(values) - 2) + [r.error[:80]]
+        rows.append(labels + values)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -320,8 +361,11 @@ def environment() -> dict:
     return versions
 
 
-def save_json(path: str | Path, roofline: Roofline, records: list[Record], extra: dict | None = None) -> None:
-    """Write the roofline, the records and the environment to `path` as JSON."""
-    payload = {"roofline": asdict(roofline), "environment": environment(), **(extra or {}),
+def save_json(path: str | Path, roofline: Roofline | None, records: Sequence[Record],
+              extra: dict | None = None) -> None:
+    """Write `extra` (what, date, device, backend, model, notes, ...), the roofline where the bench measured one,
+    the environment and the records to `path` as JSON: the one writer of every bench's --json."""
+    payload = {**(extra or {}), **({"roofline": asdict(roofline)} if roofline else {}), "environment": environment(),
                "records": [r.to_dict() for r in records]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))

@@ -19,11 +19,7 @@ from typing import Callable
 import torch
 
 from dsv3.backends.interface import Backend, MLAInputs, MLAWeights, PagedBatch
-from dsv3.bench.common import (
-    Record,
-    rotation_count,
-    run_case,
-)
+from dsv3.bench.common import Record, op_record, rotation_count, run_case
 
 NOPE, ROPE, RANK, V_DIM = 128, 64, 512, 128
 SOFTMAX_SCALE = (NOPE + ROPE) ** -0.5
@@ -104,7 +100,8 @@ def bench_decode(backend: Backend, reference: Backend | None, device, records: l
         inputs = [_decode_inputs(batch, heads, context, device, generator)
                   for _ in range(rotation_count(int(cache_bytes)))]
     except torch.OutOfMemoryError:
-        records.append(Record("mla", case, ours, True, flops, cache_bytes, bound, error="inputs do not fit in memory"))
+        records.append(op_record("mla", case, ours, True, flops, cache_bytes, bound,
+                                 error="inputs do not fit in memory"))
         return
 
     def run_ours(*args):

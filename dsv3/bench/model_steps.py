@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -35,7 +34,16 @@ from typing import Sequence
 import torch
 
 from dsv3.backends.interface import Backend
-from dsv3.bench.common import Roofline, environment, format_roofline, measure_roofline, time_op
+from dsv3.bench.common import (
+    Record,
+    Roofline,
+    error_line,
+    format_roofline,
+    format_table,
+    measure_roofline,
+    save_json,
+    time_op,
+)
 from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests and scripts/gpu_profile.py use them as model_steps.*
     HEADROOM,
     WORKSPACE_BYTES,
@@ -57,13 +65,11 @@ from dsv3.bench.steps import (  # noqa: F401 - re-exported: tests use them as mo
     WEIGHT_BYTES,
     Floor,
     StepCost,
-    StepRecord,
     _moe_layers,
     attention_linears,
     decode_cost,
     expected_experts_hit,
     expert_bytes,
-    format_records,
     layer_read_bytes,
     linear_bytes,
     link_reference,
@@ -91,28 +97,21 @@ class Report:
     """The run's records, written to JSON after each one (a run cut short keeps what it timed)."""
 
     def __init__(self, what: str, backend: Backend, roofline: Roofline, path: str | None, model: dict):
-        self.path, self.records = path, []
+        self.path, self.roofline, self.records = path, roofline, []
         self.payload = {"what": what, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                         "device": roofline.device_name, "backend": backend.capabilities.name,
-                        "ops": dict(backend.capabilities.ops), "model": model, "roofline": asdict(roofline),
-                        "environment": environment(), "notes": [], "profile": None}
+                        "ops": dict(backend.capabilities.ops), "model": model, "notes": [], "profile": None}
 
-    def add(self, record: StepRecord) -> None:
+    def add(self, record: Record) -> None:
         self.records.append(record)
         link_reference(self.records)
-        lines = format_records([record]).splitlines()
+        lines = format_table([record]).splitlines()
         print("\n".join(lines if len(self.records) == 1 else lines[-1:]), flush=True)
         self.save()
 
     def save(self) -> None:
         if self.path:
-            self.payload["records"] = [asdict(r) for r in self.records]
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.path).write_text(json.dumps(self.payload, indent=1))
-
-
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            save_json(self.path, self.roofline, self.records, self.payload)
 
 
 def _describe(config: ModelConfig, precision: str, max_batch: int, max_seq: int, free: int | None) -> dict:
@@ -151,7 +150,7 @@ def _setup(what: str, backend: Backend, base: ModelConfig, layers: int | None, m
 def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
                batches: Sequence[int] = DECODE_BATCHES, contexts: Sequence[int] = CONTEXTS,
                quick: bool = False, reference: bool = True, json_path: str | None = None,
-               profile: bool = True) -> list[StepRecord]:
+               profile: bool = True) -> list[Record]:
     """Time decode steps of `backend` (graph and eager) and of the reference backend; returns the records."""
     device = backend.device
     max_batch, max_seq = max(batches), max(contexts) + 1
@@ -190,7 +189,7 @@ def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
                         timing = time_op(fn, [()], backend, graph=False, warmup=1 if quick else 2,
                                          target_ms=100.0 if quick else 300.0, min_reps=2 if quick else 3, max_reps=20)
                     except Exception as e:  # noqa: BLE001 - a failure is a result
-                        report.add(record(None, batch, hits, error=_error(e)))
+                        report.add(record(None, batch, hits, error=error_line(e)))
                         continue
                     finally:
                         fn = None  # a recorded step's memory goes with it
@@ -199,8 +198,8 @@ def run_decode(backend: Backend, base: ModelConfig, layers: int | None = None,
     free_memory(device)
     if reference and name != "reference":
         _time_reference(backend, config, precision, roofline, report, contexts)
-    print(format_records(report.records))
-    for line in summary_lines(report.payload):
+    print(format_table(report.records))
+    for line in summary_lines(report.records):
         print(line)
     report.save()
     return report.records
@@ -215,7 +214,7 @@ def _profile_decode(model: Transformer, report: Report, batch: int, context: int
         result["what"] = f"decode batch {batch} context {context}, kernels of an eager step"
         print(format_profile(result), flush=True)
     except Exception as e:  # noqa: BLE001 - no profile is a result, not a failed run
-        result = {"error": _error(e)}
+        result = {"error": error_line(e)}
     report.payload["profile"] = result
     report.save()
 
@@ -230,7 +229,7 @@ def _time_reference(backend: Backend, config: ModelConfig, precision: str, roofl
     try:
         model = build_model(config, reference, precision, 1, max(contexts) + 1)
     except Exception as e:  # noqa: BLE001
-        report.payload["notes"].append(f"reference backend not timed: {_error(e)}")
+        report.payload["notes"].append(f"reference backend not timed: {error_line(e)}")
         return
     fill_caches(model)
     g = torch.Generator(device).manual_seed(1)
@@ -243,7 +242,7 @@ def _time_reference(backend: Backend, config: ModelConfig, precision: str, roofl
                                  warmup=1, target_ms=0.0, min_reps=2, max_reps=2)
             except Exception as e:  # noqa: BLE001
                 report.add(make_record("decode", "reference backend (eager)", False, 1, context,
-                                       config.num_hidden_layers, cost, roofline, None, 1, None, error=_error(e)))
+                                       config.num_hidden_layers, cost, roofline, None, 1, None, error=error_line(e)))
                 continue
             report.add(make_record("decode", "reference backend (eager)", False, 1, context,
                                    config.num_hidden_layers, cost, roofline, timing.median_ms, 1, None,
@@ -253,7 +252,7 @@ def _time_reference(backend: Backend, config: ModelConfig, precision: str, roofl
 
 
 def run_prefill(backend: Backend, base: ModelConfig, layers: int | None = None, tokens: int = PREFILL_TOKENS,
-                quick: bool = False, json_path: str | None = None) -> list[StepRecord]:
+                quick: bool = False, json_path: str | None = None) -> list[Record]:
     """Time a prefill of `tokens` tokens (batch 1) up to the last token's logits; returns the records."""
     device = backend.device
     config, precision, roofline, report = _setup("prefill", backend, base, layers, 1, tokens, quick, json_path)
@@ -274,11 +273,11 @@ def run_prefill(backend: Backend, base: ModelConfig, layers: int | None = None, 
                                    timing.median_ms, tokens, hits, note=f"{timing.reps} steps"))
         except Exception as e:  # noqa: BLE001
             report.add(make_record("prefill", impl, True, 1, tokens, config.num_hidden_layers, cost, roofline, None,
-                                   tokens, hits, error=_error(e)))
+                                   tokens, hits, error=error_line(e)))
     model = None
     free_memory(device)
-    print(format_records(report.records))
-    for line in summary_lines(report.payload):
+    print(format_table(report.records))
+    for line in summary_lines(report.records):
         print(line)
     report.save()
     return report.records
@@ -319,10 +318,10 @@ def print_saved_runs(paths: Sequence[str]) -> None:
         model = payload.get("model", {})
         print(f"{path}: {payload.get('device')}, {model.get('layers')} layers ({model.get('dense_layers')} dense, "
               f"{model.get('moe_layers')} MoE), {payload.get('date')}")
-        records = [StepRecord(**r) for r in payload.get("records", [])]
+        records = [Record.from_dict(r) for r in payload.get("records", [])]
         if records:
-            print(format_records(records))
-        for line in summary_lines(payload) or ["no timed rows"]:
+            print(format_table(records))
+        for line in summary_lines(records) or ["no timed rows"]:
             print("  " + line)
         for note in payload.get("notes", []):
             print("  note: " + note)

@@ -19,7 +19,7 @@ decode` at batch = the concurrency and the run's mean context (prefix + input + 
 engine's own model and cache pool once the run is over: the engine's output tokens/s over the static
 step's is the "vs static" ratio (issue 19's target: at least 0.9).
 
-The requests, the targets and the load are in dsv3/bench/serve_load.py, the record, its table and JSON in
+The requests, the targets and the load are in dsv3/bench/serve_load.py, the record and its result block in
 dsv3/bench/serve_records.py; this module holds the runs and the CLI.
 """
 
@@ -31,15 +31,14 @@ import os
 import sys
 import time
 
-from dsv3.bench.serve_load import EngineTarget, EngineWatch, HttpTarget, error_line, random_requests, run_load
+from dsv3.bench.common import Record, error_line, save_json, time_op
+from dsv3.bench.serve_load import EngineTarget, EngineWatch, HttpTarget, random_requests, run_load
 from dsv3.bench.serve_records import (
-    ServeRecord,
     add_baseline,
     add_static,
     check_record,
     format_record,
     read_baseline,
-    save_json,
     summarize,
 )
 from dsv3.errors import Dsv3Error, UsageError
@@ -156,23 +155,21 @@ async def _drive(target, args, vocab_size: int, num_prompts: int):
     return results, duration, before, after, watch.peak_cache_usage
 
 
-def _report(args, record: ServeRecord, payload: dict) -> None:
+def _report(args, record: Record, payload: dict) -> None:
     if args.baseline:
         add_baseline(record, args.baseline)
     print(format_record(record), flush=True)
     for line in check_record(record):
         print(line)
     if args.json:
-        save_json(args.json, payload, [record])
+        save_json(args.json, None, [record], payload)
         print(f"dsv3 bench serve: wrote {args.json}", file=sys.stderr)
 
 
 def _payload(device: str, backend: str, ops: dict, model: dict, notes: list[str]) -> dict:
     """The JSON beside the records, as `bench decode` writes it."""
-    from dsv3.bench.common import environment
-
     return {"what": "serve", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device, "backend": backend,
-            "ops": ops, "model": model, "environment": environment(), "notes": notes}
+            "ops": ops, "model": model, "notes": notes}
 
 
 def run_url(args) -> int:
@@ -193,7 +190,7 @@ def run_url(args) -> int:
     record = summarize(results, duration, f"{args.url} {model}", args.url, _load(args, num_prompts), before, after,
                        peak)
     _report(args, record, _payload(args.url, "http", {}, {"name": model, "vocab_size": vocab_size}, []))
-    return 0 if record.completed else 1
+    return 0 if record.metrics["completed"] else 1
 
 
 def _vocab_size(args) -> int:
@@ -255,7 +252,6 @@ def static_decode_ms(model, batch: int, context: int, quick: bool = False) -> tu
     it overwrites the pool."""
     import torch
 
-    from dsv3.bench.common import time_op
     from dsv3.bench.harness import BLOCK_SIZE, StaticDecode, fill_caches
 
     transformer, config = model.transformer, model.engine.config
@@ -312,7 +308,7 @@ def run_engine(args) -> int:
         model.shutdown()
     ops = dict(model.backend.capabilities.ops)
     _report(args, record, _payload(model.backend.device_name(), name, ops, described, notes))
-    return 0 if record.completed else 1
+    return 0 if record.metrics["completed"] else 1
 
 
 def run_command(args) -> int:

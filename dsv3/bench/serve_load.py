@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dsv3.bench.common import error_line
 from dsv3.errors import Dsv3Error
 
 # ---- the requests ------------------------------------------------------------------------------
@@ -104,12 +105,6 @@ class _Stream:
     def done(self) -> RequestResult:
         self.result.latency = time.perf_counter() - self.start
         return self.result
-
-
-def error_line(e: BaseException) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    text = str(e).splitlines()[0][:200] if str(e) else ""
-    return f"{type(e).__name__}: {text}"
 
 
 # ---- the targets ---------------------------------------------------------------------------------

@@ -1,19 +1,19 @@
 """What a whole-model bench step costs and how a timed step is recorded: the cost model (StepCost:
 the bytes a decode or prefill step must read and the FLOPs it must do, at DeepSeek-V3's layer
-dimensions), its floor on the measured roofline (step_floor), and StepRecord with the results table
-(format_records) and the targets (summary_lines).
+dimensions), its floor on the measured roofline (step_floor), a timed step's record (make_record, a
+common.Record) and the targets it speaks to (summary_lines).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 
-from dsv3.bench.common import Roofline, fmt
+from dsv3.bench.common import Record, Roofline
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
 from dsv3.model import ACTIVATION_DTYPES
@@ -216,109 +216,70 @@ def prefill_cost(c: ModelConfig, precision: str, tokens: int,
 
 # ---- records -------------------------------------------------------------------------------
 
-@dataclass
-class StepRecord:
-    """One implementation timed on one case.
+def make_record(what: str, impl: str, ours: bool, batch: int, context: int, layers: int, cost: StepCost,
+                roofline: Roofline, time_ms: float | None, tokens: int, experts_hit: Sequence[float] | None,
+                note: str = "", error: str | None = None) -> Record:
+    """The record of one timed step: one implementation on one case.
 
-    Attributes:
+    Args:
         what: "decode" or "prefill".
         impl: who ran it, e.g. "dsv3 cuda (graph)", "reference backend (eager)".
         ours: dsv3's optimised backend (the reference is the peer).
         batch: sequences in the step.
         context: decode: tokens already cached per sequence; prefill: tokens processed.
         layers: transformer layers of the model timed.
-        time_ms: median time of one step; None where it failed.
-        tokens_per_s: tokens produced (decode: batch) or processed (prefill) per second.
-        floor_ms, memory_ms, compute_ms, limit: the floor and its two terms.
-        vs_floor: time / floor (1.0 is the floor).
-        fp8_rate_pct: prefill: all the step's FLOPs over the time, in percent of the FP8 block-wise rate.
-        experts_hit: routed experts run per MoE layer (mean, counted in the run).
-        vs_reference: reference time / this time (same case), where the reference ran.
         cost: the bytes and FLOPs behind the floor.
+        time_ms: median time of one step; None where it failed.
+        tokens: tokens produced (decode: batch) or processed (prefill) by the step.
+        experts_hit: routed experts run per MoE layer, counted in the run.
         note, error: remarks; why it failed.
+    Returns:
+        A Record whose metrics hold batch, context, layers; tokens_per_s; floor_ms, memory_ms, compute_ms and
+        limit (the floor and its two terms); vs_floor (time / floor); fp8_rate_pct (prefill: all the step's
+        FLOPs over the time, in percent of the FP8 block-wise rate); experts_hit (the mean); vs_reference
+        (reference time / this time, filled by link_reference); cost; note.
     """
-
-    what: str
-    impl: str
-    ours: bool
-    batch: int
-    context: int
-    layers: int
-    time_ms: float | None = None
-    tokens_per_s: float | None = None
-    floor_ms: float | None = None
-    memory_ms: float | None = None
-    compute_ms: float | None = None
-    limit: str = ""
-    vs_floor: float | None = None
-    fp8_rate_pct: float | None = None
-    experts_hit: float | None = None
-    vs_reference: float | None = None
-    cost: dict = field(default_factory=dict)
-    note: str = ""
-    error: str | None = None
-
-
-def make_record(what: str, impl: str, ours: bool, batch: int, context: int, layers: int, cost: StepCost,
-                roofline: Roofline, time_ms: float | None, tokens: int, experts_hit: Sequence[float] | None,
-                note: str = "", error: str | None = None) -> StepRecord:
     floor = step_floor(cost, roofline)
-    record = StepRecord(what, impl, ours, batch, context, layers, time_ms, floor_ms=floor.ms,
-                        memory_ms=floor.memory_ms, compute_ms=floor.compute_ms, limit=floor.limit,
-                        experts_hit=statistics.fmean(experts_hit) if experts_hit else None,
-                        cost=asdict(cost), note=note, error=error)
+    metrics = {"batch": batch, "context": context, "layers": layers, "tokens_per_s": None, "floor_ms": floor.ms,
+               "memory_ms": floor.memory_ms, "compute_ms": floor.compute_ms, "limit": floor.limit, "vs_floor": None,
+               "fp8_rate_pct": None, "experts_hit": statistics.fmean(experts_hit) if experts_hit else None,
+               "vs_reference": None, "cost": asdict(cost), "note": note}
     if time_ms:
-        record.tokens_per_s = tokens / (time_ms * 1e-3)
-        record.vs_floor = time_ms / floor.ms
+        metrics["tokens_per_s"] = tokens / (time_ms * 1e-3)
+        metrics["vs_floor"] = time_ms / floor.ms
         if what == "prefill" and roofline.fp8_blockwise_tflops:
-            record.fp8_rate_pct = 100.0 * cost.flops / (time_ms * 1e-3) / (roofline.fp8_blockwise_tflops * 1e12)
-    return record
+            metrics["fp8_rate_pct"] = 100.0 * cost.flops / (time_ms * 1e-3) / (roofline.fp8_blockwise_tflops * 1e12)
+    return Record(what, impl, ours, time_ms, error, metrics)
 
 
-def link_reference(records: list[StepRecord]) -> None:
+def _case(r: Record) -> tuple:
+    return r.what, r.metrics["batch"], r.metrics["context"]
+
+
+def link_reference(records: list[Record]) -> None:
     """Fill vs_reference of every row whose case the reference also ran."""
-    reference = {(r.what, r.batch, r.context): r.time_ms for r in records if not r.ours and r.time_ms}
+    reference = {_case(r): r.time_ms for r in records if not r.ours and r.time_ms}
     for r in records:
-        peer = reference.get((r.what, r.batch, r.context))
+        peer = reference.get(_case(r))
         if r.ours and r.time_ms and peer:
-            r.vs_reference = peer / r.time_ms
+            r.metrics["vs_reference"] = peer / r.time_ms
 
 
-def format_records(records: list[StepRecord]) -> str:
-    """A plain-text table, one row per record."""
-    header = ["impl", "batch", "context", "layers", "ms/step", "tokens/s", "floor ms", "x floor", "% fp8",
-              "experts/layer", "vs reference", "note"]
-    rows = [header]
-    for r in records:
-        if r.error:
-            rows.append([r.impl, str(r.batch), str(r.context), str(r.layers), "fails", "", "", "", "", "", "",
-                         r.error[:80]])
-            continue
-        rows.append([r.impl, str(r.batch), str(r.context), str(r.layers), fmt(r.time_ms, ".3f"),
-                     fmt(r.tokens_per_s, ".1f"), f"{fmt(r.floor_ms, '.3f')} {r.limit[:3]}",
-                     fmt(r.vs_floor, ".2f"), fmt(r.fp8_rate_pct, ".0f"), fmt(r.experts_hit, ".1f"),
-                     "-" if r.vs_reference is None else f"{r.vs_reference:.1f}x", r.note])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_lines(payload: dict) -> list[str]:
+def summary_lines(records: Sequence[Record]) -> list[str]:
     """The issue's targets against one run's records (decode: x floor and vs reference at batch 1 and
     64, graph mode; prefill: percent of the FP8 rate)."""
     lines = []
-    rows = [r for r in payload.get("records", []) if r["ours"] and not r.get("error") and r["time_ms"] is not None]
-    graphed = {(r["batch"], r["context"]) for r in rows if r["what"] == "decode" and r["impl"].endswith("(graph)")}
+    rows = [r for r in records if r.ours and not r.error and r.time_ms is not None]
+    graphed = {_case(r) for r in rows if r.what == "decode" and r.impl.endswith("(graph)")}
     for r in rows:
-        replayed = r["impl"].endswith("(graph)") or (r["batch"], r["context"]) not in graphed
-        if r["what"] == "decode" and replayed and r["batch"] in (1, 64):
-            ref = f", {r['vs_reference']:.1f}x the reference (target >= 10x)" if r.get("vs_reference") else ""
-            lines.append(f"decode batch {r['batch']} context {r['context']}: {r['time_ms']:.3f} ms, "
-                         f"{r['vs_floor']:.2f}x the floor (target <= 1.5){ref}")
-        if r["what"] == "prefill":
-            pct = f"{r['fp8_rate_pct']:.0f}%" if r.get("fp8_rate_pct") is not None else "-"
-            lines.append(f"prefill {r['context']} tokens: {r['time_ms']:.1f} ms, {r['tokens_per_s']:.0f} tokens/s, "
-                         f"{pct} of the FP8 block-wise rate (target >= 40%), {r['vs_floor']:.2f}x the floor")
+        m = r.metrics
+        replayed = r.impl.endswith("(graph)") or _case(r) not in graphed
+        if r.what == "decode" and replayed and m["batch"] in (1, 64):
+            ref = f", {m['vs_reference']:.1f}x the reference (target >= 10x)" if m["vs_reference"] else ""
+            lines.append(f"decode batch {m['batch']} context {m['context']}: {r.time_ms:.3f} ms, "
+                         f"{m['vs_floor']:.2f}x the floor (target <= 1.5){ref}")
+        if r.what == "prefill":
+            pct = "-" if m["fp8_rate_pct"] is None else f"{m['fp8_rate_pct']:.0f}%"
+            lines.append(f"prefill {m['context']} tokens: {r.time_ms:.1f} ms, {m['tokens_per_s']:.0f} tokens/s, "
+                         f"{pct} of the FP8 block-wise rate (target >= 40%), {m['vs_floor']:.2f}x the floor")
     return lines
-

@@ -63,25 +63,32 @@ def test_summary_by_hand():
     before = {"num_preemptions": 1, "prefix_queries": 10, "prefix_hits": 0, "cache_usage": 0.0,
               "prompt_tokens": 0, "generation_tokens": 0}
     after = {**before, "num_preemptions": 3, "prefix_queries": 50, "prefix_hits": 10}
-    r = serve_records.summarize(results, 2.0, "test", "in-process", {**LOAD, "num_prompts": 4}, before, after, 0.5)
-    assert (r.completed, r.failed) == (2, 2)
-    assert r.total_input_tokens == 20 and r.total_output_tokens == 8
-    assert r.output_throughput == 4.0 and r.total_token_throughput == 14.0 and r.request_throughput == 1.0
-    assert r.mean_ttft_ms == pytest.approx(200.0) and r.median_ttft_ms == pytest.approx(200.0)
-    assert r.mean_tpot_ms == pytest.approx(20.0)
-    assert r.median_itl_ms == pytest.approx(20.0) and r.p99_itl_ms == pytest.approx(29.5)
-    assert r.mean_e2el_ms == pytest.approx((160 + 360) / 2)
-    assert r.cached_requests == 1 and r.mean_ttft_cached_ms == pytest.approx(300.0)
-    assert r.mean_ttft_cold_ms == pytest.approx(100.0)
-    assert (r.num_preemptions, r.prefix_cache_queries, r.prefix_cache_hits) == (2, 40, 10)
-    assert r.prefix_cache_hit_rate == 0.25 and r.peak_cache_usage == 0.5
-    assert r.errors == ["boom", "2 of 4 tokens"]
-    serve_records.add_static(r, 100.0, 2, 12)
-    assert r.static_decode_tokens_per_s == 20.0 and r.vs_static == 0.2
-    table = serve_records.format_record(r)
+    record = serve_records.summarize(results, 2.0, "test", "in-process", {**LOAD, "num_prompts": 4}, before, after,
+                                     0.5)
+    r = record.metrics
+    assert record.what == "serve" and record.ours and r["target"] == "in-process"
+    assert (r["completed"], r["failed"]) == (2, 2)
+    assert r["total_input_tokens"] == 20 and r["total_output_tokens"] == 8
+    assert r["output_throughput"] == 4.0 and r["total_token_throughput"] == 14.0 and r["request_throughput"] == 1.0
+    assert r["mean_ttft_ms"] == pytest.approx(200.0) and r["median_ttft_ms"] == pytest.approx(200.0)
+    assert r["mean_tpot_ms"] == pytest.approx(20.0)
+    assert r["median_itl_ms"] == pytest.approx(20.0) and r["p99_itl_ms"] == pytest.approx(29.5)
+    assert r["mean_e2el_ms"] == pytest.approx((160 + 360) / 2)
+    assert r["cached_requests"] == 1 and r["mean_ttft_cached_ms"] == pytest.approx(300.0)
+    assert r["mean_ttft_cold_ms"] == pytest.approx(100.0)
+    assert (r["num_preemptions"], r["prefix_cache_queries"], r["prefix_cache_hits"]) == (2, 40, 10)
+    assert r["prefix_cache_hit_rate"] == 0.25 and r["peak_cache_usage"] == 0.5
+    assert r["errors"] == ["boom", "2 of 4 tokens"]
+    assert r["static_decode_ms"] is None and r["vs_baseline"] is None  # in the JSON, None until added
+    serve_records.add_static(record, 100.0, 2, 12)
+    assert r["static_decode_tokens_per_s"] == 20.0 and r["vs_static"] == 0.2
+    table = serve_records.format_record(record)
     for line in ("Successful requests:", "Output token throughput (tok/s):", "P99 ITL (ms):", "Preemptions:",
                  "Output throughput / static rate:", "failed: boom"):
         assert line in table
+    row = record.to_dict()
+    assert row["request_rate"] == "inf" and row["completed"] == 2 and row["time_ms"] is None  # flat, plain JSON
+    json.dumps(row, allow_nan=False)
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 from dsv3 import cli
 from dsv3.bench import model_steps
-from dsv3.bench.common import Roofline
+from dsv3.bench.common import Roofline, save_json
 from dsv3.checkpoint import RandomSource, WeightLoader
 from dsv3.config import load_config
 from dsv3.errors import Dsv3Error
@@ -192,13 +191,16 @@ def test_bench_rejects_bad_sizes(capsys):
 
 
 def test_summary_reads_a_saved_run(tmp_path, capsys):
-    record = model_steps.StepRecord("decode", "dsv3 cuda (graph)", True, 64, 1024, 7, time_ms=30.0, tokens_per_s=2133.3,
-                            floor_ms=21.4, limit="memory", vs_floor=1.4, vs_reference=12.0)
+    roofline = Roofline("H100", 3000.0, 700.0, None, 1000.0)
+    cost = model_steps.decode_cost(load_config("tiny"), "fp8", 64, 1024, None)
+    record = model_steps.make_record("decode", "dsv3 cuda (graph)", True, 64, 1024, 7, cost, roofline, 30.0, 64, None)
+    record.metrics["vs_reference"] = 12.0
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({"device": "H100", "model": {"layers": 7}, "records": [asdict(record)]}))
+    save_json(path, roofline, [record], {"device": "H100", "model": {"layers": 7}})
     model_steps.print_saved_runs([str(path)])
     out = capsys.readouterr().out
-    assert "decode batch 64 context 1024: 30.000 ms, 1.40x the floor" in out and "12.0x the reference" in out
+    vs_floor = record.metrics["vs_floor"]
+    assert f"decode batch 64 context 1024: 30.000 ms, {vs_floor:.2f}x the floor" in out and "12.0x the reference" in out
     assert "dsv3 cuda (graph)  64" in out  # the table
 
 
@@ -229,4 +231,4 @@ def test_prefill_bench_on_cuda_tiny(tmp_path, tiny_config):
     from dsv3.backends.cuda import CudaBackend
 
     (record,) = model_steps.run_prefill(CudaBackend(), tiny_config, tokens=256, quick=True)
-    assert record.error is None and record.time_ms > 0 and record.fp8_rate_pct is not None
+    assert record.error is None and record.time_ms > 0 and record.metrics["fp8_rate_pct"] is not None
