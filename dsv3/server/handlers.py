@@ -27,7 +27,6 @@ from dsv3.server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     CompletionChoice,
-    CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
@@ -186,14 +185,14 @@ class OpenAIServing:
                             index=i * request.n + completion.index, text=delta,
                             logprobs=self._completion_logprobs(completion, num_tokens, request.logprobs, offset),
                             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
-                        yield CompletionChunk(id=response_id, created=created, model=model,
-                                              choices=[choice]).model_dump_json()
+                        yield CompletionResponse(id=response_id, created=created, model=model,
+                                                 choices=[choice]).model_dump_json()
         except Exception as e:  # the stream has started (status 200): the error becomes its last event
             yield stream_error(e)
         else:
             if request.include_usage:
-                yield CompletionChunk(id=response_id, created=created, model=model, choices=[],
-                                      usage=self._usage(finals)).model_dump_json()
+                yield CompletionResponse(id=response_id, created=created, model=model, choices=[],
+                                         usage=self._usage(finals)).model_dump_json()
         yield "[DONE]"
 
     async def _run(self, raw: Request, request: CompletionRequest | ChatCompletionRequest, prefix: str,
