@@ -48,6 +48,7 @@ from dsv3.backends.interface import (
     PagedBatch,
     Precision,
     RoutingConfig,
+    dense_cache_dtype,
     plain,
 )
 from dsv3.backends.probe import ascend_chip
@@ -266,16 +267,21 @@ class AscendBackend(Backend):
 
     mla_block_size = BLOCK_SIZE
 
-    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
+    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype,
+                       kv_cache_dtype="auto") -> CacheSpec:
+        """The split paged cache below; kv_cache_dtype "fp8" keeps it in `dtype` (910B/910C have no FP8, and
+        the fused attention op reads 16-bit pages), which the layout says."""
         if num_blocks < 1 or block_size < 1:
             raise BackendError(f"MLA cache: num_blocks and block_size must be at least 1, "
                                f"got {num_blocks} and {block_size}")
+        dtype = dense_cache_dtype(kv_cache_dtype, dtype)
         width = kv_lora_rank + rope_dim
+        no_fp8 = " (no FP8 latent cache on Ascend: it stays in the activation dtype)" if kv_cache_dtype == "fp8" else ""
         return CacheSpec(
             shape=(num_blocks, block_size * width), dtype=dtype,
             layout=(f"one buffer (a row is not a block): latent pages [{num_blocks}, {block_size}, {kv_lora_rank}] "
                     f"then rope pages [{num_blocks}, {block_size}, {rope_dim}], each contiguous; token p of a "
-                    f"sequence is row p % {block_size} of page block_tables[b, p // {block_size}] in both"),
+                    f"sequence is row p % {block_size} of page block_tables[b, p // {block_size}] in both{no_fp8}"),
             bytes_per_token=width * torch.empty((), dtype=dtype).element_size(),
             num_blocks=num_blocks, block_size=block_size)
 

@@ -27,8 +27,13 @@ from dsv3.backends.interface import (
     PagedBatch,
     Precision,
     RoutingConfig,
+    dense_cache_dtype,
+    fp8_latent_cache_spec,
+    is_fp8_cache,
     paged_cache_spec,
     plain,
+    read_fp8_cache,
+    write_fp8_cache,
 )
 
 
@@ -64,8 +69,8 @@ class ReferenceBackend(Backend):
                 "rms_norm": "torch: fp32",
                 "rotary": "torch: fp32 interleaved",
                 "swiglu": "torch: silu, then the product",
-                "mla_prefill": "torch: absorbed, fp32 softmax",
-                "mla_decode": "torch: absorbed, fp32 softmax",
+                "mla_prefill": "torch: absorbed, fp32 softmax; FP8 latent cache emulated exactly",
+                "mla_decode": "torch: absorbed, fp32 softmax; FP8 latent cache emulated exactly",
                 "moe_route": "torch: fp32",
                 "moe_experts": "torch: loop over experts",
             },
@@ -143,8 +148,13 @@ class ReferenceBackend(Backend):
 
     # ---- MLA ---------------------------------------------------------------
 
-    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype) -> CacheSpec:
-        return paged_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype)
+    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype,
+                       kv_cache_dtype="auto") -> CacheSpec:
+        if kv_cache_dtype == "fp8":
+            return fp8_latent_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype,
+                                         self.capabilities.fp8_dtype)
+        return paged_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim,
+                                dense_cache_dtype(kv_cache_dtype, dtype))
 
     def allocate_mla_cache(self, spec: CacheSpec) -> torch.Tensor:
         return torch.zeros(spec.shape, dtype=spec.dtype, device=self.device)
@@ -152,12 +162,23 @@ class ReferenceBackend(Backend):
     def _write(self, inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch) -> None:
         seq, position = batch.token_positions(inputs.latent.shape[0])
         rows = batch.cache_rows(seq, position, cache.shape[1])
-        cache.view(-1, cache.shape[-1])[rows] = torch.cat((inputs.latent, inputs.k_pe), -1).to(cache.dtype)
+        if is_fp8_cache(cache):
+            write_fp8_cache(cache, rows, inputs.latent, inputs.k_pe)
+        else:
+            cache.view(-1, cache.shape[-1])[rows] = torch.cat((inputs.latent, inputs.k_pe), -1).to(cache.dtype)
+
+    @staticmethod
+    def _reader(inputs: MLAInputs, cache: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Pool rows -> their values: the rows themselves, or an FP8 cache's dequantized in fp32."""
+        if is_fp8_cache(cache):
+            rank, rope_dim = inputs.latent.shape[-1], inputs.k_pe.shape[-1]
+            return lambda rows: read_fp8_cache(cache, rows, rank, rope_dim, inputs.k_pe.dtype)
+        pool = cache.view(-1, cache.shape[-1])
+        return lambda rows: pool[rows]
 
     def mla_prefill(self, inputs, cache, batch, weights, softmax_scale):
         self._write(inputs, cache, batch)
-        pool = cache.view(-1, cache.shape[-1])
-        return paged_attention(inputs, lambda rows: pool[rows], batch, cache.shape[1], batch.max_query_len,
+        return paged_attention(inputs, self._reader(inputs, cache), batch, cache.shape[1], batch.max_query_len,
                                batch.max_seq_len, weights, softmax_scale)
 
     def mla_decode(self, inputs, cache, batch, weights, softmax_scale, rope=None):
@@ -165,8 +186,7 @@ class ReferenceBackend(Backend):
         inputs = MLAInputs(inputs.q_nope, q_pe, inputs.latent, k_pe)
         self._write(inputs, cache, batch)
         span = batch.block_tables.shape[1] * cache.shape[1]  # every position a table can address: no sync
-        pool = cache.view(-1, cache.shape[-1])
-        return paged_attention(inputs, lambda rows: pool[rows], batch, cache.shape[1], 1, span, weights,
+        return paged_attention(inputs, self._reader(inputs, cache), batch, cache.shape[1], 1, span, weights,
                                softmax_scale)
 
     # ---- MoE ---------------------------------------------------------------

@@ -193,7 +193,8 @@ class TritonBackend(Backend):
             "mla_prefill": OpImpl(f"{mla}: paged, latents gathered through the block tables and expanded, "
                                   "torch SDPA"),
             "mla_decode": OpImpl(f"{mla}: split flash-decoding through the block tables{decode_tiles}, rope and "
-                                 "the cache write in the kernel"),
+                                 "the cache write in the kernel; an FP8 latent cache read and written in the "
+                                 "kernel" + ("" if fp8_dtype is not None else " (unavailable here: no FP8)")),
             "moe_route": OpImpl(f"fp32 router GEMM ({self.blas}), then one triton routing kernel"),
             "moe_experts": OpImpl(f"triton grouped GEMM, {tiles} ({c.moe_decode.block_m} rows, "
                                   f"{c.moe_prefill.block_m} from {c.moe_prefill_min_rows} rows per expert): "
@@ -369,8 +370,9 @@ class TritonBackend(Backend):
 
     # ---- MLA (the kernels and their arguments: backends/triton_kernels/mla.py) -----------------
 
-    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype):
-        return mla.mla_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype)
+    def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype, kv_cache_dtype="auto"):
+        return mla.mla_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype, kv_cache_dtype,
+                                  self.capabilities.fp8_dtype)
 
     def allocate_mla_cache(self, spec):
         return mla.allocate_mla_cache(spec, self.device)
@@ -379,7 +381,7 @@ class TritonBackend(Backend):
         return mla.mla_prefill(inputs, cache, batch, weights, softmax_scale)
 
     def mla_decode(self, inputs, cache, batch, weights, softmax_scale, rope=None):
-        config = self.mla_decode_config(inputs.q_nope.shape[1], cache.dtype)
+        config = self.mla_decode_config(inputs.q_nope.shape[1], mla.compute_dtype(cache, inputs))
         if batch.shared_rows:  # the keys go to the cache before the kernel: rotate them here
             q_pe, k_pe = self.rotate_for_decode(inputs.q_pe, inputs.k_pe, rope)
             inputs, rope = MLAInputs(inputs.q_nope, q_pe, inputs.latent, k_pe), None

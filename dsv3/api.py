@@ -205,7 +205,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
                quiet: bool = False, tp: int | None = None, ep: int | None = None, *,
                max_model_len: int | None = None, max_num_seqs: int | None = None,
                block_size: int = engine_args.DEFAULT_BLOCK_SIZE, gpu_memory_utilization: float = 0.9,
-               cache_tokens: int | None = None,
+               cache_tokens: int | None = None, kv_cache_dtype: str = "auto",
                max_num_batched_tokens: int = engine_args.DEFAULT_MAX_NUM_BATCHED_TOKENS,
                enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto") -> Model:
     """Load a DeepSeek model.
@@ -228,6 +228,10 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         block_size: tokens per cache block.
         gpu_memory_utilization: fraction of an accelerator's memory for weights, activations and cache.
         cache_tokens: cache size in tokens instead of from memory (the CPU's default: cache_sizing).
+        kv_cache_dtype: the latent cache's type (--kv-cache-dtype): "auto" (the activation dtype), "bf16", or
+            "fp8": per token the latent in FP8 with a float32 scale per 128 values and the rope key in the
+            activation dtype (656 bytes per layer in BF16 instead of 1152); a backend without it (ascend, a
+            chip without FP8) keeps the dense cache and a warning says so.
         max_num_batched_tokens: tokens per engine step (longer prompts prefill in chunks).
         enable_prefix_caching: reuse the cache of equal prompt prefixes.
         enforce_eager: never replay recorded decode steps.
@@ -243,7 +247,8 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
                           load_format)
     engine_args.check_engine_arguments(argparse.Namespace(
         max_model_len=max_model_len, block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-        cache_tokens=cache_tokens, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
+        cache_tokens=cache_tokens, kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens))
     plan = parallel.plan_for(tp, ep)  # None in a single process
     quiet = quiet or (plan is not None and not plan.is_primary)
     if path_or_config is None:
@@ -303,12 +308,19 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         raise BackendSetupError(str(e)) from e
     size = f"{loaded / 1e9:.1f} GB" if loaded >= 1e8 else f"{loaded / 1e6:.1f} MB"
     info(f"loaded {size} in {time.monotonic() - start:.1f} s", quiet)
+    transformer.kv_cache_dtype = kv_cache_dtype
+    spec = transformer.cache_spec_for(1, block_size)
+    if kv_cache_dtype == "fp8" and spec.kind != "fp8_ds_mla":
+        # a warning, not a status line: printed under quiet too (not by the other ranks of a parallel model)
+        info(f"warning: --kv-cache-dtype fp8: the {chosen.capabilities.name} backend has no FP8 latent cache; the "
+             f"cache stays {str(spec.dtype).removeprefix('torch.')}", plan is not None and not plan.is_primary)
     cache = plan_cache(transformer, block_size, max_model_len, max_num_seqs, max_num_batched_tokens,
                        gpu_memory_utilization, cache_tokens, agree=None if plan is None else parallel.agree_min)
     info(cache.describe(), quiet)
     config_ = EngineConfig(max_model_len=max_model_len, block_size=block_size, num_blocks=cache.num_blocks,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                           enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
+                           enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+                           kv_cache_dtype=kv_cache_dtype)
     eos = set(config.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)

@@ -322,13 +322,15 @@ class Transformer:
         self.cos, self.sin = rope_tables(config, max_model_len, device)
         self.cache_spec: CacheSpec | None = None
         self.caches: list[torch.Tensor] = []
+        #: --kv-cache-dtype: "auto" (the activation dtype), "bf16" or "fp8" (the FP8 latent cache)
+        self.kv_cache_dtype = "auto"
 
     # ---- the paged cache -------------------------------------------------------------------------
 
     def cache_spec_for(self, num_blocks: int, block_size: int) -> CacheSpec:
         """One layer's pool of `num_blocks` blocks, as the backend lays it out."""
         return self.backend.mla_cache_spec(num_blocks, block_size, self.config.kv_lora_rank,
-                                           self.config.qk_rope_head_dim, self.dtype)
+                                           self.config.qk_rope_head_dim, self.dtype, self.kv_cache_dtype)
 
     def cache_bytes_per_block(self, block_size: int) -> int:
         """Bytes one block takes over all layers."""

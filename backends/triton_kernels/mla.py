@@ -3,7 +3,10 @@
 The cache of one layer is a pool [num_blocks, block_size, kv_lora_rank + rope_dim]: per token
 the normalized latent (C = 512 for DeepSeek-V3) followed by the rotated shared rope key
 (R = 64), contiguous, so one token is one 1152-byte row in BF16. Token p of sequence b is row
-p % block_size of block block_tables[b, p // block_size].
+p % block_size of block block_tables[b, p // block_size]. The FP8 latent cache (--kv-cache-dtype
+fp8, interface.fp8_latent_cache_spec) keeps the same blocks with 656-byte rows: the latent in FP8,
+a float32 scale per 128 latent values, the rope key in BF16. Decode reads those bytes and
+dequantizes in registers; every write quantizes as fp8.quantize_activation does.
 
 Decode runs the absorbed form. The latent query q_nope @ w_uk ([B, H, C]) and the
 rope query ([B, H, R]) meet every cached row of their sequence: scores use all
@@ -30,16 +33,30 @@ which is what the CPU interpreter (TRITON_INTERPRET=1) needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
-from dsv3.backends.interface import CacheSpec, MLAInputs, MLAWeights, PagedBatch, paged_cache_spec
+from dsv3.backends.interface import (
+    CacheSpec,
+    MLAInputs,
+    MLAWeights,
+    PagedBatch,
+    dense_cache_dtype,
+    fp8_cache_max,
+    fp8_cache_views,
+    fp8_latent_cache_spec,
+    is_fp8_cache,
+    paged_cache_spec,
+    read_fp8_cache,
+    write_fp8_cache,
+)
 from dsv3.backends.triton_kernels.elementwise import rotate_pairs
-from dsv3.backends.triton_kernels.quant import cast_rne
+from dsv3.backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -83,13 +100,15 @@ def default_decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
 
 @triton.jit
 def _decode_partial_kernel(
-    q_latent_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, cos_ptr, sin_ptr,
-    partial_out_ptr, partial_lse_ptr,
+    q_latent_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, cache_ptr, cache_scale_ptr, cache_rope_ptr, block_tables_ptr,
+    seq_lens_ptr, cos_ptr, sin_ptr, partial_out_ptr, partial_lse_ptr,
     stride_qlb, stride_qlh, stride_qpb, stride_qph, stride_lb, stride_kb, stride_cache_block, stride_cache_token,
+    stride_scale_block, stride_scale_token, stride_rope_block, stride_rope_token,
     stride_table, stride_rope, num_heads, num_splits, scale_log2,
     RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROTATE: tl.constexpr, WRITE: tl.constexpr,
+    ROTATE: tl.constexpr, WRITE: tl.constexpr, FP8_CACHE: tl.constexpr, QTILE: tl.constexpr,
+    NUM_SCALES: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, NEG_ZERO: tl.constexpr,
 ):
     """One (head block, split, sequence): online softmax over its share of the sequence.
 
@@ -101,6 +120,12 @@ def _decode_partial_kernel(
     unrotated and are rotated here by the sequence's cos/sin (rounded to their dtype, as the rotary
     op rounds), so the rope key goes to the cache rotated without a launch of its own. Without WRITE
     the new tokens are in the cache already (rows that share a sequence) and nothing is stored.
+
+    With FP8_CACHE, cache_ptr is the FP8 latent view of an FP8 latent cache, cache_scale_ptr its float32
+    scales (NUM_SCALES per token, one per QTILE latent values) and cache_rope_ptr its rope keys: every tile
+    is dequantized in registers to q_latent's dtype before the dots, and the new token is quantized as
+    fp8.quantize_activation does (bit for bit) and attends dequantized, as the cache will give it back.
+    Without it the three pointers are the one dense cache.
     """
     head_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -127,7 +152,15 @@ def _decode_partial_kernel(
 
     # The new token starts the online softmax of the split that ends the sequence: score, weight 1.
     holds_new = end == seq_len
-    new_latent = tl.load(latent_ptr + seq * stride_lb + cols, mask=col_ok, other=0.0).to(cache_ptr.dtype.element_ty)
+    new_latent = tl.load(latent_ptr + seq * stride_lb + cols, mask=col_ok, other=0.0)
+    if FP8_CACHE:
+        new_tiles = tl.reshape(new_latent.to(tl.float32), (BLOCK_C // QTILE, QTILE))
+        new_scale = block_scale(tl.max(tl.abs(new_tiles), axis=1), FP8_MAX, False)
+        new_q = quantize_tile(new_tiles, new_scale, FP8_MAX, MIN_NORMAL, NEG_ZERO)  # on the FP8 grid, in fp32
+        new_latent = tl.reshape(new_q * new_scale[:, None], (BLOCK_C,))
+        new_q = tl.reshape(new_q, (BLOCK_C,))
+    else:
+        new_latent = new_latent.to(cache_ptr.dtype.element_ty)
     new_k_pe = tl.load(k_pe_ptr + seq * stride_kb + rope_cols, mask=rope_ok, other=0.0)
     if ROTATE:
         pair = tl.arange(0, BLOCK_R // 2)
@@ -136,7 +169,7 @@ def _decode_partial_kernel(
         q_pe = cast_rne(rotate_pairs(q_pe, cos, sin, BLOCK_H, BLOCK_R // 2), q_pe_ptr.dtype.element_ty)
         new_k_pe = cast_rne(tl.reshape(rotate_pairs(new_k_pe[None, :], cos, sin, 1, BLOCK_R // 2), (BLOCK_R,)),
                             k_pe_ptr.dtype.element_ty)
-    new_k_pe = new_k_pe.to(cache_ptr.dtype.element_ty)
+    new_k_pe = new_k_pe.to(cache_rope_ptr.dtype.element_ty)
     new_score = (tl.sum(q_latent.to(tl.float32) * new_latent.to(tl.float32)[None, :], axis=1)
                  + tl.sum(q_pe.to(tl.float32) * new_k_pe.to(tl.float32)[None, :], axis=1)) * scale_log2
     max_score = tl.where(holds_new, new_score, float("-inf"))
@@ -151,7 +184,18 @@ def _decode_partial_kernel(
         blocks = tl.load(table + tokens // PAGE, mask=token_ok, other=0).to(tl.int64)
         rows = cache_ptr + (blocks * stride_cache_block + (tokens % PAGE) * stride_cache_token)[:, None]
         kv = tl.load(rows + cols[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)
-        k_pe = tl.load(rows + RANK + rope_cols[None, :], mask=token_ok[:, None] & rope_ok[None, :], other=0.0)
+        if FP8_CACHE:
+            slots = (tokens % PAGE)[:, None]
+            tile_ids = tl.arange(0, BLOCK_C // QTILE)
+            kv_scales = tl.load(cache_scale_ptr + blocks[:, None] * stride_scale_block + slots * stride_scale_token
+                                + tile_ids[None, :], mask=token_ok[:, None] & (tile_ids < NUM_SCALES)[None, :],
+                                other=0.0)
+            kv = tl.reshape(tl.reshape(kv.to(tl.float32), (BLOCK_N, BLOCK_C // QTILE, QTILE)) * kv_scales[:, :, None],
+                            (BLOCK_N, BLOCK_C)).to(q_latent.dtype)
+            k_pe = tl.load(cache_rope_ptr + blocks[:, None] * stride_rope_block + slots * stride_rope_token
+                           + rope_cols[None, :], mask=token_ok[:, None] & rope_ok[None, :], other=0.0)
+        else:
+            k_pe = tl.load(rows + RANK + rope_cols[None, :], mask=token_ok[:, None] & rope_ok[None, :], other=0.0)
         scores = tl.dot(q_latent, tl.trans(kv), input_precision=DOT_PRECISION)
         scores = tl.dot(q_pe, tl.trans(k_pe), acc=scores, input_precision=DOT_PRECISION)
         scores = tl.where(token_ok[None, :], scores * scale_log2, float("-inf"))
@@ -164,10 +208,20 @@ def _decode_partial_kernel(
 
     if WRITE and holds_new & (head_block == 0):  # nobody reads this row in this launch: no race
         last = seq_len - 1
-        new_row = (cache_ptr + tl.load(table + last // PAGE).to(tl.int64) * stride_cache_block
-                   + (last % PAGE) * stride_cache_token)
-        tl.store(new_row + cols, new_latent, mask=col_ok)
-        tl.store(new_row + RANK + rope_cols, new_k_pe, mask=rope_ok)
+        if FP8_CACHE:
+            block = tl.load(table + last // PAGE).to(tl.int64)
+            tl.store(cache_ptr + block * stride_cache_block + (last % PAGE) * stride_cache_token + cols,
+                     new_q.to(cache_ptr.dtype.element_ty), mask=col_ok)
+            tile_ids = tl.arange(0, BLOCK_C // QTILE)
+            tl.store(cache_scale_ptr + block * stride_scale_block + (last % PAGE) * stride_scale_token + tile_ids,
+                     new_scale, mask=tile_ids < NUM_SCALES)
+            tl.store(cache_rope_ptr + block * stride_rope_block + (last % PAGE) * stride_rope_token + rope_cols,
+                     new_k_pe, mask=rope_ok)
+        else:
+            new_row = (cache_ptr + tl.load(table + last // PAGE).to(tl.int64) * stride_cache_block
+                       + (last % PAGE) * stride_cache_token)
+            tl.store(new_row + cols, new_latent, mask=col_ok)
+            tl.store(new_row + RANK + rope_cols, new_k_pe, mask=rope_ok)
 
     out_rows = (seq * num_heads + heads) * num_splits + split
     tl.store(partial_out_ptr + out_rows[:, None] * RANK + cols[None, :], acc / denominator[:, None],
@@ -259,10 +313,17 @@ def _combine_project_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=seq_ok[:, None] & value_ok[None, :])
 
 
-def mla_cache_spec(num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
-                   dtype: torch.dtype) -> CacheSpec:
-    """[num_blocks, block_size, kv_lora_rank + rope_dim]: latent then rope key, one row per token."""
-    return paged_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype)
+def mla_cache_spec(num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
+                   kv_cache_dtype: str = "auto", fp8_dtype: torch.dtype | None = None) -> CacheSpec:
+    """[num_blocks, block_size, kv_lora_rank + rope_dim]: latent then rope key, one row per token; with
+    kv_cache_dtype "fp8" the FP8 latent cache in `fp8_dtype` (interface.fp8_latent_cache_spec), where the
+    chip has one (else the dense cache in `dtype`, its layout saying so)."""
+    if kv_cache_dtype == "fp8" and fp8_dtype is not None:
+        return fp8_latent_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype, fp8_dtype)
+    spec = paged_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dense_cache_dtype(kv_cache_dtype, dtype))
+    if kv_cache_dtype == "fp8":
+        return replace(spec, layout=f"{spec.layout} (no FP8 on this chip: the latent cache stays {dtype})")
+    return spec
 
 
 def allocate_mla_cache(spec: CacheSpec, device: torch.device | str) -> torch.Tensor:
@@ -307,7 +368,10 @@ def _kv_b(weights: MLAWeights, dtype: torch.dtype) -> torch.Tensor:
     return weights.extra[key]
 
 
-def _check_cache(cache: torch.Tensor, rank: int, rope: int) -> None:
+def _check_cache(cache: torch.Tensor, rank: int, rope: int, rope_dtype: torch.dtype | None = None) -> None:
+    if is_fp8_cache(cache):
+        fp8_cache_views(cache, rank, rope, rope_dtype)  # raises for a pool of another shape
+        return
     if cache.dim() != 3 or cache.shape[-1] != rank + rope or cache.stride(-1) != 1 or cache.stride(1) != rank + rope:
         raise BackendError(f"MLA cache: expected a [num_blocks, block_size, {rank + rope}] tensor with contiguous "
                            f"rows, found shape {tuple(cache.shape)} strides {cache.stride()}")
@@ -340,7 +404,7 @@ def _attend_splits(q_latent, q_pe, latent, k_pe, cache, batch: PagedBatch, softm
     write: the kernel stores the new tokens (False: they are in the cache already)."""
     num_seqs, heads, rank = q_latent.shape
     rope_dim = q_pe.shape[-1]
-    _check_cache(cache, rank, rope_dim)
+    _check_cache(cache, rank, rope_dim, k_pe.dtype)
     q_latent, q_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_latent, q_pe))
     latent, k_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (latent, k_pe))
     tables = batch.block_tables if batch.block_tables.stride(-1) == 1 else batch.block_tables.contiguous()
@@ -350,14 +414,24 @@ def _attend_splits(q_latent, q_pe, latent, k_pe, cache, batch: PagedBatch, softm
         cos = sin = batch.seq_lens  # not read
     else:
         cos, sin = (t.reshape(num_seqs, rope_dim // 2).float().contiguous() for t in rope)
+    block_c = triton.next_power_of_2(rank)
+    if is_fp8_cache(cache):  # the typed views of the pool and how its latents are quantized
+        latent_view, scale_view, rope_view = fp8_cache_views(cache, rank, rope_dim, k_pe.dtype)
+        fp8_args = dict(FP8_CACHE=True, QTILE=min(fp8.BLOCK, block_c), NUM_SCALES=fp8.num_blocks(rank),
+                        FP8_MAX=fp8_cache_max(cache), **fp8_constants(cache.dtype))
+    else:
+        latent_view = scale_view = rope_view = cache
+        fp8_args = dict(FP8_CACHE=False, QTILE=1, NUM_SCALES=0, FP8_MAX=0.0, MIN_NORMAL=0.0, NEG_ZERO=False)
     _decode_partial_kernel[(triton.cdiv(heads, config.block_h), num_splits, num_seqs)](
-        q_latent, q_pe, latent, k_pe, cache, tables, batch.seq_lens, cos, sin, partial_out, partial_lse,
+        q_latent, q_pe, latent, k_pe, latent_view, scale_view, rope_view, tables, batch.seq_lens, cos, sin,
+        partial_out, partial_lse,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), k_pe.stride(0),
-        cache.stride(0), cache.stride(1), tables.stride(0), cos.stride(0), heads, num_splits,
-        softmax_scale * _LOG2E, RANK=rank, ROPE=rope_dim, BLOCK_C=triton.next_power_of_2(rank),
+        latent_view.stride(0), latent_view.stride(1), scale_view.stride(0), scale_view.stride(1),
+        rope_view.stride(0), rope_view.stride(1), tables.stride(0), cos.stride(0), heads, num_splits,
+        softmax_scale * _LOG2E, RANK=rank, ROPE=rope_dim, BLOCK_C=block_c,
         BLOCK_R=triton.next_power_of_2(rope_dim), BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-        PAGE=cache.shape[1], DOT_PRECISION=_dot_precision(cache.dtype), ROTATE=rope is not None, WRITE=write,
-        num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
+        PAGE=cache.shape[1], DOT_PRECISION=_dot_precision(q_latent.dtype), ROTATE=rope is not None, WRITE=write,
+        **fp8_args, num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
     return partial_out, partial_lse
 
 
@@ -388,7 +462,8 @@ def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weight
     Args:
         inputs: q_nope [B, H, nope], q_pe [B, H, R], latent [B, C], k_pe [B, R]; q_pe and k_pe rotated,
             or not yet with `rope`.
-        cache: [num_blocks, block_size, C + R]; batch: block_tables [B, W] and seq_lens [B] int32; with
+        cache: [num_blocks, block_size, C + R], or an FP8 latent cache (its rope keys in k_pe's dtype);
+            batch: block_tables [B, W] and seq_lens [B] int32; with
             batch.shared_rows the tokens are written first (one more launch) and `rope` must be None.
         weights: w_uk [H, nope, C] and w_uv [H, v, C] (any float dtype; converted once to the cache's).
         config, num_splits: override the kernel's tile sizes and sequence splits.
@@ -397,7 +472,7 @@ def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weight
     Returns:
         [B, H, v] in q_nope's dtype.
     """
-    dtype = cache.dtype
+    dtype = compute_dtype(cache, inputs)
     q_nope = inputs.q_nope
     w_uk, w_uv = _weight(weights, "w_uk", dtype), _weight(weights, "w_uv", dtype)
     num_seqs, heads = q_nope.shape[:2]
@@ -430,20 +505,35 @@ def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weight
     return out.transpose(0, 1).to(q_nope.dtype).contiguous()
 
 
+def compute_dtype(cache: torch.Tensor, inputs: MLAInputs) -> torch.dtype:
+    """The dtype decode's dots run in: a dense cache's own, or for an FP8 latent cache the rope key's
+    (the activation dtype), which its tiles are dequantized to."""
+    return inputs.k_pe.dtype if is_fp8_cache(cache) else cache.dtype
+
+
 def write_tokens(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch) -> None:
-    """Store each new token's latent and rope key at its position, through the block tables (no sync)."""
+    """Store each new token's latent and rope key at its position, through the block tables (no sync);
+    an FP8 latent cache gets the latent quantized per 128 values (interface.write_fp8_cache)."""
     seq, position = batch.token_positions(inputs.latent.shape[0])
     rows = batch.cache_rows(seq, position, cache.shape[1])
+    if is_fp8_cache(cache):
+        write_fp8_cache(cache, rows, inputs.latent, inputs.k_pe)
+        return
     cache.view(-1, cache.shape[-1])[rows] = torch.cat((inputs.latent, inputs.k_pe), dim=-1).to(cache.dtype)
 
 
-def gather_sequences(cache: torch.Tensor, batch: PagedBatch, length: int) -> torch.Tensor:
+def gather_sequences(cache: torch.Tensor, batch: PagedBatch, length: int,
+                     fp8_layout: tuple[int, int, torch.dtype] | None = None) -> torch.Tensor:
     """[B, length, C + R]: the first `length` positions of every sequence, read through its block table;
-    rows at or past a sequence's seq_len are zero (a pool block may hold anything there)."""
+    rows at or past a sequence's seq_len are zero (a pool block may hold anything there). An FP8 latent
+    cache, whose fp8_layout = (C, R, rope dtype) must be given, comes back dequantized in float32."""
     num_seqs = batch.num_seqs
     positions = torch.arange(length, device=cache.device).expand(num_seqs, length)
     seqs = torch.arange(num_seqs, device=cache.device)[:, None].expand(num_seqs, length)
-    rows = cache.view(-1, cache.shape[-1])[batch.cache_rows(seqs, positions, cache.shape[1])]
+    if is_fp8_cache(cache):
+        rows = read_fp8_cache(cache, batch.cache_rows(seqs, positions, cache.shape[1]), *fp8_layout)
+    else:
+        rows = cache.view(-1, cache.shape[-1])[batch.cache_rows(seqs, positions, cache.shape[1])]
     return rows.masked_fill((positions >= batch.seq_lens.long()[:, None])[..., None], 0)
 
 
@@ -458,21 +548,22 @@ def mla_prefill(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weigh
 
     Args:
         inputs: q_nope [N, H, nope], q_pe [N, H, R] rotated, latent [N, C], k_pe [N, R] rotated.
-        cache: [num_blocks, block_size, C + R]; batch: block tables, seq_lens, query_start and bounds.
+        cache: [num_blocks, block_size, C + R], or an FP8 latent cache (its rope keys in k_pe's dtype);
+            batch: block tables, seq_lens, query_start and bounds.
         weights: w_uk [H, nope, C] and w_uv [H, v, C].
     Returns:
         [N, H, v] in q_nope's dtype.
     """
     num_tokens, heads, nope = inputs.q_nope.shape
     rank, rope = inputs.latent.shape[-1], inputs.k_pe.shape[-1]
-    _check_cache(cache, rank, rope)
+    _check_cache(cache, rank, rope, inputs.k_pe.dtype)
     num_seqs, max_query, max_seq = batch.num_seqs, batch.max_query_len, batch.max_seq_len
     if max_seq > batch.block_tables.shape[1] * cache.shape[1]:
         raise BackendError(f"MLA prefill: max_seq_len {max_seq} is beyond what block_tables of width "
                            f"{batch.block_tables.shape[1]} address with blocks of {cache.shape[1]} tokens")
     write_tokens(inputs, cache, batch)
     dtype, device = inputs.q_nope.dtype, cache.device
-    cached = gather_sequences(cache, batch, max_seq)  # [B, S, C + R]
+    cached = gather_sequences(cache, batch, max_seq, (rank, rope, inputs.k_pe.dtype))  # [B, S, C + R]
     per_head = F.linear(cached[..., :rank].to(dtype), _kv_b(weights, dtype)).view(num_seqs, max_seq, heads, -1)
     keys = torch.empty(num_seqs, max_seq, heads, nope + rope, dtype=dtype, device=device)
     keys[..., :nope] = per_head[..., :nope]

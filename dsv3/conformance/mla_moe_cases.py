@@ -40,7 +40,8 @@ def _prepare(backend: Backend, inp: dict, shared, num_seqs: int):
     """A case's absorbed weights, a fresh cache pool, and per sequence the tokens already in it: the shared
     prefix (shared = (owner, sharer, blocks)) for the sequence that shares it, else 0."""
     weights = backend.prepare_mla(inp["kv_b"], inp["heads"], NOPE, VALUE, inp["dtype"])
-    spec = backend.mla_cache_spec(inp["num_blocks"], inp["block_size"], RANK, ROPE, inp["dtype"])
+    spec = backend.mla_cache_spec(inp["num_blocks"], inp["block_size"], RANK, ROPE, inp["dtype"],
+                                  inp.get("kv_cache_dtype", "auto"))
     cached = [shared[2] * inp["block_size"] if shared and seq == shared[1] else 0 for seq in range(num_seqs)]
     return weights, backend.allocate_mla_cache(spec), cached
 
@@ -67,11 +68,13 @@ def _prefill(backend: Backend, cache, inp: dict, tokens: list[dict], spans: list
 def mla_prefill_cases(plan: Plan, precision: str) -> list[Case]:
     dtype = ACTIVATION_DTYPES[precision]
 
-    def case(name, heads, seq_lens, calls, block_size=64, shared=None, nan=False):
-        """calls: the new tokens of each mla_prefill call, per sequence (0: not in that call)."""
+    def case(name, heads, seq_lens, calls, block_size=64, shared=None, nan=False, kv_cache_dtype="auto"):
+        """calls: the new tokens of each mla_prefill call, per sequence (0: not in that call).
+        kv_cache_dtype "fp8": the FP8 latent cache (the reference backend emulates it exactly)."""
         def inputs(ctx):
             g = generator(f"prefill{precision}{name}")
             inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), calls=calls,
+                       kv_cache_dtype=kv_cache_dtype,
                        kv_b=randn(g, heads * (NOPE + VALUE), RANK, scale=RANK ** -0.5),
                        tokens=[_token_inputs(g, n, heads, dtype) for n in seq_lens],
                        **_layout(g, seq_lens, block_size, shared))
@@ -104,15 +107,22 @@ def mla_prefill_cases(plan: Plan, precision: str) -> list[Case]:
         case(f"large batch B={large} T=4", V3_HEADS, [4] * large, [[4] * large]),
         case(f"long T={long}, 16 heads (V2-Lite), blocks of 128", LITE_HEADS, [long], [[long]], block_size=128),
         case("NaN in sequence 0's first latent", V3_HEADS, [8, 8], [[8, 8]], nan=True),
+        case("FP8 latent cache: lengths [16, 5, 64, 65], blocks of 16", V3_HEADS, [16, 5, 64, 65], [[16, 5, 64, 65]],
+             block_size=16, kv_cache_dtype="fp8"),
+        case("FP8 latent cache: chunked, lengths 48 and 40 in chunks of 24+24 and 17+23", V3_HEADS, [48, 40],
+             [[24, 17], [24, 23]], kv_cache_dtype="fp8"),
+        case("FP8 latent cache: a prefix of two blocks shared, sequence 1 prefills 12 tokens after 128 cached",
+             V3_HEADS, [150, 140], [[150, 0], [0, 12]], shared=(0, 1, 2), kv_cache_dtype="fp8"),
     ]
 
 
 def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
     dtype = ACTIVATION_DTYPES[precision]
 
-    def case(name, heads, history, block_size=64, shared=None, nan=False, rope=False, chunk=1):
+    def case(name, heads, history, block_size=64, shared=None, nan=False, rope=False, chunk=1, kv_cache_dtype="auto"):
         """history: cached tokens per sequence before the decoded one (the new token's position).
-        chunk: sequence 0 runs this many prompt tokens as decode rows that share its table (shared_rows)."""
+        chunk: sequence 0 runs this many prompt tokens as decode rows that share its table (shared_rows).
+        kv_cache_dtype "fp8": the FP8 latent cache (the reference backend emulates it exactly)."""
         row_seqs = [0] * chunk + list(range(1, len(history)))
         positions = [history[0] + i for i in range(chunk)] + history[1:]
         seq_lens = [history[0] + chunk] + [n + 1 for n in history[1:]]
@@ -120,6 +130,7 @@ def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
         def inputs(ctx):
             g = generator(f"decode{precision}{name}")
             inp = dict(heads=heads, dtype=dtype, scale=v3_softmax_scale(ctx), history=history,
+                       kv_cache_dtype=kv_cache_dtype,
                        rope=[t[:, 0] for t in v3_rope(ctx, torch.tensor(positions)[:, None])] if rope else None,
                        kv_b=randn(g, heads * (NOPE + VALUE), RANK, scale=RANK ** -0.5),
                        tokens=[_token_inputs(g, n, heads, dtype) for n in history],
@@ -164,6 +175,15 @@ def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
         case(f"long context {long} and {long // 2 + 3}, 16 heads, blocks of 128", LITE_HEADS,
              [long - 1, long // 2 + 2], block_size=128),
         case("NaN in sequence 0's query, head 0", V3_HEADS, [3, 9], nan=True),
+        case("FP8 latent cache: B=5 at positions [5, 17, 1, 64, 63], blocks of 16 (shuffled, on and one past a "
+             "block boundary)", V3_HEADS, [5, 17, 1, 64, 63], block_size=16, kv_cache_dtype="fp8"),
+        case("FP8 latent cache: two sequences sharing a prefix of two blocks of 16, at positions 70 and 40, rope in "
+             "the op", V3_HEADS, [70, 40], block_size=16, shared=(0, 1, 2), rope=True, kv_cache_dtype="fp8"),
+        case("FP8 latent cache: a prompt chunk of 21 tokens as decode rows (shared_rows) after 70 cached, beside "
+             "decodes at 5 and 16, blocks of 16", V3_HEADS, [70, 5, 16], block_size=16, chunk=21,
+             kv_cache_dtype="fp8"),
+        case(f"FP8 latent cache: long context {long}, 16 heads, blocks of 128", LITE_HEADS, [long - 1],
+             block_size=128, kv_cache_dtype="fp8"),
     ]
 
 

@@ -22,11 +22,13 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class CachePlan:
-    """num_blocks: blocks per layer pool, the scratch block included; the line to print."""
+    """num_blocks: blocks per layer pool, the scratch block included; the line to print (layout: what it
+    adds about the pool's format, "" for the dense cache)."""
 
     num_blocks: int
     block_size: int
     num_bytes: int
+    layout: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -34,8 +36,8 @@ class CachePlan:
         return (self.num_blocks - 1) * self.block_size
 
     def describe(self) -> str:
-        return (f"cache: {self.num_blocks - 1} blocks = {self.num_tokens} tokens "
-                f"({self.num_bytes / GiB:.2f} GiB)")
+        line = f"cache: {self.num_blocks - 1} blocks = {self.num_tokens} tokens ({self.num_bytes / GiB:.2f} GiB)"
+        return f"{line}; {self.layout}" if self.layout else line
 
 
 def plan_cache(model: Transformer, block_size: int, max_model_len: int, max_num_seqs: int,
@@ -60,7 +62,9 @@ def plan_cache(model: Transformer, block_size: int, max_model_len: int, max_num_
         num_blocks, flag = 1 + max(tokens, max_model_len) // block_size, "--cache-tokens"
     if agree is not None:
         num_blocks = agree(num_blocks)
-    plan = CachePlan(num_blocks, block_size, num_blocks * per_block)
+    spec = model.cache_spec_for(1, block_size)
+    layout = f"FP8 latent cache, {spec.bytes_per_token} bytes per token per layer" if spec.kind == "fp8_ds_mla" else ""
+    plan = CachePlan(num_blocks, block_size, num_blocks * per_block, layout)
     needed = -(-max_model_len // block_size)
     if num_blocks - 1 < needed:
         raise Dsv3Error(f"{plan.describe()} cannot hold one request of max_model_len={max_model_len} "

@@ -34,6 +34,7 @@ class EngineConfig:
     Attributes:
         max_model_len: the longest sequence, prompt and output.
         block_size: tokens per cache block.
+        kv_cache_dtype: the latent cache's type (--kv-cache-dtype: auto, bf16 or fp8), the model's layout.
         num_blocks: blocks per layer pool, the scratch block included (from cache_sizing).
         max_num_seqs: sequences running at once.
         max_num_batched_tokens: tokens per step.
@@ -50,6 +51,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     seed: int = 0
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -112,6 +114,7 @@ class LLMEngine:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.generation_defaults = dict(generation_defaults or {})
+        model.kv_cache_dtype = config.kv_cache_dtype
         model.allocate_cache(config.num_blocks, config.block_size)
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
