@@ -1,21 +1,19 @@
 """The device side of a step: the flat token batch, the model call, recorded decode steps.
 
-A step runs as decode rows where it can: one token per row, each row with its position, its
-sequence's block table and seq_len = position + 1. A decode is one row; a prompt chunk is one row
-per token (the rows of one sequence share its table and attend to the rows before them:
-PagedBatch.shared_rows). That holds every step whose tokens fit the largest batch bucket: pure
-decode steps, and short chunks such as the uncached tail of a prompt whose prefix is cached, which
-then run absorbed over the cached context (nothing is expanded through kv_b) and, where the backend
-records, in a recorded step instead of an eager one. Longer chunks run as one flat batch: decode
-tokens first, then the chunks, through mla_prefill. Only the rows of sequences that sample a token
-this step are projected to logits.
+Where the backend records steps (backend.graph_runner; CUDA graphs on NVIDIA and AMD), a step whose
+tokens fit the largest batch bucket runs as decode rows and replays the recording of its bucket (the
+smallest of batch_buckets(max_num_seqs) that holds it): one token per row, each with its position, its
+sequence's block table and seq_len = position + 1. A decode is one row; a prompt chunk is one row per
+token, the rows of one sequence attending to the rows before them (PagedBatch.shared_rows). So pure
+decode steps replay, and so do short chunks such as the uncached tail of a prompt whose prefix is
+cached, which then attend absorbed over the cached context (nothing expanded through kv_b) instead of
+running an eager step. Each bucket is recorded twice: for steps of decodes alone and for steps with
+chunk rows (those write every row's token before attending). The bucket's inputs are static buffers
+written in place before each replay; padding rows run token 0 at position 0 through a block table of
+zeros, so they write only the scratch block 0, which no sequence owns.
 
-A row step replays a recording (backend.graph_runner; CUDA graphs on NVIDIA) of its bucket: the
-smallest of batch_buckets(max_num_seqs) that holds it, recorded once for steps of decodes alone and
-once for steps with chunk rows (those write every row's token before attending). The bucket's inputs
-are static buffers written in place before each replay; padding rows run token 0 at position 0
-through a block table of zeros, so they write only the scratch block 0, which no sequence owns.
-Where the model or backend cannot record, row steps run eagerly too.
+Every other step runs eagerly as one flat batch: decode tokens first (mla_decode), then the prefill
+chunks (mla_prefill). Only the rows of sequences that sample a token this step are projected to logits.
 """
 
 from __future__ import annotations
@@ -175,34 +173,16 @@ class ModelRunner:
         seqs = [scheduled[i][0] for i in sampling]
         logits_rows = [ends[i] for i in sampling]
         size = self.bucket(step.num_tokens)
-        if size is None:
-            return seqs, self.model.forward(self._eager_batch(step, logits_rows))
-        rows = [(seq, seq.num_computed_tokens + j) for seq, count in scheduled for j in range(count)]
-        shared = bool(step.prefills)
-        if self.graphs:
-            logits = self._replay(size, shared, rows)
+        if self.graphs and size is not None:
+            rows = [(seq, seq.num_computed_tokens + j) for seq, count in scheduled for j in range(count)]
+            logits = self._replay(size, bool(step.prefills), rows)
             if logits is not None:
                 if len(logits_rows) == len(rows):
                     return seqs, logits[:len(rows)]
                 return seqs, logits[torch.tensor(logits_rows, device=logits.device)]
-        return seqs, self.model.forward(self._rows_batch(rows, shared, logits_rows))
+        return seqs, self.model.forward(self._eager_batch(step, logits_rows))
 
     # ---- eager ------------------------------------------------------------------------------------
-
-    def _rows_batch(self, rows: list[Row], shared: bool, logits_rows: list[int]) -> ForwardBatch:
-        """The step as decode rows, eagerly."""
-        device = self.device
-        width = max(len(seq.block_table) for seq, _ in rows)
-        tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq, _ in rows]
-        positions = [position for _, position in rows]
-        paged = PagedBatch(block_tables=torch.tensor(tables, dtype=torch.int32).to(device),
-                           seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32).to(device),
-                           query_start=torch.arange(len(rows) + 1, dtype=torch.int32).to(device),
-                           max_query_len=1, max_seq_len=max(positions) + 1, shared_rows=shared)
-        return ForwardBatch(tokens=torch.tensor([seq.token_ids[p] for seq, p in rows], dtype=torch.long).to(device),
-                            positions=torch.tensor(positions, dtype=torch.long).to(device),
-                            num_decode_tokens=len(rows), decode=paged, prefill=None,
-                            logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(device))
 
     def _eager_batch(self, step: ScheduledStep, logits_rows: list[int]) -> ForwardBatch:
         """The step as one flat batch: decode tokens, then the prefill chunks through mla_prefill."""

@@ -185,6 +185,33 @@ def test_greedy_tokens_equal_with_and_without_recorded_steps():
         eager.shutdown()
 
 
+def test_a_cached_prefix_tail_replays_chunk_rows_with_the_eager_engines_tokens():
+    """A prompt of 16 tokens (4 blocks) is prefilled eagerly (16 rows fit no bucket); the same prompt with 3 more
+    tokens then finds 16 cached and runs its tail as 3 chunk rows in a recorded step. Greedy tokens equal an
+    eager engine's without a prefix cache."""
+    backend = KeepingBackend()
+    recorded = load(backend, max_num_seqs=8)
+    eager = load("reference", enforce_eager=True, max_num_seqs=8, enable_prefix_caching=False)
+    vocab = recorded.config.vocab_size
+    first = random_prompt(16, 5, vocab)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    bucket = recorded.engine.runner._recorded[(4, True)]  # every bucket is recorded when the engine starts
+    replays = []
+    replay = bucket.replay
+    bucket.replay = lambda: (replays.append(bucket.seq_lens.tolist()), replay())
+    try:
+        for prompt in (first, first + random_prompt(3, 6, vocab)):
+            (got,) = recorded.generate([prompt], params)
+            (expected,) = eager.generate([prompt], params)
+            assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+        assert got.num_cached_tokens == 16
+        assert replays == [[17, 18, 19, 1]]  # the tail: 3 rows at positions 16-18 (and a padding row) in bucket 4
+        assert recorded.engine.block_manager.check_all_free() == []
+    finally:
+        recorded.shutdown()
+        eager.shutdown()
+
+
 def test_backend_without_recordings_runs_eagerly():
     model = load("reference")
     runner = model.engine.runner
