@@ -17,7 +17,9 @@ in-process target also reports the engine's peak cache usage, preemptions and pr
 (`--static-decode-baseline`, the default on an accelerator) the static batch decode step of `bench
 decode` at batch = the concurrency and the run's mean context (prefix + input + output / 2), timed on the
 engine's own model and cache pool once the run is over: the engine's output tokens/s over the static
-step's is the "vs static" ratio (issue 19's target: at least 0.9).
+step's is the "vs static" ratio (issue 19's target: at least 0.9). Where every prompt has the same length
+and no prefix, the run is also set beside the static path on the same tokens: each prompt prefilled alone,
+then its tokens decoded at the static step's rate ("static time / engine time": what the engine costs).
 
 The requests, the targets and the load are in dsv3/bench/serve_load.py, the record and its result block in
 dsv3/bench/serve_records.py; this module holds the runs and the CLI.
@@ -36,6 +38,7 @@ from dsv3.bench.serve_load import EngineTarget, EngineWatch, HttpTarget, random_
 from dsv3.bench.serve_records import (
     add_baseline,
     add_static,
+    add_static_work,
     check_record,
     format_record,
     read_baseline,
@@ -275,6 +278,23 @@ def static_decode_ms(model, batch: int, context: int, quick: bool = False) -> tu
     return timing.median_ms, mode
 
 
+def static_prefill_ms(model, tokens: int, quick: bool = False) -> float:
+    """One prompt of `tokens` random tokens prefilled alone on the engine's model (harness.prefill_last_logits,
+    eager, as `bench prefill` runs it). Run while the engine is idle: it overwrites the pool's first blocks."""
+    import torch
+
+    from dsv3.bench.harness import prefill_last_logits
+
+    transformer = model.transformer
+    device = transformer.backend.device
+    g = torch.Generator(device).manual_seed(2)
+    prompt = torch.randint(0, transformer.config.vocab_size, (1, tokens), device=device, generator=g)
+    with torch.inference_mode():
+        return time_op(lambda: prefill_last_logits(transformer, prompt), [()], transformer.backend, graph=False,
+                       warmup=1, target_ms=100.0 if quick else 300.0, min_reps=2 if quick else 3,
+                       max_reps=10).median_ms
+
+
 def run_engine(args) -> int:
     """`dsv3 bench serve` in this process."""
     _check(args)
@@ -301,6 +321,8 @@ def run_engine(args) -> int:
                 ms, mode = static_decode_ms(model, args.max_concurrency, static_context, args.quick)
                 add_static(record, ms, args.max_concurrency, static_context)
                 notes.append(f"static decode step: {mode}")
+                if args.prefix_len == 0 and args.range_ratio == 0:  # every prompt the same length, none cached
+                    add_static_work(record, static_prefill_ms(model, args.input_len, args.quick))
             except Exception as e:  # noqa: BLE001 - no baseline is a note, not a failed run
                 notes.append(f"static decode step not timed: {error_line(e)}")
                 print(f"dsv3 bench serve: static decode step not timed: {error_line(e)}", file=sys.stderr)

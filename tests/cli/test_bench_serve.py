@@ -82,9 +82,11 @@ def test_summary_by_hand():
     assert r["static_decode_ms"] is None and r["vs_baseline"] is None  # in the JSON, None until added
     serve_records.add_static(record, 100.0, 2, 12)
     assert r["static_decode_tokens_per_s"] == 20.0 and r["vs_static"] == 0.2
+    serve_records.add_static_work(record, 50.0)  # 2 prompts x 50 ms, then 8 - 2 tokens at 20 tokens/s: 0.4 s
+    assert r["static_work_s"] == pytest.approx(0.4) and r["vs_static_work"] == pytest.approx(0.4 / r["duration_s"])
     table = serve_records.format_record(record)
     for line in ("Successful requests:", "Output token throughput (tok/s):", "P99 ITL (ms):", "Preemptions:",
-                 "Output throughput / static rate:", "failed: boom"):
+                 "Output throughput / static rate:", "Static time / engine time:", "failed: boom"):
         assert line in table
     row = record.to_dict()
     assert row["request_rate"] == "inf" and row["completed"] == 2 and row["time_ms"] is None  # flat, plain JSON
