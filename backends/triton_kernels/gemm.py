@@ -6,11 +6,14 @@ fp32, multiplied by a_scale (per row) and b_scale (per 128 output columns) and
 added to an fp32 accumulator: the block math of backends/fp8, for any M, N, K
 (a partial last block in N or K is masked).
 
-One kernel serves both regimes. Prefill (large M) tiles the output and walks
-all of K. Decode (M <= 64) is bound by reading B once: the M rows fit one tile,
-so to put every multiprocessor to work the K blocks are split among
-`num_splits` programs per output tile (split-K); each writes an fp32 partial
-and a second small kernel sums them.
+One kernel, one launch, serves both regimes. Prefill (large M) tiles the output
+and walks all of K. Decode (M <= 64) is bound by reading B once: the M rows fit
+one tile, so to put every multiprocessor to work the K blocks are split among
+`num_splits` programs per output tile (split-K). Each split writes its fp32
+partial tile to a workspace and takes a ticket from the tile's counter; the
+program that draws the last ticket sums the partials in split order (so the
+result does not depend on which program finished last), stores the output and
+sets the counter back to zero for the next call.
 """
 
 from __future__ import annotations
@@ -23,12 +26,26 @@ from dsv3.backends.triton_kernels.quant import cast_rne
 
 SCALE_BLOCK = 128  # K block of the scales, in Python
 BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels
+#: fewest K blocks choose_splits leaves a split: a split of one block writes and reads back a partial
+#: tile of the same order of bytes as the weight block it read
+MIN_SPLIT_BLOCKS = 2
+#: tile counters allocated at first use on a device (grown to the next power of two past it when a call
+#: has more output tiles)
+MIN_TILE_COUNTERS = 4096
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, K, k_blocks_per_split,
-                     stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_asg, stride_bsn, stride_bsg,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_partial(ptrs, mask, present):
+    """A split's partial tile, read from L2; zeros for a split past the last (`present` False)."""
+    return tl.load(ptrs, mask=tl.where(present, mask, False), other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr, M, N, K,
+                     k_blocks_per_split, num_splits, stride_am, stride_bn, stride_ps, stride_cm, stride_asm, stride_asg,
+                     stride_bsn, stride_bsg,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -68,26 +85,48 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, K, k_b
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    c_ptrs = c_ptr + split * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    offs_c = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K:
+        # The partials are [num_splits, M, N] fp32 (split stride stride_ps). The barrier puts every thread's
+        # partial store before the ticket, whose release makes them visible to the program that draws the
+        # last ticket; that one reads them after its acquire from L2 (.cg: another SM's stores are not in
+        # this one's L1) and adds them in split order, from zero, as a separate sum kernel would. Four
+        # loads are in flight at a time; a split past the last adds 0.0, which leaves the sum's bits as
+        # they are (starting from +0.0, the sum is never -0.0).
+        partial_ptrs = partial_ptr + offs_c
+        tl.store(partial_ptrs + split.to(tl.int64) * stride_ps, acc, mask=mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for first in range(0, num_splits, 4):
+                p0 = _load_partial(partial_ptrs, mask, True)
+                p1 = _load_partial(partial_ptrs + stride_ps, mask, first + 1 < num_splits)
+                p2 = _load_partial(partial_ptrs + 2 * stride_ps, mask, first + 2 < num_splits)
+                p3 = _load_partial(partial_ptrs + 3 * stride_ps, mask, first + 3 < num_splits)
+                total = total + p0 + p1 + p2 + p3
+                partial_ptrs += 4 * stride_ps
+            tl.store(c_ptr + offs_c, cast_rne(total, c_ptr.dtype.element_ty), mask=mask)
+            tl.store(counter_ptr + pid, 0)
+    else:
+        tl.store(c_ptr + offs_c, cast_rne(acc, c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _sum_splits_kernel(partial_ptr, c_ptr, num_elements, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_elements
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        total += tl.load(partial_ptr + s * num_elements + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + offs, cast_rne(total, c_ptr.dtype.element_ty), mask=mask)
+def choose_splits(m_tiles: int, n_tiles: int, k_blocks: int, num_sms: int, waves: float = 2.0,
+                  min_blocks: int = MIN_SPLIT_BLOCKS) -> int:
+    """K splits so that the output tiles times the splits give about `waves` programs per SM.
 
-
-def choose_splits(m_tiles: int, n_tiles: int, k_blocks: int, num_sms: int, waves: float = 2.0) -> int:
-    """K splits so that the output tiles times the splits give about `waves` programs per SM, no split empty."""
+    Every split gets ceil(k_blocks / splits) K blocks and the last what is left; none gets fewer than
+    `min_blocks` (its partial tile would cost about as much to write and read back as its weight to
+    read), so K of fewer than 2 * min_blocks blocks is not split, and where the last split would come
+    out short each split takes one more block.
+    """
     tiles = m_tiles * n_tiles
-    splits = max(1, min(k_blocks, round(waves * num_sms / tiles)))
+    splits = max(1, min(k_blocks // min_blocks, round(waves * num_sms / tiles)))
     per_split = triton.cdiv(k_blocks, splits)
+    while 0 < k_blocks % per_split < min_blocks and per_split < k_blocks:
+        per_split += 1
     return triton.cdiv(k_blocks, per_split)
 
 
@@ -96,10 +135,36 @@ def decode_tile(m: int, config: TileConfig) -> int:
     return max(config.block_m, triton.next_power_of_2(m))
 
 
+_tile_counters: dict[torch.device, torch.Tensor] = {}
+#: counters replaced by larger ones: a CUDA graph recorded with them still uses them, so they stay allocated
+_outgrown_counters: list[torch.Tensor] = []
+
+
+def tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """The split-K tickets: int32 zeros, at least `num_tiles` of them, that every call leaves zeroed.
+
+    One buffer per device, allocated once and kept (calls on a device must not overlap in time: the
+    backends run their GEMMs on one stream at a time). A call with more tiles than it holds gets a
+    larger one, except while a CUDA graph is being captured: then the call gets zeros of its own, set
+    by a memset recorded in the graph (no host synchronisation, and each replay zeroes them again).
+    """
+    counters = _tile_counters.get(device)
+    if counters is not None and counters.numel() >= num_tiles:
+        return counters
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(num_tiles, dtype=torch.int32, device=device)
+    if counters is not None:
+        _outgrown_counters.append(counters)
+    counters = torch.zeros(max(MIN_TILE_COUNTERS, triton.next_power_of_2(num_tiles)), dtype=torch.int32,
+                           device=device)
+    _tile_counters[device] = counters
+    return counters
+
+
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
              out_dtype: torch.dtype, configs: KernelConfigs, num_sms: int,
              num_splits: int | None = None, tile: TileConfig | None = None) -> torch.Tensor:
-    """C [M, N] = (A, a_scale) @ (B, b_scale)^T with FP8 block scaling.
+    """C [M, N] = (A, a_scale) @ (B, b_scale)^T with FP8 block scaling, in one launch.
 
     Args:
         a: [M, K] FP8, unit stride along K; a_scale: float32 [M, ceil(K/128)] (any strides).
@@ -109,7 +174,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         num_sms: multiprocessors (compute units) of the device, to size the split.
         num_splits, tile: override the split and the tile (tuning and tests).
     Returns:
-        [M, N] in out_dtype.
+        [M, N] in out_dtype; with any split, bitwise the fp32 partials summed in split order and rounded once.
     """
     m, k = a.shape
     n = b.shape[0]
@@ -129,15 +194,13 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         num_splits = choose_splits(m_tiles, n_tiles, k_blocks, num_sms, configs.decode_waves) if decode else 1
     per_split = triton.cdiv(k_blocks, num_splits)
     num_splits = triton.cdiv(k_blocks, per_split)
-    target = c if num_splits == 1 else torch.empty((num_splits, m, n), dtype=torch.float32, device=a.device)
+    split_k = num_splits > 1
+    unused = c  # a pointer argument the kernel's constexpr flags never read still needs a tensor
+    partials = torch.empty((num_splits, m, n), dtype=torch.float32, device=a.device) if split_k else unused
+    counters = tile_counters(a.device, m_tiles * n_tiles) if split_k else unused
     _fp8_gemm_kernel[(m_tiles * n_tiles, num_splits)](
-        a, a_scale, b, b_scale, target, m, n, k, per_split,
-        a.stride(0), b.stride(0), target.stride(0) if num_splits > 1 else 0, n,
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        a, a_scale, b, b_scale, c, partials, counters, m, n, k, per_split, num_splits,
+        a.stride(0), b.stride(0), m * n, n, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, GROUP_M=tile.group_m, EVEN_K=k % SCALE_BLOCK == 0,
-        **tile.launch)
-    if num_splits > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, c, m * n, NUM_SPLITS=num_splits, BLOCK=block,
-                                                         num_warps=4)
+        SPLIT_K=split_k, **tile.launch)
     return c
