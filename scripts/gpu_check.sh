@@ -70,9 +70,10 @@ if [ "$MODE" = "latency" ]; then
   # kernel-level scripts that exist (GEMM split reduction, MoE alignment, FP8 cache), a profile of the
   # V2-Lite batch-1 replay, and the cached-prefix TTFT of the serving engine (issue 19).
   step latency_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/model/test_decode_graphs.py
-  for script in gpu_gemm_split gpu_moe_align gpu_fp8_cache; do
+  for script in gpu_gemm_split gpu_moe_align; do
     if [ -f "scripts/$script.py" ]; then step "$script" 100 python3 "scripts/$script.py" --json "$OUT/$script.json"; fi
   done
+  step mla_fp8 100 python3 -m dsv3 bench mla --quick --kv-cache-dtype fp8 --no-reference --json "$OUT/mla_fp8.json"
   step decode_lite 100 python3 -m dsv3 bench decode --config deepseek-v2-lite --batch 1 64 --context 1024 \
     --no-reference --json "$OUT/decode_lite.json"
   step decode_v3 100 python3 -m dsv3 bench decode --batch 1 64 --context 1024 8192 --no-reference \

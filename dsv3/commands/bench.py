@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         if module is None:
             print(f"dsv3 bench {name}: dsv3/bench/{name}.py is not there yet; skipped", file=sys.stderr)
             continue
-        records += module.run(backend, quick=args.quick, reference=not args.no_reference)
+        options = {"kv_cache_dtype": args.kv_cache_dtype} if name == "mla" else {}
+        records += module.run(backend, quick=args.quick, reference=not args.no_reference, **options)
     common.finish(records, roofline)
     print(common.format_table(records))
     if args.json:

@@ -59,3 +59,18 @@ def test_json_rows_are_flat_and_read_back(tmp_path):
     assert payload["records"][-1]["request_rate"] == "inf"
     again = [Record.from_dict(r) for r in payload["records"][:4]]
     assert again == records
+
+
+def test_mla_decode_bench_over_the_fp8_cache_sets_the_bf16_cache_beside_it():
+    """`dsv3 bench mla --kv-cache-dtype fp8`: dsv3's row reads 656 bytes a token, and dsv3 on the BF16 cache (1152)
+    is a peer of the same case (run here on the reference backend, which the command refuses on a CPU)."""
+    from dsv3.backends.reference import ReferenceBackend
+
+    from dsv3.bench import mla
+
+    backend, records = ReferenceBackend("cpu"), []
+    mla.bench_decode(backend, None, backend.device, records, 16, 1, 128, "fp8")
+    ours, bf16, torch_peer = records
+    assert ours.ours and "fp8 latent cache" in ours.impl and "bf16 latent cache" in bf16.impl
+    assert ours.metrics["bytes"] == 128 * 656 and bf16.metrics["bytes"] == torch_peer.metrics["bytes"] == 128 * 1152
+    assert all(r.error is None and r.time_ms > 0 for r in records)
