@@ -2,12 +2,13 @@
 
     out[n] = sum_j weights[n, j] * down_e(silu(gate_e(x_n)) * up_e(x_n)),  e = ids[n, j]
 
-1. `align_by_expert` (torch ops on the device, no host sync, fixed sizes): the
-   N*k (token, choice) pairs are sorted by expert and each expert's run is
-   padded to a multiple of BLOCK_M, so that every row tile belongs to one
-   expert. The grid covers the most tiles any routing can need; tiles past the
-   end are marked with expert = E and exit at once. The op can therefore be
-   captured in a CUDA graph.
+1. `align_by_expert` (one launch in decode, two in prefill; no host sync, fixed
+   sizes): the N*k (token, choice) pairs are sorted by expert, stably, and each
+   expert's run is padded to a multiple of BLOCK_M, so that every row tile
+   belongs to one expert. The grid covers the most tiles any routing can need;
+   tiles past the end are marked with expert = E and exit at once. The op can
+   therefore be captured in a CUDA graph. `align_by_expert_reference` spells
+   the same in torch ops.
 2. `_gate_up_kernel`: per (tile, 128 columns of I), the gate and up rows of the
    tile's expert times the tile's tokens (gathered from x), SwiGLU in the
    epilogue, and in FP8 mode the 1x128 quantization of the result too (the
@@ -36,8 +37,17 @@ BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+ALIGN_CHUNK = 1024  # the most pairs aligned in one launch; above, a chunk of this many per program
+ALIGN_SUB = 128  # pairs ranked at once: a [SUB, SUB] comparison
+ALIGN_CELLS = 4096  # tiles x experts compared at once
+
+
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort (token, choice) pairs by expert, each expert's run padded to a multiple of block_m.
+
+    Stable: within an expert, pairs keep their order. Bit-identical to `align_by_expert_reference`
+    (which spells it in torch ops). One launch up to ALIGN_CHUNK pairs (decode: every program counts
+    all pairs); above, two: a count per chunk of ALIGN_CHUNK pairs, then the placement. No host sync.
 
     Args:
         ids: [N, k] int64 expert of each choice.
@@ -49,10 +59,47 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     """
     if ids.shape[0] == 1:  # one token (batch-1 decode): a tile per choice, no sort
         return _one_token_pairs(ids.shape[1], block_m, ids.device), ids.flatten().to(torch.int32)
+    flat = ids.flatten().contiguous()  # flatten can return a strided view (of ids[:, ::2], say)
+    num_pairs = flat.numel()
+    max_rows = _max_rows(num_pairs, num_experts, block_m)
+    num_tiles = max_rows // block_m
+    device = ids.device
+    sorted_pairs = torch.empty(max_rows, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=device)
+    experts_pad = triton.next_power_of_2(num_experts)
+    all_pad = triton.next_power_of_2(num_pairs)
+    counted = all_pad > ALIGN_CHUNK
+    chunk = ALIGN_CHUNK if counted else min(ALIGN_SUB, all_pad)
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    block_m_pad = triton.next_power_of_2(block_m)
+    tiles = max(1, min(ALIGN_CELLS // block_m_pad, ALIGN_CELLS // experts_pad))
+    programs = max(num_chunks, triton.cdiv(num_tiles, tiles))
+    offsets = torch.empty((programs, experts_pad), dtype=torch.int32, device=device)
+    counts = offsets  # read only when counted
+    if counted:
+        counts = torch.empty((num_chunks, experts_pad), dtype=torch.int32, device=device)
+        _count_kernel[(num_chunks,)](flat, counts, num_pairs, E_PAD=experts_pad, CHUNK=chunk)
+    _place_kernel[(programs,)](
+        flat, counts, offsets, sorted_pairs, tile_expert, num_pairs, num_experts, num_chunks, num_tiles,
+        triton.cdiv(num_tiles, programs), E_PAD=experts_pad, CHUNK=chunk, SUB=min(ALIGN_SUB, chunk),
+        COUNTED=counted, ALL_PAD=1 if counted else all_pad, COUNT_ROWS=max(1, ALIGN_CELLS // experts_pad),
+        BLOCK_M=block_m, BLOCK_M_PAD=block_m_pad, TILES=tiles)
+    return sorted_pairs, tile_expert
+
+
+def _max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Rows of the sorted order that any routing fits in: every pair, and up to block_m - 1 padding
+    rows for each expert that can be used."""
+    used = min(num_experts, num_pairs)
+    return triton.cdiv(num_pairs + used * (block_m - 1), block_m) * block_m
+
+
+def align_by_expert_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`align_by_expert` in torch ops (a stable argsort and about 15 launches): the specification the
+    kernel is tested against (tests/kernels/test_moe_align.py, scripts/gpu_moe_align.py). N >= 2."""
     flat = ids.flatten()
     num_pairs = flat.numel()
-    used = min(num_experts, num_pairs)
-    max_rows = triton.cdiv(num_pairs + used * (block_m - 1), block_m) * block_m
+    max_rows = _max_rows(num_pairs, num_experts, block_m)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -66,6 +113,97 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     tile_start = torch.arange(0, max_rows, block_m, device=ids.device)
     tile_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
     return sorted_pairs, tile_expert
+
+
+@triton.jit
+def _histogram(experts, valid, E_PAD: tl.constexpr):
+    """Pairs per expert among the valid ones."""
+    hist = tl.histogram(tl.where(valid, experts, 0), E_PAD)
+    num_invalid = tl.sum((valid == 0).to(tl.int32))
+    return hist - tl.where(tl.arange(0, E_PAD) == 0, num_invalid, 0)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """counts[chunk, e]: the pairs of this program's chunk routed to expert e."""
+    chunk = tl.program_id(0)
+    pair = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = pair < num_pairs
+    experts = tl.load(ids_ptr + pair, mask=valid, other=0).to(tl.int32)
+    tl.store(counts_ptr + chunk * E_PAD + tl.arange(0, E_PAD), _histogram(experts, valid, E_PAD))
+
+
+# sizes are not specialised on (divisible by 16 or not): one compile per power of two of the pairs
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "num_tiles", "tiles_per_program"])
+def _place_kernel(ids_ptr, counts_ptr, offsets_ptr, sorted_pairs_ptr, tile_expert_ptr,
+                  num_pairs, num_experts, num_chunks, num_tiles, tiles_per_program,
+                  E_PAD: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, COUNTED: tl.constexpr,
+                  ALL_PAD: tl.constexpr, COUNT_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_M_PAD: tl.constexpr, TILES: tl.constexpr):
+    """The rows of this program's chunk of CHUNK pairs (programs past the last chunk have none), then
+    its share of the tiles: their expert, and the sentinel in their padding rows. Every row is
+    written once.
+
+    A pair's row = its expert's padded start + the pairs of that expert in earlier chunks + those
+    earlier in this chunk. Per-expert totals and earlier chunks come from the counts table (COUNTED)
+    or from counting all pairs here (ALL_PAD >= their number); within the chunk, SUB pairs at a
+    time, a running count per expert plus the rank among the same expert's pairs of the SUB.
+    """
+    program = tl.program_id(0)
+    first_pair = program * CHUNK
+    expert_ids = tl.arange(0, E_PAD)
+    if COUNTED:
+        total = tl.zeros((E_PAD,), dtype=tl.int32)
+        before = tl.zeros((E_PAD,), dtype=tl.int32)
+        for row0 in range(0, num_chunks, COUNT_ROWS):
+            rows = (row0 + tl.arange(0, COUNT_ROWS))[:, None]
+            counts = tl.load(counts_ptr + rows * E_PAD + expert_ids[None, :], mask=rows < num_chunks, other=0)
+            total += tl.sum(counts, axis=0)
+            before += tl.sum(tl.where(rows < program, counts, 0), axis=0)
+    else:
+        every_pair = tl.arange(0, ALL_PAD)
+        their_experts = tl.load(ids_ptr + every_pair, mask=every_pair < num_pairs, other=0).to(tl.int32)
+        total = _histogram(their_experts, every_pair < num_pairs, E_PAD)
+        before = _histogram(their_experts, (every_pair < num_pairs) & (every_pair < first_pair), E_PAD)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+
+    # the pairs: the next row of each expert lives in offsets[program], where each pair looks its own up
+    next_row = padded_start + before
+    offsets = offsets_ptr + program * E_PAD
+    lane = tl.arange(0, SUB)
+    earlier = lane[None, :] < lane[:, None]  # [i, j]: j comes before i
+    for sub in range(first_pair, tl.minimum(first_pair + CHUNK, num_pairs), SUB):
+        pair = sub + lane
+        valid = pair < num_pairs
+        experts = tl.load(ids_ptr + pair, mask=valid, other=0).to(tl.int32)
+        tl.store(offsets + expert_ids, next_row)
+        tl.debug_barrier()
+        rank = tl.sum(((experts[None, :] == experts[:, None]) & earlier).to(tl.int32), axis=1)
+        row = tl.load(offsets + experts, mask=valid, other=0) + rank
+        tl.store(sorted_pairs_ptr + row, pair, mask=valid)
+        next_row += _histogram(experts, valid, E_PAD)
+        tl.debug_barrier()  # every load of this SUB before the next store to offsets
+
+    # the tiles: tile t's expert is how many experts end at or before its first row (E past the end);
+    # of its rows, those past its expert's pairs hold the sentinel num_pairs
+    real = expert_ids[None, :] < num_experts
+    tile_lo = program * tiles_per_program
+    tile_hi = tl.minimum(tile_lo + tiles_per_program, num_tiles)
+    lane_m = tl.arange(0, BLOCK_M_PAD)[None, :]
+    for tile0 in range(tile_lo, tile_hi, TILES):
+        tiles = tile0 + tl.arange(0, TILES)
+        tile_ok = tiles < tile_hi
+        first = (tiles * BLOCK_M)[:, None]
+        tl.store(tile_expert_ptr + tiles, tl.sum((real & (padded_end[None, :] <= first)).to(tl.int32), axis=1),
+                 mask=tile_ok)
+        inside = real & (padded_start[None, :] <= first) & (first < padded_end[None, :])
+        pairs_left = tl.minimum(tl.maximum(padded_start[None, :] + total[None, :] - first, 0), BLOCK_M)
+        filled = tl.sum(tl.where(inside, pairs_left, 0), axis=1)[:, None]
+        padding = (lane_m >= filled) & (lane_m < BLOCK_M) & tile_ok[:, None]
+        tl.store(sorted_pairs_ptr + first + lane_m, tl.zeros((TILES, BLOCK_M_PAD), tl.int32) + num_pairs,
+                 mask=padding)
 
 
 _ONE_TOKEN_PAIRS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
