@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import functools
 import itertools
+import logging
 import queue
 import threading
 import weakref
@@ -23,6 +24,8 @@ from dsv3.errors import EngineRequestError, RequestError
 from dsv3.serving.engine import EngineStats, LLMEngine
 from dsv3.serving.outputs import RequestOutput
 from dsv3.serving.params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 Sink = Callable[[object], None]  # takes a RequestOutput or an exception
 
@@ -134,6 +137,7 @@ class EngineLoop:
                     self._deliver_requests(previous)
                     pending = engine.finish_step(launched)
                 except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the loop
+                    log.exception("an engine step failed; its requests fail with: %s", e)
                     self._deliver_requests(previous)  # where the launch raised
                     try:
                         self._deliver_step(self._fail_all(e))

@@ -314,3 +314,34 @@ def test_cuda_greedy_tokens_equal_with_and_without_graphs(cuda_backend):
         assert ((top2[0] - top2[1]) / row.abs().max()).item() < 1e-2, f"tokens part at step {parted}"
     graphs.shutdown()
     eager.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_cuda_cached_prefix_tail_replays_chunk_rows(cuda_backend, precision):
+    """A 35-token prompt, then the same prompt again: 32 tokens come from the prefix cache and the 3 left run as
+    chunk rows in a CUDA graph replay (bucket 4). Both requests' greedy tokens equal an eager engine's without a
+    prefix cache, or part only on a near-tie."""
+    graphs = _tiny_on_cuda(cuda_backend, precision, max_num_seqs=16)
+    eager = _tiny_on_cuda(cuda_backend, precision, enforce_eager=True, enable_prefix_caching=False)
+    bucket = graphs.engine.runner._recorded[(4, True)]
+    replays = []
+    replay = bucket.replay
+    bucket.replay = lambda: (replays.append(1), replay())
+    prompt = random_prompt(35, 9, graphs.config.vocab_size)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    try:
+        for _ in range(2):
+            (got,) = graphs.generate([prompt], params)
+            (expected,) = eager.generate([prompt], params)
+            tokens, ref = got.outputs[0].token_ids, expected.outputs[0].token_ids
+            parted = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), None)
+            if parted is not None:
+                row = eager.logits(torch.tensor([prompt + ref], device="cuda"))[0, len(prompt) - 1 + parted]
+                top2 = row.topk(2).values
+                assert ((top2[0] - top2[1]) / row.abs().max()).item() < 1e-2, f"tokens part at step {parted}"
+        assert got.num_cached_tokens == 32 and replays == [1]
+    finally:
+        graphs.shutdown()
+        eager.shutdown()
