@@ -51,6 +51,7 @@ class _Bucket:
     logits: torch.Tensor        # float32 [size, vocab]
     replay: Callable[[], None]
     staging: "_Staging | None" = None
+    batch: ForwardBatch | None = None  # what the recording reads: every tensor of it must outlive the recording
 
 
 #: a row of a step: (sequence, position of the token it runs)
@@ -255,7 +256,7 @@ class ModelRunner:
         paged = PagedBatch(block_tables=bucket.block_tables, seq_lens=bucket.seq_lens,
                            query_start=torch.arange(size + 1, dtype=torch.int32, device=device),
                            max_query_len=1, max_seq_len=self.max_model_len, shared_rows=shared)
-        batch = ForwardBatch(bucket.tokens, bucket.positions, size, paged, None)
+        batch = bucket.batch = ForwardBatch(bucket.tokens, bucket.positions, size, paged, None)
 
         def step() -> None:
             bucket.logits.copy_(model.forward(batch))
