@@ -195,8 +195,7 @@ class TritonBackend(Backend):
             "mla_decode": OpImpl(f"{mla}: split flash-decoding through the block tables{decode_tiles}, rope and "
                                  "the cache write in the kernel; an FP8 latent cache read and written in the "
                                  "kernel" + ("" if fp8_dtype is not None else " (unavailable here: no FP8)")),
-            "moe_route": OpImpl(f"up to {routing.GATE_MAX_TOKENS} tokens: one triton kernel (fp32 gate GEMV, "
-                                f"then routing); more: fp32 router GEMM ({self.blas}), then the routing kernel"),
+            "moe_route": OpImpl(f"fp32 router GEMM ({self.blas}), then one triton routing kernel"),
             "moe_experts": OpImpl(f"triton grouped GEMM, {tiles} ({c.moe_decode.block_m} rows, "
                                   f"{c.moe_prefill.block_m} from {c.moe_prefill_min_rows} rows per expert): "
                                   "gate+up with SwiGLU (and FP8 quant) fused, down with weighted atomic combine"),
@@ -395,7 +394,7 @@ class TritonBackend(Backend):
     # ---- MoE ---------------------------------------------------------------
 
     def moe_route(self, x, gate_weight, bias, config):
-        return routing.gate_route(x, gate_weight, bias, config)
+        return routing.route(F.linear(x.float(), gate_weight.float()), bias, config)
 
     def moe_experts(self, x, weights, ids, experts: ExpertWeights):
         quant_args = (self.capabilities.fp8_max, self.ue8m0) if experts.is_fp8 else None
