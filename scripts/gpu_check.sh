@@ -7,6 +7,10 @@
 #     bash scripts/gpu_check.sh final           # the GPU tests, conformance, then the serving runs
 #     bash scripts/gpu_check.sh latency         # issue 21: small-batch decode steps, their profiles, the
 #                                               # kernel checks of scripts/gpu_*.py, and a cached-prefix TTFT
+#     bash scripts/gpu_check.sh round           # one development round in one call: the GPU tests,
+#                                               # conformance, decode steps of V3 and V2-Lite, the FP8 cache,
+#                                               # the kernel scripts, and the cached-prefix and engine runs
+# Every mode leaves its logs in $OUT/logs.tgz too (one file to fetch).
 #
 # Steps, each with its own time limit (cut to what is left of BUDGET seconds, 560 by default so that
 # installing and the summary fit in 10 minutes); a failing step does not stop the next:
@@ -65,6 +69,32 @@ if [ "$MODE" = "final" ]; then
   step tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu "${ignore[@]}"
   step conformance 150 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"
 fi
+if [ "$MODE" = "round" ]; then
+  step tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu "${ignore[@]}"
+  step conformance 110 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"
+  step decode_lite 45 python3 -m dsv3 bench decode --config deepseek-v2-lite --batch 1 64 --context 1024 \
+    --no-reference --json "$OUT/decode_lite.json"
+  step decode_v3 45 python3 -m dsv3 bench decode --batch 1 64 --context 1024 8192 --no-reference \
+    --json "$OUT/decode_v3.json"
+  CKPT=/tmp/dsv3-v3-8
+  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers 8 > "$OUT/serve_setup.log" 2>&1
+  step serve_prefix 50 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 8 \
+    --prefix-len 4096 --input-len 64 --output-len 16 --max-concurrency 1 --no-static-decode-baseline \
+    --json "$OUT/serve_prefix.json"
+  step serve_engine 90 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 128 \
+    --input-len 1024 --output-len 256 --max-concurrency 64 --json "$OUT/serve_engine.json"
+  for script in gpu_moe_split; do
+    if [ -f "scripts/$script.py" ]; then step "$script" 40 python3 "scripts/$script.py" --json "$OUT/$script.json"; fi
+  done
+  step mla_fp8 40 python3 -m dsv3 bench mla --quick --kv-cache-dtype fp8 --no-reference --json "$OUT/mla_fp8.json"
+  step profile_lite 40 python3 scripts/gpu_profile.py --config deepseek-v2-lite --tokens 0 --top 25 \
+    --json "$OUT/profile_lite.json"
+  echo
+  echo "================ round summary ($SECONDS s) ================"
+  cat "$OUT/steps.txt"
+  tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz .
+  exit 0
+fi
 if [ "$MODE" = "latency" ]; then
   # Decode latency (issue 21): V2-Lite whole and V3 layers at batch 1 and 64 beside their floors, the
   # kernel-level scripts that exist (GEMM split reduction, MoE alignment, FP8 cache), a profile of the
@@ -88,6 +118,7 @@ if [ "$MODE" = "latency" ]; then
   echo
   echo "================ latency summary ($SECONDS s) ================"
   cat "$OUT/steps.txt"
+  tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz .
   exit 0
 fi
 if [ "$MODE" = "serve" ] || [ "$MODE" = "final" ]; then
