@@ -83,9 +83,7 @@ if [ "$MODE" = "round" ]; then
     --json "$OUT/serve_prefix.json"
   step serve_engine 90 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 128 \
     --input-len 1024 --output-len 256 --max-concurrency 64 --json "$OUT/serve_engine.json"
-  for script in gpu_moe_split; do
-    if [ -f "scripts/$script.py" ]; then step "$script" 40 python3 "scripts/$script.py" --json "$OUT/$script.json"; fi
-  done
+  step gpu_moe_split 40 python3 scripts/gpu_moe_split.py
   step mla_fp8 40 python3 -m dsv3 bench mla --quick --kv-cache-dtype fp8 --no-reference --json "$OUT/mla_fp8.json"
   step profile_lite 40 python3 scripts/gpu_profile.py --config deepseek-v2-lite --tokens 0 --top 25 \
     --json "$OUT/profile_lite.json"

@@ -22,6 +22,7 @@ from dsv3.conformance.cases import (
 )
 from dsv3.conformance.paged import block_tables, paged_batch
 from dsv3.conformance.suite import (
+    FP8_CACHE_TOLERANCES,
     LITE_HEADS,
     NOPE,
     PREFILL_CHUNK,
@@ -93,7 +94,8 @@ def mla_prefill_cases(plan: Plan, precision: str) -> list[Case]:
                 outs.append(_prefill(backend, cache, inp, inp["tokens"], spans, weights))
                 done = [d + n for d, n in zip(done, new, strict=True)]
             return tuple(outs) if len(outs) > 1 else outs[0]
-        return Case("mla_prefill", precision, name, inputs, call, "propagate" if nan else "close")
+        return Case("mla_prefill", precision, name, inputs, call, "propagate" if nan else "close",
+                    FP8_CACHE_TOLERANCES[precision] if kv_cache_dtype == "fp8" else None)
 
     long, large = plan.long_seq, plan.large_batch
     return [
@@ -157,7 +159,8 @@ def mla_decode_cases(plan: Plan, precision: str) -> list[Case]:
                                 backend.device)
             batch = replace(batch, shared_rows=chunk > 1)
             return backend.mla_decode(MLAInputs(**inp["new"]), cache, batch, weights, inp["scale"], rope=inp["rope"])
-        return Case("mla_decode", precision, name, inputs, call, "propagate" if nan else "close")
+        return Case("mla_decode", precision, name, inputs, call, "propagate" if nan else "close",
+                    FP8_CACHE_TOLERANCES[precision] if kv_cache_dtype == "fp8" else None)
 
     long, large = plan.long_seq, plan.large_batch
     return [

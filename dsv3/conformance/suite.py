@@ -51,6 +51,10 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     MODEL: {"fp8": Tolerance(5e-2), "bf16": Tolerance(5e-2), "fp32": Tolerance(2e-3)},
 }
 
+#: MLA over the FP8 latent cache: a BF16 kernel dequantizes each cached latent to the BF16 its dots run in,
+#: where the reference's exact emulation keeps fp32, so every cached value takes one more BF16 rounding
+FP8_CACHE_TOLERANCES: dict[str, Tolerance] = {"bf16": Tolerance(3e-2), "fp32": Tolerance(2e-3)}
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -113,6 +117,7 @@ class Case:
         call: (backend, inputs on its device) -> a tensor, a tuple of tensors or a Greedy.
         check: "close", "propagate" (inputs["poisoned"] marks the output rows fed a NaN/inf),
             "route" or "greedy".
+        tolerance: this case's own, where the op's row of TOLERANCES does not fit it.
     """
 
     op: str
@@ -121,6 +126,11 @@ class Case:
     inputs: Callable[["Context"], dict]
     call: Callable[[Backend, dict], Any]
     check: str = "close"
+    tolerance: Tolerance | None = None  # None: TOLERANCES[op][precision]
+
+    @property
+    def allowed(self) -> Tolerance:
+        return self.tolerance or TOLERANCES[self.op][self.precision]
 
 
 @dataclass
