@@ -198,8 +198,7 @@ class TritonBackend(Backend):
             "moe_route": OpImpl(f"fp32 router GEMM ({self.blas}), then one triton routing kernel"),
             "moe_experts": OpImpl(f"triton grouped GEMM, {tiles} ({c.moe_decode.block_m} rows, "
                                   f"{c.moe_prefill.block_m} from {c.moe_prefill_min_rows} rows per expert): "
-                                  "gate+up with SwiGLU (and FP8 quant) fused, down with weighted atomic combine; "
-                                  "K split over programs in one launch where few tiles would leave SMs idle"),
+                                  "gate+up with SwiGLU (and FP8 quant) fused, down with weighted atomic combine"),
         }
         return {op: replace(impl, notes=self.op_notes.get(op, ())) for op, impl in impls.items()}
 
@@ -401,8 +400,7 @@ class TritonBackend(Backend):
         quant_args = (self.capabilities.fp8_max, self.ue8m0) if experts.is_fp8 else None
         quantized = (x.q, x.scales) if isinstance(x, QuantizedActivation) and experts.is_fp8 else None
         return moe.moe_experts(plain(x), weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
-                               experts.down_scale, self.configs, quant=quant_args, quantized=quantized,
-                               num_sms=self.num_sms)
+                               experts.down_scale, self.configs, quant=quant_args, quantized=quantized)
 
     # ---- graphs ------------------------------------------------------------
 
