@@ -41,6 +41,31 @@ def _load_partial(ptrs, mask, present):
 
 
 @triton.jit
+def take_ticket(counter_ptr):
+    """A split's ticket, once its partial is stored: the barrier puts every thread's store before the
+    ticket, whose release makes them visible to the program that draws the last one."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+
+
+@triton.jit
+def sum_partials(ptrs, mask, stride_ps, num_splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The splits' partial tiles (split stride stride_ps) added from zero in split order, as a separate sum
+    kernel would, read from L2 after the last ticket's acquire (.cg: another SM's stores are not in this
+    one's L1). Four loads are in flight at a time; a split past the last adds 0.0, which leaves the sum's
+    bits as they are (starting from +0.0, the sum is never -0.0)."""
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for first in range(0, num_splits, 4):
+        p0 = _load_partial(ptrs, mask, True)
+        p1 = _load_partial(ptrs + stride_ps, mask, first + 1 < num_splits)
+        p2 = _load_partial(ptrs + 2 * stride_ps, mask, first + 2 < num_splits)
+        p3 = _load_partial(ptrs + 3 * stride_ps, mask, first + 3 < num_splits)
+        total = total + p0 + p1 + p2 + p3
+        ptrs += 4 * stride_ps
+    return total
+
+
+@triton.jit
 def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr, counter_ptr, M, N, K,
                      k_blocks_per_split, num_splits, stride_am, stride_bn, stride_ps, stride_cm, stride_asm, stride_asg,
                      stride_bsn, stride_bsg,
@@ -87,26 +112,11 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, partial_ptr,
 
     offs_c = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K:
-        # The partials are [num_splits, M, N] fp32 (split stride stride_ps). The barrier puts every thread's
-        # partial store before the ticket, whose release makes them visible to the program that draws the
-        # last ticket; that one reads them after its acquire from L2 (.cg: another SM's stores are not in
-        # this one's L1) and adds them in split order, from zero, as a separate sum kernel would. Four
-        # loads are in flight at a time; a split past the last adds 0.0, which leaves the sum's bits as
-        # they are (starting from +0.0, the sum is never -0.0).
+    if SPLIT_K:  # the partials are [num_splits, M, N] fp32; the last ticket's program sums them
         partial_ptrs = partial_ptr + offs_c
         tl.store(partial_ptrs + split.to(tl.int64) * stride_ps, acc, mask=mask)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for first in range(0, num_splits, 4):
-                p0 = _load_partial(partial_ptrs, mask, True)
-                p1 = _load_partial(partial_ptrs + stride_ps, mask, first + 1 < num_splits)
-                p2 = _load_partial(partial_ptrs + 2 * stride_ps, mask, first + 2 < num_splits)
-                p3 = _load_partial(partial_ptrs + 3 * stride_ps, mask, first + 3 < num_splits)
-                total = total + p0 + p1 + p2 + p3
-                partial_ptrs += 4 * stride_ps
+        if take_ticket(counter_ptr + pid) == num_splits - 1:
+            total = sum_partials(partial_ptrs, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
             tl.store(c_ptr + offs_c, cast_rne(total, c_ptr.dtype.element_ty), mask=mask)
             tl.store(counter_ptr + pid, 0)
     else:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 from dsv3.backends.triton_kernels.configs import KernelConfigs, TileConfig
-from dsv3.backends.triton_kernels.gemm import _load_partial, choose_splits, tile_counters
+from dsv3.backends.triton_kernels.gemm import choose_splits, sum_partials, take_ticket, tile_counters
 from dsv3.backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
 
 SCALE_BLOCK = 128  # K block of the scales, in Python
@@ -266,28 +266,6 @@ def _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, k_b
 
 
 @triton.jit
-def _ticket(counter_ptr):
-    """The barrier puts every thread's partial store before the ticket, whose release makes them visible
-    to the program that draws the last one (see gemm.py's split-K)."""
-    tl.debug_barrier()
-    return tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-
-
-@triton.jit
-def _sum_partials(ptrs, mask, stride_ps, num_splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The splits' partial tiles added from zero in split order, four loads in flight (gemm.py's sum)."""
-    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for first in range(0, num_splits, 4):
-        p0 = _load_partial(ptrs, mask, True)
-        p1 = _load_partial(ptrs + stride_ps, mask, first + 1 < num_splits)
-        p2 = _load_partial(ptrs + 2 * stride_ps, mask, first + 2 < num_splits)
-        p3 = _load_partial(ptrs + 3 * stride_ps, mask, first + 3 < num_splits)
-        total = total + p0 + p1 + p2 + p3
-        ptrs += 4 * stride_ps
-    return total
-
-
-@triton.jit
 def _swiglu_store(acc_gate, acc_up, h_ptr, h_scale_ptr, rows, offs_n, n_ok, tile_used, pid_n,
                   stride_hm, stride_hsm, stride_hsg, FP8: tl.constexpr, ACT_DTYPE: tl.constexpr,
                   FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, NEG_ZERO: tl.constexpr, UE8M0: tl.constexpr):
@@ -373,9 +351,9 @@ def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, 
             tl.store(split_ptrs, acc_gate, mask=mask)
             tl.store(split_ptrs + I, acc_up, mask=mask)
             counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + pid_n
-            if _ticket(counter) == num_splits - 1:
-                acc_gate = _sum_partials(partial_ptrs, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
-                acc_up = _sum_partials(partial_ptrs + I, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
+            if take_ticket(counter) == num_splits - 1:
+                acc_gate = sum_partials(partial_ptrs, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
+                acc_up = sum_partials(partial_ptrs + I, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
                 _swiglu_store(acc_gate, acc_up, h_ptr, h_scale_ptr, rows, offs_n, n_ok, tile_used, pid_n,
                               stride_hm, stride_hsm, stride_hsg, FP8, ACT_DTYPE, FP8_MAX, MIN_NORMAL, NEG_ZERO,
                               UE8M0)
@@ -446,8 +424,8 @@ def _down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, routing_ptr, s
             partial_ptrs = partial_ptr + pair[:, None].to(tl.int64) * N + offs_n[None, :]
             tl.store(partial_ptrs + tl.program_id(2).to(tl.int64) * stride_ps, acc, mask=mask)
             counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + pid_n
-            if _ticket(counter) == num_splits - 1:
-                acc = _sum_partials(partial_ptrs, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
+            if take_ticket(counter) == num_splits - 1:
+                acc = sum_partials(partial_ptrs, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
                 _combine(acc, out_ptr, routing_ptr, pair, valid, offs_n, mask, top_k, stride_om, ACT_DTYPE)
                 tl.store(counter, 0)
     else:
