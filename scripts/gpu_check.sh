@@ -5,12 +5,12 @@
 #     bash scripts/gpu_check.sh                 # or: OUT=/tmp/out BUDGET=560 bash scripts/gpu_check.sh
 #     bash scripts/gpu_check.sh serve           # the serving engine and server instead (see below)
 #     bash scripts/gpu_check.sh final           # the GPU tests, conformance, then the serving runs
-#     bash scripts/gpu_check.sh latency         # issue 21: small-batch decode steps, their profiles, the
-#                                               # kernel checks of scripts/gpu_*.py, and a cached-prefix TTFT
 #     bash scripts/gpu_check.sh round           # one development round in one call: the GPU tests,
 #                                               # conformance, decode steps of V3 and V2-Lite, the FP8 cache,
-#                                               # the kernel scripts, and the cached-prefix and engine runs
-# Every mode leaves its logs in $OUT/logs.tgz too (one file to fetch).
+#                                               # the kernel scripts, a V2-Lite replay profile, and the
+#                                               # cached-prefix and engine runs
+# With PACK=1 the round mode leaves one file, $OUT/logs.tgz, holding every log and JSON (a remote runner
+# that brings back few files).
 #
 # Steps, each with its own time limit (cut to what is left of BUDGET seconds, 560 by default so that
 # installing and the summary fit in 10 minutes); a failing step does not stop the next:
@@ -61,6 +61,13 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
   >> "$OUT/gpu.txt" 2>&1
 python3 -m dsv3 doctor >> "$OUT/gpu.txt" 2>&1
 
+# pack: with PACK=1, every log and JSON of $OUT into $OUT/logs.tgz, and nothing else left there
+pack() {
+  if [ "${PACK:-0}" = 1 ]; then
+    tar czf /tmp/gpu_check_logs.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz "$OUT/logs.tgz"
+  fi
+}
+
 MODE=${1:-kernels}
 # tests/server drive a real server with the openai client; a GPU image without it runs the rest
 ignore=()
@@ -83,6 +90,8 @@ if [ "$MODE" = "round" ]; then
     --json "$OUT/serve_prefix.json"
   step serve_engine 90 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 128 \
     --input-len 1024 --output-len 256 --max-concurrency 64 --json "$OUT/serve_engine.json"
+  step gpu_gemm_split 60 python3 scripts/gpu_gemm_split.py --no-sweep --json "$OUT/gpu_gemm_split.json"
+  step gpu_moe_align 40 python3 scripts/gpu_moe_align.py
   step gpu_moe_split 40 python3 scripts/gpu_moe_split.py
   step mla_fp8 40 python3 -m dsv3 bench mla --quick --kv-cache-dtype fp8 --no-reference --json "$OUT/mla_fp8.json"
   step profile_lite 40 python3 scripts/gpu_profile.py --config deepseek-v2-lite --tokens 0 --top 25 \
@@ -90,33 +99,7 @@ if [ "$MODE" = "round" ]; then
   echo
   echo "================ round summary ($SECONDS s) ================"
   cat "$OUT/steps.txt"
-  tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz .
-  exit 0
-fi
-if [ "$MODE" = "latency" ]; then
-  # Decode latency (issue 21): V2-Lite whole and V3 layers at batch 1 and 64 beside their floors, the
-  # kernel-level scripts that exist (GEMM split reduction, MoE alignment, FP8 cache), a profile of the
-  # V2-Lite batch-1 replay, and the cached-prefix TTFT of the serving engine (issue 19).
-  step latency_tests 120 python3 -m pytest -q -p no:cacheprovider -m "gpu and not exhaustive" tests/kernels tests/model/test_decode_graphs.py
-  for script in gpu_gemm_split gpu_moe_align; do
-    if [ -f "scripts/$script.py" ]; then step "$script" 100 python3 "scripts/$script.py" --json "$OUT/$script.json"; fi
-  done
-  step mla_fp8 100 python3 -m dsv3 bench mla --quick --kv-cache-dtype fp8 --no-reference --json "$OUT/mla_fp8.json"
-  step decode_lite 100 python3 -m dsv3 bench decode --config deepseek-v2-lite --batch 1 64 --context 1024 \
-    --no-reference --json "$OUT/decode_lite.json"
-  step decode_v3 100 python3 -m dsv3 bench decode --batch 1 64 --context 1024 8192 --no-reference \
-    --json "$OUT/decode_v3.json"
-  step profile_lite 80 python3 scripts/gpu_profile.py --config deepseek-v2-lite --tokens 2048 --top 25 \
-    --json "$OUT/profile_lite.json"
-  CKPT=/tmp/dsv3-v3-8
-  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers 8 > "$OUT/serve_setup.log" 2>&1
-  step serve_prefix 90 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 8 \
-    --prefix-len 4096 --input-len 64 --output-len 16 --max-concurrency 1 --no-static-decode-baseline \
-    --json "$OUT/serve_prefix.json"
-  echo
-  echo "================ latency summary ($SECONDS s) ================"
-  cat "$OUT/steps.txt"
-  tar czf "$OUT/logs.tgz" -C "$OUT" --exclude logs.tgz .
+  pack
   exit 0
 fi
 if [ "$MODE" = "serve" ] || [ "$MODE" = "final" ]; then

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsv3.backends.errors import BackendError
 from dsv3.backends.triton_kernels.configs import KernelConfigs, TileConfig
 from dsv3.backends.triton_kernels.quant import cast_rne
 
@@ -155,14 +156,16 @@ def tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
 
     One buffer per device, allocated once and kept (calls on a device must not overlap in time: the
     backends run their GEMMs on one stream at a time). A call with more tiles than it holds gets a
-    larger one, except while a CUDA graph is being captured: then the call gets zeros of its own, set
-    by a memset recorded in the graph (no host synchronisation, and each replay zeroes them again).
+    larger one, except while a CUDA graph is being captured, which must not allocate what outlives it:
+    that is an error (graph_runner runs a step before recording it, which sizes the buffer).
     """
     counters = _tile_counters.get(device)
     if counters is not None and counters.numel() >= num_tiles:
         return counters
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(num_tiles, dtype=torch.int32, device=device)
+        have = 0 if counters is None else counters.numel()
+        raise BackendError(f"split-K GEMM: {num_tiles} tile counters needed while a CUDA graph is being "
+                           f"captured, {have} allocated; run the call once before recording it")
     if counters is not None:
         _outgrown_counters.append(counters)
     counters = torch.zeros(max(MIN_TILE_COUNTERS, triton.next_power_of_2(num_tiles)), dtype=torch.int32,

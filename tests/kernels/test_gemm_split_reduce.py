@@ -125,3 +125,16 @@ def test_tile_counters_grow_and_keep_what_graphs_may_hold(monkeypatch):
     assert grown.numel() == 2 * gemm.MIN_TILE_COUNTERS and not grown.any()
     assert gemm.tile_counters(cpu, 1) is grown
     assert gemm._outgrown_counters == [first]  # a graph recorded with the first buffer may still replay
+
+
+def test_tile_counters_refuse_to_grow_inside_a_graph_capture(monkeypatch):
+    """A capture must not allocate what outlives it: too few counters there is a BackendError naming the fix
+    (on the CPU the capture is stood in for by a cuda device and is_current_stream_capturing)."""
+    from dsv3.backends.errors import BackendError
+    from dsv3.backends.triton_kernels import gemm
+
+    monkeypatch.setattr(gemm, "_tile_counters", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(BackendError, match="run the call once before recording it"):
+        gemm.tile_counters(torch.device("cuda", 0), 10)
+    assert gemm._tile_counters == {}
