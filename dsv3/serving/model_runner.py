@@ -180,7 +180,7 @@ class ModelRunner:
             if logits is not None:
                 if len(logits_rows) == len(rows):
                     return seqs, logits[:len(rows)]
-                return seqs, logits[torch.tensor(logits_rows, device=logits.device)]
+                return seqs, logits[torch.tensor(logits_rows, dtype=torch.long, device=logits.device)]
         return seqs, self.model.forward(self._eager_batch(step, logits_rows))
 
     # ---- eager ------------------------------------------------------------------------------------
