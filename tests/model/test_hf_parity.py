@@ -126,6 +126,18 @@ def test_bf16_logits_match_transformers_in_bf16(variant, tmp_path):
     assert torch.equal(ours.argmax(-1)[decided], expected.argmax(-1)[decided])
 
 
+def fp8_v3_checkpoint(tmp_path):
+    """A small V3-routed FP8 checkpoint written as DeepSeek ships it, and transformers' model holding its
+    dequantized weights: (config, model, checkpoint path, tokens, transformers' exact logits)."""
+    config = {**dense_routing("v3"), **hf.FP8_SHAPES}
+    model = hf.build_hf_model(config, seed=4)
+    tensors = hf.official_tensors(model)
+    path = hf.save_official(tmp_path / "ckpt", tensors, config, "fp8")
+    hf.load_official_into(model, hf.dequantized(hf.to_checkpoint_dtypes(tensors, "fp8")))
+    tokens = tokens_for(config)
+    return config, model, path, tokens, hf.hf_logits(model, tokens)
+
+
 # ---- fp8 --------------------------------------------------------------------------------------
 
 def test_fp8_logits_within_activation_quantization_error(tmp_path):
@@ -137,13 +149,7 @@ def test_fp8_logits_within_activation_quantization_error(tmp_path):
     activation rounding applied to the same GEMM inputs, moves by e_q from its exact logits; dsv3
     must stay within 1.5 e_q + 2e-2 (bf16), which must be far below a wrong model's error.
     """
-    config = {**dense_routing("v3"), **hf.FP8_SHAPES}
-    model = hf.build_hf_model(config, seed=4)
-    tensors = hf.official_tensors(model)
-    path = hf.save_official(tmp_path / "ckpt", tensors, config, "fp8")
-    hf.load_official_into(model, hf.dequantized(hf.to_checkpoint_dtypes(tensors, "fp8")))
-    tokens = tokens_for(config)
-    exact = hf.hf_logits(model, tokens)
+    config, model, path, tokens, exact = fp8_v3_checkpoint(tmp_path)
     with hf.ActivationFakeQuant(model):
         quantized = hf.hf_logits(model, tokens)
     activation_error = hf.relative_error(quantized, exact)
@@ -161,13 +167,7 @@ def test_fp8_e4m3fnuz_emulation(tmp_path):
     """MI300X numerics, emulated on the reference backend: weights converted to e4m3fnuz (same bits, scales
     doubled), activations quantized to fnuz with max 224. fnuz's grid is fn's halved and 224 = 448 / 2, so
     the result equals the e4m3fn path exactly; with the full fnuz max 240 it differs but is as accurate."""
-    config = {**dense_routing("v3"), **hf.FP8_SHAPES}
-    model = hf.build_hf_model(config, seed=4)
-    tensors = hf.official_tensors(model)
-    path = hf.save_official(tmp_path / "ckpt", tensors, config, "fp8")
-    hf.load_official_into(model, hf.dequantized(hf.to_checkpoint_dtypes(tensors, "fp8")))
-    tokens = tokens_for(config)
-    exact = hf.hf_logits(model, tokens)
+    config, model, path, tokens, exact = fp8_v3_checkpoint(tmp_path)
     fn = load(path, "fp8").logits(tokens)
 
     def fnuz_logits(**options):

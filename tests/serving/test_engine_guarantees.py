@@ -37,6 +37,21 @@ def assert_all_free(model):
     assert not model.engine.requests and not model.engine.scheduler.has_work
 
 
+def assert_fails_alone(model, alone, good: int, bad: int, request_id: str, error: str) -> None:
+    """PROMPTS[bad] sent as `request_id` fails with `error` while PROMPTS[good], streamed beside it from another
+    thread, gets what it gets alone; every block comes back."""
+    loop = model.engine_loop
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(tokens=list(loop.stream(ids(model, PROMPTS[good:good + 1])[0],
+                                                                                greedy()))))
+    thread.start()
+    with pytest.raises(EngineRequestError, match=error):
+        list(loop.stream(ids(model, PROMPTS[bad:bad + 1])[0], greedy(), request_id=request_id))
+    thread.join()
+    assert out["tokens"][-1].outputs[0].token_ids == alone[good]
+    assert_all_free(model)
+
+
 @pytest.fixture(scope="module")
 def alone(model):
     """Each prompt's greedy tokens, run on its own."""
@@ -190,15 +205,7 @@ def test_a_failing_sampler_fails_only_its_request(model, alone, monkeypatch):
         return original(self, logits, seqs)
 
     monkeypatch.setattr(type(engine.sampler), "__call__", sampler)
-    loop = model.engine_loop
-    good = {}
-    thread = threading.Thread(target=lambda: good.update(out=list(loop.stream(ids(model, PROMPTS[:1])[0], greedy()))))
-    thread.start()
-    with pytest.raises(EngineRequestError, match="injected sampler failure"):
-        list(loop.stream(ids(model, PROMPTS[1:2])[0], greedy(), request_id="x-poison"))
-    thread.join()
-    assert good["out"][-1].outputs[0].token_ids == alone[0]
-    assert_all_free(model)
+    assert_fails_alone(model, alone, good=0, bad=1, request_id="x-poison", error="injected sampler failure")
 
 
 def test_a_failing_forward_fails_only_its_request(model, alone, monkeypatch):
@@ -211,15 +218,7 @@ def test_a_failing_forward_fails_only_its_request(model, alone, monkeypatch):
         return original(step)
 
     monkeypatch.setattr(runner, "run", run)
-    loop = model.engine_loop
-    good = {}
-    thread = threading.Thread(target=lambda: good.update(out=list(loop.stream(ids(model, PROMPTS[2:3])[0], greedy()))))
-    thread.start()
-    with pytest.raises(EngineRequestError, match="injected forward failure"):
-        list(loop.stream(ids(model, PROMPTS[1:2])[0], greedy(), request_id="bad-forward"))
-    thread.join()
-    assert good["out"][-1].outputs[0].token_ids == alone[2]
-    assert_all_free(model)
+    assert_fails_alone(model, alone, good=2, bad=1, request_id="bad-forward", error="injected forward failure")
 
 
 def test_streamed_outputs_are_cumulative_and_end_finished(model, alone):
