@@ -87,15 +87,22 @@ class DecodeConfig:
 
 #: splits up to which one kernel combines the splits and projects through w_uv (one loop step per split).
 FUSED_COMBINE_MAX_SPLITS = 4
+#: latent columns per program of the combine kernel (more splits than FUSED_COMBINE_MAX_SPLITS).
+COMBINE_COLS = 64
 
 
 def default_decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
-    """Tile sizes for `num_heads` query heads (measured on an H100, docs/perf_mla.md)."""
+    """Tile sizes for `num_heads` query heads (swept on an H200 by scripts/gpu_mla_sweep.py,
+    docs/performance.md section 6).
+
+    16 heads: 8 warps (4 warps spill at 255 registers and issue too slowly with one program an SM) and
+    splits as short as one tile, so that a batch of one sequence still spreads over the SMs.
+    """
     if dtype == torch.float32:
         return DecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
     if num_heads <= 16:
-        return DecodeConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, programs_per_sm=2)
-    return DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=2)
+        return DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=3, programs_per_sm=2, min_split_tokens=64)
+    return DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=2, min_split_tokens=128)
 
 
 @triton.jit
@@ -240,10 +247,11 @@ def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
 def _combine_kernel(
     partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr,
     stride_ob, stride_oh, num_heads, num_splits,
-    RANK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    RANK: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_POW2: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
 ):
-    """One (sequence, head): the log-sum-exp weighted sum of its splits' partial outputs."""
+    """One (sequence, head, slice of BLOCK_COLS latent columns): the log-sum-exp weighted sum of its splits'
+    partial outputs. Slicing the columns gives a batch of one sequence rank / BLOCK_COLS programs a head."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     used = _used_splits(tl.load(seq_lens_ptr + seq).to(tl.int32), num_splits, BLOCK_N)
@@ -253,9 +261,9 @@ def _combine_kernel(
     max_lse = tl.max(lse, axis=0)
     total = tl.sum(tl.exp2(lse - max_lse), axis=0)
 
-    cols = tl.arange(0, BLOCK_C)
+    cols = tl.program_id(2) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = cols < RANK
-    acc = tl.zeros([BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_COLS], tl.float32)
     for chunk in range(0, used, SPLIT_CHUNK):
         ids = chunk + tl.arange(0, SPLIT_CHUNK)
         ok = ids < used
@@ -443,10 +451,11 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
 def _combine(partial_out, partial_lse, seq_lens, out, block_n):
     """Combine the splits into out [B, H, C] (any strides with a contiguous last dim)."""
     num_seqs, heads, num_splits, rank = partial_out.shape
-    _combine_kernel[(num_seqs, heads)](
+    block_cols = min(COMBINE_COLS, triton.next_power_of_2(rank))
+    _combine_kernel[(num_seqs, heads, triton.cdiv(rank, block_cols))](
         partial_out, partial_lse, seq_lens, out, out.stride(0), out.stride(1), heads, num_splits,
-        RANK=rank, BLOCK_C=triton.next_power_of_2(rank), BLOCK_N=block_n,
-        SPLITS_POW2=triton.next_power_of_2(num_splits), SPLIT_CHUNK=8, num_warps=4)
+        RANK=rank, BLOCK_COLS=block_cols, BLOCK_N=block_n, SPLITS_POW2=triton.next_power_of_2(num_splits),
+        SPLIT_CHUNK=min(32, triton.next_power_of_2(num_splits)), num_warps=4)
 
 
 def mla_decode(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch, weights: MLAWeights,

@@ -188,6 +188,24 @@ def test_prepare_mla_splits_like_the_reference():
     assert torch.equal(ours.w_uk, ref.w_uk.to(torch.bfloat16)) and torch.equal(ours.w_uv, ref.w_uv.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("heads", [16, 128])
+def test_split_policy_spreads_one_sequence_and_keeps_splits_long(heads):
+    """A batch of one sequence is split over the SMs (a long one fills them), no split is shorter than the
+    config's minimum, and a full batch is not split at all."""
+    pytest.importorskip("triton")
+    from dsv3.backends.triton_kernels import mla
+
+    config = mla.default_decode_config(heads, torch.bfloat16)
+    sms, head_blocks = 132, -(-heads // config.block_h)
+    for length in (64, 1024, 8192, 32768):
+        splits = mla.choose_num_splits(1, heads, length, config, sms)
+        assert splits >= 1 and -(-length // splits) >= min(length, config.min_split_tokens), (length, splits)
+        assert splits * head_blocks <= config.programs_per_sm * sms
+    long_one = mla.choose_num_splits(1, heads, 32768, config, sms)
+    assert long_one * head_blocks >= sms, f"{long_one} splits x {head_blocks} head blocks leave SMs idle"
+    assert mla.choose_num_splits(4 * sms, heads, 32768, config, sms) == 1
+
+
 PREFILL_LAYOUTS = {  # name: (seq_lens, query_lens, shared)
     "whole prompts, equal lengths (plain causal)": ([12, 12], [12, 12], None),
     "whole prompts, mixed lengths": ([5, 16, 1], [5, 16, 1], None),
