@@ -16,13 +16,18 @@ import triton
 import triton.language as tl
 from dsv3.backends.triton_kernels.quant import cast_rne
 
+#: launch option of kernels whose products must round as torch's separate multiply and add do
+NO_FMA = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def rotate_pairs(x, cos, sin, ROWS: tl.constexpr, HALF: tl.constexpr):
     """x [ROWS, 2 * HALF] with pairs (x[2i], x[2i+1]) rotated by cos[i], sin[i] ([1, HALF] float32), in fp32.
 
     Whole rows come in (one coalesced load) and are split into pairs in registers. The MLA decode
-    kernel rotates with this too, so a fused rotation rounds as the rotary op does.
+    kernel rotates with this too, so a fused rotation rounds as the rotary op does. Kernels that call it
+    launch with NO_FMA: a product contracted into an FMA rounds once where torch rounds twice, and that
+    changed about one rotated BF16 value in 10^5 (the H200 showed it in the FP8 cache's byte check).
     """
     even, odd = tl.split(tl.reshape(x.to(tl.float32), (ROWS, HALF, 2)))
     return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (ROWS, 2 * HALF))
@@ -62,7 +67,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     block_h = min(16, triton.next_power_of_2(heads))
     _rotary_kernel[(b * t, triton.cdiv(heads, block_h))](
         x4, cos, sin, out, heads, rope // 2, x4.stride(1), x4.stride(2), cos.stride(0),
-        BLOCK_H=block_h, BLOCK_I=triton.next_power_of_2(rope // 2), num_warps=4)
+        BLOCK_H=block_h, BLOCK_I=triton.next_power_of_2(rope // 2), num_warps=4, **NO_FMA)
     return out
 
 

@@ -55,7 +55,7 @@ from dsv3.backends.interface import (
     read_fp8_cache,
     write_fp8_cache,
 )
-from dsv3.backends.triton_kernels.elementwise import rotate_pairs
+from dsv3.backends.triton_kernels.elementwise import NO_FMA, rotate_pairs
 from dsv3.backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
 
 _LOG2E = 1.4426950408889634
@@ -439,7 +439,8 @@ def _attend_splits(q_latent, q_pe, latent, k_pe, cache, batch: PagedBatch, softm
         softmax_scale * _LOG2E, RANK=rank, ROPE=rope_dim, BLOCK_C=block_c,
         BLOCK_R=triton.next_power_of_2(rope_dim), BLOCK_H=config.block_h, BLOCK_N=config.block_n,
         PAGE=cache.shape[1], DOT_PRECISION=_dot_precision(q_latent.dtype), ROTATE=rope is not None, WRITE=write,
-        **fp8_args, num_warps=config.num_warps, num_stages=config.num_stages, **config.launch)
+        **fp8_args, num_warps=config.num_warps, num_stages=config.num_stages, **(NO_FMA if rope is not None else {}),
+        **config.launch)
     return partial_out, partial_lse
 
 
