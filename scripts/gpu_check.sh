@@ -7,7 +7,7 @@
 #     bash scripts/gpu_check.sh final           # the GPU tests, conformance, then the serving runs
 #     bash scripts/gpu_check.sh round           # one development round in one call: the GPU tests,
 #                                               # conformance, decode steps of V3 and V2-Lite, the FP8 cache,
-#                                               # the kernel scripts, a V2-Lite replay profile, and the
+#                                               # the kernel scripts and the MLA sweep, a V2-Lite replay profile, and the
 #                                               # cached-prefix and engine runs
 # With PACK=1 the round mode leaves one file, $OUT/logs.tgz, holding every log and JSON (a remote runner
 # that brings back few files).
@@ -94,6 +94,7 @@ if [ "$MODE" = "round" ]; then
   step gpu_moe_align 40 python3 scripts/gpu_moe_align.py
   step gpu_moe_split 40 python3 scripts/gpu_moe_split.py
   step mla_fp8 40 python3 -m dsv3 bench mla --quick --kv-cache-dtype fp8 --no-reference --json "$OUT/mla_fp8.json"
+  step gpu_mla_sweep 120 python3 scripts/gpu_mla_sweep.py --budget 100 --json "$OUT/gpu_mla_sweep.json"
   step profile_lite 40 python3 scripts/gpu_profile.py --config deepseek-v2-lite --tokens 0 --top 25 \
     --json "$OUT/profile_lite.json"
   echo
