@@ -27,7 +27,7 @@ def rotate_pairs(x, cos, sin, ROWS: tl.constexpr, HALF: tl.constexpr):
     Whole rows come in (one coalesced load) and are split into pairs in registers. The MLA decode
     kernel rotates with this too, so a fused rotation rounds as the rotary op does. Kernels that call it
     launch with NO_FMA: a product contracted into an FMA rounds once where torch rounds twice, and that
-    changed about one rotated BF16 value in 10^5 (the H200 showed it in the FP8 cache's byte check).
+    changed about one rotated BF16 value in 50,000 (the H200 showed it in the FP8 cache's byte check).
     """
     even, odd = tl.split(tl.reshape(x.to(tl.float32), (ROWS, HALF, 2)))
     return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (ROWS, 2 * HALF))
