@@ -141,8 +141,8 @@ class EngineLoop:
                     self._deliver_requests(previous)  # where the launch raised
                     try:
                         self._deliver_step(self._fail_all(e))
-                    except Exception:  # noqa: BLE001
-                        pass
+                    except Exception:  # noqa: BLE001 - the loop still runs; said, not swallowed
+                        log.exception("failing the requests of a broken step failed too")
                 self._stats = engine.stats()  # before the outputs: a caller who sees its request end sees it gone
             if engine.idle or not engine.has_unfinished_requests():
                 self._deliver_requests(pending)  # no step to overlap with: out now
