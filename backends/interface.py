@@ -24,7 +24,6 @@ from dsv3.backends.errors import BackendError
 from dsv3.backends.probe import cpu_name
 
 Precision = Literal["fp8", "bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = ("fp8", "bf16", "fp32")
 
 #: The ops every backend reports an implementation for, in `Capabilities.ops`.
 OPS: tuple[str, ...] = (

@@ -16,14 +16,6 @@
 3. `_down_kernel`: per (tile, BLOCK_N columns of D), the down projection, times
    each pair's routing weight, atomically added (fp32) to its token's row.
 
-At decode the two grids are small (a tile per chosen expert), so, given the SM
-count, each GEMM's K loop is split among `num_splits` programs per output tile
-as gemm.py's decode GEMM does, in the same launch: every split writes its fp32
-partial (rows of real pairs only) and takes a ticket from the tile's counter
-(gemm.py's `tile_counters`), and the program with the last ticket adds the
-partials in split order, runs the epilogue above on the sum and zeroes the
-counter. Where the grid fills the GPU the kernels do not split (a constexpr).
-
 FP8 mode uses block scales (1x128 activations, 128x128 weights) as the dense
 GEMM does; the BF16 variant runs the same kernels without scales. Rounding
 follows the reference backend: gate/up and the down output are rounded to the
@@ -38,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 from dsv3.backends.triton_kernels.configs import KernelConfigs, TileConfig
-from dsv3.backends.triton_kernels.gemm import choose_splits, sum_partials, take_ticket, tile_counters
 from dsv3.backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
 
 SCALE_BLOCK = 128  # K block of the scales, in Python
@@ -241,28 +232,20 @@ def _dot(a, b, IEEE_FP32: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, k_blocks_per_split,
-               SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's row tile: (expert, first and end K block, rows, tile_used, pair of each row, valid rows).
+def _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, BLOCK_M: tl.constexpr):
+    """This program's row tile: (expert, K blocks to run, rows, tile_used, pair of each row, valid rows).
 
     A tile past the last used one (expert == num_experts) gets no K blocks and tile_used all False, so it
-    loops zero times and stores nothing; its expert is clamped so that addresses stay in bounds. With
-    SPLIT_K, program_id(2) is the split and runs its share of k_blocks_per_split blocks.
+    loops zero times and stores nothing; its expert is clamped so that addresses stay in bounds.
     """
     tile_expert = tl.load(tile_expert_ptr + tl.program_id(0)).to(tl.int64)
     expert = tl.minimum(tile_expert, num_experts - 1)
-    if SPLIT_K:
-        k_start = tl.program_id(2) * k_blocks_per_split
-        k_end = tl.where(tile_expert < num_experts, tl.minimum(k_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K)),
-                         k_start)
-    else:
-        k_start = 0
-        k_end = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
+    k_blocks = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tile_used = tl.zeros((BLOCK_M,), dtype=tl.int64) + tile_expert < num_experts  # [BLOCK_M], all alike
     pair = tl.load(sorted_pairs_ptr + rows)
     valid = (pair < num_pairs) & tile_used
-    return expert, k_start, k_end, rows, tile_used, pair, valid
+    return expert, k_blocks, rows, tile_used, pair, valid
 
 
 @triton.jit
@@ -287,21 +270,20 @@ def _swiglu_store(acc_gate, acc_up, h_ptr, h_scale_ptr, rows, offs_n, n_ok, tile
 
 @triton.jit
 def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, sorted_pairs_ptr, tile_expert_ptr,
-                    partial_ptr, counter_ptr, num_pairs, num_experts, top_k, K, I,  # noqa: E741 - the paper's name
-                    k_blocks_per_split, num_splits,
+                    num_pairs, num_experts, top_k, K, I,  # noqa: E741 - the paper's name
                     stride_xm, stride_xsm, stride_xsg, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
-                    stride_hm, stride_hsm, stride_hsg, stride_ps,
+                    stride_hm, stride_hsm, stride_hsg,
                     FP8: tl.constexpr, ACT_DTYPE: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr,
                     NEG_ZERO: tl.constexpr, UE8M0: tl.constexpr, IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(1)
-    expert, k_start, k_end, rows, tile_used, pair, valid = _tile_rows(
-        tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, k_blocks_per_split, SPLIT_K, BLOCK_M)
+    expert, k_blocks, rows, tile_used, pair, valid = _tile_rows(
+        tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, BLOCK_M)
     token = tl.where(valid, pair // top_k, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     cols = offs_n % I
-    offs_k = k_start * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
     g_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + I * stride_wn
@@ -310,19 +292,19 @@ def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, 
     up_scale_ptr = w_scale_ptr + expert * stride_wse + ((I + pid_n * BLOCK_N) // BLOCK_K) * stride_wsn
     last_kb = tl.cdiv(K, BLOCK_K) - 1
     if FP8:  # the first K block's scales; each iteration loads the next block's (see _down_kernel)
-        a_scale_next = tl.load(a_scale_ptrs + k_start * stride_xsg)
-        gate_scale_next = tl.load(gate_scale_ptr + k_start * stride_wsg)
-        up_scale_next = tl.load(up_scale_ptr + k_start * stride_wsg)
+        a_scale_next = tl.load(a_scale_ptrs)
+        gate_scale_next = tl.load(gate_scale_ptr)
+        up_scale_next = tl.load(up_scale_ptr)
 
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(k_start, k_end):
+    for kb in range(0, k_blocks):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
             g = tl.load(g_ptrs)
             u = tl.load(u_ptrs)
         else:
-            k_ok = kb * BLOCK_K + tl.arange(0, BLOCK_K) < K
+            k_ok = kb * BLOCK_K + offs_k < K
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
@@ -341,26 +323,8 @@ def _gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, h_ptr, h_scale_ptr, 
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
 
-    if SPLIT_K:
-        # partials [num_splits, pairs, 2I] (gate columns, then up), a row per (token, choice): the tile's
-        # padding rows have none and sum to zeros, as the unsplit loop's do
-        if k_end > k_start:  # a used tile (each of whose splits has K blocks)
-            partial_ptrs = partial_ptr + pair[:, None].to(tl.int64) * (2 * I) + offs_n[None, :]
-            mask = valid[:, None] & n_ok[None, :]
-            split_ptrs = partial_ptrs + tl.program_id(2).to(tl.int64) * stride_ps
-            tl.store(split_ptrs, acc_gate, mask=mask)
-            tl.store(split_ptrs + I, acc_up, mask=mask)
-            counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + pid_n
-            if take_ticket(counter) == num_splits - 1:
-                acc_gate = sum_partials(partial_ptrs, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
-                acc_up = sum_partials(partial_ptrs + I, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
-                _swiglu_store(acc_gate, acc_up, h_ptr, h_scale_ptr, rows, offs_n, n_ok, tile_used, pid_n,
-                              stride_hm, stride_hsm, stride_hsg, FP8, ACT_DTYPE, FP8_MAX, MIN_NORMAL, NEG_ZERO,
-                              UE8M0)
-                tl.store(counter, 0)
-    else:
-        _swiglu_store(acc_gate, acc_up, h_ptr, h_scale_ptr, rows, offs_n, n_ok, tile_used, pid_n,
-                      stride_hm, stride_hsm, stride_hsg, FP8, ACT_DTYPE, FP8_MAX, MIN_NORMAL, NEG_ZERO, UE8M0)
+    _swiglu_store(acc_gate, acc_up, h_ptr, h_scale_ptr, rows, offs_n, n_ok, tile_used, pid_n,
+                  stride_hm, stride_hsm, stride_hsg, FP8, ACT_DTYPE, FP8_MAX, MIN_NORMAL, NEG_ZERO, UE8M0)
 
 
 @triton.jit
@@ -374,17 +338,17 @@ def _combine(acc, out_ptr, routing_ptr, pair, valid, offs_n, mask, top_k, stride
 
 @triton.jit
 def _down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, routing_ptr, sorted_pairs_ptr, tile_expert_ptr,
-                 partial_ptr, counter_ptr, num_pairs, num_experts, top_k, K, N, k_blocks_per_split, num_splits,
+                 num_pairs, num_experts, top_k, K, N,
                  stride_hm, stride_hsm, stride_hsg, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsg,
-                 stride_om, stride_ps,
+                 stride_om,
                  FP8: tl.constexpr, ACT_DTYPE: tl.constexpr, IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(1)
-    expert, k_start, k_end, rows, tile_used, pair, valid = _tile_rows(
-        tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, k_blocks_per_split, SPLIT_K, BLOCK_M)
+    expert, k_blocks, rows, tile_used, pair, valid = _tile_rows(
+        tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = offs_n % N
-    offs_k = k_start * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
     b_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     a_scale_ptrs = h_scale_ptr + rows * stride_hsm
@@ -393,17 +357,17 @@ def _down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, routing_ptr, s
     # Scales are plain loads, which Triton does not pipeline: each iteration loads the next K block's
     # (the last one reloads its own), so their latency hides behind this block's dot (2-4% at prefill).
     if FP8:
-        a_scale_next = tl.load(a_scale_ptrs + k_start * stride_hsg)
-        b_scale_next = tl.load(b_scale_ptrs + k_start * stride_wsg)
+        a_scale_next = tl.load(a_scale_ptrs)
+        b_scale_next = tl.load(b_scale_ptrs)
 
     # gemm.py's block-scaled K loop, specialised deliberately for the experts (see there)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(k_start, k_end):
+    for kb in range(0, k_blocks):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            k_ok = kb * BLOCK_K + tl.arange(0, BLOCK_K) < K
+            k_ok = kb * BLOCK_K + offs_k < K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if FP8:
@@ -418,18 +382,7 @@ def _down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, out_ptr, routing_ptr, s
         b_ptrs += BLOCK_K
 
     mask = valid[:, None] & (offs_n[None, :] < N)
-    if SPLIT_K:
-        # partials [num_splits, pairs, N]: the padding rows' output is dropped anyway
-        if k_end > k_start:  # a used tile
-            partial_ptrs = partial_ptr + pair[:, None].to(tl.int64) * N + offs_n[None, :]
-            tl.store(partial_ptrs + tl.program_id(2).to(tl.int64) * stride_ps, acc, mask=mask)
-            counter = counter_ptr + tl.program_id(0) * tl.num_programs(1) + pid_n
-            if take_ticket(counter) == num_splits - 1:
-                acc = sum_partials(partial_ptrs, mask, stride_ps, num_splits, BLOCK_M, BLOCK_N)
-                _combine(acc, out_ptr, routing_ptr, pair, valid, offs_n, mask, top_k, stride_om, ACT_DTYPE)
-                tl.store(counter, 0)
-    else:
-        _combine(acc, out_ptr, routing_ptr, pair, valid, offs_n, mask, top_k, stride_om, ACT_DTYPE)
+    _combine(acc, out_ptr, routing_ptr, pair, valid, offs_n, mask, top_k, stride_om, ACT_DTYPE)
 
 
 def _interpreting() -> bool:
@@ -440,8 +393,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
                 gate_up_scale: torch.Tensor | None, down: torch.Tensor, down_scale: torch.Tensor | None,
                 configs: KernelConfigs, quant: tuple[float, bool] | None = None,
                 tile: TileConfig | None = None,
-                quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
-                num_sms: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts' output for every token.
 
     Args:
@@ -453,9 +405,6 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
         quant: (fp8 max, ue8m0) of the activation quantization; required with FP8 weights.
         tile: override the tile config (tuning and tests); block_n of the gate/up GEMM is always 128.
         quantized: x already quantized as `quant` says (FP8 [N, D], scales [N, D/128]), from a fused op.
-        num_sms: multiprocessors (compute units) of the device; with it, a grid too small to fill them
-            (decode) splits each GEMM's K loop (see `_splits`); without it, K is not split.
-        num_splits: override the split of both GEMMs (tuning and tests; capped at their K blocks).
     Returns:
         [N, D] in x's dtype.
     """
@@ -500,51 +449,20 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     s = lambda t, d: t.stride(d) if fp8 else 0  # noqa: E731
     num_tiles = max_rows // block_m
     num_pairs = ids.numel()
-    # tiles with rows: at most one per pair (decode: one per chosen expert), at most the grid's
-    used_tiles = min(num_tiles, num_pairs)
-    gate_up_cols, down_cols = triton.cdiv(inter, 128), triton.cdiv(hidden, tile.block_n)
-    gate_up_split = _splits(used_tiles * gate_up_cols, triton.cdiv(hidden, SCALE_BLOCK), configs, num_sms, num_splits)
-    down_split = _splits(used_tiles * down_cols, triton.cdiv(inter, SCALE_BLOCK), configs, num_sms, num_splits)
-    counters = out  # an unused pointer unless a GEMM splits
-    if gate_up_split[1] > 1 or down_split[1] > 1:
-        # both GEMMs take tickets from the one zeroed buffer: they run one after the other and each
-        # leaves its counters zeroed (as the dense GEMMs do)
-        counters = tile_counters(x.device, num_tiles * max(gate_up_cols, down_cols))
-    partials = _partials(gate_up_split[1], num_pairs, 2 * inter, out)
-    _gate_up_kernel[(num_tiles, gate_up_cols, gate_up_split[1])](
-        x_in, x_scale, gate_up, w1_scale, h, h_scale, sorted_pairs, tile_expert, partials, counters,
-        num_pairs, num_experts, top_k, hidden, inter, *gate_up_split,
+    _gate_up_kernel[(num_tiles, triton.cdiv(inter, 128))](
+        x_in, x_scale, gate_up, w1_scale, h, h_scale, sorted_pairs, tile_expert,
+        num_pairs, num_experts, top_k, hidden, inter,
         x_in.stride(0), s(x_scale, 0), s(x_scale, 1), gate_up.stride(0), gate_up.stride(1),
         s(w1_scale, 0), s(w1_scale, 1), s(w1_scale, 2), h.stride(0), s(h_scale, 0), s(h_scale, 1),
-        num_pairs * 2 * inter,
         FP8=fp8, ACT_DTYPE=act_dtype, FP8_MAX=float(fp8_max), **constants, UE8M0=bool(ue8m0),
-        IEEE_FP32=ieee, EVEN_K=hidden % SCALE_BLOCK == 0, SPLIT_K=gate_up_split[1] > 1, BLOCK_M=block_m,
-        BLOCK_N=128, **tile.launch)
+        IEEE_FP32=ieee, EVEN_K=hidden % SCALE_BLOCK == 0, BLOCK_M=block_m, BLOCK_N=128, **tile.launch)
     routing = weights.to(torch.float32).contiguous()
-    partials = _partials(down_split[1], num_pairs, hidden, out)
-    _down_kernel[(num_tiles, down_cols, down_split[1])](
-        h, h_scale, down, w2_scale, out, routing, sorted_pairs, tile_expert, partials, counters,
-        num_pairs, num_experts, top_k, inter, hidden, *down_split,
+    _down_kernel[(num_tiles, triton.cdiv(hidden, tile.block_n))](
+        h, h_scale, down, w2_scale, out, routing, sorted_pairs, tile_expert,
+        num_pairs, num_experts, top_k, inter, hidden,
         h.stride(0), s(h_scale, 0), s(h_scale, 1), down.stride(0), down.stride(1),
-        s(w2_scale, 0), s(w2_scale, 1), s(w2_scale, 2), out.stride(0), num_pairs * hidden,
+        s(w2_scale, 0), s(w2_scale, 1), s(w2_scale, 2), out.stride(0),
         FP8=fp8, ACT_DTYPE=act_dtype, IEEE_FP32=ieee, EVEN_K=inter % SCALE_BLOCK == 0,
-        SPLIT_K=down_split[1] > 1, BLOCK_M=block_m, BLOCK_N=tile.block_n, **tile.launch)
+        BLOCK_M=block_m, BLOCK_N=tile.block_n, **tile.launch)
     return out.to(x.dtype)
 
-
-def _splits(output_tiles: int, k_blocks: int, configs: KernelConfigs, num_sms: int | None,
-            num_splits: int | None) -> tuple[int, int]:
-    """(K blocks per split, splits) of a grouped GEMM with `output_tiles` tiles in use: gemm.py's
-    choice (about configs.decode_waves programs per SM, no split under 2 K blocks) unless overridden;
-    no split without num_sms. Every split has K blocks."""
-    if num_splits is None:
-        num_splits = 1 if num_sms is None else choose_splits(1, output_tiles, k_blocks, num_sms, configs.decode_waves)
-    per_split = triton.cdiv(k_blocks, max(1, num_splits))
-    return per_split, triton.cdiv(k_blocks, per_split)
-
-
-def _partials(num_splits: int, num_pairs: int, width: int, unused: torch.Tensor) -> torch.Tensor:
-    """The fp32 partial tiles of a split GEMM, [num_splits, pairs, width]; `unused` when not split."""
-    if num_splits == 1:
-        return unused
-    return torch.empty((num_splits, num_pairs, width), dtype=torch.float32, device=unused.device)

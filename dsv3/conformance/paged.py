@@ -60,7 +60,3 @@ def concat(parts: list[MLAInputs]) -> MLAInputs:
     """Token rows of several MLAInputs, one after the other."""
     return MLAInputs(*(torch.cat(group) for group in zip(*((p.q_nope, p.q_pe, p.latent, p.k_pe) for p in parts),
                                                           strict=True)))
-
-
-def to_device(inputs: MLAInputs, device: torch.device | str) -> MLAInputs:
-    return MLAInputs(*(t.to(device) for t in (inputs.q_nope, inputs.q_pe, inputs.latent, inputs.k_pe)))
