@@ -81,6 +81,8 @@ class ForwardBatch:
         prefill: where the prefilling sequences' tokens live; its query_start counts from the first
             prefill token (None without prefills).
         logits_indices: int64 [S] rows whose logits are wanted (None: every row).
+        dp_num_tokens: under data-parallel attention, the token count of every DP group's batch this step
+            (host ints, the same tuple on every rank; this rank's group's entry is num_tokens); None otherwise.
     """
 
     tokens: torch.Tensor
@@ -89,6 +91,7 @@ class ForwardBatch:
     decode: PagedBatch | None
     prefill: PagedBatch | None
     logits_indices: torch.Tensor | None = None
+    dp_num_tokens: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -85,8 +85,11 @@ class ParallelPlan:
     Attributes:
         rank, world_size: this process and the job.
         local_rank: its accelerator index on the node.
-        tp: ranks sharing attention, dense MLPs, embedding and head.
+        tp: ranks sharing attention, dense MLPs, embedding and head (one TP group).
         ep: expert groups (each holds n_routed_experts / ep whole experts).
+        dp: data-parallel attention groups: 1, or world_size / tp groups of tp ranks, each running its own
+            requests (its own tokens and latent cache) through attention, dense layers, embedding and head,
+            while the routed experts span the whole world.
     """
 
     rank: int
@@ -94,6 +97,12 @@ class ParallelPlan:
     local_rank: int
     tp: int
     ep: int
+    dp: int = 1
+
+    def __post_init__(self):
+        if self.dp > 1 and self.dp * self.tp != self.world_size:
+            raise Dsv3Error(f"--data-parallel-size {self.dp} x --tensor-parallel-size {self.tp} must equal the "
+                            f"number of ranks {self.world_size}")
 
     @property
     def tp_rank(self) -> int:
@@ -101,8 +110,13 @@ class ParallelPlan:
 
     @property
     def replica(self) -> int:
-        """Which copy of the tensor-parallel parts this rank helps hold (0 .. W/tp - 1)."""
+        """Which TP group this rank is in (0 .. W/tp - 1): a copy of the attention, or under DP its DP group."""
         return self.rank // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's DP group (0 without data-parallel attention)."""
+        return self.replica if self.dp > 1 else 0
 
     @property
     def expert_tp(self) -> int:
@@ -118,8 +132,12 @@ class ParallelPlan:
         return self.rank == 0
 
     def describe(self) -> str:
-        replicas = f", {self.world_size // self.tp} replicas" if self.tp < self.world_size else ""
         split = f", each expert split {self.expert_tp} ways" if self.expert_tp > 1 else ""
+        if self.dp > 1:
+            inside = f", attention/dense/embedding/head split {self.tp} ways inside each" if self.tp > 1 else ""
+            return (f"{self.world_size} ranks: {self.dp} data-parallel attention groups{inside}; "
+                    f"routed experts in {self.ep} groups{split}")
+        replicas = f", {self.world_size // self.tp} replicas" if self.tp < self.world_size else ""
         return (f"{self.world_size} ranks: attention/dense/embedding/head split {self.tp} ways{replicas}; "
                 f"routed experts in {self.ep} groups{split}")
 
@@ -185,27 +203,32 @@ class ParallelPlan:
                     f"{fp8.BLOCK}-wide FP8 blocks (use precision bf16, or fewer ranks per tensor)")
 
 
-def plan_for(tp: int | None, ep: int | None) -> ParallelPlan | None:
+def plan_for(tp: int | None, ep: int | None, dp: int | None = None) -> ParallelPlan | None:
     """The plan for this process from torchrun's environment; None for a single process.
 
     Args:
-        tp, ep: requested sizes; None means the world size.
+        tp, ep: requested sizes; None means the world size (tp: the world size / dp).
+        dp: data-parallel attention groups (None or 1: none); dp x tp must be the world size.
     """
     job = distributed.launch()
     world = job.world_size
-    if world == 1 and tp in (None, 1) and ep in (None, 1):
+    if world == 1 and tp in (None, 1) and ep in (None, 1) and dp in (None, 1):
         return None
-    tp, ep = world if tp is None else tp, world if ep is None else ep
-    for option, value in (("--tp", tp), ("--ep", ep)):
+    dp = 1 if dp is None else dp
+    if dp < 1:
+        raise Dsv3Error(f"--dp must be at least 1, got {dp}")
+    tp = (world // dp if dp > 1 else world) if tp is None else tp
+    ep = world if ep is None else ep
+    for option, value in (("--dp", dp), ("--tp", tp), ("--ep", ep)):
         if value < 1:
             raise Dsv3Error(f"{option} must be at least 1, got {value}")
-        if world == 1:
+        if world == 1 and value > 1:
             raise Dsv3Error(f"{option} {value} needs {value} processes: launch with "
                             f"torchrun --nproc-per-node {value} -m dsv3 ...")
         if world % value:
             raise Dsv3Error(f"{option} {value} does not divide the world size {world} "
-                            f"(each of --tp and --ep must divide the number of processes)")
-    return ParallelPlan(job.rank, world, job.local_rank, tp, ep)
+                            f"(each of --dp, --tp and --ep must divide the number of processes)")
+    return ParallelPlan(job.rank, world, job.local_rank, tp, ep, dp)
 
 
 def select_rank_backend(requested: str, device: str | None, plan: ParallelPlan, select):
@@ -437,8 +460,8 @@ def build(plan: ParallelPlan, config: ModelConfig, backend: Backend, source, pre
     distributed.init(backend.capabilities.dist_backend, backend.device)
     if dist.get_world_size() != plan.world_size:
         raise Dsv3Error(f"the process group has {dist.get_world_size()} ranks, the plan {plan.world_size}")
-    settings = {"precision": precision, "tp": plan.tp, "ep": plan.ep, "backend": backend.capabilities.name,
-                "max_model_len": max_model_len, "load_mtp": load_mtp}
+    settings = {"precision": precision, "tp": plan.tp, "ep": plan.ep, "dp": plan.dp,
+                "backend": backend.capabilities.name, "max_model_len": max_model_len, "load_mtp": load_mtp}
     agree(fingerprint(config, source, settings))
     plan.check(config, precision, load_mtp)
     loader = ShardedLoader(source, config, plan, progress=progress and plan.is_primary, device=backend.device)

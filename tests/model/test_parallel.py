@@ -297,6 +297,23 @@ def test_each_rank_builds_its_backend_on_its_own_device(monkeypatch, default, ex
     assert built[-1] == "cuda:3"  # a device named without an index gets LOCAL_RANK's
 
 
+def test_data_parallel_attention_plans(monkeypatch):
+    """dp x tp is the world: dp 2 on 4 ranks puts ranks 0-1 and 2-3 in DP groups of tp 2; experts span all 4."""
+    from dsv3.parallel import plan_for
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    plan = plan_for(None, None, dp=2)
+    assert (plan.tp, plan.ep, plan.dp, plan.dp_rank, plan.tp_rank) == (2, 4, 2, 1, 1)
+    assert plan.describe() == ("4 ranks: 2 data-parallel attention groups, attention/dense/embedding/head split 2 ways "
+                               "inside each; routed experts in 4 groups")
+    assert plan_for(1, 4, dp=1).dp_rank == 0
+    with pytest.raises(Dsv3Error, match="--data-parallel-size 2 x --tensor-parallel-size 1 must equal the number "
+                                        "of ranks 4"):
+        plan_for(1, None, dp=2)
+    with pytest.raises(Dsv3Error, match="--dp 3 does not divide the world size 4"):
+        plan_for(None, None, dp=3)
+
+
 def test_single_process_needs_no_plan(monkeypatch):
     from dsv3.parallel import plan_for
     monkeypatch.delenv("WORLD_SIZE", raising=False)
