@@ -5,12 +5,6 @@
 #     bash scripts/gpu_check.sh                 # or: OUT=/tmp/out BUDGET=560 bash scripts/gpu_check.sh
 #     bash scripts/gpu_check.sh serve           # the serving engine and server instead (see below)
 #     bash scripts/gpu_check.sh final           # the GPU tests, conformance, then the serving runs
-#     bash scripts/gpu_check.sh round           # one development round in one call: the GPU tests,
-#                                               # conformance, decode steps of V3 and V2-Lite, the FP8 cache,
-#                                               # the kernel scripts and the MLA sweep, a V2-Lite replay profile, and the
-#                                               # cached-prefix and engine runs
-# With PACK=1 the round mode leaves one file, $OUT/logs.tgz, holding every log and JSON (a remote runner
-# that brings back few files).
 #
 # Steps, each with its own time limit (cut to what is left of BUDGET seconds, 560 by default so that
 # installing and the summary fit in 10 minutes); a failing step does not stop the next:
@@ -21,7 +15,7 @@
 #   3. dsv3 bench gemm --quick, then dsv3 bench decode and dsv3 bench prefill (DeepSeek-V3 layer
 #      dimensions, as many layers as fit)
 #   4. a summary: the GPU, each step's exit status and time, and the lines that matter
-# Logs and JSON go to $OUT (default ./out_gpu_check); docs/results and ci/results take the JSON.
+# Logs and JSON go to $OUT (default ./out_gpu_check); docs/performance.md takes the numbers.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export OUT=${OUT:-$PWD/out_gpu_check}
@@ -61,13 +55,6 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
   >> "$OUT/gpu.txt" 2>&1
 python3 -m dsv3 doctor >> "$OUT/gpu.txt" 2>&1
 
-# pack: with PACK=1, every log and JSON of $OUT into $OUT/logs.tgz, and nothing else left there
-pack() {
-  if [ "${PACK:-0}" = 1 ]; then
-    tar czf /tmp/gpu_check_logs.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz "$OUT/logs.tgz"
-  fi
-}
-
 MODE=${1:-kernels}
 # tests/server drive a real server with the openai client; a GPU image without it runs the rest
 ignore=()
@@ -76,35 +63,8 @@ if [ "$MODE" = "final" ]; then
   step tests 150 python3 -m pytest -q -p no:cacheprovider -m "gpu and not exhaustive" "${ignore[@]}"
   step conformance 150 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"
 fi
-if [ "$MODE" = "round" ]; then
-  step tests 150 python3 -m pytest -q -p no:cacheprovider -m "gpu and not exhaustive" "${ignore[@]}"
-  step conformance 110 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"
-  step decode_lite 45 python3 -m dsv3 bench decode --config deepseek-v2-lite --batch 1 64 --context 1024 \
-    --no-reference --json "$OUT/decode_lite.json"
-  step decode_v3 45 python3 -m dsv3 bench decode --batch 1 64 --context 1024 8192 --no-reference \
-    --json "$OUT/decode_v3.json"
-  CKPT=/tmp/dsv3-v3-8
-  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers 8 > "$OUT/serve_setup.log" 2>&1
-  step serve_prefix 50 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 8 \
-    --prefix-len 4096 --input-len 64 --output-len 16 --max-concurrency 1 --no-static-decode-baseline \
-    --json "$OUT/serve_prefix.json"
-  step serve_engine 90 python3 -m dsv3 bench serve --ckpt "$CKPT" --load-format dummy --num-prompts 128 \
-    --input-len 1024 --output-len 256 --max-concurrency 64 --json "$OUT/serve_engine.json"
-  step gpu_gemm_split 60 python3 scripts/gpu_gemm_split.py --no-sweep --json "$OUT/gpu_gemm_split.json"
-  step gpu_moe_align 40 python3 scripts/gpu_moe_align.py
-  step gpu_moe_split 40 python3 scripts/gpu_moe_split.py
-  step mla_fp8 40 python3 -m dsv3 bench mla --quick --kv-cache-dtype fp8 --no-reference --json "$OUT/mla_fp8.json"
-  step gpu_mla_sweep 120 python3 scripts/gpu_mla_sweep.py --budget 100 --json "$OUT/gpu_mla_sweep.json"
-  step profile_lite 40 python3 scripts/gpu_profile.py --config deepseek-v2-lite --tokens 0 --top 25 \
-    --json "$OUT/profile_lite.json"
-  echo
-  echo "================ round summary ($SECONDS s) ================"
-  cat "$OUT/steps.txt"
-  pack
-  exit 0
-fi
 if [ "$MODE" = "serve" ] || [ "$MODE" = "final" ]; then
-  # The serving targets (issues 19 and 20) on a weightless checkpoint of DeepSeek-V3's dimensions with
+  # The serving runs on a weightless checkpoint of DeepSeek-V3's dimensions with
   # LAYERS layers (random weights, --load-format dummy), each run beside its baseline in the same call:
   #   engine: 1k in / 256 out at concurrency 64, against bench decode's static step on the same model
   #   chunked: 4k prompts arriving while requests decode (P99 / median ITL), prefill chunks of 512 tokens

@@ -44,7 +44,7 @@ from dsv3.bench.common import (
     save_json,
     time_op,
 )
-from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests and scripts/gpu_profile.py use them as model_steps.*
+from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests use them as model_steps.*
     HEADROOM,
     WORKSPACE_BYTES,
     ExpertCounter,

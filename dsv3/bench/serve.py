@@ -17,7 +17,7 @@ in-process target also reports the engine's peak cache usage, preemptions and pr
 (`--static-decode-baseline`, the default on an accelerator) the static batch decode step of `bench
 decode` at batch = the concurrency and the run's mean context (prefix + input + output / 2), timed on the
 engine's own model and cache pool once the run is over: the engine's output tokens/s over the static
-step's is the "vs static" ratio (issue 19's target: at least 0.9). Where every prompt has the same length
+step's is the "vs static" ratio (target: at least 0.9). Where every prompt has the same length
 and no prefix, the run is also set beside the static path on the same tokens: each prompt prefilled alone,
 then its tokens decoded at the static step's rate ("static time / engine time": what the engine costs).
 

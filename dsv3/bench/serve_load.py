@@ -110,7 +110,7 @@ class _Stream:
 # ---- the targets ---------------------------------------------------------------------------------
 
 class EngineTarget:
-    """An AsyncEngine (Contract B) in this process."""
+    """An AsyncEngine (the engine asyncio callers use, as the server does) in this process."""
 
     sample_interval = 0.01
 

@@ -1,5 +1,5 @@
 """`dsv3 bench serve`'s results: one common.Record per run whose metrics carry vLLM `bench serve`'s names
-and numbers, its result block, and the issues' targets it speaks to.
+and numbers, its result block, and the targets it speaks to.
 """
 
 from __future__ import annotations
@@ -200,12 +200,12 @@ def format_record(record: Record) -> str:
 
 
 def check_record(record: Record) -> list[str]:
-    """The issues' targets this record speaks to, one line each: engine / static decode (with the static
+    """The targets this record speaks to, one line each: engine / static decode (with the static
     baseline), P99 / median ITL (with a finite request rate), cached / cold TTFT (at concurrency 1)."""
     m, lines = record.metrics, []
     if m["vs_baseline"] is not None:
-        lines.append(f"output throughput / {m['baseline']}: {m['vs_baseline']:.3f} (issue 20's HTTP vs in-process "
-                     "target: >= 0.9)")
+        lines.append(f"output throughput / {m['baseline']}: {m['vs_baseline']:.3f} (against the same load "
+                     "in-process, target >= 0.9: HTTP costs at most 10%)")
     if m["vs_static"] is not None:
         lines.append(f"engine / static decode at batch {m['static_batch']}: {m['vs_static']:.3f} (target >= 0.9)")
     if m["vs_static_work"] is not None:

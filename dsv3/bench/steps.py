@@ -266,7 +266,7 @@ def link_reference(records: list[Record]) -> None:
 
 
 def summary_lines(records: Sequence[Record]) -> list[str]:
-    """The issue's targets against one run's records (decode: x floor and vs reference at batch 1 and
+    """The targets against one run's records (decode: x floor and vs reference at batch 1 and
     64, graph mode; prefill: percent of the FP8 rate)."""
     lines = []
     rows = [r for r in records if r.ours and not r.error and r.time_ms is not None]

@@ -1,5 +1,6 @@
 """`dsv3 bench gemm|moe|mla|all`: kernels at the DeepSeek-V3 shapes beside their peers and the roofline;
 `dsv3 bench decode|prefill`: whole model steps at DeepSeek-V3's layer dimensions beside their floor;
+`dsv3 bench profile`: the kernels of a decode step and a prefill, ranked by device time;
 `dsv3 bench serve`: requests through the serving engine in this process, or an OpenAI-compatible server."""
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from pathlib import Path
 
 from dsv3.errors import Dsv3Error, UsageError
 
-WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill", "serve")
+WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill", "profile", "serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=WHAT, help="which ops to time (all: gemm, moe and mla), whole decode or "
-                   "prefill steps, or requests through the serving engine (serve)")
+                   "prefill steps, their kernels (profile), or requests through the serving engine (serve)")
     p.add_argument("--backend", default="cuda", help="backend under test (default cuda)")
     p.add_argument("--device", help="torch device for the backend (default: the backend's)")
     p.add_argument("--json", metavar="FILE", help="also write the roofline, environment and records as JSON")
     p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference-backend peer")
-    steps = p.add_argument_group("decode and prefill")
+    steps = p.add_argument_group("decode, prefill and profile (profile takes the first --batch and --context)")
     steps.add_argument("--config", default="deepseek-v3", help="model config whose layer dimensions to use "
                        "(default deepseek-v3)")
     steps.add_argument("--layers", type=int, help="layers to build (default: as many as fit, dense first)")
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         from dsv3.bench import model_steps
 
         return model_steps.run_command(args, backend)
+    if args.what == "profile":
+        from dsv3.bench import kernel_profile
+
+        return kernel_profile.run_command(args, backend)
     if backend.device.type == "cpu":
         raise Dsv3Error(f"bench: backend {args.backend!r} runs on the CPU; the benchmarks time an accelerator")
     names = ("gemm", "moe", "mla") if args.what == "all" else (args.what,)

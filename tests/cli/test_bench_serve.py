@@ -241,7 +241,7 @@ def test_url_against_dsv3_serve(dsv3_server, tmp_path, capsys):
     assert 0 <= r["peak_cache_usage"] <= 1 and r["cache_usage_after"] == 0  # from its /metrics (sampled 4x a second)
     assert r["prefix_cache_hits"] > 0 and r["num_preemptions"] == 0
     assert r["vs_baseline"] == pytest.approx(r["output_throughput"] / 10.0) and "in-process" in r["baseline"]
-    assert "issue 20's HTTP vs in-process target" in printed
+    assert "(against the same load in-process, target >= 0.9: HTTP costs at most 10%)" in printed
 
     assert cli.main([*load, "--api-key", "wrong"]) == 2  # /v1/models answers 401: one line, no run
     assert "401" in capsys.readouterr().err

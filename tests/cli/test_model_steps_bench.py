@@ -185,6 +185,24 @@ def test_bench_prefill_runs_on_cpu(tmp_path, capsys, one_thread):
     assert record["time_ms"] > 0 and record["tokens_per_s"] == pytest.approx(32 / record["time_ms"] * 1e3)
 
 
+def test_bench_profile_runs_on_cpu(tmp_path, capsys, one_thread):
+    out = tmp_path / "profile.json"
+    assert cli.main(["bench", "profile", "--config", "tiny", "--backend", "reference", "--layers", "2",
+                     "--batch", "2", "--context", "16", "--tokens", "24", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "== decode eager:" in printed and "== prefill eager:" in printed and "records no graphs" in printed
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"decode eager", "prefill eager"}  # the reference backend records no graphs
+    for run in runs.values():
+        profile = run["profile"]
+        assert run["measured_ms"] > 0 and profile["by"] == "cpu" and profile["rows"]
+        assert sum(r["percent"] for r in profile["rows"]) <= 100.0 + 1e-6
+    assert "batch 2, context 16" in runs["decode eager"]["profile"]["what"]
+    assert "2 layers" in runs["prefill eager"]["profile"]["what"]
+    assert cli.main(["bench", "profile", "--config", "tiny", "--backend", "reference", "--tokens", "0"]) == 2
+    assert "--tokens must be positive" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_sizes(capsys):
     assert cli.main(["bench", "decode", "--config", "tiny", "--backend", "reference", "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err
@@ -232,3 +250,15 @@ def test_prefill_bench_on_cuda_tiny(tmp_path, tiny_config):
 
     (record,) = model_steps.run_prefill(CudaBackend(), tiny_config, tokens=256, quick=True)
     assert record.error is None and record.time_ms > 0 and record.metrics["fp8_rate_pct"] is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda
+def test_profile_bench_on_cuda_tiny(tiny_config):
+    from dsv3.backends.registry import create_backend
+
+    from dsv3.bench.kernel_profile import run_profile
+
+    runs = run_profile(create_backend("cuda"), tiny_config, batch=2, context=64, tokens=128)
+    assert set(runs) == {"decode eager", "prefill eager", "decode replay"}
+    assert all(run["profile"]["by"] == "device" and run["profile"]["rows"] for run in runs.values())
