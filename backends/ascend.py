@@ -179,6 +179,15 @@ class AscendBackend(Backend):
             ops=self._describe_ops(),
         )
 
+    @property
+    def ue8m0(self) -> bool:
+        """Power-of-two activation scales: the FP8 math runs in the reference backend's code, so it holds them."""
+        return self._plain.ue8m0
+
+    @ue8m0.setter
+    def ue8m0(self, enabled: bool) -> None:
+        self._plain.ue8m0 = enabled
+
     def _describe_ops(self) -> dict[str, str | OpImpl]:
         """What each op runs: NPU_OPS where its fused path is on, else the reference backend's code."""
         ops: dict[str, str | OpImpl] = {op: f"{impl} (plain)" for op, impl in self._plain.capabilities.ops.items()}

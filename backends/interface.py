@@ -473,7 +473,8 @@ class Backend(ABC):
     #: the block size of the paged latent cache this backend's attention runs fastest with (the engine's
     #: default where the user names none); every backend takes any block size.
     mla_block_size: int = 64
-    #: activation scales rounded up to powers of two (DeepSeek-V3.1's scale_fmt "ue8m0")
+    #: activation scales rounded up to powers of two (DeepSeek-V3.1's scale_fmt "ue8m0"); the model sets it
+    #: from the checkpoint's config before it runs
     ue8m0: bool = False
 
     @property

@@ -312,6 +312,7 @@ class Transformer:
     def __init__(self, config: ModelConfig, backend: Backend, loader: WeightLoader, precision: Precision,
                  max_model_len: int, load_mtp: bool = False):
         self.config, self.backend, self.precision = config, backend, precision
+        backend.ue8m0 = config.ue8m0_scales  # the checkpoint's activation scale format (DeepSeek-V3.1's ue8m0)
         self.dtype = dtype = ACTIVATION_DTYPES[precision]
         self.max_model_len = max_model_len
         device = backend.device

@@ -173,6 +173,11 @@ def test_linear_from_an_fp8_checkpoint_in_bf16(npu):
     on_950 = ascend(chip=ASCEND_950)        # FP8 kept with its block scales where the chip has FP8
     kept = on_950.prepare_linear(weight, scale, "fp8")
     assert kept.is_fp8 and torch.equal(on_950.linear(x, kept), ref.linear(x, ref.prepare_linear(weight, scale, "fp8")))
+    on_950.ue8m0 = True                     # a V3.1 checkpoint's power-of-two activation scales reach its FP8 math
+    ue8m0 = ReferenceBackend(ue8m0=True)
+    expected = ue8m0.linear(x, ue8m0.prepare_linear(weight, scale, "fp8"))
+    assert torch.equal(on_950.linear(x, kept), expected)
+    assert not torch.equal(expected, ref.linear(x, ref.prepare_linear(weight, scale, "fp8")))
 
 
 DEEPSEEK_ROUTING = RoutingConfig(scoring="sigmoid", method="noaux_tc", top_k=8, num_groups=8, topk_groups=4,

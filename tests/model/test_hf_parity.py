@@ -10,6 +10,7 @@ so the YaRN frequencies and mscale matter.
 from __future__ import annotations
 
 import copy
+import json
 
 import hf_helpers as hf
 import pytest
@@ -161,6 +162,27 @@ def test_fp8_logits_within_activation_quantization_error(tmp_path):
     assert 0.01 < activation_error < 0.2, activation_error  # quantization is on, and the bound is not vacuous
     assert error <= tolerance, (error, activation_error)
     assert wrong >= 5 * tolerance, (wrong, tolerance)
+
+
+def test_v3_1_ue8m0_scales_reach_the_backend(tmp_path):
+    """A DeepSeek-V3.1 checkpoint (quantization_config.scale_fmt "ue8m0") runs with activation scales rounded
+    up to powers of two, as it was trained: the backend the model runs on quantizes that way, and the
+    logits differ from the same weights without scale_fmt while staying as close to the exact ones."""
+    config, model, path, tokens, exact = fp8_v3_checkpoint(tmp_path)
+    v3_1 = json.loads((path / "config.json").read_text())
+    v3_1["quantization_config"]["scale_fmt"] = "ue8m0"
+    (path / "config.json").write_text(json.dumps(v3_1))
+    ue8m0 = load(path, "fp8")
+    _, scales = ue8m0.backend.quantize_activation(torch.randn(4, 256, generator=torch.Generator().manual_seed(1)))
+    exponents = torch.log2(scales.double())
+    assert torch.equal(exponents, exponents.round()), "activation scales are not powers of two"
+    ours = ue8m0.logits(tokens)
+
+    del v3_1["quantization_config"]["scale_fmt"]
+    (path / "config.json").write_text(json.dumps(v3_1))
+    plain = load(path, "fp8").logits(tokens)
+    assert not torch.equal(ours, plain)
+    assert hf.relative_error(ours, exact) <= 1.5 * hf.relative_error(plain, exact)
 
 
 def test_fp8_e4m3fnuz_emulation(tmp_path):
