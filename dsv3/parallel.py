@@ -1,4 +1,4 @@
-"""Tensor and expert parallelism: a DeepSeek model cut across ranks while it loads.
+"""Tensor, expert and data parallelism: a DeepSeek model cut across ranks while it loads.
 
 The model in dsv3/model.py knows nothing of ranks. This module builds it with a
 per-rank config (its share of the attention heads) and a ShardedLoader that
@@ -8,22 +8,27 @@ layers whose outputs must be combined across ranks (gpt-fast style).
 How a world of W ranks is cut (tp and ep each divide W):
 
 - Attention, dense MLPs, embedding and head: tensor parallel over `tp` ranks
-  (consecutive ranks form a TP group; W/tp groups hold identical replicas).
-  q_proj/q_b_proj and kv_b_proj are split by heads (rows), o_proj by its
-  input columns (one all-reduce); gate/up by rows, down by columns (one
-  all-reduce); embedding and head by vocabulary rows (all-reduce of the
-  looked-up rows, all-gather of the logits).
+  (consecutive ranks form a TP group). q_proj/q_b_proj and kv_b_proj are split
+  by heads (rows), o_proj by its input columns (one all-reduce); gate/up by
+  rows, down by columns (one all-reduce); embedding and head by vocabulary rows
+  (all-reduce of the looked-up rows, all-gather of the logits). Without data
+  parallelism the W/tp TP groups are identical replicas running the same tokens;
+  with it (dp = W/tp) each TP group is a DP group running its own requests, with
+  its own latent cache.
 - MoE layers span the whole world. The routed experts form `ep` groups of
   E/ep whole experts (rank r is in expert group r // (W/ep)); inside a group
   each expert is split W/ep ways (gate/up rows, down columns). The shared
-  experts are split like a dense MLP over the TP group; only the first replica
-  adds them. Routing is computed identically on every rank (the gate is
-  replicated); each rank runs its experts on the tokens routed to them, and one
-  all-reduce over the world sums routed and shared contributions.
+  experts are split like a dense MLP over the TP group. Routing is computed
+  identically on every rank that sees a token (the gate is replicated); each
+  rank runs its experts over every token it sees, pairs routed elsewhere
+  weighted 0, so no rank counts tokens on the host and every shape is known
+  before the step (a decode step records as a CUDA graph). See ParallelMoE for
+  the combine (one all-reduce; under DP an all-gather and a reduce-scatter).
 
 So --tp W --ep W is attention TP with pure expert parallelism (the usual
 deployment), --tp W --ep 1 is pure TP, --tp 1 --ep W is pure EP with the
-attention replicated, and --tp 2 --ep 2 on 4 ranks is a 2 x 2 mesh.
+attention replicated, --tp 2 --ep 2 on 4 ranks is a 2 x 2 mesh, and
+--dp W --ep W is SGLang's DP attention with expert parallelism.
 
 FP8 weights stay in 128x128 blocks: with precision fp8 every cut must fall on a
 multiple of 128 (checked before any weight is read). With bf16/fp32 a cut
@@ -48,7 +53,7 @@ from dsv3.backends.interface import Backend, QuantizedActivation, plain
 from dsv3.checkpoint import CheckpointSource, WeightLoader
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
-from dsv3.model import MoE, Transformer
+from dsv3.model import ForwardBatch, MoE, Transformer
 
 ROWS, COLUMNS = 0, 1
 
@@ -327,38 +332,76 @@ class RowParallel:
         return distributed.all_reduce(self.linear(x), self.group)
 
 
-class ParallelMoE:
-    """A MoE layer spread over every rank (see the module docstring).
+class StepRows:
+    """Rows every DP group sends through the MoE exchange this step: the largest group's token count,
+    rounded up to a multiple of tp (set by ParallelTransformer.hidden from ForwardBatch.dp_num_tokens)."""
 
-    Each rank routes every token with the replicated gate, runs its own experts on
-    the (token, expert) pairs that chose them, adds the shared experts' partial sum
-    (first replica only) and joins one all-reduce over the world. Cost per layer:
-    one all-reduce of [tokens, hidden] in the activation dtype, the same as a
-    tensor-parallel MLP; an all-to-all dispatch would send each token only to the
-    ranks of its experts, which pays off for large batches across nodes.
+    rows: int = 0
+
+
+#: the newer names of all_gather_into_tensor and reduce_scatter_tensor (torch 2.13 warns on the old ones)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class ParallelMoE:
+    """A MoE layer spread over every rank (see the module docstring), with no host sync and static shapes.
+
+    Every rank routes all the tokens it sees with the replicated gate and runs its own experts over every
+    row: a (token, expert) pair routed to another rank's expert keeps a local expert id and weight 0, so
+    the backend's grouped MoE op sees the one-process [N, k] shapes and nothing is counted or compacted on
+    the host. The shared experts' partial sum is added by one TP group (by every DP group for its rows).
+
+    Without DP attention every rank already holds every token: one all-reduce over the world sums the
+    routed and shared contributions. With DP attention each DP group pads its tokens to StepRows.rows;
+    every rank all-gathers its tp-th share of its group's rows over the world (dispatch: every rank now
+    holds every group's rows), runs its experts on them, and a reduce-scatter over the world hands each
+    rank its share of its group's summed rows, which an all-gather in the TP group completes (combine).
     """
 
-    def __init__(self, moe: MoE, plan: ParallelPlan, num_experts: int):
+    def __init__(self, moe: MoE, plan: ParallelPlan, num_experts: int, tp_group, step: StepRows):
         self.backend, self.routing = moe.backend, moe.routing
         self.gate_weight, self.bias, self.experts = moe.gate_weight, moe.bias, moe.experts
-        self.shared = moe.shared if plan.replica == 0 else None
+        self.shared = moe.shared if plan.dp > 1 or plan.replica == 0 else None
         self.first_expert = plan.local_experts(num_experts).start
+        self.plan, self.tp_group, self.step = plan, tp_group, step
+
+    def routed(self, x: torch.Tensor | QuantizedActivation, values: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' weighted sum for every row of `values` [N, D] (x: the same rows, maybe FP8 too)."""
+        weights, ids = self.backend.moe_route(values, self.gate_weight, self.bias, self.routing)
+        local = ids - self.first_expert
+        mine = (local >= 0) & (local < self.experts.num_experts)
+        # pairs of other ranks' experts: weight 0 on a valid local expert (spread over them, not all on one)
+        local = torch.where(mine, local, ids % self.experts.num_experts)
+        return self.backend.moe_experts(x, weights.masked_fill(~mine, 0), local, self.experts)
 
     def __call__(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
-        flat = plain(x).reshape(-1, x.shape[-1])  # rows are picked per expert below: the values, requantized
-        weights, ids = self.backend.moe_route(flat, self.gate_weight, self.bias, self.routing)
-        local = ids - self.first_expert
-        token, slot = ((local >= 0) & (local < self.experts.num_experts)).nonzero(as_tuple=True)
-        routed = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-        if len(token):
-            # one row per (token, local expert) pair, so the backend sees top-1 routing over its experts
-            y = self.backend.moe_experts(flat[token], weights[token, slot, None], local[token, slot, None],
-                                         self.experts)
-            routed.index_add_(0, token, y.float())
-        out = routed.to(x.dtype)
-        if self.shared is not None:
-            out = out + self.shared(flat)
-        return distributed.all_reduce(out).view(x.shape)
+        flat = plain(x).reshape(-1, x.shape[-1])
+        inp = QuantizedActivation(flat, x.q, x.scales) if isinstance(x, QuantizedActivation) else flat
+        if self.plan.dp == 1:
+            out = self.routed(inp, flat)
+            if self.shared is not None:
+                out = out + self.shared(inp)
+            return distributed.all_reduce(out).view(x.shape)
+        return self._data_parallel(inp, flat).view(x.shape)
+
+    def _data_parallel(self, inp, flat: torch.Tensor) -> torch.Tensor:
+        plan, rows, n = self.plan, self.step.rows, flat.shape[0]
+        share = rows // plan.tp
+        mine = F.pad(flat, (0, 0, 0, rows - n))
+        everyone = flat.new_empty(plan.dp * rows, flat.shape[1])
+        _all_gather(everyone, mine[plan.tp_rank * share:(plan.tp_rank + 1) * share].contiguous())
+        partial = self.routed(everyone, everyone)
+        if self.shared is not None and n:
+            first = plan.dp_rank * rows
+            partial[first:first + n] += self.shared(inp)
+        summed = flat.new_empty(share, flat.shape[1])
+        _reduce_scatter(summed, partial)
+        if plan.tp == 1:
+            return summed[:n]
+        group_rows = flat.new_empty(rows, flat.shape[1])
+        _all_gather(group_rows, summed, group=self.tp_group)
+        return group_rows[:n]
 
 
 class ParallelTransformer(Transformer):
@@ -368,8 +411,9 @@ class ParallelTransformer(Transformer):
         config: the whole model's config (self.config stays this one).
         backend: this rank's backend.
         loader: a ShardedLoader (its plan says which slices this rank holds).
-        precision, max_model_len: as for Transformer. The latent cache is shared by all
-            heads, so every rank keeps the whole cache (the same blocks: see agree_min).
+        precision, max_model_len: as for Transformer. The latent cache is shared by all heads, so every
+            rank of a TP group keeps its group's whole cache (the same blocks: see agree_min); under DP
+            attention each DP group's cache holds only its own requests.
     """
 
     def __init__(self, config: ModelConfig, backend: Backend, loader: ShardedLoader, precision: str,
@@ -378,21 +422,44 @@ class ParallelTransformer(Transformer):
         super().__init__(plan.local_config(config), backend, loader, precision, max_model_len)
         self.config, self.plan = config, plan
         self.tp_group = tp_group(plan)
+        self.step_rows = StepRows()
         self.vocab_start = plan.tp_rank * (config.vocab_size // plan.tp)
         for layer in self.layers:
             if plan.tp > 1:
                 layer.attn.o_proj = RowParallel(layer.attn.o_proj, self.tp_group)
             if isinstance(layer.ffn, MoE):
-                layer.ffn = ParallelMoE(layer.ffn, plan, config.n_routed_experts)
+                layer.ffn = ParallelMoE(layer.ffn, plan, config.n_routed_experts, self.tp_group, self.step_rows)
             elif plan.tp > 1:
                 layer.ffn.down_proj = RowParallel(layer.ffn.down_proj, self.tp_group)
 
     def supports_graphs(self) -> bool:
-        """ParallelMoE finds each rank's tokens on the host (nonzero): no recorded steps."""
-        return False
+        """A step has no host sync and static shapes (see ParallelMoE): it records where the backend does."""
+        return True
 
     def runs_in_lockstep(self) -> bool:
         return True
+
+    def hidden(self, batch: ForwardBatch, caches: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """As Transformer.hidden; under DP attention a group with no tokens skips attention and joins each
+        MoE layer's exchange with no rows of its own."""
+        if self.plan.dp == 1:
+            return super().hidden(batch, caches)
+        counts = batch.dp_num_tokens
+        if counts is None:  # an eager call outside the engine (logits, tests): ask the other groups
+            counts = tuple(distributed.all_gather_objects(batch.num_tokens)[::self.plan.tp])
+        if len(counts) != self.plan.dp or counts[self.plan.dp_rank] != batch.num_tokens:
+            raise Dsv3Error(f"dp_num_tokens {counts} does not fit this step: {self.plan.dp} DP groups, and DP "
+                            f"group {self.plan.dp_rank} has {batch.num_tokens} tokens")
+        tp = self.plan.tp
+        self.step_rows.rows = -(-max(counts) // tp) * tp
+        if batch.num_tokens and self.step_rows.rows:
+            return super().hidden(batch, caches)
+        empty = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.backend.device)
+        if self.step_rows.rows:
+            for layer in self.layers:
+                if isinstance(layer.ffn, ParallelMoE):
+                    layer.ffn(empty)
+        return empty
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each rank looks up the tokens in its vocabulary rows (zeros elsewhere); the all-reduce fills in."""
@@ -404,7 +471,10 @@ class ParallelTransformer(Transformer):
         return distributed.all_reduce(x, self.tp_group)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Each rank's vocabulary slice of the logits, all-gathered: the same float32 logits on every rank."""
+        """Each rank's vocabulary slice of the logits, all-gathered: the same float32 logits on every rank
+        (of the TP group)."""
+        if hidden.shape[0] == 0:  # an idle DP group: every rank of the group is idle
+            return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=hidden.device)
         logits = super().project(hidden)
         return logits if self.plan.tp == 1 else distributed.all_gather_last(logits, self.tp_group)
 

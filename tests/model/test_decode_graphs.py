@@ -220,11 +220,8 @@ def test_backend_without_recordings_runs_eagerly():
     assert logits.shape == (2, model.config.vocab_size)
 
 
-def test_enforce_eager_and_parallel_models_never_record():
-    from dsv3.parallel import ParallelTransformer
-
+def test_enforce_eager_never_records():
     assert not ModelRunner(load(KeepingBackend()).transformer, BLOCK, 4, 40, enforce_eager=True).graphs
-    assert ParallelTransformer.supports_graphs(None) is False
 
 
 # ---- CUDA graphs (NVIDIA GPU) ------------------------------------------------------------------------

@@ -133,12 +133,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(world: int, checkpoints: dict, out: Path, timeout: float = 150) -> list[dict]:
-    """Run _worker on `world` forked processes; every rank's saved results, in rank order."""
+def run_world(world: int, checkpoints, out: Path, timeout: float = 150, worker=None) -> list[dict]:
+    """Run `worker` (_worker by default) on `world` forked processes as worker(rank, world, port, checkpoints,
+    out); every rank's saved results, in rank order."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, world, port, checkpoints, out)) for rank in range(world)]
+    processes = [context.Process(target=worker or _worker, args=(rank, world, port, checkpoints, out))
+                 for rank in range(world)]
     for p in processes:
         p.start()
     deadline = time.monotonic() + timeout

@@ -1,0 +1,234 @@
+"""The MoE exchange without host syncs, and data-parallel attention, on the CPU with gloo.
+
+Each rank builds the tiny model (4 heads, 8 experts, fp32) for a layout, runs its DP group's own
+requests through its own engine (its own latent cache) in lockstep with the other groups, a group
+with nothing left to do joining every step with a 0-token batch, and saves its greedy tokens, the
+logits of its group's own prompts, and every host sync a step made. The tests compare each group
+with the one-process model on the same prompts.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from dsv3.backends.interface import plain
+from test_parallel import relative_error, run_world, write_checkpoint
+
+from dsv3.config import load_config
+from dsv3.model import ForwardBatch
+
+pytestmark = pytest.mark.distributed
+
+#: each DP group's own prompts and new tokens; group 1 stops early, so it runs 0-token steps while group 0 decodes
+GROUP_PROMPTS = [[[5, 17, 99, 3], [200, 7]], [[11, 12, 13, 14, 15, 16]]]
+GROUP_NEW_TOKENS = [6, 2]
+GROUP_LOGITS = [torch.tensor([[3, 141, 59, 265, 35]]), torch.tensor([[323, 84, 62], [64, 33, 83]])]
+
+LAYOUTS = {  # world size -> (tp, ep, dp)
+    2: [(2, 2, 1), (1, 2, 2)],
+    4: [(2, 4, 2)],
+}
+
+#: the tensor methods that wait for the device (or copy to the host)
+SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "__bool__", "__int__", "__float__", "__index__")
+
+
+class SyncCounter:
+    """Counts calls of SYNCS while active, by (method, calling file)."""
+
+    def __init__(self):
+        self.calls: collections.Counter = collections.Counter()
+        self._saved = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def __enter__(self):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, self._counting(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+    def _counting(self, name, original):
+        def call(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            self.calls[name, Path(caller).parent.name + "/" + Path(caller).name] += 1
+            return original(tensor, *args, **kwargs)
+        return call
+
+
+def sync_free_backend(device="cpu"):
+    """The reference backend with a grouped MoE that never waits for the device: every expert runs on every
+    row, weighted by the routing (0 where not chosen). A step on it must make no host sync at all. Its
+    graph_runner "records" a step by keeping it (and counts), so the engine's decode steps run as replays."""
+    from dsv3.backends.reference import ReferenceBackend
+
+    class SyncFree(ReferenceBackend):
+        recorded = 0
+
+        def graph_runner(self, step):
+            self.recorded += 1
+            return step
+
+        def moe_experts(self, x, weights, ids, experts):
+            x = plain(x)
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            inter = experts.intermediate_size
+            for expert in range(experts.num_experts):
+                gate_up = self._matmul(x, experts.gate_up[expert], None)
+                y = self._matmul(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:],
+                                 experts.down[expert], None)
+                out += y.float() * (weights * (ids == expert)).sum(-1, keepdim=True)
+            return out.to(x.dtype)
+    return SyncFree(device)
+
+
+def empty_batch(device) -> ForwardBatch:
+    nothing = torch.empty(0, dtype=torch.long, device=device)
+    return ForwardBatch(nothing, nothing, 0, None, None)
+
+
+def run_group(transformer, plan, prompts, new_tokens, eager=True) -> tuple[list[list[int]], collections.Counter]:
+    """Greedy tokens of this DP group's prompts from its own engine, every group stepping together; and the
+    host syncs inside the model's steps (dp_num_tokens comes from the driver, as the engine's step plan gives it)."""
+    from dsv3 import distributed
+    from dsv3.serving.engine import EngineConfig, LLMEngine
+    from dsv3.serving.params import SamplingParams
+
+    engine = LLMEngine(transformer, EngineConfig(max_model_len=32, block_size=4, num_blocks=40, max_num_seqs=4,
+                                                 max_num_batched_tokens=64, enforce_eager=eager))
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0))
+    counter, forward = SyncCounter(), transformer.forward
+
+    def step(batch, caches=None):
+        counts = distributed.all_gather_objects(batch.num_tokens)[::plan.tp]
+        batch.dp_num_tokens = tuple(counts) if plan.dp > 1 else None
+        with counter:
+            return forward(batch, caches)
+    transformer.forward = step
+    outputs = {}
+    try:
+        while True:
+            busy = engine.has_unfinished_requests()
+            if not any(distributed.all_gather_objects(busy)):
+                break
+            if busy:
+                outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+            else:
+                transformer.forward(empty_batch(transformer.backend.device))
+    finally:
+        del transformer.forward
+    return [outputs[str(i)] for i in range(len(prompts))], counter.calls
+
+
+def _worker(rank: int, world: int, port: int, checkpoint: str, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from dsv3.backends.reference import ReferenceBackend
+
+    from dsv3 import parallel
+    from dsv3.checkpoint import CheckpointSource
+    try:
+        config = load_config(checkpoint)
+        results = {}
+        for tp, ep, dp in LAYOUTS[world]:
+            plan = parallel.ParallelPlan(rank, world, rank, tp, ep, dp)
+            group = plan.dp_rank
+            for name, backend in (("reference", ReferenceBackend("cpu")), ("sync-free", sync_free_backend())):
+                model = parallel.build(plan, config, backend, CheckpointSource(checkpoint), "fp32", 32,
+                                       progress=False)
+                tokens, syncs = run_group(model, plan, GROUP_PROMPTS[group], GROUP_NEW_TOKENS[group],
+                                          eager=name == "reference")
+                result = {"tokens": tokens, "syncs": dict(syncs), "recorded": getattr(backend, "recorded", 0)}
+                if name == "reference":
+                    result["logits"] = model.logits(GROUP_LOGITS[group])
+                    if dp > 1:  # group 1 idles through a round: group 0's requests stay out of its cache
+                        for cache in model.caches:
+                            cache.zero_()
+                        idle = run_group(model, plan, GROUP_PROMPTS[0] if group == 0 else [], 3)[0]
+                        result["idle round"] = (idle, [float(c.abs().sum()) for c in model.caches])
+                results[tp, ep, dp, name] = result
+        torch.save(results, out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.failed").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return str(write_checkpoint(tmp_path_factory.mktemp("exchange") / "tiny", load_config("tiny")))
+
+
+@pytest.fixture(scope="module")
+def worlds(checkpoint, tmp_path_factory) -> dict:
+    cache = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in cache:
+            cache[world] = run_world(world, checkpoint, tmp_path_factory.mktemp(f"world{world}"), worker=_worker)
+        return cache[world]
+    return get
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint) -> dict:
+    """DP group -> (greedy tokens, logits) of one process on that group's prompts."""
+    from dsv3.api import load_model
+    model = load_model(checkpoint, backend="reference", precision="fp32", quiet=True, max_batch_size=4,
+                       max_seq_len=32)
+    return {group: (model.greedy_tokens(prompts, GROUP_NEW_TOKENS[group]), model.logits(GROUP_LOGITS[group]))
+            for group, prompts in enumerate(GROUP_PROMPTS)}
+
+
+CASES = [(world, layout) for world, layouts in LAYOUTS.items() for layout in layouts]
+
+
+def _id(value) -> str:
+    return f"world{value}" if isinstance(value, int) else "tp{}-ep{}-dp{}".format(*value)
+
+
+@pytest.mark.parametrize("world,layout", CASES, ids=_id)
+def test_each_group_matches_one_process(world, layout, worlds, single):
+    """Greedy tokens identical and logits within 1e-5 of one process, for every DP group's own prompts."""
+    tp, ep, dp = layout
+    for rank, result in enumerate(worlds(world)):
+        group = rank // tp if dp > 1 else 0
+        want_tokens, want_logits = single[group]
+        reference = result[tp, ep, dp, "reference"]
+        assert reference["tokens"] == want_tokens, f"rank {rank} (DP group {group})"
+        assert relative_error(reference["logits"], want_logits).max() <= 1e-5, f"rank {rank}"
+        assert result[tp, ep, dp, "sync-free"]["tokens"] == want_tokens, f"rank {rank} (sync-free backend)"
+
+
+@pytest.mark.parametrize("world,layout", CASES, ids=_id)
+def test_a_step_makes_no_host_sync(world, layout, worlds):
+    """With a backend whose ops never sync, a whole step (exchange included) makes no host sync, and the
+    engine records the parallel model's decode steps; with the reference backend, the only syncs are its
+    own MoE op's (it sizes each expert's rows on the host)."""
+    tp, ep, dp = layout
+    for rank, result in enumerate(worlds(world)):
+        assert result[tp, ep, dp, "sync-free"]["syncs"] == {}, f"rank {rank}"
+        assert result[tp, ep, dp, "sync-free"]["recorded"] > 0, f"rank {rank}"
+        syncs = result[tp, ep, dp, "reference"]["syncs"]
+        assert syncs and {where for _, where in syncs} == {"backends/reference.py"}, f"rank {rank}: {syncs}"
+
+
+@pytest.mark.parametrize("world,layout", [c for c in CASES if c[1][2] > 1], ids=_id)
+def test_an_idle_group_keeps_its_cache_empty(world, layout, worlds, single):
+    """Group 1 has no requests: it joins every step with 0 tokens, its latent cache stays all zeros while
+    group 0's requests fill group 0's, and group 0 still gets the one-process tokens."""
+    tp, ep, dp = layout
+    for rank, result in enumerate(worlds(world)):
+        tokens, cache_sums = result[tp, ep, dp, "reference"]["idle round"]
+        if rank // tp == 0:
+            assert tokens == [t[:3] for t in single[0][0]] and all(s > 0 for s in cache_sums), f"rank {rank}"
+        else:
+            assert tokens == [] and all(s == 0 for s in cache_sums), f"rank {rank}"
