@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -64,11 +66,33 @@ class Tokenizer:
         except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
             raise UsageError(f"the prompt is not valid UTF-8 text (byte {e.start} of it, "
                              f"{text[e.start:e.end].encode('utf-8', 'surrogateescape')!r})") from None
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it runs (encode does not): the server tokenizes in a thread
+        # and its event loop goes on answering meanwhile
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         add = self.add_bos if add_bos is None else add_bos
         if add and self.bos_id is not None and not text.startswith(self.bos_token):
             ids = [self.bos_id] + ids
         return ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int | None:
+        """No token covers more characters of text than this, so a text of c characters is at least
+        c / max_token_chars tokens: a prompt that cannot fit the context is refused before it is tokenized.
+        None where the bound would not hold: a normalizer could shorten the text first, or a model other than
+        BPE (or BPE fusing unknown characters) could make one token of any length."""
+        spec = json.loads(self._tok.to_str())
+        normalizer, model = spec.get("normalizer"), spec.get("model") or {}
+        if normalizer and not (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
+            return None
+        if model.get("type") != "BPE" or (model.get("unk_token") is not None and model.get("fuse_unk")):
+            return None
+        # a byte-level token's string has a character per byte, each one to two UTF-8 bytes; a text
+        # character is at least one byte: so a vocabulary string's UTF-8 length bounds its text length
+        return max(len(token.encode("utf-8", "surrogatepass")) for token in self._tok.get_vocab())
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) computed without tokenizing (0 where there is none)."""
+        return -(-len(text) // self.max_token_chars) if self.max_token_chars else 0
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "into tool_calls (DeepSeek-V3's format)")
     p.add_argument("--max-request-bytes", type=int, default=16 << 20, metavar="N",
                    help="larger request bodies are refused with 413 (default 16 MiB)")
+    p.add_argument("--chat-template-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a chat template that takes longer to render a request's messages is stopped and the "
+                   "request refused with 400 (default 10)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long in-flight requests may run before they are aborted "
                    "(default 10)")
@@ -52,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
+    if not math.isfinite(args.chat_template_timeout) or args.chat_template_timeout <= 0:
+        raise UsageError(f"--chat-template-timeout must be a finite number of seconds > 0, got "
+                         f"{args.chat_template_timeout}")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
     check_address(args.host, args.port)
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model_name=args.served_model_name or args.ckpt or "tiny", checkpoint=checkpoint, chat_template=template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
-        api_key=args.api_key or os.environ.get("DSV3_API_KEY") or None, max_request_bytes=args.max_request_bytes)
+        api_key=args.api_key or os.environ.get("DSV3_API_KEY") or None, max_request_bytes=args.max_request_bytes,
+        chat_template_timeout=args.chat_template_timeout)
     engine = AsyncEngine.from_args(args)
     if template is None:
         print(f"dsv3: {checkpoint} has no chat template: /v1/chat/completions answers 400 "

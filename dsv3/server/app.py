@@ -93,7 +93,12 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(engine.stats, settings.model_name)
     serving = OpenAIServing(engine, settings, metrics)
 
-    app = FastAPI(title="dsv3", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await serving.close()
+
+    app = FastAPI(title="dsv3", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.serving = serving
 
     async def check_key(request: Request) -> None:

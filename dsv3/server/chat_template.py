@@ -11,14 +11,13 @@ chat_template.jinja. A checkpoint with none gets a clear error on chat requests,
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from dsv3.errors import Dsv3Error, RequestError
+from dsv3.server.render_worker import RESERVED, environment, failure_message
+from dsv3.server.render_worker import render as render_template
 
 #: tokenizer_config.json keys that transformers passes to the template as special tokens
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -26,41 +25,6 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_t
 
 class NoChatTemplateError(RequestError):
     """The checkpoint has no chat template and none was given with --chat-template."""
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
 
 
 def _token_text(value) -> str | None:
@@ -80,8 +44,9 @@ class ChatTemplate:
     def __init__(self, source: str | dict[str, str], special_tokens: dict[str, str], origin: str):
         self.origin = origin
         self.special_tokens = dict(special_tokens)
-        env = _environment()
+        env = environment()
         named = source if isinstance(source, dict) else {"default": source}
+        self.sources = dict(named)
         try:
             self._templates = {name: env.from_string(text) for name, text in named.items()}
         except jinja2.TemplateSyntaxError as e:
@@ -140,18 +105,20 @@ class ChatTemplate:
         Raises:
             RequestError: the template rejected the conversation (its raise_exception) or failed on it.
         """
-        template = self._templates.get("tool_use") if tools else None
-        template = template or self._templates["default"]
-        reserved = ("messages", "tools", "documents", "add_generation_prompt")
-        variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if k not in reserved}}
+        check_template_kwargs(kwargs)
         try:
-            return template.render(messages=messages, tools=tools, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
-            raise RequestError(f"the chat template ({self.origin}) rejected the messages: {e}", param="messages") from e
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise RequestError(f"the chat template ({self.origin}) failed on the messages: "
-                               f"{type(e).__name__}: {e}", param="messages") from e
+            return render_template(self._templates, self.special_tokens, messages, tools, add_generation_prompt,
+                                   kwargs)
+        except Exception as e:  # noqa: BLE001 - the template is code: whatever it raises is this request's error
+            raise RequestError(failure_message(self.origin, e), param="messages") from None
+
+
+def check_template_kwargs(kwargs: dict) -> None:
+    """chat_template_kwargs may not set what the server passes the template itself."""
+    taken = [key for key in kwargs if key in RESERVED]
+    if taken:
+        raise RequestError(f"chat_template_kwargs may not set {', '.join(map(repr, taken))}: the server passes "
+                           f"{', '.join(RESERVED)} itself", param="chat_template_kwargs")
 
 
 def no_template_error(checkpoint: str | Path) -> NoChatTemplateError:

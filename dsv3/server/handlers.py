@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
@@ -38,6 +40,7 @@ from dsv3.server.protocol import (
     sampling_kwargs,
 )
 from dsv3.server.reasoning import ReasoningStream, split_reasoning
+from dsv3.server.render_pool import RenderPool
 from dsv3.server.runner import RequestGroup, cancel_on_disconnect
 from dsv3.server.tool_parser import ToolCallStream, parse_tool_calls
 
@@ -67,6 +70,7 @@ class ServerSettings:
     tool_call_parser: str | None = None
     api_key: str | None = None
     max_request_bytes: int = 16 << 20
+    chat_template_timeout: float = 10.0
 
 
 class OpenAIServing:
@@ -76,6 +80,17 @@ class OpenAIServing:
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        # CPU work stays off the event loop (it answers /health and every stream meanwhile): tokenizing in
+        # threads (the tokenizer lets go of the GIL), chat templates in worker processes bounded in time
+        self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="dsv3-tokenize")
+        max_chars = self.max_model_len * (self.tokenizer.max_token_chars or 0) or 8 * settings.max_request_bytes
+        self.renderer = None if settings.chat_template is None else RenderPool(
+            settings.chat_template, settings.chat_template_timeout, max_chars)
+
+    async def close(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -114,6 +129,23 @@ class OpenAIServing:
         except RequestError as e:
             raise APIError(str(e), param=e.param) from None
 
+    async def encode(self, texts: list[str], param: str, add_bos: bool | None = None) -> list[list[int]]:
+        """Token ids of each text, tokenized in a thread; 400 before any tokenizing where the length of a
+        text alone proves it cannot fit the context."""
+        for text in texts:
+            at_least = self.tokenizer.min_tokens(text)
+            if at_least >= self.max_model_len:
+                raise APIError(f"the prompt is {len(text)} characters, so at least {at_least} tokens, and this "
+                               f"model's context is {self.max_model_len} tokens: shorten the prompt", param=param)
+
+        def encode_all() -> list[list[int]]:
+            return [self.tokenizer.encode(text, add_bos=add_bos) for text in texts]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, encode_all)
+        except Dsv3Error as e:  # text the tokenizer refuses (not valid UTF-8)
+            raise APIError(str(e), param=param) from None
+
     def check_token_ids(self, ids: list[int]) -> None:
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -130,10 +162,11 @@ class OpenAIServing:
         prompt = request.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
+        encoded = iter(await self.encode([p for p in prompt if isinstance(p, str)], "prompt"))
         texts, prompts = [], []
         for p in prompt:
             if isinstance(p, str):
-                ids = self.tokenizer.encode(p)
+                ids = next(encoded)
             else:
                 ids = list(p)
                 self.check_token_ids(ids)
@@ -223,15 +256,14 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request)
-        template = self.settings.chat_template
-        if template is None:
+        if self.renderer is None:
             raise no_template_error(self.settings.checkpoint)
         parse_tools = self._tool_parsing(request)
         tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
         messages = [m.template_dict() for m in request.messages]
-        text = template.render(messages, tools=tools, add_generation_prompt=request.add_generation_prompt,
-                               **(request.chat_template_kwargs or {}))
-        prompt = self.tokenizer.encode(text, add_bos=False)
+        text = await self.renderer.render(messages, tools=tools, add_generation_prompt=request.add_generation_prompt,
+                                          **(request.chat_template_kwargs or {}))
+        [prompt] = await self.encode([text], "messages", add_bos=False)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
         params = self.sampling_params(request, max_tokens, request.logprobs_count)
 

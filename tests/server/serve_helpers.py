@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,3 +72,33 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
         self.log.close()
+
+
+class HealthPoller:
+    """Polls /health from a thread while a `with` block runs; `failures` lists the polls not answered 200
+    within a second (the server's event loop must keep answering whatever a request does)."""
+
+    def __init__(self, url: str):
+        self.url, self.failures, self.polls = url, [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        with httpx.Client(timeout=1.0) as client:
+            while not self._stop.is_set():
+                try:
+                    status = client.get(f"{self.url}/health").status_code
+                    if status != 200:
+                        self.failures.append(f"status {status}")
+                except httpx.HTTPError as e:
+                    self.failures.append(f"{type(e).__name__}")
+                self.polls += 1
+                self._stop.wait(0.1)
+
+    def __enter__(self) -> "HealthPoller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
