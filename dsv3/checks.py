@@ -82,18 +82,32 @@ def check_device(device: str | None) -> None:
                          f"visible (indices 0..{count - 1})")
 
 
-def model_bytes(config, precision: str, max_batch_size: int, max_seq_len: int) -> tuple[int, int]:
-    """(weight bytes, latent cache bytes) the model needs on its device, roughly, for the OOM message."""
+def model_bytes(config, precision: str, max_batch_size: int, max_seq_len: int, plan=None) -> tuple[int, int]:
+    """(weight bytes, latent cache bytes) the model needs on its device, roughly, for the OOM message and
+    `dsv3 doctor --plan`.
+
+    FP8 linears count their float32 block scales; kv_b_proj (dequantized at load) and the routers
+    (float32) count as loaded. With `plan` (a ParallelPlan) the weights are that rank's: its slice of each
+    cut tensor and its routed experts, without the MTP module.
+    """
     from dsv3 import tensor_specs
 
     dense = 4 if precision == "fp32" else 2
     weights = 0
-    for spec in tensor_specs.module_specs(config).values():
-        numel = math.prod(spec.shape)
-        if spec.kind == tensor_specs.LINEAR and precision == "fp8":
-            weights += numel + 4 * math.ceil(spec.shape[0] / 128) * math.ceil(spec.shape[-1] / 128)
+    for module, spec in tensor_specs.module_specs(config, include_mtp=plan is None).items():
+        if plan is not None and not plan.holds(module, config.n_routed_experts):
+            continue
+        shape = list(spec.shape)
+        cut = None if plan is None else plan.cut(module)
+        if cut is not None:
+            shape[cut.dim] //= cut.parts
+        numel = math.prod(shape)
+        if spec.kind == tensor_specs.LINEAR and precision == "fp8" and not module.endswith("kv_b_proj"):
+            weights += numel + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[-1] / 128)
+        elif spec.kind == tensor_specs.FP32 or module.endswith(".mlp.gate"):
+            weights += numel * 4
         else:
-            weights += numel * (4 if spec.kind == tensor_specs.FP32 else dense)
+            weights += numel * dense
     cache = config.latent_cache_bytes_per_token(dense) * max_batch_size * max_seq_len
     return weights, cache
 

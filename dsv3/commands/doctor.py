@@ -19,7 +19,7 @@ from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.interface import OPS
 from dsv3.backends.probe import probe
 from dsv3.backends.select import build, decide, describe, installed_packages
-from dsv3.checks import check_device
+from dsv3.checks import check_device, check_int, check_number
 from dsv3.errors import Dsv3Error
 from dsv3.precision import resolve_precision
 
@@ -34,13 +34,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto (default; DSV3_BACKEND overrides) or a backend name")
     p.add_argument("--device", help="torch device for the backend (default: the backend's)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    g = p.add_argument_group("memory plan", "--plan: what a multi-device layout needs on each rank and whether it "
+                             "fits, from the model's config alone (no device is probed, no weight read)")
+    g.add_argument("--plan", action="store_true", help="print the memory plan of a layout instead")
+    g.add_argument("--model", default="deepseek-v3", help="a checkpoint directory or a built-in config name "
+                   "(default deepseek-v3)")
+    g.add_argument("--devices", default="H200x8", help="device kind and count: H200x8, H100x8, MI300Xx8 or 910Bx32 "
+                   "(default H200x8)")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks sharing attention (default 1)")
+    g.add_argument("-dp", "--data-parallel-size", type=int, default=1,
+                   help="data-parallel attention groups of tp ranks (default 1)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="whole experts per rank (expert parallelism over every rank)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp8", "bf16"),
+                   help="auto: fp8 where the checkpoint and the device have it, else bf16")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16", "fp8"), help="latent cache type")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of each device used "
+                   "(default 0.9)")
+    g.add_argument("--reserve-gib", type=float, default=5.0, help="GiB per rank kept for the runtime context, "
+                   "communication buffers and activations (default 5)")
+    g.add_argument("--max-model-len", type=int, help="the longest request (default min(4096, the model's))")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        return run_plan(args)
     check_device(args.device)
     report = collect(args.backend, args.device)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 2 if report["backend"]["error"] else 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`dsv3 doctor --plan`: 0 when the layout fits, 1 when it does not; impossible layouts raise (exit 2)."""
+    from dsv3.config import load_config
+    from dsv3.memory_plan import GiB, format_plan, memory_plan, not_fitting, parse_devices
+
+    check_int("-tp", args.tensor_parallel_size, 1)
+    check_int("-dp", args.data_parallel_size, 1)
+    check_int("--max-model-len", args.max_model_len, 1, optional=True)
+    check_number("--gpu-memory-utilization", args.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+    check_number("--reserve-gib", args.reserve_gib, 0.0)
+    kind, count = parse_devices(args.devices)
+    config = load_config(args.model)
+    plan = memory_plan(config, kind, count, args.tensor_parallel_size, args.data_parallel_size,
+                       args.enable_expert_parallel, args.precision, args.kv_cache_dtype, args.gpu_memory_utilization,
+                       int(args.reserve_gib * GiB), args.max_model_len)
+    print(json.dumps({"model": args.model, **plan.to_dict()}, indent=2) if args.json else format_plan(plan, args.model))
+    if plan.fits:
+        return 0
+    print(f"dsv3: error: {not_fitting(plan)}", file=sys.stderr)
+    return 1
 
 
 def collect(requested: str = "auto", device: str | None = None) -> dict:
