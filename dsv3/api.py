@@ -35,6 +35,7 @@ from dsv3.serving.cache_sizing import plan_cache
 from dsv3.serving.engine import EngineConfig, LLMEngine
 from dsv3.serving.outputs import RequestOutput
 from dsv3.serving.params import SamplingParams, generation_defaults
+from dsv3.serving.spec_decode import SpeculativeConfig
 from dsv3.tokenizer import Tokenizer
 
 TINY_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny"
@@ -207,7 +208,8 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
                block_size: int = engine_args.DEFAULT_BLOCK_SIZE, gpu_memory_utilization: float = 0.9,
                cache_tokens: int | None = None, kv_cache_dtype: str = "auto",
                max_num_batched_tokens: int = engine_args.DEFAULT_MAX_NUM_BATCHED_TOKENS,
-               enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto") -> Model:
+               enable_prefix_caching: bool = True, enforce_eager: bool = False, load_format: str = "auto",
+               speculative_config: str | dict | SpeculativeConfig | None = None) -> Model:
     """Load a DeepSeek model.
 
     Args:
@@ -237,6 +239,8 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         enforce_eager: never replay recorded decode steps.
         load_format: "auto" reads the checkpoint's weights; "dummy" makes random ones for its config and
             keeps its tokenizer and generation defaults (vLLM's --load-format dummy: for benchmarks).
+        speculative_config: MTP speculative decoding, as vLLM's --speculative-config: a JSON string, a dict
+            or a SpeculativeConfig, e.g. {"method": "mtp", "num_speculative_tokens": 2} (loads the MTP module).
     Returns:
         A Model.
     """
@@ -249,7 +253,10 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
         max_model_len=max_model_len, block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
         cache_tokens=cache_tokens, kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens))
+    speculative_config = SpeculativeConfig.parse(speculative_config, "speculative_config")
     plan = parallel.plan_for(tp, ep)  # None in a single process
+    if speculative_config is not None and plan is not None:
+        raise UsageError("speculative_config: MTP speculative decoding runs in one process only (no --tp/--ep yet)")
     quiet = quiet or (plan is not None and not plan.is_primary)
     if path_or_config is None:
         path_or_config = TINY_CHECKPOINT
@@ -277,6 +284,9 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     else:
         config = path_or_config if isinstance(path_or_config, ModelConfig) else load_config(path_or_config)
     sampling_defaults = generation_defaults(path_or_config if checkpoint else None)
+    if speculative_config is not None:
+        speculative_config.check_model(config, str(path_or_config) if checkpoint else "the model's config")
+        load_mtp = True
     chosen_precision, why = resolve_precision(precision, chosen.capabilities, config.is_fp8 or not checkpoint, chip)
     info(why, quiet)
     if source is None:  # synthetic weights: a config, or a checkpoint's config with load_format="dummy"
@@ -320,7 +330,7 @@ def load_model(path_or_config: str | Path | ModelConfig | None = None, backend: 
     config_ = EngineConfig(max_model_len=max_model_len, block_size=block_size, num_blocks=cache.num_blocks,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-                           kv_cache_dtype=kv_cache_dtype)
+                           kv_cache_dtype=kv_cache_dtype, speculative_config=speculative_config)
     eos = set(config.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_id is not None:
         eos.add(tokenizer.eos_id)

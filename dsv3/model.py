@@ -293,6 +293,22 @@ class MTP:
         self.norm = RMSNorm.load(backend, loader, f"{p}.shared_head.norm", eps, dtype)
         self.head = loader.tensor(f"{p}.shared_head.head").to(backend.device, dtype)
 
+    def __call__(self, hidden: torch.Tensor, next_tokens: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The module's normed hidden state [N, D] at each of the batch's positions, from the hidden state
+        there `hidden` [N, D] and the following token `next_tokens` [N]; writes its own cache.
+
+        Its output stands in for the main model's hidden state at the next position, so applying the module
+        again to it and its predicted token drafts one more token (as vLLM does for k > 1)."""
+        embedded = F.embedding(next_tokens, self.embed)
+        x = self.eh_proj(torch.cat((self.enorm(embedded).values, self.hnorm(hidden).values), dim=-1))
+        x, residual = self.block(x, None, cache, batch, cos, sin)
+        return self.norm(x, residual).values
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the module's hidden states."""
+        return F.linear(hidden, self.head).float()
+
 
 class Transformer:
     """DeepSeek-V3: embedding, blocks (dense first, then MoE), final norm, head; optional MTP.
@@ -337,8 +353,9 @@ class Transformer:
                                            self.config.qk_rope_head_dim, self.dtype, self.kv_cache_dtype)
 
     def cache_bytes_per_block(self, block_size: int) -> int:
-        """Bytes one block takes over all layers."""
-        return self.cache_spec_for(1, block_size).bytes_per_block * len(self.layers)
+        """Bytes one block takes over all layers (the MTP module's, where loaded, included: speculative
+        decoding gives it a pool of its own)."""
+        return self.cache_spec_for(1, block_size).bytes_per_block * (len(self.layers) + len(self.mtp))
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> None:
         """Allocate each layer's pool of `num_blocks` blocks of `block_size` tokens (replacing any)."""
@@ -425,9 +442,6 @@ class Transformer:
         batch, caches = self._whole_sequences(tokens, len(self.layers) + 1)
         h = self.hidden(batch, caches[:-1])
         mtp = self.mtp[0]
-        next_embedded = F.embedding(next_tokens.reshape(-1).to(h.device), mtp.embed)
-        x = mtp.eh_proj(torch.cat((mtp.enorm(next_embedded).values, mtp.hnorm(h).values), dim=-1))
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
-        x, residual = mtp.block(x, None, caches[-1], batch, cos, sin)
-        x = mtp.norm(x, residual).values
-        return F.linear(x, mtp.head).float().view(*tokens.shape, -1)
+        x = mtp(h, next_tokens.reshape(-1).to(h.device), caches[-1], batch, cos, sin)
+        return mtp.project(x).view(*tokens.shape, -1)

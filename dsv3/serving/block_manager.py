@@ -143,6 +143,18 @@ class BlockManager:
                 self.cached[parent] = block
                 self.hashes[block] = parent
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free seq's blocks beyond the first `num_tokens` tokens (those of rejected draft tokens)."""
+        keep = self.blocks_for(num_tokens)
+        if keep >= len(seq.block_table):
+            return
+        for block in reversed(seq.block_table[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)  # never hashed: its tokens were not computed
+        seq.block_table = seq.block_table[:keep]  # a new list: tables only grow in place (model_runner._Staging)
+
     def free_sequence(self, seq: Sequence) -> None:
         """Drop seq's hold on its blocks; blocks nobody holds join the free queue (last blocks evicted first)."""
         for block in reversed(seq.block_table):

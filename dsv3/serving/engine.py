@@ -25,6 +25,7 @@ from dsv3.serving.params import SamplingParams
 from dsv3.serving.request import Sequence
 from dsv3.serving.sampler import Sampler, SamplerOutput
 from dsv3.serving.scheduler import ScheduledStep, Scheduler
+from dsv3.serving.spec_decode import MTPProposer, SpecDecodeStats, SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class EngineConfig:
         enable_prefix_caching: reuse cached blocks of equal prompt prefixes.
         enforce_eager: never replay recorded decode steps.
         seed: seed of the generator unseeded requests share.
+        speculative_config: MTP speculative decoding (None: off).
     """
 
     max_model_len: int
@@ -52,6 +54,7 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     kv_cache_dtype: str = "auto"
+    speculative_config: SpeculativeConfig | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class EngineStats:
     generation_tokens: int
     num_blocks: int = 0
     block_size: int = 0
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding
 
 
 @dataclass(eq=False)
@@ -118,10 +122,14 @@ class LLMEngine:
         model.allocate_cache(config.num_blocks, config.block_size)
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        spec = config.speculative_config
         self.runner = ModelRunner(model, config.block_size, config.max_num_seqs, config.max_model_len,
-                                  config.enforce_eager)
+                                  config.enforce_eager, rows_per_seq=1 + (spec.num_speculative_tokens if spec else 0),
+                                  keep_hidden=spec is not None)
         self.runner.record_all()
         self.sampler = Sampler(model.backend.device, config.seed)
+        self.proposer = None if spec is None else MTPProposer(
+            model, spec, config.num_blocks, config.block_size, config.max_num_seqs, config.max_model_len, self.sampler)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = self.generation_tokens = 0
         self.idle = True
@@ -236,18 +244,26 @@ class LLMEngine:
         outputs, detokenizing what needs no stop string check, and may run after the next launch_step."""
         step, seqs, changed = launched.step, launched.seqs, launched.changed
         if not step.is_empty:
+            spans = [(seq, seq.num_computed_tokens, count) for seq, count in step.scheduled()]
             self.scheduler.update(step)
             sampled = self._sample(launched.logits, seqs, changed)
             now = time.monotonic()
-            for seq, token, logprobs in sampled:
+            for seq, tokens, logprobs in sampled:
                 request = self.requests.get(seq.request_id)
                 if request is None or seq.is_finished:
                     continue
-                try:
-                    self._append(request, seq, token, logprobs, now)
+                try:  # accepted draft tokens one by one: each may stop the sequence
+                    for token, token_logprobs in zip(tokens, logprobs, strict=True):
+                        self._append(request, seq, token, token_logprobs, now)
+                        if seq.is_finished:
+                            break
+                    if seq.draft_token_ids and not seq.is_finished:
+                        self.scheduler.accepted(seq)
                 except Exception as e:  # noqa: BLE001 - e.g. the detokenizer: only this request fails
                     self._fail(request, e)
                 changed[request.request_id] = request
+            if self.proposer is not None:
+                self._propose(spans)
         for request in changed.values():
             self._retire_if_done(request)
         return list(changed.values())
@@ -286,30 +302,50 @@ class LLMEngine:
             parts.append(logits)
         live = [i for i, s in enumerate(seqs) if not s.is_finished]  # a failed sibling ended its request
         logits = torch.cat(parts)[live] if parts else torch.empty(0)
+        self.runner.hidden = None  # rows of separate runs: no drafts this step
         kept.decodes = [s for s in kept.decodes if not s.is_finished]
         kept.prefills = [(s, n) for s, n in kept.prefills if not s.is_finished]
         return kept, [seqs[i] for i in live], logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], changed: dict):
-        """(seq, token, logprobs) per sequence; the sampler isolated per sequence where it raises."""
+        """(seq, tokens, logprobs) per sequence: its next token, or where it verifies draft tokens those it
+        accepts and the target's next; the sampler isolated per sequence where it raises."""
         if not seqs:
             return []
         try:
-            out = self.sampler(logits, seqs)
-            return list(zip(seqs, out.tokens, out.logprobs, strict=True))
+            return self._sample_batch(logits, seqs)
         except Exception:  # noqa: BLE001
             pass
-        result = []
-        for i, seq in enumerate(seqs):
+        result, row = [], 0
+        for seq in seqs:
+            count = 1 + len(seq.draft_token_ids)
+            row += count
             try:
-                one: SamplerOutput = self.sampler(logits[i:i + 1], [seq])
-                result.append((seq, one.tokens[0], one.logprobs[0]))
+                result += self._sample_batch(logits[row - count:row], [seq])
             except Exception as e:  # noqa: BLE001
                 request = self.requests.get(seq.request_id)
                 if request is not None:
                     self._fail(request, e)
                     changed[request.request_id] = request
         return result
+
+    def _sample_batch(self, logits: torch.Tensor, seqs: list[Sequence]):
+        if self.proposer is not None and any(s.draft_token_ids for s in seqs):
+            return self.proposer.sample(logits, seqs)
+        out: SamplerOutput = self.sampler(logits, seqs)
+        return [(seq, [token], [logprobs]) for seq, token, logprobs in zip(seqs, out.tokens, out.logprobs, strict=True)]
+
+    def _propose(self, spans: list[tuple[Sequence, int, int]]) -> None:
+        """The MTP module over the positions this step computed, drafting for the next (see spec_decode)."""
+        hidden = self.runner.hidden
+        if hidden is None:
+            return
+        known, row = [], 0
+        for seq, start, count in spans:
+            if not seq.is_finished:  # positions computed, with their next token known
+                known.append((seq, row, start, seq.num_computed_tokens - start))
+            row += count
+        self.proposer.propose(known, hidden, self.proposer.enabled(len(self.scheduler.running)))
 
     def _append(self, request: _Request, seq: Sequence, token: int, logprobs, now: float) -> None:
         seq.token_ids.append(token)
@@ -380,5 +416,6 @@ class LLMEngine:
                            prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens,
                            generation_tokens=self.generation_tokens, num_blocks=self.config.num_blocks,
-                           block_size=self.config.block_size)
+                           block_size=self.config.block_size,
+                           spec_decode=None if self.proposer is None else self.proposer.stats.copy())
 

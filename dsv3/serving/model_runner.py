@@ -31,13 +31,15 @@ from dsv3.serving.request import Sequence
 from dsv3.serving.scheduler import ScheduledStep
 
 
-def batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """Decode batch sizes with their own recording: powers of two below max_num_seqs, then it."""
+def batch_buckets(max_num_seqs: int, rows_per_seq: int = 1) -> tuple[int, ...]:
+    """Row counts with their own recording: powers of two below max_num_seqs, then it; with rows_per_seq > 1
+    (speculative decoding verifies 1 + k tokens per sequence) also each of those times rows_per_seq."""
     buckets, size = [], 1
     while size < max_num_seqs:
         buckets.append(size)
         size *= 2
-    return (*buckets, max_num_seqs)
+    buckets.append(max_num_seqs)
+    return tuple(sorted({*buckets, *(b * rows_per_seq for b in buckets)}))
 
 
 @dataclass
@@ -50,6 +52,7 @@ class _Bucket:
     seq_lens: torch.Tensor      # int32 [size]
     logits: torch.Tensor        # float32 [size, vocab]
     replay: Callable[[], None]
+    hidden: torch.Tensor | None = None  # [size, D] final-norm hidden states, where kept (keep_hidden)
     staging: "_Staging | None" = None
     batch: ForwardBatch | None = None  # what the recording reads: every tensor of it must outlive the recording
 
@@ -63,7 +66,8 @@ class _Staging:
     lengths in place, and a row of block tables only where its sequence or table changed.
 
     The rows' tables are known by the list object a sequence holds and its length: the block manager only
-    appends to a table, and a freed sequence gets a new list (held here, so its identity is not reused).
+    appends to a table, and a freed or trimmed sequence gets a new list (held here, so its identity is not
+    reused).
     """
 
     def __init__(self, size: int, width: int):
@@ -80,7 +84,7 @@ class _Staging:
         n = len(step_rows)
         self.np_positions[:n] = [position for _, position in step_rows]
         self.np_positions[n:] = 0
-        self.np_tokens[:n] = [seq.token_ids[position] for seq, position in step_rows]
+        self.np_tokens[:n] = [seq.token_at(position) for seq, position in step_rows]
         self.np_tokens[n:] = 0
         self.np_seq_lens[:n] = self.np_positions[:n] + 1
         self.np_seq_lens[n:] = 1
@@ -110,17 +114,21 @@ class ModelRunner:
         max_num_seqs: the largest decode batch.
         max_model_len: the longest sequence.
         enforce_eager: never record decode steps.
+        rows_per_seq: rows a sequence runs in a verify step (1 + k with speculative decoding, else 1).
+        keep_hidden: keep every row's final-norm hidden state in `hidden` (the speculative proposer reads them).
     """
 
     def __init__(self, model: Transformer, block_size: int, max_num_seqs: int, max_model_len: int,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, rows_per_seq: int = 1, keep_hidden: bool = False):
         self.model, self.block_size = model, block_size
         self.device = model.backend.device
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
-        self.buckets = batch_buckets(max_num_seqs)
+        self.buckets = batch_buckets(max_num_seqs, rows_per_seq)
         self.graphs = not enforce_eager and model.supports_graphs()
         self._recorded: dict[tuple[int, bool], _Bucket] = {}  # (size, shared rows) -> bucket
+        self.keep_hidden = keep_hidden
+        self.hidden: torch.Tensor | None = None
 
     def record_all(self) -> None:
         """Record every bucket now, for decode steps and for steps with chunk rows (all rows padding,
@@ -163,25 +171,31 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
         """Run a step; returns the sequences that sample now (their chunk reaches their last token) and
-        their float32 logits [S, V] in that order."""
+        their float32 logits in that order: one row each, or 1 + len(draft_token_ids) rows (one per
+        verified position) for a sequence with draft tokens. With keep_hidden, `hidden` then holds every
+        row's final-norm hidden state [num_tokens, D] (else None)."""
         scheduled = step.scheduled()
-        ends, end = [], -1  # each scheduled sequence's last row
-        for _, count in scheduled:
+        logits_rows, seqs, end = [], [], 0
+        for seq, count in scheduled:
             end += count
-            ends.append(end)
-        sampling = [i for i, (seq, count) in enumerate(scheduled)
-                    if seq.num_computed_tokens + count == len(seq.token_ids)]
-        seqs = [scheduled[i][0] for i in sampling]
-        logits_rows = [ends[i] for i in sampling]
+            if seq.num_computed_tokens + count == len(seq.token_ids) + len(seq.draft_token_ids):
+                seqs.append(seq)
+                logits_rows += range(end - 1 - len(seq.draft_token_ids), end)
+        self.hidden = None
         size = self.bucket(step.num_tokens)
         if self.graphs and size is not None:
             rows = [(seq, seq.num_computed_tokens + j) for seq, count in scheduled for j in range(count)]
-            logits = self._replay(size, bool(step.prefills), rows)
-            if logits is not None:
+            bucket = self._replay(size, bool(step.prefills), rows)
+            if bucket is not None:
+                self.hidden = None if bucket.hidden is None else bucket.hidden[:len(rows)]
                 if len(logits_rows) == len(rows):
-                    return seqs, logits[:len(rows)]
-                return seqs, logits[torch.tensor(logits_rows, dtype=torch.long, device=logits.device)]
-        return seqs, self.model.forward(self._eager_batch(step, logits_rows))
+                    return seqs, bucket.logits[:len(rows)]
+                return seqs, bucket.logits[torch.tensor(logits_rows, dtype=torch.long, device=self.device)]
+        batch = self._eager_batch(step, logits_rows)
+        if not self.keep_hidden:
+            return seqs, self.model.forward(batch)
+        self.hidden = self.model.hidden(batch)
+        return seqs, self.model.project(self.hidden[batch.logits_indices])
 
     # ---- eager ------------------------------------------------------------------------------------
 
@@ -190,7 +204,7 @@ class ModelRunner:
         tokens, positions = [], []
         for seq, count in step.scheduled():
             start = seq.num_computed_tokens
-            tokens += seq.token_ids[start:start + count]
+            tokens += [seq.token_at(p) for p in range(start, start + count)]
             positions += range(start, start + count)
         decode = self._paged(step.decodes, [1] * len(step.decodes)) if step.decodes else None
         prefill = None
@@ -218,7 +232,7 @@ class ModelRunner:
 
     # ---- recorded steps ---------------------------------------------------------------------------
 
-    def _replay(self, size: int, shared: bool, rows: list[Row]) -> torch.Tensor | None:
+    def _replay(self, size: int, shared: bool, rows: list[Row]) -> _Bucket | None:
         bucket = self._recorded.get((size, shared))
         if bucket is None:
             bucket = self._record(size, shared, rows)
@@ -228,7 +242,7 @@ class ModelRunner:
         else:
             self._fill(bucket, rows)
         bucket.replay()
-        return bucket.logits
+        return bucket
 
     def _fill(self, bucket: _Bucket, rows: list[Row]) -> None:
         """Write the step's inputs into the bucket's buffers; padding rows write only block 0."""
@@ -252,6 +266,8 @@ class ModelRunner:
                          seq_lens=torch.ones(size, dtype=torch.int32, device=device),
                          logits=torch.zeros(size, model.config.vocab_size, dtype=torch.float32, device=device),
                          replay=lambda: None)
+        if self.keep_hidden:
+            bucket.hidden = torch.zeros(size, model.config.hidden_size, dtype=model.dtype, device=device)
         self._fill(bucket, rows)
         paged = PagedBatch(block_tables=bucket.block_tables, seq_lens=bucket.seq_lens,
                            query_start=torch.arange(size + 1, dtype=torch.int32, device=device),
@@ -259,7 +275,11 @@ class ModelRunner:
         batch = bucket.batch = ForwardBatch(bucket.tokens, bucket.positions, size, paged, None)
 
         def step() -> None:
-            bucket.logits.copy_(model.forward(batch))
+            if bucket.hidden is None:
+                bucket.logits.copy_(model.forward(batch))
+            else:
+                bucket.hidden.copy_(model.hidden(batch))
+                bucket.logits.copy_(model.project(bucket.hidden))
 
         replay = model.backend.graph_runner(step)
         if replay is None:

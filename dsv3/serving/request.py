@@ -32,6 +32,8 @@ class Sequence:
         num_cached_tokens: prompt tokens found in the prefix cache when it was first scheduled.
         generator: its own random generator when seeded.
         leader: for n > 1, completion 0, whose prompt blocks the others wait to share.
+        draft_token_ids: tokens the speculative proposer guessed to follow token_ids, verified next step.
+        draft_probs: float32 [len(draft_token_ids), V], the distributions they were drawn from (None: greedy).
     """
 
     seq_id: str
@@ -52,10 +54,20 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
     num_preemptions: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def token_at(self, position: int) -> int:
+        """The token at `position`, the draft tokens counted as following token_ids."""
+        n = len(self.token_ids)
+        return self.token_ids[position] if position < n else self.draft_token_ids[position - n]
+
+    def drop_drafts(self) -> None:
+        self.draft_token_ids, self.draft_probs = [], None
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,8 +1,9 @@
 """Who runs each step: running sequences first, then waiting ones, under a token budget.
 
 One step function, no separate prefill and decode phases (vLLM v1's shape). Each step:
-1. Every running sequence gets its next tokens, in admission order: one token when it is decoding,
-   else the next chunk of its prompt, as far as the budget (`max_num_batched_tokens`) goes. When the
+1. Every running sequence gets its next tokens, in admission order: one token when it is decoding
+   (with its draft tokens where speculative decoding proposed some, a chunk the model verifies), else
+   the next chunk of its prompt, as far as the budget (`max_num_batched_tokens`) goes. When the
    cache has no block left for it, the newest running sequence is preempted: its blocks are freed and
    it goes back to the front of the queue, to be recomputed from its tokens later (greedy output is
    unchanged: the recomputed cache holds what the original did).
@@ -87,7 +88,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            count = min(seq.num_tokens + len(seq.draft_token_ids) - seq.num_computed_tokens, budget)
+            if seq.draft_token_ids and count - 1 < len(seq.draft_token_ids):  # the budget cuts the drafts
+                seq.draft_token_ids = seq.draft_token_ids[:max(count - 1, 0)]
+                if seq.draft_probs is not None:
+                    seq.draft_probs = seq.draft_probs[:len(seq.draft_token_ids)]
             if count <= 0:  # nothing to compute (cannot happen while every sampled token is appended)
                 i += 1
                 continue
@@ -136,6 +141,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
+        seq.drop_drafts()
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -149,9 +155,22 @@ class Scheduler:
         for seq, count in step.scheduled():
             if seq.is_finished:  # ended while the step ran (its blocks are already free)
                 continue
+            if seq.draft_token_ids:  # verified drafts: advanced by what is accepted (accepted())
+                ready.append(seq)
+                continue
             seq.num_computed_tokens += count
             if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * block_size:  # a block filled up
                 cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 ready.append(seq)
         return ready
+
+    def accepted(self, seq: Sequence) -> None:
+        """After a verify step appended its accepted tokens to an unfinished seq: the cache holds every
+        token but the last (the target's own next token), and seq keeps no block beyond its tokens."""
+        seq.drop_drafts()
+        seq.num_computed_tokens = seq.num_tokens - 1
+        bm = self.block_manager
+        if seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bm.block_size:
+            bm.cache_full_blocks(seq)
+        bm.trim(seq, seq.num_tokens)

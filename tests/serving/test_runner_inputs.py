@@ -23,10 +23,17 @@ def fresh(seqs, size: int, width: int):
             torch.tensor(tables, dtype=torch.int32))
 
 
+class Seq(SimpleNamespace):
+    """What _Staging reads of a Sequence."""
+
+    def token_at(self, position: int) -> int:
+        return self.token_ids[position]
+
+
 def test_staging_written_in_place_equals_fresh_inputs():
     rng = random.Random(0)
     size, width, block_size = 8, 6, 4
-    seqs = [SimpleNamespace(token_ids=[rng.randrange(100) for _ in range(rng.randrange(1, 10))], block_table=[],
+    seqs = [Seq(token_ids=[rng.randrange(100) for _ in range(rng.randrange(1, 10))], block_table=[],
                             num_computed_tokens=0) for _ in range(12)]
     next_block = iter(range(1, 10_000))
     staging = _Staging(size, width)
