@@ -33,7 +33,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
-from dsv3.backends.chips import DENSE_DTYPES, FP8_FORMATS, ChipInfo
+from dsv3.backends.chips import DENSE_DTYPES, ChipInfo
 from dsv3.backends.errors import BackendError, BackendUnavailable
 from dsv3.backends.interface import (
     Backend,
@@ -172,7 +172,7 @@ class AscendBackend(Backend):
         self.capabilities = Capabilities(
             name="ascend",
             device=str(self._device),
-            fp8_dtype=FP8_FORMATS[fp8_format] if fp8_format else None,
+            fp8_dtype=fp8.FP8_FORMATS[fp8_format] if fp8_format else None,
             fp8_max=self.chip.fp8_max,
             dist_backend="hccl",
             native_fp8=self.chip.has_fp8,

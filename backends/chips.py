@@ -1,4 +1,4 @@
-"""The platform facts, said once: what a chip can do, the FP8 formats and their maxima, the dense dtypes.
+"""The platform facts, said once: what a chip can do (its FP8 format), the dense dtypes.
 
 A chip's abilities are decided from its vendor and arch string, never from a capability number
 alone: AMD GPUs report CUDA-style capabilities (9, 4) and (9, 5) that pass a naive ">= 9.0 means
@@ -10,14 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from dsv3.backends.errors import BackendError
+from dsv3.backends.fp8 import FP8_ACTIVATION_MAX
 
-#: FP8 format name -> its torch dtype
-FP8_FORMATS: dict[str, torch.dtype] = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
-#: the largest finite value of each FP8 format: the bound for any activation max
-FP8_FORMAT_MAX: dict[str, float] = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
-#: default activation max per FP8 format (vLLM and SGLang use 224, not 240, on e4m3fnuz)
-FP8_ACTIVATION_MAX: dict[str, float] = {"e4m3fn": 448.0, "e4m3fnuz": 224.0}
 #: the dtype of each dense precision
 DENSE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -47,22 +41,6 @@ class ChipInfo:
     @property
     def has_fp8(self) -> bool:
         return self.fp8_format is not None
-
-
-def check_fp8_max(value, fp8_format: str, source: str) -> float:
-    """`value` as an activation max for `fp8_format`, from `source` (named in the error).
-
-    Raises:
-        BackendError: not a number in (0, the format's largest finite value].
-    """
-    limit = FP8_FORMAT_MAX[fp8_format]
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not 0 < number <= limit:
-        raise BackendError(f"{source}={value}: expected a number in (0, {limit:g}] for {fp8_format} activations")
-    return number
 
 
 def fp8_format_for(vendor: str, arch: str) -> str | None:

@@ -10,7 +10,8 @@ at start).
 from __future__ import annotations
 
 import torch
-from dsv3.backends.chips import FP8_FORMATS, ChipInfo
+from dsv3.backends import fp8
+from dsv3.backends.chips import ChipInfo
 from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.probe import probe_device
 from dsv3.backends.triton_backend import TritonBackend, check_scaled_mm
@@ -37,7 +38,7 @@ class CudaBackend(TritonBackend):
         if chip.vendor != "nvidia":
             raise BackendUnavailable(f"the cuda backend runs on NVIDIA GPUs, got a {chip.vendor} {chip.arch}")
         on_gpu = torch.cuda.is_available()
-        fp8_dtype = FP8_FORMATS.get(chip.fp8_format) if chip.fp8_format == "e4m3fn" else None
+        fp8_dtype = fp8.FP8_FORMATS.get(chip.fp8_format) if chip.fp8_format == "e4m3fn" else None
         super().__init__(
             "cuda", device, chip, kernel_configs(chip.arch),
             num_sms=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else DEFAULT_NUM_SMS,

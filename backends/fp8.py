@@ -1,25 +1,71 @@
-"""FP8 block-quantization math shared by every backend, the loader and `dsv3 convert`.
+"""The FP8 table (formats, maxima, the 128 block) and the block-quantization math every backend, the
+loader and `dsv3 convert` share.
 
 Plain PyTorch only. The DeepSeek-V3 checkpoint stores each quantized linear as
 an e4m3fn weight [out, in] and a float32 `weight_scale_inv` with one entry per
 128x128 block (partial blocks at the edges included); activations are quantized
-per token per 128 channels at run time.
+per token per 128 channels at run time. Every default that needs an FP8 fact reads
+it here; the one setting from the environment is DSV3_FP8_MAX (the activation max).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
-from dsv3.backends.chips import FP8_FORMATS  # noqa: F401 - the format table, read here as fp8.FP8_FORMATS
+from dsv3.backends.errors import BackendError
 
+#: FP8 format name -> its torch dtype
+FP8_FORMATS: dict[str, torch.dtype] = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
+#: the largest finite value of each FP8 format: weight blocks map their amax to it, and it bounds any
+#: activation max
+FP8_FORMAT_MAX: dict[str, float] = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
+#: the default activation max of each format (vLLM and SGLang use 224, not 240, on e4m3fnuz)
+FP8_ACTIVATION_MAX: dict[str, float] = {"e4m3fn": 448.0, "e4m3fnuz": 224.0}
+#: the environment variable that sets the activation max (e.g. 240 instead of 224 on gfx942)
+FP8_MAX_ENV = "DSV3_FP8_MAX"
+#: the scale block: 1 x BLOCK for activations, BLOCK x BLOCK for weights
 BLOCK = 128
 SCALE_FLOOR = 1e-4  # keeps an all-zero block from giving 0/0 = NaN
 
 
+def format_name(dtype: torch.dtype) -> str:
+    """"e4m3fn" or "e4m3fnuz" for an FP8 dtype."""
+    return str(dtype).removeprefix("torch.float8_")
+
+
 def fp8_max(dtype: torch.dtype) -> float:
     """Largest finite value of an FP8 dtype (448 for e4m3fn, 240 for e4m3fnuz)."""
-    return float(torch.finfo(dtype).max)
+    return FP8_FORMAT_MAX[format_name(dtype)]
+
+
+def check_fp8_max(value, fp8_format: str, source: str) -> float:
+    """`value` as an activation max for `fp8_format`, from `source` (named in the error).
+
+    Raises:
+        BackendError: not a number in (0, the format's largest finite value].
+    """
+    limit = FP8_FORMAT_MAX[fp8_format]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0 < number <= limit:
+        raise BackendError(f"{source}={value}: expected a number in (0, {limit:g}] for {fp8_format} activations")
+    return number
+
+
+def activation_max(fp8_format: str, env: Mapping[str, str] | None = None) -> float:
+    """The activation max of `fp8_format`: DSV3_FP8_MAX where `env` sets it (checked), else the table's.
+
+    Raises:
+        BackendError: DSV3_FP8_MAX is not a number in (0, the format's max].
+    """
+    value = (env or {}).get(FP8_MAX_ENV)
+    if value in (None, ""):
+        return FP8_ACTIVATION_MAX[fp8_format]
+    return check_fp8_max(value, fp8_format, FP8_MAX_ENV)
 
 
 def num_blocks(size: int, block: int = BLOCK) -> int:
@@ -85,13 +131,13 @@ def quantize_activation(
     Args:
         x: [..., K]; K need not be a multiple of 128 (the last block is partial).
         fp8_dtype: e4m3fn or e4m3fnuz.
-        max_value: the value amax maps to; defaults to the dtype's max.
+        max_value: the value amax maps to; defaults to the format's activation max (448, or 224 on e4m3fnuz).
         power_of_two: round scales up to powers of two.
     Returns:
         (q [..., K] in fp8_dtype, scales float32 [..., ceil(K/128)]).
     """
     k = x.shape[-1]
-    max_value = fp8_max(fp8_dtype) if max_value is None else max_value
+    max_value = FP8_ACTIVATION_MAX[format_name(fp8_dtype)] if max_value is None else max_value
     padded = torch.nn.functional.pad(x.float(), (0, -k % BLOCK))
     blocks = padded.unflatten(-1, (-1, BLOCK))
     amax = blocks.abs().amax(dim=-1).clamp_min(SCALE_FLOOR)

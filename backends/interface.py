@@ -371,9 +371,7 @@ def fp8_cache_views(cache: torch.Tensor, kv_lora_rank: int, rope_dim: int,
 
 def fp8_cache_max(cache: torch.Tensor) -> float:
     """The value a latent tile's amax maps to in this FP8 cache (the format's activation max)."""
-    from dsv3.backends.chips import FP8_ACTIVATION_MAX
-
-    return FP8_ACTIVATION_MAX[str(cache.dtype).removeprefix("torch.float8_")]
+    return fp8.FP8_ACTIVATION_MAX[fp8.format_name(cache.dtype)]
 
 
 def write_fp8_cache(cache: torch.Tensor, rows: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:

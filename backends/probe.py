@@ -12,6 +12,7 @@ tests describe an H100 or an MI300X without one.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -19,6 +20,7 @@ import platform
 from types import ModuleType
 from typing import Callable
 
+from dsv3.backends import fp8
 from dsv3.backends.chips import ChipInfo, describe_chip
 from dsv3.backends.errors import BackendUnavailable
 
@@ -153,7 +155,10 @@ def probe_device(vendor: str, device, torch_module: ModuleType | None = None) ->
         backend, kind = ("rocm", "AMD") if vendor == "amd" else ("cuda", "NVIDIA")
         raise BackendUnavailable(f"the {backend} backend found no {kind} GPU (torch.cuda.is_available() is False)")
     index = cuda.current_device() if index is None else index
-    return (probe_rocm if vendor == "amd" else probe_cuda)(torch_module, index)
+    chip = (probe_rocm if vendor == "amd" else probe_cuda)(torch_module, index)
+    if chip.fp8_format is not None and os.environ.get(fp8.FP8_MAX_ENV):  # as select() applies it
+        chip = dataclasses.replace(chip, fp8_max=fp8.activation_max(chip.fp8_format, os.environ))
+    return chip
 
 
 def cpu_chip() -> ChipInfo:

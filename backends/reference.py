@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
-from dsv3.backends.chips import DENSE_DTYPES, FP8_ACTIVATION_MAX, FP8_FORMATS
+from dsv3.backends.chips import DENSE_DTYPES
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import (
     Backend,
@@ -51,11 +51,11 @@ class ReferenceBackend(Backend):
     def __init__(self, device: str | torch.device | None = None, fp8_format: str = "e4m3fn",
                  fp8_max: float | None = None, ue8m0: bool = False, chip=None):
         device = "cpu" if device is None else device
-        if fp8_format not in FP8_FORMATS:
-            raise BackendError(f"fp8_format must be one of {sorted(FP8_FORMATS)}, got {fp8_format!r}")
-        dtype = FP8_FORMATS[fp8_format]
+        if fp8_format not in fp8.FP8_FORMATS:
+            raise BackendError(f"fp8_format must be one of {sorted(fp8.FP8_FORMATS)}, got {fp8_format!r}")
+        dtype = fp8.FP8_FORMATS[fp8_format]
         if fp8_max is None:
-            fp8_max = FP8_ACTIVATION_MAX[fp8_format]
+            fp8_max = fp8.FP8_ACTIVATION_MAX[fp8_format]
         self.ue8m0 = ue8m0
         self.capabilities = Capabilities(
             name="reference",

@@ -7,7 +7,7 @@ the kernels of backends/triton_kernels, with AMD tile configurations (amd_config
   bits are reinterpreted, the pattern 0x80 (-0 in fn, NaN in fnuz) becomes 0 and every weight
   scale is doubled (fnuz's exponent bias is one larger). Activations are quantized to a max of
   224 by default (vLLM's and SGLang's choice; 240 is the format's max): the fp8_max argument or
-  DSV3_FNUZ_ACT_MAX changes it.
+  DSV3_FP8_MAX changes it.
 - gfx950 (MI355X) has OCP e4m3fn, as on NVIDIA: the checkpoint's weights are used as they are.
 - older CDNA (gfx90a, MI200) has no FP8: FP8 checkpoints run dequantized to BF16.
 
@@ -35,7 +35,8 @@ from types import ModuleType
 from typing import Callable, Mapping
 
 import torch
-from dsv3.backends.chips import FP8_ACTIVATION_MAX, FP8_FORMATS, ChipInfo, check_fp8_max
+from dsv3.backends import fp8
+from dsv3.backends.chips import ChipInfo
 from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.probe import probe_device
 from dsv3.backends.triton_backend import ScaledMM, TritonBackend, VendorGemm, check_scaled_mm, matches_block_math
@@ -45,11 +46,11 @@ from dsv3.backends.triton_kernels import amd_configs
 _PROBE_SHAPE = (32, 256, 384)
 
 
-def activation_max(chip: ChipInfo, fp8_max: float | None = None, env: Mapping[str, str] | None = None) -> float | None:
+def activation_max(chip: ChipInfo, fp8_max: float | None = None) -> float | None:
     """The value an activation block's amax maps to, or None for a chip without FP8.
 
-    Order: the fp8_max argument, then DSV3_FNUZ_ACT_MAX (e4m3fnuz only), then the chip's
-    (DSV3_FP8_MAX at selection), then 224 for e4m3fnuz and 448 for e4m3fn.
+    Order: the fp8_max argument, then the chip's (DSV3_FP8_MAX where set, else the FP8 table's: 224 for
+    e4m3fnuz, 448 for e4m3fn).
 
     Raises:
         BackendError: a value that is not a number in (0, the format's max].
@@ -57,12 +58,9 @@ def activation_max(chip: ChipInfo, fp8_max: float | None = None, env: Mapping[st
     fmt = chip.fp8_format
     if fmt is None:
         return None
-    env = os.environ if env is None else env
     if fp8_max is not None:
-        return check_fp8_max(fp8_max, fmt, "fp8_max")
-    if fmt == "e4m3fnuz" and env.get("DSV3_FNUZ_ACT_MAX"):
-        return check_fp8_max(env["DSV3_FNUZ_ACT_MAX"], fmt, "DSV3_FNUZ_ACT_MAX")
-    return check_fp8_max(chip.fp8_max or FP8_ACTIVATION_MAX[fmt], fmt, "the chip's default")
+        return fp8.check_fp8_max(fp8_max, fmt, "fp8_max")
+    return fp8.check_fp8_max(chip.fp8_max or fp8.FP8_ACTIVATION_MAX[fmt], fmt, "the chip's activation max")
 
 
 # ---- AMD libraries --------------------------------------------------------------------------------
@@ -163,7 +161,7 @@ class RocmBackend(TritonBackend):
         device: "cuda" or "cuda:N" (ROCm PyTorch's name for AMD GPUs); "cpu" only under
             TRITON_INTERPRET=1 (an emulation).
         chip: the GPU's description; probed from gcnArchName when None (must be AMD).
-        fp8_max: activation max (default 224 on e4m3fnuz, 448 on e4m3fn; DSV3_FNUZ_ACT_MAX also sets it).
+        fp8_max: activation max (default the chip's: 224 on e4m3fnuz, 448 on e4m3fn, or DSV3_FP8_MAX).
         ue8m0: round activation scales up to powers of two (DeepSeek-V3.1's scale_fmt).
         aiter: use aiter where it is installed and checks out (None: unless DSV3_ROCM_AITER=0).
     """
@@ -183,7 +181,7 @@ class RocmBackend(TritonBackend):
         on_amd = on_gpu and torch.version.hip is not None
         self.arch = amd_configs.base_arch(chip.arch)
         self.amd_launch = on_amd
-        fp8_dtype = FP8_FORMATS.get(chip.fp8_format) if chip.fp8_format else None
+        fp8_dtype = fp8.FP8_FORMATS.get(chip.fp8_format) if chip.fp8_format else None
         env = dict(os.environ) if aiter is None else {**os.environ, "DSV3_ROCM_AITER": "1" if aiter else "0"}
         self.libraries = detect_libraries(device, fp8_dtype, probe=on_amd, env=env)
         self.emulation = None if on_amd else self._emulation_note(chip, device, on_gpu)

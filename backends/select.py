@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from dsv3.backends.chips import ChipInfo, check_fp8_max
+from dsv3.backends import fp8
+from dsv3.backends.chips import ChipInfo
 from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.interface import Backend
 from dsv3.backends.probe import probe
@@ -64,8 +65,8 @@ def describe(chip: ChipInfo) -> str:
     if chip.vendor == "cpu":
         return f"CPU ({chip.name})" if chip.name and chip.name != "CPU" else "CPU"
     count = f"{chip.count} x " if chip.count > 1 else ""
-    fp8 = f"FP8 {chip.fp8_format}" if chip.fp8_format else "no FP8"
-    return f"{count}{chip.name or chip.vendor} ({chip.arch}, {fp8})"
+    fp8_text = f"FP8 {chip.fp8_format}" if chip.fp8_format else "no FP8"
+    return f"{count}{chip.name or chip.vendor} ({chip.arch}, {fp8_text})"
 
 
 def installed_packages() -> frozenset[str]:
@@ -112,7 +113,8 @@ def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str
         BackendError: DSV3_FP8_MAX is not a number in (0, the format's max].
     """
     env = {} if env is None else env
-    chip = _with_fp8_max(chip, env.get("DSV3_FP8_MAX"))
+    if chip.fp8_format is not None and env.get(fp8.FP8_MAX_ENV):
+        chip = dataclasses.replace(chip, fp8_max=fp8.activation_max(chip.fp8_format, env))
     if requested == "":
         known = ", ".join(sorted(set(registry) | set(BACKEND_VENDORS)))
         raise BackendUnavailable(f"an empty backend name was requested; choose auto, {known}")
@@ -152,12 +154,6 @@ def _fallback(chip: ChipInfo, problem: str) -> Decision:
     device = TORCH_DEVICES.get(chip.vendor, "cpu")
     return Decision("reference", chip, device, f"{describe(chip)} found, but {problem}; running the "
                     f"reference backend (plain PyTorch, slow) on {device} meanwhile")
-
-
-def _with_fp8_max(chip: ChipInfo, value: str | None) -> ChipInfo:
-    if value in (None, "") or chip.fp8_format is None:
-        return chip
-    return dataclasses.replace(chip, fp8_max=check_fp8_max(value, chip.fp8_format, "DSV3_FP8_MAX"))
 
 
 def build(decision: Decision, device: str | None = None, **options) -> tuple[Backend, Decision]:

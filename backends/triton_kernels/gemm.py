@@ -21,12 +21,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
 from dsv3.backends.triton_kernels.configs import KernelConfigs, TileConfig
-from dsv3.backends.triton_kernels.quant import cast_rne
+from dsv3.backends.triton_kernels.quant import BLOCK_K, cast_rne
 
-SCALE_BLOCK = 128  # K block of the scales, in Python
-BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels
 #: fewest K blocks choose_splits leaves a split: a split of one block writes and reads back a partial
 #: tile of the same order of bytes as the weight block it read
 MIN_SPLIT_BLOCKS = 2
@@ -196,7 +195,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    k_blocks = triton.cdiv(k, SCALE_BLOCK)
+    k_blocks = triton.cdiv(k, fp8.BLOCK)
     decode = m <= configs.decode_max_m
     if tile is None:
         tile = configs.decode_gemm_tile(m) if decode else configs.gemm_prefill
@@ -214,6 +213,6 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     _fp8_gemm_kernel[(m_tiles * n_tiles, num_splits)](
         a, a_scale, b, b_scale, c, partials, counters, m, n, k, per_split, num_splits,
         a.stride(0), b.stride(0), m * n, n, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, GROUP_M=tile.group_m, EVEN_K=k % SCALE_BLOCK == 0,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, GROUP_M=tile.group_m, EVEN_K=k % fp8.BLOCK == 0,
         SPLIT_K=split_k, **tile.launch)
     return c

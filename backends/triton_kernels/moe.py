@@ -29,11 +29,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from dsv3.backends import fp8
 from dsv3.backends.triton_kernels.configs import KernelConfigs, TileConfig
-from dsv3.backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
+from dsv3.backends.triton_kernels.quant import BLOCK_K, block_scale, cast_rne, fp8_constants, quantize_tile
 
-SCALE_BLOCK = 128  # K block of the scales, in Python
-BLOCK_K = tl.constexpr(SCALE_BLOCK)  # the same, inside the kernels
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -414,23 +413,23 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
     num_experts, two_i, _ = gate_up.shape
     inter = two_i // 2
     top_k = ids.shape[1]
-    fp8 = gate_up_scale is not None
+    is_fp8 = gate_up_scale is not None
     out = torch.zeros((n_tokens, hidden), dtype=torch.float32, device=x.device)
     if n_tokens == 0:
         return out.to(x.dtype)
     if tile is None:
         rows_per_expert = n_tokens * top_k / num_experts
         tile = configs.moe_prefill if rows_per_expert >= configs.moe_prefill_min_rows else configs.moe_decode
-    if not fp8:
+    if not is_fp8:
         stages = min(tile.launch.get("num_stages", 2), configs.moe_dense_max_stages)
         tile = tile.with_launch(num_stages=stages)
     block_m = tile.block_m
     sorted_pairs, tile_expert = align_by_expert(ids, num_experts, block_m)
     max_rows = sorted_pairs.numel()
     act_dtype = _TL_DTYPES[x.dtype]
-    ieee = gate_up.dtype == torch.float32 or (not fp8 and _interpreting())
+    ieee = gate_up.dtype == torch.float32 or (not is_fp8 and _interpreting())
     x = x.contiguous()
-    if fp8:
+    if is_fp8:
         if quant is None:
             raise ValueError("moe_experts: FP8 experts need quant=(fp8_max, ue8m0)")
         fp8_max, ue8m0 = quant
@@ -438,31 +437,31 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
             quantized = quantize_activation(x, gate_up.dtype, fp8_max, ue8m0, configs.quant_tile(n_tokens))
         x_in, x_scale = quantized
         h = torch.empty((max_rows, inter), dtype=gate_up.dtype, device=x.device)
-        h_scale = torch.empty((max_rows, triton.cdiv(inter, SCALE_BLOCK)), dtype=torch.float32, device=x.device)
+        h_scale = torch.empty((max_rows, triton.cdiv(inter, fp8.BLOCK)), dtype=torch.float32, device=x.device)
         w1_scale, w2_scale = gate_up_scale, down_scale
         constants = fp8_constants(gate_up.dtype)
     else:
-        fp8_max, ue8m0, constants = 448.0, False, fp8_constants(torch.float8_e4m3fn)
+        fp8_max, ue8m0, constants = 1.0, False, fp8_constants(torch.float8_e4m3fn)  # unread without FP8
         x_in = x.to(gate_up.dtype)
         x_scale = h_scale = w1_scale = w2_scale = out  # unused placeholders
         h = torch.empty((max_rows, inter), dtype=gate_up.dtype, device=x.device)
-    s = lambda t, d: t.stride(d) if fp8 else 0  # noqa: E731
+    s = lambda t, d: t.stride(d) if is_fp8 else 0  # noqa: E731
     num_tiles = max_rows // block_m
     num_pairs = ids.numel()
-    _gate_up_kernel[(num_tiles, triton.cdiv(inter, 128))](
+    _gate_up_kernel[(num_tiles, triton.cdiv(inter, fp8.BLOCK))](
         x_in, x_scale, gate_up, w1_scale, h, h_scale, sorted_pairs, tile_expert,
         num_pairs, num_experts, top_k, hidden, inter,
         x_in.stride(0), s(x_scale, 0), s(x_scale, 1), gate_up.stride(0), gate_up.stride(1),
         s(w1_scale, 0), s(w1_scale, 1), s(w1_scale, 2), h.stride(0), s(h_scale, 0), s(h_scale, 1),
-        FP8=fp8, ACT_DTYPE=act_dtype, FP8_MAX=float(fp8_max), **constants, UE8M0=bool(ue8m0),
-        IEEE_FP32=ieee, EVEN_K=hidden % SCALE_BLOCK == 0, BLOCK_M=block_m, BLOCK_N=128, **tile.launch)
+        FP8=is_fp8, ACT_DTYPE=act_dtype, FP8_MAX=float(fp8_max), **constants, UE8M0=bool(ue8m0),
+        IEEE_FP32=ieee, EVEN_K=hidden % fp8.BLOCK == 0, BLOCK_M=block_m, BLOCK_N=fp8.BLOCK, **tile.launch)
     routing = weights.to(torch.float32).contiguous()
     _down_kernel[(num_tiles, triton.cdiv(hidden, tile.block_n))](
         h, h_scale, down, w2_scale, out, routing, sorted_pairs, tile_expert,
         num_pairs, num_experts, top_k, inter, hidden,
         h.stride(0), s(h_scale, 0), s(h_scale, 1), down.stride(0), down.stride(1),
         s(w2_scale, 0), s(w2_scale, 1), s(w2_scale, 2), out.stride(0),
-        FP8=fp8, ACT_DTYPE=act_dtype, IEEE_FP32=ieee, EVEN_K=inter % SCALE_BLOCK == 0,
+        FP8=is_fp8, ACT_DTYPE=act_dtype, IEEE_FP32=ieee, EVEN_K=inter % fp8.BLOCK == 0,
         BLOCK_M=block_m, BLOCK_N=tile.block_n, **tile.launch)
     return out.to(x.dtype)
 

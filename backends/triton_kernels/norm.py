@@ -7,8 +7,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsv3.backends import fp8
 from dsv3.backends.triton_kernels.configs import TileConfig
-from dsv3.backends.triton_kernels.quant import BLOCK, block_scale, cast_rne, empty_scales, fp8_constants, quantize_tile
+from dsv3.backends.triton_kernels.quant import (
+    BLOCK_K,
+    block_scale,
+    cast_rne,
+    empty_scales,
+    fp8_constants,
+    quantize_tile,
+)
 
 
 @triton.jit
@@ -35,9 +43,9 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, q_ptr, s_ptr, K, eps, 
     (one program a row, whole) the tile already read is the one normalized.
     """
     row = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, 128)[None, :]
+    lanes = tl.arange(0, BLOCK_K)[None, :]
     row_groups = tl.arange(0, ROW_GROUPS)
-    row_cols = row_groups[:, None] * 128 + lanes
+    row_cols = row_groups[:, None] * BLOCK_K + lanes
     x_row = _load_summed(x_ptr, r_ptr, row, stride_x, stride_r, row_cols, row_cols < K, HAS_RESIDUAL)
     xf = x_row.to(tl.float32)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(tl.sum(xf * xf, axis=1), axis=0) / K + eps)
@@ -46,9 +54,9 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, q_ptr, s_ptr, K, eps, 
                           stride_out, stride_h, stride_q, stride_sm, stride_sg,
                           HAS_RESIDUAL, QUANT, FP8_MAX, MIN_NORMAL, NEG_ZERO, UE8M0)
     else:
-        for first in range(tl.program_id(1) * GROUPS, tl.cdiv(K, 128), parts * GROUPS):
+        for first in range(tl.program_id(1) * GROUPS, tl.cdiv(K, BLOCK_K), parts * GROUPS):
             groups = first + tl.arange(0, GROUPS)
-            cols = groups[:, None] * 128 + lanes
+            cols = groups[:, None] * BLOCK_K + lanes
             x = _load_summed(x_ptr, r_ptr, row, stride_x, stride_r, cols, cols < K, HAS_RESIDUAL)
             _normalize_groups(x, groups, cols, rstd, row, w_ptr, out_ptr, h_ptr, q_ptr, s_ptr, K,
                               stride_out, stride_h, stride_q, stride_sm, stride_sg,
@@ -73,7 +81,7 @@ def _normalize_groups(x, groups, cols, rstd, row, w_ptr, out_ptr, h_ptr, q_ptr, 
         scale = block_scale(tl.max(tl.abs(yf), axis=1), FP8_MAX, UE8M0)
         q = quantize_tile(yf, scale, FP8_MAX, MIN_NORMAL, NEG_ZERO)
         tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups * 128 < K)
+        tl.store(s_ptr + row * stride_sm + groups * stride_sg, scale, mask=groups * BLOCK_K < K)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
@@ -100,11 +108,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         s = empty_scales(m, k, x.device)
     if m == 0:
         return out, h, q, s
-    row_groups = triton.next_power_of_2(triton.cdiv(k, BLOCK))
+    row_groups = triton.next_power_of_2(triton.cdiv(k, fp8.BLOCK))
     parts = triton.cdiv(k, config.block_n) if m <= config.block_m else 1
     # a whole row without quantization is normalized as read (H100: 83 against 94 us for 4096 x 7168);
     # the quantization goes faster block_n columns at a time (125 against 144 us)
-    groups = row_groups if parts == 1 and quant is None else config.block_n // BLOCK
+    groups = row_groups if parts == 1 and quant is None else config.block_n // fp8.BLOCK
     unused = out  # a pointer argument the kernel's constexpr flags never read still needs a tensor
     _rms_norm_kernel[(m, parts)](
         x, residual if residual is not None else unused, weight, out, h if h is not None else unused,
@@ -113,7 +121,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         h.stride(0) if h is not None else 0, q.stride(0) if q is not None else 0,
         s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
         HAS_RESIDUAL=residual is not None, QUANT=quant is not None,
-        FP8_MAX=float(quant[1]) if quant else 448.0,
+        FP8_MAX=float(quant[1]) if quant else 1.0,  # unread without QUANT
         **fp8_constants(quant[0] if quant else torch.float8_e4m3fn),
         UE8M0=bool(quant[2]) if quant else False,
         ROW_GROUPS=row_groups, GROUPS=groups, **config.launch)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dsv3.backends import fp8
 from dsv3.backends.triton_kernels.configs import TileConfig
 
-BLOCK = 128
-SCALE_FLOOR = 1e-4
+#: the scale block (fp8.BLOCK) and the scale floor (fp8.SCALE_FLOOR) inside the kernels
+BLOCK_K = tl.constexpr(fp8.BLOCK)
+SCALE_FLOOR = tl.constexpr(fp8.SCALE_FLOOR)
 
 
 @triton.jit
@@ -65,7 +67,7 @@ def cast_rne(v, dtype: tl.constexpr):
 @triton.jit
 def block_scale(amax, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr):
     """The fp32 scale of a block from its amax: max(amax, 1e-4) / FP8_MAX, optionally rounded up to 2^n."""
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), FP8_MAX)
+    scale = tl.math.div_rn(tl.maximum(amax, SCALE_FLOOR), FP8_MAX)
     if UE8M0:
         bits = scale.to(tl.uint32, bitcast=True)
         up = ((bits & 0x7FFFFF) != 0).to(tl.uint32)
@@ -87,7 +89,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, st
                   ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     group = tl.program_id(1)
-    cols = group * 128 + tl.arange(0, 128)
+    cols = group * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = block_scale(tl.max(tl.abs(x), axis=1), FP8_MAX, UE8M0)
@@ -98,7 +100,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, st
 
 def empty_scales(rows: int, cols: int, device) -> torch.Tensor:
     """A float32 [rows, ceil(cols/128)] scale tensor stored column-major (strides (1, rows))."""
-    return torch.empty(triton.cdiv(cols, BLOCK), rows, dtype=torch.float32, device=device).t()
+    return torch.empty(triton.cdiv(cols, fp8.BLOCK), rows, dtype=torch.float32, device=device).t()
 
 
 def quantize_activation(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float, ue8m0: bool,
@@ -119,7 +121,7 @@ def quantize_activation(x: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float,
     s = empty_scales(m, k, x.device)
     if m == 0:
         return q, s
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, BLOCK))
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, fp8.BLOCK))
     _quant_kernel[grid](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
                         FP8_MAX=float(fp8_max), **fp8_constants(fp8_dtype), UE8M0=bool(ue8m0),
                         ROWS=config.block_m, **config.launch)

@@ -162,6 +162,10 @@ def test_fnuz_backend_emulates_mi300x_numerics():
     fn = ReferenceBackend()
     y_fn = fn.linear(x, fn.prepare_linear(q_weight, weight_scale, "fp8"))
     assert float((y - y_fn).norm() / y_fn.norm()) < 0.05  # two roundings of the same product
+    # with no max given, quantize_activation takes the format's activation max from the FP8 table too
+    default_q, default_scale = fp8.quantize_activation(x, torch.float8_e4m3fnuz)
+    q_224, scale_224 = fp8.quantize_activation(x, torch.float8_e4m3fnuz, 224.0)
+    assert torch.equal(default_scale, scale_224) and torch.equal(default_q.view(torch.uint8), q_224.view(torch.uint8))
 
 
 # ---- routing against transformers' routers ------------------------------------------------------

@@ -156,22 +156,25 @@ def test_amd_configs_keep_or_drop_the_amd_launch_settings():
     assert amd_configs.mla_decode_config("gfx942", 128, torch.bfloat16, amd_launch=False).launch == {}
 
 
-def test_activation_max_argument_environment_and_errors(monkeypatch):
+def test_activation_max_argument_environment_and_errors():
     pytest.importorskip("triton")
     from dsv3.backends.rocm import activation_max
 
     mi300x = describe_chip("amd", "gfx942")
-    assert activation_max(mi300x, env={}) == 224.0
-    assert activation_max(mi300x, env={"DSV3_FNUZ_ACT_MAX": "240"}) == 240.0
-    assert activation_max(mi300x, 200.0, env={"DSV3_FNUZ_ACT_MAX": "240"}) == 200.0
-    assert activation_max(describe_chip("amd", "gfx942", fp8_max=230.0), env={}) == 230.0  # DSV3_FP8_MAX
-    assert activation_max(describe_chip("amd", "gfx950"), env={"DSV3_FNUZ_ACT_MAX": "240"}) == 448.0
-    assert activation_max(describe_chip("amd", "gfx90a"), env={}) is None
+    assert activation_max(mi300x) == 224.0
+    assert activation_max(mi300x, 200.0) == 200.0
+    assert activation_max(describe_chip("amd", "gfx942", fp8_max=230.0)) == 230.0  # DSV3_FP8_MAX at selection
+    assert activation_max(describe_chip("amd", "gfx950")) == 448.0
+    assert activation_max(describe_chip("amd", "gfx90a")) is None
+    with pytest.raises(BackendError, match="fp8_max=300: expected a number in \\(0, 240\\]"):
+        activation_max(mi300x, 300)
+    # the one environment setting, read through the FP8 table
+    assert fp8.activation_max("e4m3fnuz", {}) == 224.0
+    assert fp8.activation_max("e4m3fnuz", {"DSV3_FP8_MAX": "240"}) == 240.0
+    assert fp8.activation_max("e4m3fn", {"DSV3_FP8_MAX": "240"}) == 240.0
     for bad in ("300", "0", "many"):
-        with pytest.raises(BackendError, match=f"DSV3_FNUZ_ACT_MAX={bad}: expected a number in \\(0, 240\\]"):
-            activation_max(mi300x, env={"DSV3_FNUZ_ACT_MAX": bad})
-    monkeypatch.setenv("DSV3_FNUZ_ACT_MAX", "232")
-    assert rocm_backend("gfx942").capabilities.fp8_max == 232.0
+        with pytest.raises(BackendError, match=f"DSV3_FP8_MAX={bad}: expected a number in \\(0, 240\\]"):
+            fp8.activation_max("e4m3fnuz", {"DSV3_FP8_MAX": bad})
     assert rocm_backend("gfx942", fp8_max=240.0).capabilities.fp8_max == 240.0
 
 
