@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from test_doctor import doctor
@@ -95,3 +96,24 @@ def test_impossible_layouts_are_refused_naming_the_numbers(dsv3, args, message):
     out = dsv3("--plan", *args)
     assert out.returncode == 2 and message in out.stderr and out.stdout == "", out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def doc_rows() -> list[list[str]]:
+    """The memory table of docs/parallel.md: the cells of each row that gives `dsv3 doctor --plan` arguments."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "parallel.md").read_text()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and "`--devices" in line]
+    assert len(rows) >= 10
+    return rows
+
+
+@pytest.mark.parametrize("row", doc_rows(), ids=lambda row: row[1].strip("`"))
+def test_the_memory_table_in_the_docs_is_what_the_command_prints(dsv3, row):
+    _, args, weights, cache, per_rank, total, fits = row
+    out = dsv3("--plan", "--model", "deepseek-v3", *args.strip("`").split(), "--json")
+    p = json.loads(out.stdout)
+    gib = 2**30
+    assert [f"{p['weight_bytes'] / gib:.1f} GiB", f"{p['cache_bytes'] / gib:.1f} GiB",
+            f"{p['cache_tokens_per_rank']:,}", f"{p['cache_tokens_total']:,}", "yes" if p["fits"] else "**no**"] \
+        == [weights, cache, per_rank, total, fits]
+    assert out.returncode == (0 if p["fits"] else 1)
