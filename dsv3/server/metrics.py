@@ -48,6 +48,20 @@ class EngineCollector(Collector):
                 ("dsv3:generation_tokens", "Tokens generated.", stats.generation_tokens),
                 ("dsv3:num_preemptions", "Requests preempted for lack of cache blocks.", stats.num_preemptions)):
             yield self._family(CounterMetricFamily, name, doc, value)
+        spec = getattr(stats, "spec_decode", None)
+        if spec is not None:  # speculative decoding (--speculative-config)
+            for name, doc, value in (
+                    ("dsv3:spec_decode_num_drafts", "Draft runs verified (one per sequence and step).",
+                     spec.num_drafts),
+                    ("dsv3:spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens),
+                    ("dsv3:spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens)):
+                yield self._family(CounterMetricFamily, name, doc, value)
+            family = CounterMetricFamily("dsv3:spec_decode_num_accepted_tokens_per_pos",
+                                         "Draft tokens accepted at each draft position.",
+                                         labels=[*self._labels, "position"])
+            for position, value in enumerate(spec.accepted_per_pos):
+                family.add_metric([*self._labels.values(), str(position)], float(value))
+            yield family
 
     def _family(self, kind, name, doc, value):
         family = kind(name, doc, labels=list(self._labels))

@@ -10,6 +10,7 @@ import argparse
 from dsv3.backends.interface import KV_CACHE_DTYPES
 from dsv3.checks import check_int, check_number
 from dsv3.errors import UsageError
+from dsv3.serving.spec_decode import SpeculativeConfig
 
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_MAX_NUM_SEQS = 128
@@ -46,6 +47,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cache of equal prompt prefixes (default on)")
     g.add_argument("--enforce-eager", action="store_true", help="never replay recorded decode steps (CUDA graphs)")
+    g.add_argument("--speculative-config", metavar="JSON",
+                   help='speculative decoding with the checkpoint\'s MTP module, as vLLM takes it: '
+                   '\'{"method": "mtp", "num_speculative_tokens": 1}\' ("deepseek_mtp" too; k > 1 applies the one '
+                   'module recurrently; "disable_by_batch_size": N drafts only while at most N sequences run)')
     g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                    help="auto: the checkpoint's safetensors; dummy: random weights of the checkpoint's config, "
                    "with its tokenizer (for benchmarks: a directory with config.json and tokenizer files is "
@@ -63,6 +68,7 @@ def check_engine_arguments(args: argparse.Namespace) -> None:
     check_int("--cache-tokens", args.cache_tokens, 1, optional=True)
     check_int("--max-num-seqs", args.max_num_seqs, 1)
     check_int("--max-num-batched-tokens", args.max_num_batched_tokens, 1)
+    SpeculativeConfig.parse(getattr(args, "speculative_config", None))
     if args.max_num_batched_tokens < args.max_num_seqs:
         raise UsageError(f"--max-num-batched-tokens {args.max_num_batched_tokens} is below --max-num-seqs "
                          f"{args.max_num_seqs}: a step could not decode every running sequence")
@@ -75,7 +81,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, cache_tokens=args.cache_tokens,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                load_format=getattr(args, "load_format", "auto"))
+                load_format=getattr(args, "load_format", "auto"),
+                speculative_config=getattr(args, "speculative_config", None))
 
 
 def model_from_args(args: argparse.Namespace):
