@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from dsv3.errors import Dsv3Error, EngineRequestError, RequestError
 from dsv3.server.chat_template import ChatTemplate, no_template_error
+from dsv3.server.constraints import request_constraint, tool_call_constraint
 from dsv3.server.metrics import ServerMetrics
 from dsv3.server.protocol import (
     APIError,
@@ -39,10 +40,10 @@ from dsv3.server.protocol import (
     random_id,
     sampling_kwargs,
 )
-from dsv3.server.reasoning import ReasoningStream, split_reasoning
+from dsv3.server.reasoning import THINK_END, ReasoningStream, split_reasoning
 from dsv3.server.render_pool import RenderPool
 from dsv3.server.runner import RequestGroup, cancel_on_disconnect
-from dsv3.server.tool_parser import ToolCallStream, parse_tool_calls
+from dsv3.server.tool_parser import ToolCallStream, call_format, parse_tool_calls
 
 log = logging.getLogger("dsv3.server")
 
@@ -101,9 +102,9 @@ class OpenAIServing:
                            f"{self.settings.model_name!r})", status=404, param="model")
         if request.logit_bias:
             raise APIError("logit_bias is not supported by dsv3", param="logit_bias")
-        if request.response_format and request.response_format.get("type", "text") != "text":
-            raise APIError(f"response_format {request.response_format.get('type')!r} needs guided decoding, which "
-                           "dsv3 does not have; only 'text'", param="response_format")
+        unsupported = request.unsupported_field()
+        if unsupported:
+            raise APIError(f"{unsupported} is not supported by dsv3", param=unsupported)
         if getattr(request, "suffix", None):
             raise APIError("suffix (fill in the middle) is not supported by dsv3", param="suffix")
 
@@ -121,11 +122,11 @@ class OpenAIServing:
                            param="max_tokens")
         return requested
 
-    def sampling_params(self, request, max_tokens: int, logprobs: int | None):
+    def sampling_params(self, request, max_tokens: int, logprobs: int | None, constraint=None):
         from dsv3.serving.params import SamplingParams
 
         try:
-            return SamplingParams(**sampling_kwargs(request, max_tokens, logprobs))
+            return SamplingParams(**sampling_kwargs(request, max_tokens, logprobs), structured_outputs=constraint)
         except RequestError as e:
             raise APIError(str(e), param=e.param) from None
 
@@ -174,7 +175,7 @@ class OpenAIServing:
             texts.append(p)
             prompts.append(ids)
         max_tokens = min(self.max_tokens(request.max_tokens, len(ids), "prompt") for ids in prompts)
-        params = self.sampling_params(request, max_tokens, request.logprobs)
+        params = self.sampling_params(request, max_tokens, request.logprobs, request_constraint(request, None))
         echo = texts if request.echo else [""] * len(prompts)
 
         def respond(finals: list, response_id: str) -> CompletionResponse:
@@ -265,7 +266,17 @@ class OpenAIServing:
                                           **(request.chat_template_kwargs or {}))
         [prompt] = await self.encode([text], "messages", add_bos=False)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
-        params = self.sampling_params(request, max_tokens, request.logprobs_count)
+        # with a reasoning parser the constraint starts after the reasoning, unless the prompt already ended it
+        reasoning_end = THINK_END if self.settings.reasoning_parser and not text.rstrip().endswith(THINK_END) \
+            else None
+        constraint = request_constraint(request, reasoning_end)
+        if parse_tools and request.tool_choice not in (None, "auto"):
+            if constraint is not None:
+                raise APIError("a forced tool call (tool_choice) and a response format both constrain the output: "
+                               "send one", param="tool_choice")
+            constraint = tool_call_constraint(tools, request.tool_choice, self.settings.tool_call_parser,
+                                              reasoning_end)
+        params = self.sampling_params(request, max_tokens, request.logprobs_count, constraint)
 
         def respond(finals: list, response_id: str) -> ChatCompletionResponse:
             choices = []
@@ -275,7 +286,7 @@ class OpenAIServing:
                     reasoning, content = split_reasoning(content)
                 calls = []
                 if parse_tools:
-                    content, calls = parse_tool_calls(content or "")
+                    content, calls = parse_tool_calls(content or "", call_format(self.settings.tool_call_parser))
                 finish_reason = ("tool_calls" if calls and completion.finish_reason == "stop"
                                  else completion.finish_reason)
                 choices.append(ChatChoice(
@@ -294,13 +305,16 @@ class OpenAIServing:
         """Whether this request's output is parsed for tool calls; 400 for what dsv3 cannot honour."""
         choice = request.tool_choice
         if not request.tools or choice == "none":
+            if isinstance(choice, dict) or choice == "required":
+                raise APIError(f"tool_choice {choice!r} needs tools", param="tool_choice")
             return False
-        if choice not in (None, "auto"):
-            raise APIError("tool_choice 'required' or a named function needs guided decoding, which dsv3 does not "
-                           "have; use 'auto' or 'none'", param="tool_choice")
         if not self.settings.tool_call_parser:
-            raise APIError("tools with tool_choice 'auto' need the server started with --tool-call-parser "
-                           "deepseek-v3", param="tools")
+            raise APIError("tools need the server started with --tool-call-parser deepseek_v3 (or deepseek_v31); "
+                           "--enable-auto-tool-choice is accepted beside it, as vLLM has it", param="tools")
+        if isinstance(choice, dict) and (choice.get("type") != "function" or
+                                         not isinstance((choice.get("function") or {}).get("name"), str)):
+            raise APIError("tool_choice must be 'none', 'auto', 'required' or "
+                           "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
         return True
 
     async def _chat_stream(self, group: RequestGroup, request: ChatCompletionRequest, response_id: str,
@@ -318,7 +332,8 @@ class OpenAIServing:
         sent: dict[int, tuple[int, int]] = {}
         ended: set[int] = set()  # choices whose last chunk went out (siblings still running repeat them)
         reasoning = {i: ReasoningStream() for i in range(request.n)} if self.settings.reasoning_parser else None
-        tools = {i: ToolCallStream() for i in range(request.n)} if parse_tools else None
+        fmt = call_format(self.settings.tool_call_parser or "")
+        tools = {i: ToolCallStream(fmt, stream_arguments=True) for i in range(request.n)} if parse_tools else None
         final = None
         try:
             async with aclosing(group.outputs()) as outputs:

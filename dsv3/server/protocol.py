@@ -17,6 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 MAX_LOGPROBS = 20
 
 
+#: fields OpenAI or vLLM define that dsv3 does not implement, with the value that asks for nothing: any other
+#: value is a 400 naming the field (fields neither defines are ignored, as both servers do)
+UNSUPPORTED = {
+    "best_of": None, "use_beam_search": False, "length_penalty": 1.0, "min_tokens": 0,
+    "include_stop_str_in_output": False, "truncate_prompt_tokens": None, "allowed_token_ids": None,
+    "bad_words": [], "prompt_embeds": None, "logits_processors": None, "vllm_xargs": None,
+    "return_tokens_as_token_ids": False, "prediction": None, "audio": None, "modalities": None,
+    "functions": None, "function_call": None, "kv_transfer_params": None, "mm_processor_kwargs": None,
+    "documents": None, "continue_final_message": False, "chat_template": None, "priority": 0,
+    "spaces_between_special_tokens": True, "web_search_options": None,
+}
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
@@ -56,7 +69,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """The sampling fields both endpoints share, with vLLM's names and ranges."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
@@ -75,9 +88,25 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # structured output (dsv3.server.constraints): OpenAI's field, vLLM's, and vLLM's older ones
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
     # accepted so that asking for them is a clear 400 rather than silently ignored
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
+
+    def unsupported_field(self) -> str | None:
+        """The first field OpenAI or vLLM defines that this request sets and dsv3 does not implement."""
+        extra = self.model_extra or {}
+        if extra.get("best_of") not in (None, self.n):
+            return "best_of"
+        return next((name for name, neutral in UNSUPPORTED.items()
+                     if name != "best_of" and extra.get(name, neutral) not in (neutral, None)), None)
 
     @field_validator("stop")
     @classmethod

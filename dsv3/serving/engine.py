@@ -26,6 +26,7 @@ from dsv3.serving.request import Sequence
 from dsv3.serving.sampler import Sampler, SamplerOutput
 from dsv3.serving.scheduler import ScheduledStep, Scheduler
 from dsv3.serving.spec_decode import MTPProposer, SpecDecodeStats, SpeculativeConfig
+from dsv3.serving.structured import StructuredOutputs, apply_token_bitmask
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class LaunchedStep:
     seqs: list[Sequence]
     logits: torch.Tensor | None
     changed: dict[str, _Request]
+    bitmask: torch.Tensor | None = None  # the structured-output rows' allowed tokens, a row per sequence
 
 
 class LLMEngine:
@@ -128,6 +130,7 @@ class LLMEngine:
                                   keep_hidden=spec is not None)
         self.runner.record_all()
         self.sampler = Sampler(model.backend.device, config.seed)
+        self.structured = StructuredOutputs(tokenizer, self.vocab_size, self.eos_token_ids)
         self.proposer = None if spec is None else MTPProposer(
             model, spec, config.num_blocks, config.block_size, config.max_num_seqs, config.max_model_len, self.sampler)
         self.requests: dict[str, _Request] = {}
@@ -174,7 +177,10 @@ class LLMEngine:
             if token >= self.vocab_size:
                 raise RequestError(f"stop token id {token} is outside the vocabulary [0, {self.vocab_size})",
                                    param="stop_token_ids")
-        return params.resolved(self.generation_defaults)
+        resolved = params.resolved(self.generation_defaults)
+        if resolved.structured_outputs is not None and resolved._grammar is None:
+            resolved._grammar = self.structured.compile(resolved.structured_outputs)
+        return resolved
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
@@ -190,6 +196,8 @@ class LLMEngine:
             seq = Sequence(request_id if params.n == 1 else f"{request_id}#{index}", request_id, index, list(prompt),
                            len(prompt), params, self.max_model_len, leader=None if index == 0 else seqs[0],
                            logprobs=[] if params.logprobs is not None else None)
+            if params._grammar is not None:
+                seq.grammar = self.structured.matcher(params._grammar, params.structured_outputs.reasoning_end)
             if params.seed is not None:
                 seed = params.seed if index == 0 else hash((params.seed, index)) & (2**63 - 1)
                 seq.generator = torch.Generator(self.model.backend.device).manual_seed(seed)
@@ -236,6 +244,8 @@ class LLMEngine:
             if before_eager is not None and not self.runner.replays(step):
                 before_eager()
             launched.step, launched.seqs, launched.logits = self._run(step, launched.changed)
+            # filled on the host while a replayed step still runs on the device
+            launched.bitmask = self.structured.bitmask([seq.grammar for seq in launched.seqs])
         return launched
 
     def finish_step(self, launched: "LaunchedStep") -> list["_Request"]:
@@ -246,7 +256,10 @@ class LLMEngine:
         if not step.is_empty:
             spans = [(seq, seq.num_computed_tokens, count) for seq, count in step.scheduled()]
             self.scheduler.update(step)
-            sampled = self._sample(launched.logits, seqs, changed)
+            logits = launched.logits
+            if launched.bitmask is not None:
+                logits = self._constrain(logits, seqs, launched.bitmask)
+            sampled = self._sample(logits, seqs, changed)
             now = time.monotonic()
             for seq, tokens, logprobs in sampled:
                 request = self.requests.get(seq.request_id)
@@ -264,6 +277,9 @@ class LLMEngine:
                 changed[request.request_id] = request
             if self.proposer is not None:
                 self._propose(spans)
+                for seq in seqs:
+                    if seq.grammar is not None:
+                        seq.drop_drafts()  # a draft the grammar has not vetted would need a matcher rollback
         for request in changed.values():
             self._retire_if_done(request)
         return list(changed.values())
@@ -329,6 +345,21 @@ class LLMEngine:
                     changed[request.request_id] = request
         return result
 
+    @staticmethod
+    def _constrain(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor) -> torch.Tensor:
+        """The logits with structured output's bitmask applied (a row per sequence in `bitmask`; the
+        logits have 1 + len(draft_token_ids) rows per sequence, constrained sequences one)."""
+        rows, masks, row = [], [], 0
+        for i, seq in enumerate(seqs):
+            if seq.grammar is not None:
+                rows.append(row)
+                masks.append(i)
+            row += 1 + len(seq.draft_token_ids)
+        if row == len(seqs):  # no drafts: the rows are the sequences
+            return apply_token_bitmask(logits, bitmask)
+        index = torch.tensor(rows, device=logits.device)
+        return logits.index_copy(0, index, apply_token_bitmask(logits[index], bitmask[masks]))
+
     def _sample_batch(self, logits: torch.Tensor, seqs: list[Sequence]):
         if self.proposer is not None and any(s.draft_token_ids for s in seqs):
             return self.proposer.sample(logits, seqs)
@@ -359,11 +390,13 @@ class LLMEngine:
         # text is needed now only to look for stop strings; otherwise `_output` catches up later
         stop_string = self._detokenize(seq, detokenizer) if detokenizer is not None and detokenizer.stop else None
         params = seq.params
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise RequestError(f"structured output: the grammar refused the sampled token {token}")
         if stop_string is not None:
             self.scheduler.finish(seq, "stop", stop_string)
         elif token in params.stop_token_ids:
             self.scheduler.finish(seq, "stop", token)
-        elif not params.ignore_eos and token in self.eos_token_ids:
+        elif (not params.ignore_eos and token in self.eos_token_ids) or (seq.grammar and seq.grammar.terminated):
             self.scheduler.finish(seq, "stop")
         elif seq.num_output_tokens >= seq.max_tokens:
             self.scheduler.finish(seq, "length")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3.errors import ConfigError, RequestError
+from dsv3.serving.structured import StructuredOutputsParams
 
 #: a positive temperature below this is raised to it: smaller ones overflow the softmax into NaN
 MIN_TEMPERATURE = 1e-2
@@ -39,6 +40,7 @@ class SamplingParams:
         ignore_eos: keep going past the end-of-sentence token.
         logprobs: return the top `logprobs` log-probabilities (plus the sampled token's) of each token.
         skip_special_tokens: leave special tokens out of the text.
+        structured_outputs: a grammar the output must match (JSON schema, regex, choice, EBNF, ...).
     """
 
     n: int = 1
@@ -56,7 +58,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     _resolved: bool = field(default=False, repr=False, compare=False)
+    _grammar: object = field(default=None, repr=False, compare=False)  # the compiled structured_outputs
 
     def __post_init__(self):
         self.validate()
@@ -105,6 +109,9 @@ class SamplingParams:
                 raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}", param=name)
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise RequestError(f"structured_outputs must be a StructuredOutputsParams, got "
+                               f"{type(self.structured_outputs).__name__}", param="structured_outputs")
 
     def resolved(self, defaults: dict | None = None) -> "SamplingParams":
         """A copy with every None replaced by the checkpoint's default (`defaults`, from

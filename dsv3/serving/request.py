@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv3.serving.params import SamplingParams
+from dsv3.serving.structured import SequenceGrammar
 
 
 class Status(enum.Enum):
@@ -34,6 +35,7 @@ class Sequence:
         leader: for n > 1, completion 0, whose prompt blocks the others wait to share.
         draft_token_ids: tokens the speculative proposer guessed to follow token_ids, verified next step.
         draft_probs: float32 [len(draft_token_ids), V], the distributions they were drawn from (None: greedy).
+        grammar: its structured-output matcher, if the request has a grammar (it never drafts).
     """
 
     seq_id: str
@@ -56,6 +58,7 @@ class Sequence:
     num_preemptions: int = 0
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    grammar: "SequenceGrammar | None" = None
 
     @property
     def num_tokens(self) -> int:

@@ -123,3 +123,36 @@ def test_reasoning_then_tool_calls_compose():
     reasoning, rest = split_reasoning(text)
     content, calls = parse_tool_calls(rest)
     assert (reasoning, content, [c.function.name for c in calls]) == ("need the weather", "Checking.", ["get_weather"])
+
+
+def run_streamed_arguments(deltas, fmt="v3"):
+    """Content and calls as a client assembles them from vLLM-style deltas (header, then argument pieces)."""
+    stream, content, calls = ToolCallStream(fmt, stream_arguments=True), "", {}
+    for delta in deltas + [None]:
+        c, new = stream.feed(delta) if delta is not None else stream.finish()
+        content += c or ""
+        for d in new:
+            if d.id is not None:
+                assert d.index not in calls and d.function.arguments == ""
+                calls[d.index] = [d.function.name, ""]
+            calls[d.index][1] += d.function.arguments or ""
+    return content, [(name, json.loads(arguments)) for name, arguments in calls.values()]
+
+
+V31_WEATHER = f'{CALL_BEGIN}get_weather{SEP}{{"city": "Paris", "unit": "C"}}{CALL_END}'
+
+
+@pytest.mark.parametrize("fmt, text", [
+    ("v3", f"Let me check.{CALLS_BEGIN}{WEATHER}\n{TIME}{CALLS_END}"),
+    ("v31", f"Let me check.{CALLS_BEGIN}{V31_WEATHER}{CALLS_END}"),
+])
+def test_streamed_arguments_assemble_to_the_whole_calls(fmt, text):
+    content, calls = parse_tool_calls(text, fmt)
+    expected = (content, [(c.function.name, json.loads(c.function.arguments)) for c in calls])
+    assert expected[0] == "Let me check." and expected[1][0] == ("get_weather", {"city": "Paris", "unit": "C"})
+    for deltas in splits(text):
+        assert run_streamed_arguments(deltas, fmt) == expected, deltas
+    pieces = list(text)  # one character at a time: the arguments arrive in many pieces
+    stream = ToolCallStream(fmt, stream_arguments=True)
+    argument_deltas = [d for piece in pieces for d in stream.feed(piece)[1] if d.id is None]
+    assert len(argument_deltas) > 5

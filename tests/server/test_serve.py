@@ -174,7 +174,7 @@ def test_tools_are_rendered_and_plain_output_stays_content(client):
     assert choice.finish_reason in ("stop", "length") and not choice.message.tool_calls
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], tools=tools,
-                                       tool_choice="required")
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
     assert error.value.body["param"] == "tool_choice"
 
 
@@ -237,7 +237,7 @@ COMPLETION = {"model": "tiny", "prompt": "hi"}
     ("/v1/completions", {**COMPLETION, "prompt": LONG_PROMPT}, 400, "prompt"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages"),
     ("/v1/completions", {**COMPLETION, "prompt": [[1, 2], [100000]]}, 400, "prompt"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, "response_format"),
     ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "model"),
