@@ -4,12 +4,14 @@ masks the logits each step, with xgrammar (the engine vLLM and SGLang use).
 A request's grammar is compiled once, when it is checked (in the caller's thread; xgrammar's compiler
 caches compiled grammars by their source, so a schema sent again compiles in no time). Each of its
 sequences gets a matcher. Before a step samples, the constrained rows' matchers fill a token bitmask on the
-host (while a replayed step still runs on the device); the sampler applies it as a plain tensor op, so every
-backend does the same; unconstrained rows of the same batch are left alone. The sampled token then advances
-the matcher, and a grammar that has ended (it accepted the end-of-sentence token) ends the sequence.
+host (while a replayed step still runs on the device); the engine applies it to the logits before sampling,
+as a plain tensor op, so every backend does the same; unconstrained rows of the same batch are left alone.
+The sampled token then advances the matcher, and a grammar that has ended (it accepted the end-of-sentence
+token) ends the sequence.
 
 A preempted sequence keeps its generated tokens (the engine recomputes their cache, it does not resample
-them), so its matcher is still in step: nothing to roll back. With `reasoning_end` set (DeepSeek-R1's
+them), so its matcher is still in step: nothing to roll back. A constrained sequence does not speculate (MTP
+drafts are dropped for it), so no unvetted token needs undoing either. With `reasoning_end` set (DeepSeek-R1's
 `</think>`), a sequence samples freely until its output contains those tokens, and the grammar applies after.
 """
 

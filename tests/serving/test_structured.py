@@ -53,6 +53,20 @@ def test_grammars_survive_preemption_and_batch_with_free_requests():
         assert set(value) == {"name", "n"} and outputs[i].outputs[0].finish_reason == "stop"
 
 
+def test_a_grammar_beside_mtp_speculation():
+    params = [constrained(json=SCHEMA, disable_any_whitespace=True),
+              SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)]
+    plain, speculating = tiny(), tiny(speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    try:
+        expected = [o.outputs[0].text for o in plain.generate(PROMPTS[:2], params)]
+        got = [o.outputs[0].text for o in speculating.generate(PROMPTS[:2], params)]
+        assert speculating.engine.stats().spec_decode.num_drafts > 0  # the free request did speculate
+    finally:
+        plain.shutdown()
+        speculating.shutdown()
+    assert got == expected and set(json.loads(got[0])) == {"name", "n"}
+
+
 def test_the_grammar_waits_for_the_end_of_the_reasoning(model):
     # the first sampled token is free; once the output holds the end marker, the choice applies
     prompt = model.tokenizer.encode("Think first")
