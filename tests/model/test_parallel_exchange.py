@@ -34,6 +34,11 @@ LAYOUTS = {  # world size -> (tp, ep, dp)
     2: [(2, 2, 1), (1, 2, 2)],
     4: [(2, 4, 2)],
 }
+#: more of them under -m exhaustive: dp 4; tp 4; dp 2 x tp 2 with each expert split over 2 ranks
+EXHAUSTIVE_LAYOUTS = {4: [(1, 4, 4), (4, 4, 1), (2, 2, 2)]}
+GROUP_PROMPTS += [[[21, 22]], [[31, 32, 33, 34, 35, 36, 37]]]  # groups 2 and 3 of dp 4
+GROUP_NEW_TOKENS += [4, 1]
+GROUP_LOGITS += [torch.tensor([[7, 8, 9, 10]]), torch.tensor([[99]])]
 
 #: the tensor methods that wait for the device (or copy to the host)
 SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "__bool__", "__int__", "__float__", "__index__")
@@ -128,7 +133,9 @@ def run_group(transformer, plan, prompts, new_tokens, eager=True) -> tuple[list[
     return [outputs[str(i)] for i in range(len(prompts))], counter.calls
 
 
-def _worker(rank: int, world: int, port: int, checkpoint: str, out: Path) -> None:
+def _worker(rank: int, world: int, port: int, job: tuple[str, dict], out: Path) -> None:
+    """job: (the checkpoint, world size -> layouts)."""
+    checkpoint, layouts = job
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -139,7 +146,7 @@ def _worker(rank: int, world: int, port: int, checkpoint: str, out: Path) -> Non
     try:
         config = load_config(checkpoint)
         results = {}
-        for tp, ep, dp in LAYOUTS[world]:
+        for tp, ep, dp in layouts[world]:
             plan = parallel.ParallelPlan(rank, world, rank, tp, ep, dp)
             group = plan.dp_rank
             for name, backend in (("reference", ReferenceBackend("cpu")), ("sync-free", sync_free_backend())):
@@ -171,10 +178,12 @@ def checkpoint(tmp_path_factory) -> str:
 def worlds(checkpoint, tmp_path_factory) -> dict:
     cache = {}
 
-    def get(world: int) -> list[dict]:
-        if world not in cache:
-            cache[world] = run_world(world, checkpoint, tmp_path_factory.mktemp(f"world{world}"), worker=_worker)
-        return cache[world]
+    def get(world: int, exhaustive: bool = False) -> list[dict]:
+        if (world, exhaustive) not in cache:
+            layouts = EXHAUSTIVE_LAYOUTS if exhaustive else LAYOUTS
+            out = tmp_path_factory.mktemp(f"world{world}")
+            cache[world, exhaustive] = run_world(world, (checkpoint, layouts), out, worker=_worker)
+        return cache[world, exhaustive]
     return get
 
 
@@ -188,18 +197,23 @@ def single(checkpoint) -> dict:
             for group, prompts in enumerate(GROUP_PROMPTS)}
 
 
-CASES = [(world, layout) for world, layouts in LAYOUTS.items() for layout in layouts]
+def cases(data_parallel_only: bool = False) -> list:
+    """(world, layout) parameters; EXHAUSTIVE_LAYOUTS's marked exhaustive."""
+    return [pytest.param(world, layout, marks=[pytest.mark.exhaustive] if many is EXHAUSTIVE_LAYOUTS else [],
+                         id="tp{}-ep{}-dp{}".format(*layout))
+            for many in (LAYOUTS, EXHAUSTIVE_LAYOUTS) for world, layouts in many.items() for layout in layouts
+            if layout[2] > 1 or not data_parallel_only]
 
 
-def _id(value) -> str:
-    return f"world{value}" if isinstance(value, int) else "tp{}-ep{}-dp{}".format(*value)
+def _world(world: int, layout: tuple, worlds) -> list[dict]:
+    return worlds(world, exhaustive=layout not in LAYOUTS.get(world, []))
 
 
-@pytest.mark.parametrize("world,layout", CASES, ids=_id)
+@pytest.mark.parametrize("world,layout", cases())
 def test_each_group_matches_one_process(world, layout, worlds, single):
     """Greedy tokens identical and logits within 1e-5 of one process, for every DP group's own prompts."""
     tp, ep, dp = layout
-    for rank, result in enumerate(worlds(world)):
+    for rank, result in enumerate(_world(world, layout, worlds)):
         group = rank // tp if dp > 1 else 0
         want_tokens, want_logits = single[group]
         reference = result[tp, ep, dp, "reference"]
@@ -208,25 +222,25 @@ def test_each_group_matches_one_process(world, layout, worlds, single):
         assert result[tp, ep, dp, "sync-free"]["tokens"] == want_tokens, f"rank {rank} (sync-free backend)"
 
 
-@pytest.mark.parametrize("world,layout", CASES, ids=_id)
+@pytest.mark.parametrize("world,layout", cases())
 def test_a_step_makes_no_host_sync(world, layout, worlds):
     """With a backend whose ops never sync, a whole step (exchange included) makes no host sync, and the
     engine records the parallel model's decode steps; with the reference backend, the only syncs are its
     own MoE op's (it sizes each expert's rows on the host)."""
     tp, ep, dp = layout
-    for rank, result in enumerate(worlds(world)):
+    for rank, result in enumerate(_world(world, layout, worlds)):
         assert result[tp, ep, dp, "sync-free"]["syncs"] == {}, f"rank {rank}"
         assert result[tp, ep, dp, "sync-free"]["recorded"] > 0, f"rank {rank}"
         syncs = result[tp, ep, dp, "reference"]["syncs"]
         assert syncs and {where for _, where in syncs} == {"backends/reference.py"}, f"rank {rank}: {syncs}"
 
 
-@pytest.mark.parametrize("world,layout", [c for c in CASES if c[1][2] > 1], ids=_id)
+@pytest.mark.parametrize("world,layout", cases(data_parallel_only=True))
 def test_an_idle_group_keeps_its_cache_empty(world, layout, worlds, single):
     """Group 1 has no requests: it joins every step with 0 tokens, its latent cache stays all zeros while
     group 0's requests fill group 0's, and group 0 still gets the one-process tokens."""
     tp, ep, dp = layout
-    for rank, result in enumerate(worlds(world)):
+    for rank, result in enumerate(_world(world, layout, worlds)):
         tokens, cache_sums = result[tp, ep, dp, "reference"]["idle round"]
         if rank // tp == 0:
             assert tokens == [t[:3] for t in single[0][0]] and all(s > 0 for s in cache_sums), f"rank {rank}"
