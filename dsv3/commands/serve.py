@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a chat template that takes longer to render a request's messages is stopped and the "
                    "request refused with 400 (default 10)")
+    p.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request whose body stops arriving for this long is answered 408 (default 30)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long in-flight requests may run before they are aborted "
                    "(default 10)")
@@ -58,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(args.chat_template_timeout) or args.chat_template_timeout <= 0:
         raise UsageError(f"--chat-template-timeout must be a finite number of seconds > 0, got "
                          f"{args.chat_template_timeout}")
+    if not math.isfinite(args.request_body_timeout) or args.request_body_timeout <= 0:
+        raise UsageError(f"--request-body-timeout must be a finite number of seconds > 0, got "
+                         f"{args.request_body_timeout}")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
     check_address(args.host, args.port)
@@ -69,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model_name=args.served_model_name or args.ckpt or "tiny", checkpoint=checkpoint, chat_template=template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
-        api_key=args.api_key or os.environ.get("DSV3_API_KEY") or None, max_request_bytes=args.max_request_bytes,
-        chat_template_timeout=args.chat_template_timeout)
+        api_key=api_key(args), max_request_bytes=args.max_request_bytes,
+        chat_template_timeout=args.chat_template_timeout, request_body_timeout=args.request_body_timeout)
     engine = AsyncEngine.from_args(args)
     if template is None:
         print(f"dsv3: {checkpoint} has no chat template: /v1/chat/completions answers 400 "
@@ -84,6 +89,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0 if started else 1
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key or $DSV3_API_KEY without the surrounding whitespace a shell or a key file leaves (clients strip
+    it too; kept, it would lock everyone out); one of only whitespace is refused, not taken for no key."""
+    key = args.api_key or os.environ.get("DSV3_API_KEY")
+    if key and not key.strip():
+        raise UsageError("the API key (--api-key or DSV3_API_KEY) is only whitespace")
+    return key.strip() if key else None
 
 
 def check_address(host: str, port: int) -> None:

@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from dsv3.errors import Dsv3Error, RequestError
@@ -65,27 +66,71 @@ def validation_message(error: ValidationError) -> tuple[str, str | None]:
     return (f"{where}: {first['msg']} (got {got})" if where else first["msg"]), param
 
 
-async def read_json(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
-    """The request body as `model`: 413 above `limit` bytes, 400 for malformed JSON or fields."""
+async def read_json(request: Request, model: type[BaseModel], limit: int, timeout: float) -> BaseModel:
+    """The request body as `model`: 413 above `limit` bytes, 408 where the upload stalls for `timeout`
+    seconds, 400 for malformed JSON or fields."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(f"the request body is {declared} bytes; the limit is {limit}", status=413)
     body = bytearray()
-    async for piece in request.stream():
+    pieces = request.stream()
+    while True:
+        try:
+            piece = await asyncio.wait_for(anext(pieces), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise APIError(f"the request body stalled: nothing arrived for {timeout:g} s after {len(body)} bytes "
+                           "(--request-body-timeout)", status=408) from None
+        except ClientDisconnect:
+            raise APIError("the client disconnected while sending the request body", status=499) from None
         body += piece
         if len(body) > limit:
             raise APIError(f"the request body is over the limit of {limit} bytes", status=413)
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise APIError("the request body is not valid JSON: it is nested too deeply") from None
+    except ValueError as e:  # malformed, not UTF-8, or an integer of thousands of digits
         raise APIError(f"the request body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise APIError(f"the request body must be a JSON object, got {type(data).__name__}")
+    # only an escape can bring a lone surrogate (UTF-8 cannot encode one), and only brackets nest: most
+    # bodies need no walk
+    if b"\\u" in body or body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        check_body(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         message, param = validation_message(e)
         raise APIError(message, param=param) from None
+
+
+#: JSON nested deeper than this is refused (a tool's parameter schema needs a few tens of levels at most)
+MAX_JSON_DEPTH = 100
+
+
+def check_body(data) -> None:
+    """400 naming the first place where the body is nested deeper than MAX_JSON_DEPTH, or a string (or key)
+    holds a lone UTF-16 surrogate: that is not text, so it could be neither tokenized nor sent back."""
+    stack = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        where = ".".join(map(str, path))
+        if len(path) > MAX_JSON_DEPTH:
+            raise APIError(f"{where[:80]}...: the request body is nested more than {MAX_JSON_DEPTH} levels deep",
+                           param=str(path[0]))
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(f"{where or 'the body'}: a lone UTF-16 surrogate ({value[e.start]!r}) at character "
+                               f"{e.start} is not valid Unicode text", param=str(path[0]) if path else None) from None
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value) if isinstance(item, (str, list, dict)))
+        elif isinstance(value, dict):
+            stack.extend((key, path) for key in value)
+            stack.extend((item, (*path, key)) for key, item in value.items())
 
 
 def build_app(engine, settings: ServerSettings) -> FastAPI:
@@ -106,7 +151,8 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                    settings.api_key.strip().encode()):
             raise APIError("missing or wrong API key: send the header 'Authorization: Bearer KEY'", status=401)
 
     @app.exception_handler(APIError)
@@ -151,12 +197,14 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
-        body = await read_json(request, CompletionRequest, settings.max_request_bytes)
+        body = await read_json(request, CompletionRequest, settings.max_request_bytes,
+                               settings.request_body_timeout)
         return await serving.completions(body, request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):
-        body = await read_json(request, ChatCompletionRequest, settings.max_request_bytes)
+        body = await read_json(request, ChatCompletionRequest, settings.max_request_bytes,
+                               settings.request_body_timeout)
         return await serving.chat(body, request)
 
     return app

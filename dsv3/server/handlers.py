@@ -72,6 +72,7 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 16 << 20
     chat_template_timeout: float = 10.0
+    request_body_timeout: float = 30.0
 
 
 class OpenAIServing:
@@ -262,8 +263,8 @@ class OpenAIServing:
         parse_tools = self._tool_parsing(request)
         tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
         messages = [m.template_dict() for m in request.messages]
-        text = await self.renderer.render(messages, tools=tools, add_generation_prompt=request.add_generation_prompt,
-                                          **(request.chat_template_kwargs or {}))
+        text = await self.renderer.render(messages, tools, request.add_generation_prompt,
+                                          request.chat_template_kwargs)
         [prompt] = await self.encode([text], "messages", add_bos=False)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
         # with a reasoning parser the constraint starts after the reasoning, unless the prompt already ended it

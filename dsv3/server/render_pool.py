@@ -50,8 +50,10 @@ class RenderPool:
         self._workers: set[subprocess.Popen] = set()
 
     async def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                     **kwargs) -> str:
-        """As ChatTemplate.render, in a worker; RequestError also where it takes longer than the timeout."""
+                     kwargs: dict | None = None) -> str:
+        """As ChatTemplate.render (`kwargs`: its further template variables), in a worker; RequestError also
+        where it takes longer than the timeout."""
+        kwargs = kwargs or {}
         check_template_kwargs(kwargs)
         request = json.dumps({"messages": messages, "tools": tools, "add_generation_prompt": add_generation_prompt,
                               "kwargs": kwargs}) + "\n"

@@ -88,7 +88,7 @@ class SamplingParams:
                 raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                                    param="repetition_penalty")
         if self.seed is not None:
-            _int("seed", self.seed)
+            _int("seed", self.seed, low=-(2**63), high=2**63 - 1)  # a 64-bit integer, as torch seeds take
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:

@@ -45,12 +45,12 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
         logits = logits.float()
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
-            logits = apply_penalties(logits, seqs)
+            logits = finite(apply_penalties(logits, seqs))
         greedy = [p.temperature == 0 for p in params]
         if all(greedy) and not any(p.logprobs is not None for p in params):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
         temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
-        scaled = logits / temperature[:, None]
+        scaled = finite(logits / temperature[:, None])
         tokens = scaled.argmax(dim=-1)
         if not all(greedy):
             drawn = self._draw(truncate(scaled, params), seqs)
@@ -89,6 +89,13 @@ class Sampler:
             entry[chosen[j]] = picked[j]
             out[i] = entry
         return out
+
+
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """Logits a penalty or temperature pushed out of float range made finite again, so that softmax and
+    log_softmax stay defined: +inf becomes the largest float, -inf and NaN (0 / 0) the lowest."""
+    info = torch.finfo(logits.dtype)
+    return logits.nan_to_num(nan=info.min, posinf=info.max, neginf=info.min)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -161,6 +161,8 @@ def cases(broken: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
     long_prompt = "word " * 200
     (tmp / "a_file").write_text("not a directory")
     (tmp / "json_dir").mkdir()
+    (tmp / "zero.jinja").write_text("{{ 1 / 0 }}")
+    (tmp / "recursion.jinja").write_text("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
     return {
         "temperature_nan": gen + ["--temperature", "nan"],
         "temperature_tiny": gen + ["--temperature", "1e-30"],
@@ -183,6 +185,8 @@ def cases(broken: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
         "backend_empty": gen + ["--backend", ""],
         "bench_decode_with_ckpt": ["bench", "decode", "--ckpt", "deepseek-v3", "--backend", "reference"],
         "serve_shutdown_timeout_nan": ["serve", "--shutdown-timeout", "nan"],
+        "chat_template_divides_by_zero": gen + ["--chat", "--chat-template", str(tmp / "zero.jinja")],
+        "chat_template_recurses": gen + ["--chat", "--chat-template", str(tmp / "recursion.jinja")],
         **{f"ckpt_{name}": gen + ["--ckpt", str(path)] for name, path in broken.items()
            if name != "no_template"},
         "chat_without_template": gen + ["--chat", "--ckpt", str(broken["no_template"])],
@@ -272,6 +276,11 @@ def test_tokenizer_problems_are_found_before_loading(batch):
 
 def test_chat_without_a_template_fails_before_loading(batch):
     before_loading(case(batch, "chat_without_template", 2, "no chat template", "--chat"))
+
+
+def test_a_chat_template_that_raises_is_one_line(batch):
+    case(batch, "chat_template_divides_by_zero", 2, "zero.jinja) failed on the messages: ZeroDivisionError")
+    case(batch, "chat_template_recurses", 2, "recursion.jinja) failed on the messages: RecursionError")
 
 
 def test_sampling_arguments_fail_before_loading(batch):

@@ -108,7 +108,8 @@ def test_generate_takes_a_str_as_one_prompt(model):
     assert len(outputs) == 1
 
 
-@pytest.mark.parametrize("params", [dict(temperature="hot"), dict(max_tokens=1.5), dict(top_p=float("nan"))])
+@pytest.mark.parametrize("params", [dict(temperature="hot"), dict(max_tokens=1.5), dict(top_p=float("nan")),
+                                    dict(seed=2**64), dict(seed=-(2**63) - 1)])
 def test_generate_sampling_types_are_named(model, params):
     with pytest.raises((Dsv3Error, TypeError)) as error:
         model.generate("Hello", SamplingParams(**params))

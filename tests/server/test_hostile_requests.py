@@ -4,6 +4,7 @@ answering within a second, and the server serves normally afterwards. One real s
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -16,6 +17,10 @@ SPIN = "{% if spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% 
 BOOM = "{% if boom %}{{ 1 / 0 }}{% endif %}"
 MAX_REQUEST_BYTES = 8 << 20
 RENDER_TIMEOUT_S = 2
+BODY_TIMEOUT_S = 2
+#: the key the server is given, with the trailing newline a key file leaves; clients send it without
+API_KEY = "secret-key\n"
+AUTH = {"Authorization": "Bearer secret-key"}
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +29,17 @@ def server(tmp_path_factory):
     tiny = json.loads((TINY_CHECKPOINT / "tokenizer_config.json").read_text())["chat_template"]
     template.write_text(SPIN + BOOM + tiny)
     process = ServerProcess("--chat-template", str(template), "--chat-template-timeout", str(RENDER_TIMEOUT_S),
-                            "--max-request-bytes", str(MAX_REQUEST_BYTES))
+                            "--max-request-bytes", str(MAX_REQUEST_BYTES), "--request-body-timeout",
+                            str(BODY_TIMEOUT_S), "--api-key", API_KEY)
     yield process
     process.stop()
 
 
 def post(server, path: str, body, **kwargs) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/{path}", json=body, timeout=60, **kwargs)
+    """POST a body: an object sent as JSON, or bytes as they are."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {**AUTH, "Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.post(f"{server.url}/v1/{path}", content=content, headers=headers, timeout=60, **kwargs)
 
 
 def chat(server, **fields) -> httpx.Response:
@@ -78,3 +87,56 @@ def test_tokenizing_many_prompts_leaves_the_server_answering(server):
         response = post(server, "completions", {"prompt": prompts, "max_tokens": 2})
     assert_error(response, 400, "prompt", "shorten the prompt")
     assert health.polls >= 3 and not health.failures, health.failures
+
+
+# ---- class 5: client input is a 400 naming the field (or a defined result), never a 500
+
+@pytest.mark.parametrize("path, body, param, words", [
+    ("completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt", ["prompt: a lone UTF-16 surrogate"]),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages",
+     ["messages.0.content", "surrogate"]),
+    ("completions", b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", None, ["not valid JSON", "digits"]),
+    ("completions", b'{"prompt": "hi", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, ["nested too deeply"]),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                     "chat_template_kwargs": {"x": json.loads("[" * 500 + "]" * 500)}}).encode(),
+     "chat_template_kwargs", ["nested more than 100 levels"]),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}},
+     "chat_template_kwargs", ["may not set 'messages'"]),
+    ("completions", {"prompt": "hi", "seed": 2**64}, "seed", ["seed must be in"]),
+    ("completions", {"prompt": "hi", "max_tokens": True}, "max_tokens", ["not true"]),
+    ("completions", {"prompt": [True, False]}, "prompt", ["prompt must be"]),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": False}, "temperature",
+     ["not false"]),
+])
+def test_bad_input_is_a_400_naming_the_field(server, path, body, param, words):
+    assert_error(post(server, path, body), 400, param, *words)
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_a_penalty_beyond_float_range_gives_a_defined_result(server, logprobs):
+    """repetition_penalty 1e-45 is 0 in float32: logits / 0 were NaN, sampled from or sent back as logprobs."""
+    response = post(server, "completions", {"prompt": "hello hello", "max_tokens": 3, "temperature": 1.0,
+                                            "repetition_penalty": 1e-45, "logprobs": logprobs})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    if logprobs:
+        assert all(-10000 < lp <= 0 for lp in choice["logprobs"]["token_logprobs"]), choice["logprobs"]
+
+
+def test_a_stalled_upload_is_a_408(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer secret-key"
+                           b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        answer = b""
+        while piece := connection.recv(4096):
+            answer += piece
+            if b"}}" in answer:
+                break
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "stalled: nothing arrived for 2 s" in answer
+
+
+def test_the_api_key_is_compared_without_surrounding_whitespace(server):
+    assert chat(server).status_code == 200  # the server was given the key with a trailing newline
+    assert post(server, "completions", {"prompt": "hi"}, headers={"Authorization": "Bearer other"}).status_code == 401
