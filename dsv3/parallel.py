@@ -371,8 +371,9 @@ class ParallelMoE:
         weights, ids = self.backend.moe_route(values, self.gate_weight, self.bias, self.routing)
         local = ids - self.first_expert
         mine = (local >= 0) & (local < self.experts.num_experts)
-        # pairs of other ranks' experts: weight 0 on a valid local expert (spread over them, not all on one)
-        local = torch.where(mine, local, ids % self.experts.num_experts)
+        # pairs of other ranks' experts: weight 0 on local expert 0, so a small decode batch reads at most one
+        # expert's weights more than its own pairs need (spread over the experts, they would touch up to k more)
+        local = torch.where(mine, local, 0)
         return self.backend.moe_experts(x, weights.masked_fill(~mine, 0), local, self.experts)
 
     def __call__(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
