@@ -25,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "lists (default: --ckpt as given, or 'tiny')")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1 route "
                    "(default: $DSV3_API_KEY; none when unset)")
+    p.add_argument("--allowed-hosts", metavar="NAMES", help="Host header names the server answers to, comma-separated "
+                   "or a JSON list; '*' any (default: on a loopback --host, only localhost, 127.0.0.1 and ::1, "
+                   "against DNS rebinding; elsewhere any)")
+    p.add_argument("--allowed-origins", metavar="ORIGINS", help="web origins allowed to read answers (CORS), "
+                   "a JSON list as vLLM takes it or comma-separated; '*' any (default: none, CORS off)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the "
                    "checkpoint's (tokenizer_config.json chat_template)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, help="return the text up to </think> as "
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.api import TINY_CHECKPOINT
     from dsv3.server.app import build_app, serve
     from dsv3.server.chat_template import ChatTemplate
+    from dsv3.server.cross_site import parse_list
     from dsv3.server.handlers import ServerSettings
     from dsv3.serving.async_engine import AsyncEngine
 
@@ -75,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or args.ckpt or "tiny", checkpoint=checkpoint, chat_template=template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         api_key=api_key(args), max_request_bytes=args.max_request_bytes,
-        chat_template_timeout=args.chat_template_timeout, request_body_timeout=args.request_body_timeout)
+        chat_template_timeout=args.chat_template_timeout, request_body_timeout=args.request_body_timeout,
+        allowed_hosts=allowed_hosts(args), allowed_origins=parse_list("--allowed-origins", args.allowed_origins))
     engine = AsyncEngine.from_args(args)
     if template is None:
         print(f"dsv3: {checkpoint} has no chat template: /v1/chat/completions answers 400 "
@@ -89,6 +96,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0 if started else 1
+
+
+def allowed_hosts(args: argparse.Namespace) -> list[str] | None:
+    """--allowed-hosts; by default loopback names where the server listens on loopback, else any."""
+    from dsv3.server.cross_site import LOOPBACK_NAMES, is_loopback, parse_list
+
+    names = parse_list("--allowed-hosts", args.allowed_hosts)
+    if names is None and is_loopback(args.host):
+        names = [*LOOPBACK_NAMES, args.host]
+    return names
 
 
 def api_key(args: argparse.Namespace) -> str | None:

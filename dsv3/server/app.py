@@ -19,10 +19,12 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from dsv3.errors import Dsv3Error, RequestError
+from dsv3.server.cross_site import HostCheck, check_json_body
 from dsv3.server.handlers import OpenAIServing, ServerSettings
 from dsv3.server.metrics import ServerMetrics
 from dsv3.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -72,6 +74,7 @@ async def read_json(request: Request, model: type[BaseModel], limit: int, timeou
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(f"the request body is {declared} bytes; the limit is {limit}", status=413)
+    check_json_body(request.headers.get("content-type"))
     body = bytearray()
     pieces = request.stream()
     while True:
@@ -145,6 +148,11 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="dsv3", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.serving = serving
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    if settings.allowed_hosts:
+        app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
 
     async def check_key(request: Request) -> None:
         if settings.api_key is None:

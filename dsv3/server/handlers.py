@@ -73,6 +73,8 @@ class ServerSettings:
     max_request_bytes: int = 16 << 20
     chat_template_timeout: float = 10.0
     request_body_timeout: float = 30.0
+    allowed_hosts: list[str] | None = None  # Host header names answered (None: any)
+    allowed_origins: list[str] | None = None  # pages that may read answers (CORS); None: none
 
 
 class OpenAIServing:

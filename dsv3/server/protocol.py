@@ -38,7 +38,8 @@ class APIError(Exception):
     """A request that fails with an HTTP status and OpenAI's error body."""
 
     TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "RequestTimeoutError",
-             413: "RequestEntityTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+             413: "RequestEntityTooLargeError", 415: "UnsupportedMediaTypeError", 500: "InternalServerError",
+             503: "ServiceUnavailableError"}
 
     def __init__(self, message: str, status: int = 400, param: str | None = None):
         super().__init__(message)

@@ -140,3 +140,30 @@ def test_a_stalled_upload_is_a_408(server):
 def test_the_api_key_is_compared_without_surrounding_whitespace(server):
     assert chat(server).status_code == 200  # the server was given the key with a trailing newline
     assert post(server, "completions", {"prompt": "hi"}, headers={"Authorization": "Bearer other"}).status_code == 401
+
+
+# ---- class 3: web pages cannot post to or read from a loopback server
+
+def test_a_body_that_is_not_declared_json_is_a_415(server):
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {"Content-Type": ""}
+        response = post(server, "completions", {"prompt": "hi", "max_tokens": 1}, headers=headers)
+        assert_error(response, 415, None, "must be sent as Content-Type: application/json")
+
+
+def test_a_loopback_server_answers_only_loopback_host_names(server):
+    for host in ("evil.example", f"evil.example:{server.port}", "10.0.0.1"):
+        response = httpx.get(f"{server.url}/health", headers={"Host": host})
+        assert_error(response, 400, None, "Host header", "--allowed-hosts")
+        response = post(server, "completions", {"prompt": "hi", "max_tokens": 1}, headers={"Host": host})
+        assert response.status_code == 400
+    for host in (f"localhost:{server.port}", "127.0.0.1", f"[::1]:{server.port}"):
+        assert httpx.get(f"{server.url}/health", headers={"Host": host}).status_code == 200
+
+
+def test_no_cors_headers_without_allowed_origins(server):
+    preflight = httpx.options(f"{server.url}/v1/completions", headers={
+        "Origin": "http://page.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    response = post(server, "completions", {"prompt": "hi", "max_tokens": 1}, headers={"Origin": "http://page.example"})
+    assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
