@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsv3 import distributed, tensor_specs
+from dsv3 import checks, distributed, tensor_specs
 from dsv3.backends import fp8
 from dsv3.backends.interface import Backend, QuantizedActivation, plain
 from dsv3.checkpoint import CheckpointSource, WeightLoader
@@ -526,7 +526,8 @@ def build(plan: ParallelPlan, config: ModelConfig, backend: Backend, source, pre
     """Join the process group, check the cut on every rank, then load this rank's part of the model.
 
     Every check (ranks agreeing, heads/experts/vocabulary dividing, FP8 block
-    boundaries, the checkpoint's layout) runs before any weight is read.
+    boundaries, every rank's weights fitting its device, the checkpoint's layout)
+    runs before any weight is read.
     """
     distributed.init(backend.capabilities.dist_backend, backend.device)
     if dist.get_world_size() != plan.world_size:
@@ -535,11 +536,34 @@ def build(plan: ParallelPlan, config: ModelConfig, backend: Backend, source, pre
                 "backend": backend.capabilities.name, "max_model_len": max_model_len, "load_mtp": load_mtp}
     agree(fingerprint(config, source, settings))
     plan.check(config, precision, load_mtp)
+    check_memory(plan, config, precision, backend)
     loader = ShardedLoader(source, config, plan, progress=progress and plan.is_primary, device=backend.device)
     try:
         return ParallelTransformer(config, backend, loader, precision, max_model_len)
     finally:
         loader.close()
+
+
+def check_memory(plan: ParallelPlan, config: ModelConfig, precision: str, backend: Backend) -> None:
+    """Raise Dsv3Error on every rank where any rank's device has less free memory than a rank's weights.
+
+    Every rank holds as much (the cuts are even); the ranks share their free memory first, so all of them
+    stop together instead of some loading and then waiting for the others forever.
+    """
+    weights, _ = checks.model_bytes(config, precision, 0, 0, plan)
+    memory = backend.memory_info()
+    mine = (memory.free, memory.total, str(backend.device)) if memory.accelerator else None
+    short = [(rank, m) for rank, m in enumerate(distributed.all_gather_objects(mine)) if m and m[0] < weights]
+    if short:
+        rank, (free, total, device) = min(short, key=lambda item: item[1][0])
+        raise Dsv3Error(f"this layout puts {_size(weights)} of {precision} weights on each rank, but rank "
+                        f"{rank}'s {device} has {_size(free)} free of {_size(total)}"
+                        f"{f' ({len(short)} ranks are short)' if len(short) > 1 else ''}; use more ranks or "
+                        "devices with more memory (dsv3 doctor --plan shows what fits)")
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MiB"
 
 
 def agree_min(num_blocks: int) -> int:

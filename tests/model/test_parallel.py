@@ -105,6 +105,17 @@ def _worker(rank: int, world: int, port: int, checkpoints: dict, out: Path) -> N
                 _expect_error(lambda: load_model(mine, precision="fp32", **LOAD)), reads.count)
             errors["different precision"] = (_expect_error(lambda: load_model(
                 checkpoints["tiny"], precision="bf16" if rank == 1 else "fp32", **LOAD)), reads.count)
+            from dsv3.backends.interface import MemoryInfo
+            from dsv3.backends.reference import ReferenceBackend
+            saved = ReferenceBackend.memory_info
+            if rank == 1:  # rank 1's device claims 1 MiB free; rank 0 has no accelerator to check
+                ReferenceBackend.memory_info = lambda self, reset_peak=False: MemoryInfo(
+                    total=1 << 30, free=1 << 20, allocated=0, peak=0, accelerator=True)
+            try:
+                errors["too little memory"] = (_expect_error(lambda: load_model(
+                    checkpoints["tiny"], precision="fp32", **LOAD)), reads.count)
+            finally:
+                ReferenceBackend.memory_info = saved
             import builtins
             lines = iter(["hello", "/exit"])
             builtins.input = lambda prompt: next(lines) if rank == 0 else "not rank 0's line"
@@ -259,6 +270,14 @@ def test_ranks_that_disagree_are_refused_before_reading(worlds):
         message, reads_after = result["errors"]["different precision"]
         assert message.startswith("ranks disagree on the precision: rank 0 has 'fp32'"), message
         assert reads == 0 and reads_after == 0
+
+
+def test_a_rank_without_room_for_its_weights_stops_every_rank_before_reading(worlds):
+    for result in worlds(2):
+        message, reads = result["errors"]["too little memory"]
+        assert message.startswith("this layout puts 2.6 MiB of fp32 weights on each rank, but rank 1's cpu has "
+                                  "1.0 MiB free of 1.0 GiB; use more ranks"), message
+        assert reads == 0
 
 
 def test_rank0_reads_the_terminal_for_every_rank(worlds):
