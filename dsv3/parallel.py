@@ -348,7 +348,7 @@ class ParallelMoE:
     """A MoE layer spread over every rank (see the module docstring), with no host sync and static shapes.
 
     Every rank routes all the tokens it sees with the replicated gate and runs its own experts over every
-    row: a (token, expert) pair routed to another rank's expert keeps a local expert id and weight 0, so
+    row: a (token, expert) pair routed to another rank's expert goes to local expert 0 with weight 0, so
     the backend's grouped MoE op sees the one-process [N, k] shapes and nothing is counted or compacted on
     the host. The shared experts' partial sum is added by one TP group (by every DP group for its rows).
 
@@ -453,7 +453,7 @@ class ParallelTransformer(Transformer):
                             f"group {self.plan.dp_rank} has {batch.num_tokens} tokens")
         tp = self.plan.tp
         self.step_rows.rows = -(-max(counts) // tp) * tp
-        if batch.num_tokens and self.step_rows.rows:
+        if batch.num_tokens:
             return super().hidden(batch, caches)
         empty = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.backend.device)
         if self.step_rows.rows:
