@@ -137,6 +137,8 @@ class ParallelPlan:
         return self.rank == 0
 
     def describe(self) -> str:
+        if self.world_size == 1:
+            return "1 rank: the whole model on one device"
         split = f", each expert split {self.expert_tp} ways" if self.expert_tp > 1 else ""
         if self.dp > 1:
             inside = f", attention/dense/embedding/head split {self.tp} ways inside each" if self.tp > 1 else ""

@@ -117,3 +117,12 @@ def test_the_memory_table_in_the_docs_is_what_the_command_prints(dsv3, row):
             f"{p['cache_tokens_per_rank']:,}", f"{p['cache_tokens_total']:,}", "yes" if p["fits"] else "**no**"] \
         == [weights, cache, per_rank, total, fits]
     assert out.returncode == (0 if p["fits"] else 1)
+
+
+def test_v2_lite_on_one_h100(dsv3):
+    """A BF16 checkpoint stays bf16 on an FP8 device; one device holds the whole model."""
+    out = dsv3("--plan", "--model", "deepseek-v2-lite", "--devices", "H100x1")
+    assert out.returncode == 0, out.stderr
+    assert "model      deepseek-v2-lite: bf16 weights" in out.stdout
+    assert "layout     tp 1, dp 1, ep 1: 1 rank: the whole model on one device" in out.stdout
+    assert "(31,104 bytes per token)" in out.stdout  # 27 layers x 576 x 2
