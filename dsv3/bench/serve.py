@@ -37,6 +37,7 @@ from dsv3.bench.common import Record, error_line, save_json, time_op
 from dsv3.bench.serve_load import EngineTarget, EngineWatch, HttpTarget, random_requests, run_load
 from dsv3.bench.serve_records import (
     add_baseline,
+    add_speculative,
     add_static,
     add_static_work,
     check_record,
@@ -316,6 +317,10 @@ def run_engine(args) -> int:
         name = model.backend.capabilities.name
         record = summarize(results, duration, f"dsv3 engine in-process ({name})", "in-process",
                            _load(args, num_prompts), before, after, peak)
+        if model.engine.proposer is not None:  # the same load again on the same engine, its proposer detached
+            model.engine.proposer = None
+            plain = summarize(*asyncio.run(main())[:2], "without speculation", "in-process", _load(args, num_prompts))
+            add_speculative(record, before, after, plain)
         if static:
             try:
                 ms, mode = static_decode_ms(model, args.max_concurrency, static_context, args.quick)

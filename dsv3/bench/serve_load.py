@@ -138,9 +138,14 @@ class EngineTarget:
 
     async def scrape(self) -> dict:
         s = self.engine.stats()
-        return {"num_running": s.num_running + s.num_waiting, "cache_usage": s.cache_usage,
-                "num_preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries,
-                "prefix_hits": s.prefix_hits}
+        values = {"num_running": s.num_running + s.num_waiting, "cache_usage": s.cache_usage,
+                  "num_preemptions": s.num_preemptions, "prefix_queries": s.prefix_queries,
+                  "prefix_hits": s.prefix_hits}
+        spec = getattr(s, "spec_decode", None)
+        if spec is not None:
+            values.update(spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+                          spec_num_accepted_tokens=spec.num_accepted_tokens)
+        return values
 
 
 #: the engine's counters in a server's /metrics: dsv3's names and vLLM's (`dsv3:` or `vllm:` before them)

@@ -121,6 +121,23 @@ def add_static_work(record: Record, prefill_ms: float) -> None:
     m["vs_static_work"] = m["static_work_s"] / m["duration_s"]
 
 
+def add_speculative(record: Record, before: dict, after: dict, plain: Record) -> None:
+    """Speculative decoding beside the same engine without it on the same load (`plain`, run after it):
+    spec_num_drafts, spec_acceptance_rate (accepted over proposed draft tokens), spec_mean_acceptance_length
+    (tokens per verify step: accepted drafts plus the target's own), plain_output_throughput, plain_median_tpot_ms,
+    spec_speedup (output throughput over the plain run's) and spec_tpot_speedup (plain median TPOT over this)."""
+    m, p = record.metrics, plain.metrics
+    drafts, proposed, accepted = (after.get(k, 0) - before.get(k, 0) for k in
+                                  ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens"))
+    m["spec_num_drafts"] = drafts
+    m["spec_acceptance_rate"] = accepted / proposed if proposed else None
+    m["spec_mean_acceptance_length"] = 1 + accepted / drafts if drafts else None
+    m["plain_output_throughput"], m["plain_median_tpot_ms"] = p["output_throughput"], p["median_tpot_ms"]
+    m["spec_speedup"] = m["output_throughput"] / p["output_throughput"] if p["output_throughput"] else None
+    m["spec_tpot_speedup"] = (p["median_tpot_ms"] / m["median_tpot_ms"]
+                              if p["median_tpot_ms"] and m["median_tpot_ms"] else None)
+
+
 def read_baseline(path: str) -> tuple[str, float]:
     """(who ran it, output tokens/s) of the first record of an earlier bench serve JSON."""
     try:
@@ -182,6 +199,15 @@ def format_record(record: Record) -> str:
     if m["vs_baseline"] is not None:
         rows.append(f" Against {m['baseline']} ".center(60, "-"))
         rows.append(("Output throughput / baseline's:", f"{m['vs_baseline']:.3f}"))
+    if m.get("spec_speedup") is not None:
+        rows.append(" Speculative decoding (same load, without it) ".center(60, "-"))
+        rows.append(("Verify steps (drafts):", str(m["spec_num_drafts"])))
+        rows.append(("Draft acceptance rate:", _percent(m["spec_acceptance_rate"])))
+        rows.append(("Mean acceptance length (tokens/step):", fmt(m["spec_mean_acceptance_length"], ".3f")))
+        rows.append(("Output throughput without (tok/s):", f"{m['plain_output_throughput']:.2f}"))
+        rows.append(("Median TPOT without (ms):", fmt(m["plain_median_tpot_ms"], ".2f")))
+        rows.append(("Speed-up, output throughput:", f"{m['spec_speedup']:.3f}"))
+        rows.append(("Speed-up, median TPOT:", fmt(m["spec_tpot_speedup"], ".3f")))
     if m["static_decode_ms"] is not None:
         rows.append(" Static batch decode (bench decode) ".center(60, "-"))
         rows.append((f"Step at batch {m['static_batch']}, context {m['static_context']} (ms):",

@@ -1,7 +1,8 @@
 """`dsv3 bench gemm|moe|mla|all`: kernels at the DeepSeek-V3 shapes beside their peers and the roofline;
 `dsv3 bench decode|prefill`: whole model steps at DeepSeek-V3's layer dimensions beside their floor;
 `dsv3 bench profile`: the kernels of a decode step and a prefill, ranked by device time;
-`dsv3 bench serve`: requests through the serving engine in this process, or an OpenAI-compatible server."""
+`dsv3 bench serve`: requests through the serving engine in this process, or an OpenAI-compatible server;
+`dsv3 bench spec`: MTP speculative decoding's verify and draft steps beside the plain decode step."""
 
 from __future__ import annotations
 
@@ -12,24 +13,27 @@ from pathlib import Path
 
 from dsv3.errors import Dsv3Error, UsageError
 
-WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill", "profile", "serve")
+WHAT = ("gemm", "moe", "mla", "all", "decode", "prefill", "profile", "serve", "spec")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=WHAT, help="which ops to time (all: gemm, moe and mla), whole decode or "
-                   "prefill steps, their kernels (profile), or requests through the serving engine (serve)")
+                   "prefill steps, their kernels (profile), requests through the serving engine (serve), or MTP "
+                   "speculative decoding's steps beside the plain decode step (spec)")
     p.add_argument("--backend", default="cuda", help="backend under test (default cuda)")
     p.add_argument("--device", help="torch device for the backend (default: the backend's)")
     p.add_argument("--json", metavar="FILE", help="also write the roofline, environment and records as JSON")
     p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference-backend peer")
-    steps = p.add_argument_group("decode, prefill and profile (profile takes the first --batch and --context)")
+    steps = p.add_argument_group("decode, prefill, profile and spec (profile and spec take the first --context)")
     steps.add_argument("--config", default="deepseek-v3", help="model config whose layer dimensions to use "
                        "(default deepseek-v3)")
     steps.add_argument("--layers", type=int, help="layers to build (default: as many as fit, dense first)")
     steps.add_argument("--batch", type=int, nargs="+", help="decode batch sizes (default 1 16 64 128)")
     steps.add_argument("--context", type=int, nargs="+", help="tokens cached per sequence (default 1024 8192)")
     steps.add_argument("--tokens", type=int, default=4096, help="prefill tokens (default 4096)")
+    steps.add_argument("--acceptance", type=float, default=0.85, help="spec: the draft acceptance rate the "
+                       "projected speed-up assumes (default 0.85, DeepSeek's published 85-90%% for the MTP token)")
     from dsv3.bench import serve
 
     serve.add_arguments(p)
@@ -67,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         from dsv3.bench import model_steps
 
         return model_steps.run_command(args, backend)
+    if args.what == "spec":
+        from dsv3.bench import spec
+
+        return spec.run_command(args, backend)
     if args.what == "profile":
         from dsv3.bench import kernel_profile
 

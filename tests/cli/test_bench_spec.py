@@ -1,0 +1,40 @@
+"""`dsv3 bench serve --speculative-config` and `dsv3 bench spec` on the CPU (the tiny checkpoint and its config):
+the runs complete and report what the lead reads on a GPU. Timings on a shared CPU mean nothing; not asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsv3 import cli
+from dsv3.api import TINY_CHECKPOINT
+
+
+def test_bench_serve_sets_speculation_beside_the_same_engine_without(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    code = cli.main(["bench", "serve", "--ckpt", str(TINY_CHECKPOINT), "--backend", "reference", "--precision", "fp32",
+                     "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}', "--num-prompts", "2",
+                     "--input-len", "8", "--output-len", "24", "--max-concurrency", "1", "--num-warmups", "0",
+                     "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "Mean acceptance length (tokens/step):" in printed and "Speed-up, output throughput:" in printed
+    [m] = json.loads(out.read_text())["records"]
+    assert m["spec_num_drafts"] > 0 and 1 <= m["spec_mean_acceptance_length"] <= 3
+    assert m["spec_speedup"] == pytest.approx(m["output_throughput"] / m["plain_output_throughput"])
+
+
+@pytest.mark.exhaustive
+def test_bench_spec_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    code = cli.main(["bench", "spec", "--backend", "reference", "--precision", "fp32", "--config",
+                     str(TINY_CHECKPOINT / "config.json"), "--layers", "2", "--batch", "1", "2", "--context", "16",
+                     "--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "projected V3 batch-1 speed-up at acceptance 0.85" in printed and "tiny checkpoint, batch 1, k=3" in printed
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data["steps"]] == [1, 2]
+    assert all(r[f"draft{k}_ms"] > 0 and r[f"verify{k}_ms"] > 0 for r in data["steps"] for k in (1, 2, 3))
+    assert [r["k"] for r in data["tiny"]] == [0, 1, 2, 3] and all(r["acceptance"] > 0 for r in data["tiny"][1:])
