@@ -51,34 +51,35 @@ def check_sampling(max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, prefix
     check_int(f"{prefix}seed", seed, 0, maximum=2**63 - 1)  # a torch generator's seed is a signed 64-bit int
 
 
-def check_device(device: str | None) -> None:
+def check_device(device: str | None, name: str = "device") -> None:
     """A torch device string naming a device type this torch build has and an index it can see.
 
     Generic over device types, with no vendor named: the torch module named after the type (which a
     vendor's torch build or extension registers) says whether it is available and how many devices it sees.
+    Messages name the argument `name` ("--device" for a command's flag).
     """
     if device is None:
         return
     import torch
 
     if not isinstance(device, (str, torch.device)):
-        raise UsageError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+        raise UsageError(f"{name} must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {device}: not a torch device ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{name} {device}: not a torch device ({str(e).splitlines()[0]})") from None
     if parsed.type == "cpu":
         return
     module = getattr(torch, parsed.type, None)
     available = getattr(module, "is_available", None)
     if available is None or parsed.type == "meta":
-        raise UsageError(f"--device {device}: dsv3 cannot run on {parsed.type} devices")
+        raise UsageError(f"{name} {device}: dsv3 cannot run on {parsed.type} devices")
     if not available():
-        raise UsageError(f"--device {device}: this machine has no usable {parsed.type} device "
+        raise UsageError(f"{name} {device}: this machine has no usable {parsed.type} device "
                          f"(torch.{parsed.type}.is_available() is False)")
     count = getattr(module, "device_count", lambda: 1)()
     if parsed.index is not None and parsed.index >= count:
-        raise UsageError(f"--device {device}: only {count} {parsed.type} device{'s' if count != 1 else ''} "
+        raise UsageError(f"{name} {device}: only {count} {parsed.type} device{'s' if count != 1 else ''} "
                          f"visible (indices 0..{count - 1})")
 
 

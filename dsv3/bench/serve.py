@@ -6,7 +6,7 @@ most `--max-concurrency` at a time, arriving all at once or as a Poisson process
 requests per second. Every request asks for exactly its output length (greedy, ignore_eos).
 
 Two targets:
-- in-process: an AsyncEngine built from the engine flags (dsv3.serving.args), on a checkpoint (`--ckpt`) or
+- in-process: an AsyncEngine built from the engine flags (dsv3.commands.args), on a checkpoint (`--ckpt`) or
   on synthetic weights at DeepSeek-V3's dimensions (`--config deepseek-v3 --layers N`, like `bench decode`);
 - `--url URL`: any OpenAI-compatible server (`dsv3 serve`, `vllm serve`, ...), through streamed
   /v1/completions requests with token-id prompts.
@@ -49,11 +49,11 @@ from dsv3.errors import Dsv3Error, UsageError
 
 
 def add_arguments(p) -> None:
-    """`bench serve`'s options, and the engine's flags (dsv3.serving.args) that `bench` does not already
+    """`bench serve`'s options, and the engine's flags (dsv3.commands.args) that `bench` does not already
     have (--backend, --device and --config are bench's)."""
     import argparse
 
-    from dsv3.serving.args import add_engine_arguments
+    from dsv3.commands.args import add_engine_arguments
 
     g = p.add_argument_group("serve (the load)")
     g.add_argument("--num-prompts", type=int, help="requests to send (default 1000 on an accelerator, 64 on the "
@@ -213,12 +213,11 @@ def _longest(args) -> int:
 def _load_model(args, static_context: int):
     """The Model (with its engine) of --ckpt, or of --config with --layers layers (default: as many as fit
     beside a cache for the concurrency at the longest request, as `bench decode` fits them)."""
-    from dsv3.api import load_model
     from dsv3.backends.select import select
+    from dsv3.commands.args import engine_args
     from dsv3.config import load_config
-    from dsv3.serving.args import check_engine_arguments, engine_options
 
-    check_engine_arguments(args)
+    engine_args(args, model=None)  # every flag checked before the backend starts
     backend, _ = select(args.backend, args.device)
     source, described = args.ckpt, {"ckpt": args.ckpt}
     if not args.ckpt:
@@ -235,8 +234,7 @@ def _load_model(args, static_context: int):
         source = bench_config(base, layers)
         described = {"config": str(base.source), "layers": layers,
                      "moe_layers": sum(source.is_moe_layer(i) for i in range(layers))}
-    model = load_model(source, backend=backend, precision=args.precision, quiet=args.quiet, tp=args.tp, ep=args.ep,
-                       **engine_options(args))
+    model = engine_args(args, model=source, backend=backend).build()
     layers = model.config.num_hidden_layers
     described.update(layers=layers, moe_layers=sum(model.config.is_moe_layer(i) for i in range(layers)),
                      load_format=getattr(args, "load_format", "auto"))

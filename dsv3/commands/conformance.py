@@ -59,7 +59,7 @@ NOTHING_CHECKED = 5
 
 
 def run(args: argparse.Namespace) -> int:
-    check_device(args.device)
+    check_device(args.device, "--device")
     if args.json:
         check_output_file(Path(args.json), "--json")
     backend, reason = build_backend(args.backend, args.device)

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.plan:
         return run_plan(args)
-    check_device(args.device)
+    check_device(args.device, "--device")
     report = collect(args.backend, args.device)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 2 if report["backend"]["error"] else 0

@@ -8,11 +8,10 @@ from pathlib import Path
 
 from dsv3.api import TINY_CHECKPOINT
 from dsv3.checks import check_sampling
-from dsv3.commands.common import check_model_arguments, load_from_args
+from dsv3.commands.args import add_engine_arguments, engine_args, load_from_args
 from dsv3.config import load_config
 from dsv3.distributed import broadcast_object, is_primary, quiet_other_ranks, read_line
 from dsv3.errors import Dsv3Error, UsageError
-from dsv3.serving.args import add_engine_arguments, check_engine_arguments
 from dsv3.serving.params import SamplingParams
 from dsv3.tokenizer import Tokenizer
 
@@ -88,8 +87,7 @@ def preflight(args: argparse.Namespace, prompts: list[str] | None) -> None:
     A prompt that leaves no room to generate is an error; one that leaves less than --max-new-tokens
     gets a note that its output will be cut."""
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, prefix="--")
-    check_model_arguments(args)
-    check_engine_arguments(args)
+    engine_args(args)
     if args.config is not None:
         raise UsageError("generate needs a checkpoint with a tokenizer; --config --random-weights has none "
                          "(give --ckpt DIR)")

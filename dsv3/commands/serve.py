@@ -11,10 +11,10 @@ import socket
 import sys
 from pathlib import Path
 
+from dsv3.commands.args import add_engine_arguments, load_from_args
 from dsv3.errors import UsageError
 from dsv3.server.reasoning import REASONING_PARSERS
 from dsv3.server.tool_parser import TOOL_CALL_PARSERS
-from dsv3.serving.args import add_engine_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.server.chat_template import ChatTemplate
     from dsv3.server.cross_site import parse_list
     from dsv3.server.handlers import ServerSettings
-    from dsv3.serving.async_engine import AsyncEngine
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key(args), max_request_bytes=args.max_request_bytes,
         chat_template_timeout=args.chat_template_timeout, request_body_timeout=args.request_body_timeout,
         allowed_hosts=allowed_hosts(args), allowed_origins=parse_list("--allowed-origins", args.allowed_origins))
-    engine = AsyncEngine.from_args(args)
+    engine = load_from_args(args).async_engine
     if template is None:
         print(f"dsv3: {checkpoint} has no chat template: /v1/chat/completions answers 400 "
               "(pass --chat-template FILE)", file=sys.stderr)

@@ -273,13 +273,6 @@ class AsyncEngine:
         self.max_model_len = loop.engine.max_model_len
         self.generation_defaults = dict(loop.engine.generation_defaults)
 
-    @classmethod
-    def from_args(cls, args) -> "AsyncEngine":
-        """Load the model the engine flags (dsv3.serving.args.add_engine_arguments) name; its engine."""
-        from dsv3.serving.args import model_from_args
-
-        return model_from_args(args).async_engine
-
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """One output per engine step with news, the last with finished=True. Raises RequestError for a

@@ -3,7 +3,7 @@
 On an accelerator (vLLM's rule): after loading, a profiling forward of max_num_batched_tokens tokens
 measures the activation peak; the blocks get gpu_memory_utilization x total memory, less what is in
 use (weights, other processes) and less that peak, less the sampler's logits. On the CPU the cache
-holds --cache-tokens tokens (default DEFAULT_CPU_CACHE_TOKENS, less where the host is short of memory).
+holds cache_tokens tokens (default DEFAULT_CPU_CACHE_TOKENS, less where the host is short of memory).
 """
 
 from __future__ import annotations
@@ -42,24 +42,25 @@ class CachePlan:
 
 def plan_cache(model: Transformer, block_size: int, max_model_len: int, max_num_seqs: int,
                max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
-               cache_tokens: int | None = None, agree=None) -> CachePlan:
-    """The cache that fits; raises Dsv3Error, naming the flag to change, when it cannot hold one request.
+               cache_tokens: int | None = None, agree=None, name=str) -> CachePlan:
+    """The cache that fits; raises Dsv3Error, naming the setting to change, when it cannot hold one request.
 
     Args:
         agree: where ranks must agree (tensor/expert parallel), a function taking this rank's block
             count and returning the count every rank uses (the smallest).
+        name: how the message names a setting (EngineArgs.name: the keyword, or the CLI's flag).
     """
     per_block = model.cache_bytes_per_block(block_size)
     memory = model.backend.memory_info()
     if cache_tokens is not None:
-        num_blocks, flag = 1 + -(-cache_tokens // block_size), "--cache-tokens"
+        num_blocks, setting = 1 + -(-cache_tokens // block_size), "cache_tokens"
     elif memory.accelerator:
         budget = _accelerator_budget(model, memory, max_model_len, max_num_seqs, max_num_batched_tokens,
                                      gpu_memory_utilization, block_size)
-        num_blocks, flag = max(budget // per_block, 0), "--gpu-memory-utilization"
+        num_blocks, setting = max(budget // per_block, 0), "gpu_memory_utilization"
     else:
         tokens = min(DEFAULT_CPU_CACHE_TOKENS, memory.free // 4 // max(per_block // block_size, 1))
-        num_blocks, flag = 1 + max(tokens, max_model_len) // block_size, "--cache-tokens"
+        num_blocks, setting = 1 + max(tokens, max_model_len) // block_size, "cache_tokens"
     if agree is not None:
         num_blocks = agree(num_blocks)
     spec = model.cache_spec_for(1, block_size)
@@ -68,7 +69,7 @@ def plan_cache(model: Transformer, block_size: int, max_model_len: int, max_num_
     needed = -(-max_model_len // block_size)
     if num_blocks - 1 < needed:
         raise Dsv3Error(f"{plan.describe()} cannot hold one request of max_model_len={max_model_len} "
-                        f"({needed} blocks of {block_size}); raise {flag} or lower --max-model-len")
+                        f"({needed} blocks of {block_size}); raise {name(setting)} or lower {name('max_model_len')}")
     return plan
 
 

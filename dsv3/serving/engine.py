@@ -31,7 +31,7 @@ from dsv3.serving.structured import StructuredOutputs, apply_token_bitmask
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The engine's settings (the flags of dsv3.serving.args).
+    """The engine's settings (from EngineArgs, dsv3.engine_args).
 
     Attributes:
         max_model_len: the longest sequence, prompt and output.

@@ -1,5 +1,5 @@
 """--kv-cache-dtype fp8 on the Ascend backend (emulated torch_npu): 910B/910C have no FP8, so the latent cache
-stays BF16, and loading the model says so in one line naming the flag."""
+stays BF16, and loading the model says so in one line naming the setting as the caller named it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_ascend_keeps_bf16_and_says_so(npu, capsys):
     try:
         assert all(cache.dtype == torch.bfloat16 for cache in model.transformer.caches)
         warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-        assert warnings == ["dsv3: warning: --kv-cache-dtype fp8: the ascend backend has no FP8 latent cache; "
+        assert warnings == ["dsv3: warning: kv_cache_dtype fp8: the ascend backend has no FP8 latent cache; "
                             "the cache stays bfloat16"]
     finally:
         model.shutdown()

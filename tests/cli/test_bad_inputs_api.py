@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv3
-import dsv3.api
+import dsv3.engine_args
 from dsv3.api import TINY_CHECKPOINT
 from dsv3.config import load_config
 from dsv3.errors import BackendSetupError, CheckpointError, ConfigError, Dsv3Error, OutOfMemoryError, UsageError
@@ -31,7 +31,7 @@ def model():
     (dict(max_model_len="64"), UsageError, "max_model_len must be an integer, got str '64'"),
     (dict(max_num_seqs=0), UsageError, "max_num_seqs must be at least 1"),
     (dict(seed=1.5), UsageError, "seed must be an integer"),
-    (dict(device="warp9"), UsageError, "--device warp9: not a torch device"),
+    (dict(device="warp9"), UsageError, "^device warp9: not a torch device"),
     (dict(backend=3), TypeError, "backend must be a backend name or a Backend"),
     (dict(precision=None), TypeError, "precision must be a string"),
 ])
@@ -60,7 +60,7 @@ def test_out_of_memory_while_loading_says_how_much_was_needed(monkeypatch):
     def transformer(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(dsv3.api, "Transformer", transformer)
+    monkeypatch.setattr(dsv3.engine_args, "Transformer", transformer)
     with pytest.raises(OutOfMemoryError) as error:
         dsv3.load_model(**LOAD)
     message = str(error.value)

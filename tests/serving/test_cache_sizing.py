@@ -47,8 +47,8 @@ def test_accelerator_cache_gets_what_is_left_and_says_so(capsys):
     model.shutdown()
 
 
-def test_a_device_too_full_for_one_request_names_the_flag():
-    with pytest.raises(Dsv3Error, match="--gpu-memory-utilization") as error:
+def test_a_device_too_full_for_one_request_names_the_setting():
+    with pytest.raises(Dsv3Error, match="raise gpu_memory_utilization or lower max_model_len") as error:
         load(DeviceLike(1024 * MiB, 915 * MiB, 10 * MiB), gpu_memory_utilization=0.9, quiet=True)
     assert "max_model_len=256" in str(error.value) and "\n" not in str(error.value)
 

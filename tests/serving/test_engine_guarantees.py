@@ -230,8 +230,8 @@ def test_streamed_outputs_are_cumulative_and_end_finished(model, alone):
     assert outputs[-1].metrics.first_token_time >= outputs[-1].metrics.arrival_time
 
 
-def test_cache_too_small_for_one_request_names_the_flag():
-    with pytest.raises(Exception, match="--cache-tokens"):
+def test_cache_too_small_for_one_request_names_the_setting():
+    with pytest.raises(Exception, match="raise cache_tokens or lower max_model_len"):
         tiny(cache_tokens=64, max_model_len=256)
 
 

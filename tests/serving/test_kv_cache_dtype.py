@@ -13,8 +13,8 @@ import torch
 from serving_helpers import tiny
 
 from dsv3.cli import main
+from dsv3.commands.args import add_engine_arguments, engine_args
 from dsv3.errors import UsageError
-from dsv3.serving.args import add_engine_arguments, engine_options
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Once upon a time, in a land far away,",
            "def fibonacci(n):", "1, 2, 3, 5, 8, 13,", "DeepSeek-V3 is a mixture-of-experts model"]
@@ -64,8 +64,8 @@ def test_fp8_cache_holds_more_tokens_in_the_same_bytes():
 def test_flag_reaches_the_engine():
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
-    assert engine_options(parser.parse_args([]))["kv_cache_dtype"] == "auto"
-    assert engine_options(parser.parse_args(["--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
+    assert engine_args(parser.parse_args([])).kv_cache_dtype == "auto"
+    assert engine_args(parser.parse_args(["--kv-cache-dtype", "fp8"])).kv_cache_dtype == "fp8"
     assert "--kv-cache-dtype" in parser.format_help()
 
 
@@ -73,5 +73,5 @@ def test_bad_value_is_one_line(capsys):
     assert main(["generate", "--kv-cache-dtype", "fp4", "--max-new-tokens", "1", "hi"]) == 2
     err = capsys.readouterr().err
     assert err == "dsv3: error: --kv-cache-dtype must be one of auto, bf16, fp8, got 'fp4'\n", err
-    with pytest.raises(UsageError, match="--kv-cache-dtype must be one of auto, bf16, fp8, got 'fp4'"):
+    with pytest.raises(UsageError, match="^kv_cache_dtype must be one of auto, bf16, fp8, got 'fp4'"):
         tiny(kv_cache_dtype="fp4")

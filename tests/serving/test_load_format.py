@@ -38,7 +38,7 @@ def test_dummy_weights_run_with_the_checkpoints_tokenizer(config_only):
 def test_without_dummy_a_directory_without_weights_is_an_error(config_only):
     with pytest.raises(Dsv3Error, match="no .*safetensors"):
         load_model(config_only, backend="reference", quiet=True, progress=False)
-    with pytest.raises(Dsv3Error, match="load_format must be 'auto' or 'dummy', got 'random'"):
+    with pytest.raises(Dsv3Error, match="load_format must be one of auto, dummy, got 'random'"):
         load_model(config_only, backend="reference", quiet=True, progress=False, load_format="random")
 
 

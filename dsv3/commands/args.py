@@ -1,0 +1,99 @@
+"""The flags of the commands that load a model (`dsv3 generate`, `dsv3 serve`, `dsv3 bench serve`), mapped onto
+EngineArgs (dsv3.engine_args): the one file that names them.
+
+Every EngineArgs field with cli=True is the flag `--field-name` (its older names too: --max-seq-len), with the
+field's default, choices and help, so a new field needs nothing here. --ckpt, or --config with
+--random-weights, says which model. A setting's error names its flag (FlagArgs.name), as vLLM's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from dsv3.config import CONFIGS_DIR, load_config
+from dsv3.engine_args import EngineArgs
+from dsv3.errors import UsageError
+from dsv3.llm import Model
+
+
+def flag(field_name: str) -> str:
+    """The flag of an EngineArgs field: max_model_len -> --max-model-len."""
+    return "--" + field_name.replace("_", "-")
+
+
+class FlagArgs(EngineArgs):
+    """EngineArgs from the flags: its messages name a setting by its flag."""
+
+    def name(self, field_name: str) -> str:
+        return flag(field_name)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options (--ckpt, --config, --random-weights and the EngineArgs of group "model": --backend,
+    --precision, --device, --tp, --ep, --quiet) and, in their own group, the engine's (cache, scheduler, graphs)."""
+    p.add_argument("--ckpt", metavar="DIR", help="Hugging Face checkpoint directory (default: the built-in tiny one)")
+    p.add_argument("--config", metavar="YAML", help="with --random-weights: run a config (a YAML/JSON file or a "
+                   "built-in name) on synthetic weights instead of a checkpoint")
+    p.add_argument("--random-weights", action="store_true", help="confirm --config: build random weights of "
+                   "that config's size (for DeepSeek-V3, 671B of them)")
+    groups = {"model": p, "engine": p.add_argument_group("engine")}
+    for f in dataclasses.fields(EngineArgs):
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        names = [flag(f.name), *(flag(alias) for alias in meta["aliases"])]
+        options: dict = dict(dest=f.name, default=f.default, help=meta["help"])
+        if isinstance(f.default, bool):
+            options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        else:
+            kind = str(f.type).split("|")[0].strip()
+            options.update(type={"int": int, "float": float}.get(kind, str), metavar=meta["metavar"])
+            if meta["metavar"] is None and meta["choices"] is not None:
+                options["choices"] = meta["choices"]
+            if f.default is not None:
+                options["help"] += f" (default {f.default})"
+        groups[meta["group"]].add_argument(*names, **options)
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """--ckpt, --config and --random-weights, before anything is loaded; one UsageError naming the option."""
+    if args.ckpt is not None and args.config is not None:
+        raise UsageError("give either --ckpt (a checkpoint) or --config with --random-weights (synthetic "
+                         "weights), not both")
+    if args.config is not None and not args.random_weights:
+        raise UsageError(f"--config {args.config} runs random weights; add --random-weights to do that, or give "
+                         f"a checkpoint directory with --ckpt")
+    if args.random_weights and args.config is None:
+        raise UsageError("--random-weights needs --config (the model whose size to build)")
+    if args.ckpt is not None:
+        path = Path(args.ckpt)
+        if not path.is_dir():
+            hint = (f"; '{args.ckpt}' is a built-in config: --config {args.ckpt} --random-weights runs it on "
+                    f"synthetic weights" if (CONFIGS_DIR / f"{args.ckpt}.yaml").exists() else "")
+            raise UsageError(f"--ckpt {args.ckpt}: no such checkpoint directory{hint}")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--ckpt {args.ckpt}: not a checkpoint directory (no config.json)")
+
+
+def engine_args(args: argparse.Namespace, **overrides) -> FlagArgs:
+    """The settings the flags give, every one checked before anything loads; `overrides` replace some (bench
+    serve passes its model and backend). A --config with a --layers attribute (bench serve) keeps only that
+    many layers."""
+    if hasattr(args, "random_weights"):
+        check_model_arguments(args)
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)
+                if f.metadata["cli"] and hasattr(args, f.name)}
+    if "model" not in overrides:
+        settings["model"] = args.ckpt or args.config
+        if args.config and getattr(args, "layers", None):
+            settings["model"] = load_config(args.config).replace(num_hidden_layers=args.layers)
+    result = FlagArgs(**{**settings, **overrides})
+    result.check()
+    return result
+
+
+def load_from_args(args: argparse.Namespace) -> Model:
+    """The Model (with its engine) the flags describe, every flag checked before any weight is read."""
+    return engine_args(args).build()
