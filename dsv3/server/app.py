@@ -28,6 +28,7 @@ from dsv3.server.cross_site import HostCheck, check_json_body
 from dsv3.server.handlers import OpenAIServing, ServerSettings
 from dsv3.server.metrics import ServerMetrics
 from dsv3.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from dsv3.server.runner import ServerShuttingDown
 
 log = logging.getLogger("dsv3.server")
 
@@ -171,6 +172,10 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     async def on_request_error(request: Request, error: RequestError):
         return error_response(APIError(str(error), param=error.param))
 
+    @app.exception_handler(ServerShuttingDown)
+    async def on_shutdown(request: Request, error: ServerShuttingDown):
+        return error_response(APIError(str(error), status=503))
+
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, error: HTTPException):
         return error_response(APIError(f"{request.method} {request.url.path}: {error.detail}",
@@ -232,21 +237,23 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def shutdown(self, sockets=None):
-        """uvicorn's graceful shutdown; a second before its timeout, the streams still open end cleanly
-        (their engine requests aborted) rather than being cancelled mid-write."""
-        from sse_starlette.sse import AppStatus
-
-        end_streams = asyncio.get_running_loop().call_later(
-            max(self.config.timeout_graceful_shutdown - 1.0, 0.0), setattr, AppStatus, "should_exit", True)
+        """uvicorn's graceful shutdown (stop accepting, wait for in-flight requests), with new requests on
+        open connections refused (503) and, shortly before the timeout, every request still in flight ended
+        explicitly (OpenAIServing.end_all) rather than cut off mid-stream."""
+        serving = self.config.app.state.serving
+        serving.draining = True
+        timeout = self.config.timeout_graceful_shutdown
+        end_requests = asyncio.get_running_loop().call_later(max(timeout - min(1.0, timeout / 2), 0.0),
+                                                             serving.end_all)
         try:
             await super().shutdown(sockets)
         finally:
-            end_streams.cancel()
+            end_requests.cancel()
 
 
 def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> bool:
     """Serve until SIGTERM or Ctrl-C: then stop accepting, let in-flight requests (streams too) run up to
-    `shutdown_timeout` seconds, cancel what is left (which aborts its engine requests) and return.
+    `shutdown_timeout` seconds, end what is left explicitly (which aborts its engine requests) and return.
     Returns False if the server could not start (the port is taken, say)."""
     from sse_starlette.sse import AppStatus
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from dsv3.server.protocol import (
 )
 from dsv3.server.reasoning import THINK_END, ReasoningStream, split_reasoning
 from dsv3.server.render_pool import RenderPool
-from dsv3.server.runner import RequestGroup, cancel_on_disconnect
+from dsv3.server.runner import RequestGroup, ServerShuttingDown, cancel_on_disconnect
 from dsv3.server.tool_parser import ToolCallStream, call_format, parse_tool_calls
 
 log = logging.getLogger("dsv3.server")
@@ -50,7 +51,9 @@ log = logging.getLogger("dsv3.server")
 
 def stream_error(error: Exception) -> str:
     """An SSE event with OpenAI's error body, for a failure after the stream's 200 went out."""
-    if isinstance(error, RequestError):
+    if isinstance(error, ServerShuttingDown):
+        api_error = APIError(str(error), status=503)
+    elif isinstance(error, RequestError):
         api_error = APIError(str(error), param=error.param)
     elif isinstance(error, Dsv3Error):
         api_error = APIError(str(error), status=500)
@@ -90,6 +93,18 @@ class OpenAIServing:
         max_chars = self.max_model_len * (self.tokenizer.max_token_chars or 0) or 8 * settings.max_request_bytes
         self.renderer = None if settings.chat_template is None else RenderPool(
             settings.chat_template, settings.chat_template_timeout, max_chars)
+        self.groups: weakref.WeakSet[RequestGroup] = weakref.WeakSet()  # the requests in flight
+        self.draining = False
+
+    def end_all(self) -> None:
+        """The shutdown grace period is over: every request still in flight ends now, explicitly (a stream
+        with a final chunk per choice, finish_reason "abort", an error event and [DONE]; others a 503)."""
+        error = ServerShuttingDown("the server is shutting down and its grace period (--shutdown-timeout) ended "
+                                   "before this request finished")
+        for group in list(self.groups):
+            group.end(error)
+        if self.renderer is not None:  # a template still rendering stops too
+            self.renderer.close()
 
     async def close(self) -> None:
         if self.renderer is not None:
@@ -100,6 +115,8 @@ class OpenAIServing:
 
     def check_request(self, request) -> None:
         """The model name (404 for another) and the fields dsv3 cannot honour (400, never silently ignored)."""
+        if self.draining:
+            raise APIError("the server is shutting down: it takes no new requests", status=503)
         if request.model and request.model != self.settings.model_name:
             raise APIError(f"the model {request.model!r} does not exist (this server serves "
                            f"{self.settings.model_name!r})", status=404, param="model")
@@ -225,6 +242,12 @@ class OpenAIServing:
                         yield CompletionResponse(id=response_id, created=created, model=model,
                                                  choices=[choice]).model_dump_json()
         except Exception as e:  # the stream has started (status 200): the error becomes its last event
+            if isinstance(e, ServerShuttingDown):  # each choice still open ends explicitly first
+                for key in [(i, c) for i in range(len(group.prompts)) for c in range(request.n)]:
+                    if key not in ended:
+                        choice = CompletionChoice(index=key[0] * request.n + key[1], text="", finish_reason="abort")
+                        yield CompletionResponse(id=response_id, created=created, model=model,
+                                                 choices=[choice]).model_dump_json()
             yield stream_error(e)
         else:
             if request.include_usage:
@@ -238,6 +261,7 @@ class OpenAIServing:
         """Send one API request's prompts to the engine under one response id (prefix + random); stream the
         outputs, or wait for all of them and answer respond(finals, response_id) (499 where the client left)."""
         group = RequestGroup(self.engine, random_id(prefix), prompts, params, self.metrics.timer())
+        self.groups.add(group)
         response_id = group.ids[0].rsplit("-", 1)[0]
         if request.stream:
             return EventSourceResponse(stream(group, response_id), sep="\n")
@@ -254,6 +278,8 @@ class OpenAIServing:
                     finals[i] = output
         except EngineRequestError as e:
             raise APIError(str(e), status=500) from None
+        except ServerShuttingDown as e:
+            raise APIError(str(e), status=503) from None
         return finals
 
     # -------------------------------------------------------------------------------------------- chat
@@ -361,6 +387,10 @@ class OpenAIServing:
                                 reason = "tool_calls"
                             yield chunk(i, DeltaMessage(), reason, completion.stop_reason)
         except Exception as e:  # the stream has started (status 200): the error becomes its last event
+            if isinstance(e, ServerShuttingDown):  # each choice still open ends explicitly first
+                for i in range(request.n):
+                    if i not in ended:
+                        yield chunk(i, DeltaMessage(), "abort")
             yield stream_error(e)
         else:
             if request.include_usage:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dsv3.errors import RequestError
 from dsv3.server.chat_template import ChatTemplate, check_template_kwargs
+from dsv3.server.runner import ServerShuttingDown
 
 log = logging.getLogger("dsv3.server")
 
@@ -48,6 +49,7 @@ class RenderPool:
         self._lock = threading.Lock()
         self._idle: list[subprocess.Popen] = []
         self._workers: set[subprocess.Popen] = set()
+        self._closed = False
 
     async def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                      kwargs: dict | None = None) -> str:
@@ -65,6 +67,7 @@ class RenderPool:
     def close(self) -> None:
         """Kill every worker (a render in progress ends with an error)."""
         with self._lock:
+            self._closed = True
             workers, self._workers, self._idle = list(self._workers), set(), []
         for worker in workers:
             _kill(worker)
@@ -86,6 +89,8 @@ class RenderPool:
                     raise ConnectionError(f"exited with {worker.wait()}")
                 reply = json.loads(line)
             except (OSError, ValueError) as e:  # the worker died (a crash in C code, or close())
+                if self._closed:
+                    raise ServerShuttingDown("the server is shutting down; the chat template was stopped") from None
                 log.error("a chat template worker failed: %s", e)
                 raise RequestError(f"the chat template ({self.template.origin}) crashed rendering the messages",
                                    param="messages") from None
@@ -101,6 +106,8 @@ class RenderPool:
 
     def _take(self) -> subprocess.Popen:
         with self._lock:
+            if self._closed:
+                raise ServerShuttingDown("the server is shutting down; it renders no more chat templates")
             if self._idle:
                 return self._idle.pop()
         worker = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)

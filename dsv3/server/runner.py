@@ -20,6 +20,10 @@ log = logging.getLogger("dsv3.server")
 _DONE = object()
 
 
+class ServerShuttingDown(Exception):
+    """The server was told to stop (SIGTERM) and its grace period ran out before this request finished."""
+
+
 class RequestGroup:
     """The engine requests of one HTTP request.
 
@@ -66,6 +70,10 @@ class RequestGroup:
                         yield index, item
         finally:
             await self.close()
+
+    def end(self, error: BaseException) -> None:
+        """End the iteration of outputs() with `error` (its engine requests are aborted as it closes)."""
+        self._queue.put_nowait((-1, error))
 
     async def _pump(self, index: int) -> None:
         try:
