@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from dsv3.backends.interface import plain
-from test_parallel import relative_error, run_world, write_checkpoint
+from test_parallel import relative_error, run_world, tiny16_config, write_checkpoint
 
 from dsv3.config import load_config
 from dsv3.model import ForwardBatch
@@ -34,6 +34,8 @@ LAYOUTS = {  # world size -> (tp, ep, dp)
     2: [(2, 2, 1), (1, 2, 2)],
     4: [(2, 4, 2)],
 }
+#: FP8 compute through the exchange: the tiny config with 16 experts whose cuts fall on 128 boundaries
+FP8_LAYOUTS = {2: [(1, 2, 2)], 4: [(2, 4, 2)]}
 #: more of them under -m exhaustive: dp 4; tp 4; dp 2 x tp 2 with each expert split over 2 ranks
 EXHAUSTIVE_LAYOUTS = {4: [(1, 4, 4), (4, 4, 1), (2, 2, 2)]}
 GROUP_PROMPTS += [[[21, 22]], [[31, 32, 33, 34, 35, 36, 37]]]  # groups 2 and 3 of dp 4
@@ -133,9 +135,9 @@ def run_group(transformer, plan, prompts, new_tokens, eager=True) -> tuple[list[
     return [outputs[str(i)] for i in range(len(prompts))], counter.calls
 
 
-def _worker(rank: int, world: int, port: int, job: tuple[str, dict], out: Path) -> None:
-    """job: (the checkpoint, world size -> layouts)."""
-    checkpoint, layouts = job
+def _worker(rank: int, world: int, port: int, job: tuple[str, str, dict], out: Path) -> None:
+    """job: (the tiny checkpoint, the 16-expert one, world size -> layouts)."""
+    checkpoint, checkpoint16, layouts = job
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -163,6 +165,11 @@ def _worker(rank: int, world: int, port: int, job: tuple[str, dict], out: Path) 
                         idle = run_group(model, plan, GROUP_PROMPTS[0] if group == 0 else [], 3)[0]
                         result["idle round"] = (idle, [float(c.abs().sum()) for c in model.caches])
                 results[tp, ep, dp, name] = result
+        for tp, ep, dp in FP8_LAYOUTS[world] if layouts is LAYOUTS else []:
+            plan = parallel.ParallelPlan(rank, world, rank, tp, ep, dp)
+            model = parallel.build(plan, load_config(checkpoint16), ReferenceBackend("cpu"),
+                                   CheckpointSource(checkpoint16), "fp8", 32, progress=False)
+            results[tp, ep, dp, "fp8"] = model.logits(GROUP_LOGITS[plan.dp_rank])
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.failed").write_text(traceback.format_exc())
@@ -175,14 +182,19 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def worlds(checkpoint, tmp_path_factory) -> dict:
+def checkpoint16(tmp_path_factory) -> str:
+    return str(write_checkpoint(tmp_path_factory.mktemp("exchange16") / "tiny16", tiny16_config()))
+
+
+@pytest.fixture(scope="module")
+def worlds(checkpoint, checkpoint16, tmp_path_factory) -> dict:
     cache = {}
 
     def get(world: int, exhaustive: bool = False) -> list[dict]:
         if (world, exhaustive) not in cache:
             layouts = EXHAUSTIVE_LAYOUTS if exhaustive else LAYOUTS
             out = tmp_path_factory.mktemp(f"world{world}")
-            cache[world, exhaustive] = run_world(world, (checkpoint, layouts), out, worker=_worker)
+            cache[world, exhaustive] = run_world(world, (checkpoint, checkpoint16, layouts), out, worker=_worker)
         return cache[world, exhaustive]
     return get
 
@@ -246,3 +258,25 @@ def test_an_idle_group_keeps_its_cache_empty(world, layout, worlds, single):
             assert tokens == [t[:3] for t in single[0][0]] and all(s > 0 for s in cache_sums), f"rank {rank}"
         else:
             assert tokens == [] and all(s == 0 for s in cache_sums), f"rank {rank}"
+
+
+@pytest.fixture(scope="module")
+def single16(checkpoint16) -> dict:
+    """DP group -> one process's (fp8 logits, fp32 logits) of the 16-expert model on the group's prompts."""
+    from dsv3.api import load_model
+    one = {precision: load_model(checkpoint16, backend="reference", precision=precision, quiet=True,
+                                 max_batch_size=2, max_seq_len=32) for precision in ("fp8", "fp32")}
+    return {group: (one["fp8"].logits(tokens), one["fp32"].logits(tokens)) for group, tokens in enumerate(GROUP_LOGITS)}
+
+
+@pytest.mark.parametrize("world,layout", [(w, layout) for w, layouts in FP8_LAYOUTS.items() for layout in layouts],
+                         ids=lambda v: v if isinstance(v, int) else "tp{}-ep{}-dp{}".format(*v))
+def test_fp8_through_the_exchange_stays_within_fp8_noise(world, layout, worlds, single16):
+    """FP8 compute rounds each rank's partial sums before the cross-rank sum: each group's logits must stay
+    within the distance FP8 itself puts between one process and fp32 (as tests/model/test_parallel.py asks)."""
+    tp = layout[0]
+    for rank, result in enumerate(worlds(world)):
+        want, exact = single16[rank // tp]
+        error, noise = relative_error(result[(*layout, "fp8")], want), relative_error(want, exact)
+        assert error.median() <= noise.median() * 1.5, f"rank {rank}: error {error}, noise {noise}"
+        assert (error <= 2 * noise.max()).float().mean() >= 0.8, f"rank {rank}: error {error}, noise {noise}"
