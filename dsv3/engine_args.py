@@ -154,7 +154,9 @@ class EngineArgs:
     max_num_seqs: int = setting(128, "sequences running at once", _int(1), aliases=("max_batch_size",))
     max_num_batched_tokens: int = setting(2048, "tokens per engine step; longer prompts are prefilled in chunks",
                                           _int(1))
-    block_size: int = setting(64, "tokens per cache block", _int(1))
+    block_size: int | None = setting(
+        None, "tokens per cache block (default: the backend's, a size its fused attention takes: 128 on ascend, "
+        "64 elsewhere)", _int(1, optional=True))
     kv_cache_dtype: str = setting(
         "auto", "the latent cache's type: auto (the activation dtype), bf16, or fp8: the latent in FP8 with a "
         "float32 scale per 128 values and the rope key in BF16, 656 instead of 1152 bytes per token per layer, "
@@ -311,7 +313,7 @@ class EngineArgs:
                 tokenizer: Tokenizer | None, eos: set, sampling_defaults: dict, quiet: bool) -> LLMEngine:
         """The cache sized to what the device has left, and the engine over it."""
         backend = transformer.backend
-        block_size = self.block_size
+        block_size = self.block_size or backend.mla_block_size
         transformer.kv_cache_dtype = self.kv_cache_dtype
         spec = transformer.cache_spec_for(1, block_size)
         if self.kv_cache_dtype == "fp8" and spec.kind != "fp8_ds_mla":

@@ -21,6 +21,7 @@ from dsv3.backends.registry import create_backend
 from dsv3.checkpoint import RandomSource, save_checkpoint
 from dsv3.config import load_config
 from dsv3.conformance.paged import block_tables, paged_batch
+from dsv3.serving.params import SamplingParams
 
 pytestmark = [pytest.mark.ascend, pytest.mark.emulated]
 
@@ -338,3 +339,20 @@ def test_deepseek_shaped_model_runs_every_fused_op(npu, calls):
     assert_close_bf16(model.logits(tokens), ref_model.logits(tokens), scale_tol=3e-2)
     assert_same_greedy(model, ref_model, [[5, 9, 33, 2, 17]], steps=3)
     assert all(ran(calls, path) for path in FUSED_OPS), dict(calls)
+
+
+def test_a_default_engine_decodes_on_the_fused_attention(npu, calls):
+    """The engine's block size is the backend's when not given: 128 on Ascend, a size the fused decode takes
+    (16 or 128; at 64, another backend's size, every decode step would run the plain path without a word)."""
+    from dsv3 import load_model
+
+    config = load_config("tiny").replace(num_hidden_layers=2, kv_lora_rank=512, qk_rope_head_dim=64,
+                                         num_attention_heads=16, num_nextn_predict_layers=0)
+    model = load_model(config, backend=ascend(), precision="bf16", max_model_len=64, cache_tokens=256, quiet=True)
+    assert model.engine.config.block_size == 128
+    calls.clear()
+    (output,) = model.generate([[5, 9, 33, 2]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    model.shutdown()
+    assert len(output.outputs[0].token_ids) == 4
+    # one prefill step, then three decode steps, each running every layer's attention fused
+    assert calls["npu_fused_infer_attention_score"] == 4 * config.num_hidden_layers, dict(calls)
