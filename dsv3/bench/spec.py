@@ -97,20 +97,22 @@ def _step_ms(model: Transformer, batch: ForwardBatch, keep_hidden: bool, quick: 
 
 
 def _draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, context: int, quick: bool) -> float:
-    """The proposer's work for `batch` sequences that accepted everything (eager, as the engine runs it)."""
+    """The proposer's work for `batch` sequences that accepted everything (eager, as the engine runs it: its
+    cache fill as chunk rows where the backend records steps, else as prefill chunks)."""
     device, module = model.backend.device, model.mtp[0]
-    fill = _rows_batch(batch, k + 1, context, device, shared=False, vocab_size=model.config.vocab_size)
-    fill_prefill = ForwardBatch(fill.tokens, fill.positions, 0, None, PagedBatch(
-        block_tables=fill.decode.block_tables[::k + 1], seq_lens=fill.decode.seq_lens[k::k + 1],
-        query_start=torch.arange(0, batch * (k + 1) + 1, k + 1, dtype=torch.int32, device=device),
-        max_query_len=k + 1, max_seq_len=context + k + 1))
+    rows = model.backend.graph_runner(lambda: None) is not None
+    fill = _rows_batch(batch, k + 1, context, device, shared=rows, vocab_size=model.config.vocab_size)
+    if not rows:
+        fill = ForwardBatch(fill.tokens, fill.positions, 0, None, PagedBatch(
+            block_tables=fill.decode.block_tables[::k + 1], seq_lens=fill.decode.seq_lens[k::k + 1],
+            query_start=torch.arange(0, batch * (k + 1) + 1, k + 1, dtype=torch.int32, device=device),
+            max_query_len=k + 1, max_seq_len=context + k + 1))
     step = _rows_batch(batch, 1, context + k + 1, device, shared=False, vocab_size=model.config.vocab_size)
     hidden = torch.randn(batch * (k + 1), model.config.hidden_size, device=device).to(model.dtype)
     last = torch.arange(k, batch * (k + 1), k + 1, device=device)
 
     def draft():
-        out = module(hidden, fill_prefill.tokens, mtp_cache, fill_prefill, model.cos[fill_prefill.positions],
-                     model.sin[fill_prefill.positions])
+        out = module(hidden, fill.tokens, mtp_cache, fill, model.cos[fill.positions], model.sin[fill.positions])
         h = out[last]
         module.project(h).argmax(dim=-1)
         for _ in range(k - 1):

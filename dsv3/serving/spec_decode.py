@@ -223,11 +223,15 @@ class MTPProposer:
         max_num_seqs: sequences running at once at most.
         max_model_len: the longest sequence.
         sampler: the engine's sampler (the shared generator of unseeded requests).
+        rows_as_decode: run several positions of a sequence as decode rows that attend to the rows before
+            them (PagedBatch.shared_rows: absorbed attention over the cached context, as the engine's recorded
+            chunk rows do; for backends that record steps), else as prefill chunks.
     """
 
     def __init__(self, model: Transformer, config: SpeculativeConfig, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_model_len: int, sampler: Sampler):
+                 max_num_seqs: int, max_model_len: int, sampler: Sampler, rows_as_decode: bool = False):
         self.model, self.config, self.sampler = model, config, sampler
+        self.rows_as_decode = rows_as_decode
         self.module = model.mtp[0]
         self.k = config.num_speculative_tokens
         self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
@@ -291,10 +295,16 @@ class MTPProposer:
             rows += range(row, row + count)
             tokens += seq.token_ids[start + 1:start + count + 1]
             positions += range(start, start + count)
-        decodes = [(seq.block_table, start + 1, 1) for seq, _, start, count in spans if count == 1]
-        chunks = [(seq.block_table, start + count, count) for seq, _, start, count in spans if count > 1]
+        if self.rows_as_decode:
+            decodes = [(seq.block_table, p + 1, 1) for seq, _, start, count in spans
+                       for p in range(start, start + count)]
+            chunks = []
+        else:
+            decodes = [(seq.block_table, start + 1, 1) for seq, _, start, count in spans if count == 1]
+            chunks = [(seq.block_table, start + count, count) for seq, _, start, count in spans if count > 1]
         device = hidden.device
-        out = self._run(hidden[torch.tensor(rows, device=device)], tokens, positions, decodes, chunks)
+        out = self._run(hidden[torch.tensor(rows, device=device)], tokens, positions, decodes, chunks,
+                        shared_rows=self.rows_as_decode and len(decodes) > len(spans))
         if not draft:
             return
         ends, end = [], -1
@@ -357,18 +367,20 @@ class MTPProposer:
         return table + list(range(first, first + max(needed, 0)))
 
     def _run(self, hidden: torch.Tensor, tokens: list[int], positions: list[int],
-             decodes: list[tuple[list[int], int, int]], chunks: list[tuple[list[int], int, int]]) -> torch.Tensor:
+             decodes: list[tuple[list[int], int, int]], chunks: list[tuple[list[int], int, int]],
+             shared_rows: bool = False) -> torch.Tensor:
         """The module over rows: decodes (table, seq_len, 1) first, then chunks (table, seq_len, count)."""
         device = hidden.device
         position_ids = torch.tensor(positions, dtype=torch.long, device=device)
         batch = ForwardBatch(tokens=torch.tensor(tokens, dtype=torch.long, device=device), positions=position_ids,
-                             num_decode_tokens=len(decodes), decode=_paged(decodes, device) if decodes else None,
+                             num_decode_tokens=len(decodes),
+                             decode=_paged(decodes, device, shared_rows) if decodes else None,
                              prefill=_paged(chunks, device) if chunks else None)
         model = self.model
         return self.module(hidden, batch.tokens, self.cache, batch, model.cos[position_ids], model.sin[position_ids])
 
 
-def _paged(entries: list[tuple[list[int], int, int]], device) -> PagedBatch:
+def _paged(entries: list[tuple[list[int], int, int]], device, shared_rows: bool = False) -> PagedBatch:
     """A PagedBatch of (block table, seq_len, query tokens) entries."""
     width = max(len(table) for table, _, _ in entries)
     tables = torch.tensor([table + [0] * (width - len(table)) for table, _, _ in entries], dtype=torch.int32)
@@ -378,4 +390,4 @@ def _paged(entries: list[tuple[list[int], int, int]], device) -> PagedBatch:
     seq_lens = [n for _, n, _ in entries]
     return PagedBatch(block_tables=tables.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
                       query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
-                      max_query_len=max(c for _, _, c in entries), max_seq_len=max(seq_lens))
+                      max_query_len=max(c for _, _, c in entries), max_seq_len=max(seq_lens), shared_rows=shared_rows)

@@ -117,10 +117,16 @@ def test_greedy_identical_after_preemption(expected):
 
 
 def test_greedy_identical_through_recorded_rows(expected):
-    """Where the backend records steps, verify steps replay the chunk-row recording of their bucket."""
+    """Where the backend records steps, verify steps replay the chunk-row recording of their bucket and the MTP
+    module fills its cache through decode rows too: the same drafts are accepted as on the eager engine."""
     m = tiny(backend=Recording(), max_num_seqs=8, speculative_config=spec(2))
     assert set(m.engine.runner.recorded_row_buckets) >= {3, 6, 12, 24}  # (batch, k + 1) buckets
+    assert m.engine.proposer.rows_as_decode
     assert tokens_of(m.generate(PROMPTS, greedy())) == expected
+    eager = tiny(max_num_seqs=8, speculative_config=spec(2))
+    eager.generate(PROMPTS, greedy())
+    got, want = m.engine.stats().spec_decode, eager.engine.stats().spec_decode
+    assert abs(got.num_drafts - want.num_drafts) <= 2 and abs(got.num_accepted_tokens - want.num_accepted_tokens) <= 2
     all_free(m)
 
 
