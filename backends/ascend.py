@@ -33,9 +33,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
-from dsv3.backends.chips import DENSE_DTYPES, ChipInfo
 from dsv3.backends.errors import BackendError, BackendUnavailable
 from dsv3.backends.interface import (
+    DENSE_DTYPES,
     Backend,
     CacheSpec,
     Capabilities,
@@ -51,7 +51,7 @@ from dsv3.backends.interface import (
     dense_cache_dtype,
     plain,
 )
-from dsv3.backends.probe import ascend_chip
+from dsv3.backends.platforms import HUAWEI, ChipInfo, ascend_chip
 from dsv3.backends.reference import ReferenceBackend, paged_attention, route_experts
 
 #: The fused paths a user can switch to plain, by name.
@@ -59,10 +59,9 @@ FUSED_PATHS: tuple[str, ...] = ("rms_norm", "rope", "attention", "moe_gating", "
 PLAIN_ENV = "DSV3_ASCEND_PLAIN"
 
 #: Block sizes the MLA form of npu_fused_infer_attention_score takes: 16 or 128 without sparse_mode 4 (decode),
-#: 64 or 128 with it (prefill) (the 2.14 docs, "query_rope和key_rope参数约束"); other sizes run plain.
+#: 64 or 128 with it (prefill) (the 2.14 docs, "query_rope和key_rope参数约束"); other sizes run plain. 128, which
+#: both take, is the platform's mla_block_size (backends/platforms/huawei.py): the engine's default here.
 DECODE_BLOCK_SIZES, PREFILL_BLOCK_SIZES = (16, 128), (64, 128)
-#: the block size both fused forms take: the engine's default on this backend
-BLOCK_SIZE = 128
 #: The MLA form needs the latent (D) 512 and the rope part 64 wide, as in DeepSeek-V2/V3.
 MLA_LATENT_DIM, MLA_ROPE_DIM = 512, 64
 #: Query heads the MLA form takes: 32, 64 or 128 without sparse_mode 4, exactly 128 with it.
@@ -149,6 +148,8 @@ class AscendBackend(Backend):
             forces paths plain on top of it.
     """
 
+    platform = HUAWEI
+
     def __init__(self, device: str | None = None, chip: ChipInfo | None = None,
                  use_fused: bool | Mapping[str, bool] = True):
         try:
@@ -174,7 +175,7 @@ class AscendBackend(Backend):
             device=str(self._device),
             fp8_dtype=fp8.FP8_FORMATS[fp8_format] if fp8_format else None,
             fp8_max=self.chip.fp8_max,
-            dist_backend="hccl",
+            dist_backend=HUAWEI.dist_backend,
             native_fp8=self.chip.has_fp8,
             ops=self._describe_ops(),
         )
@@ -273,8 +274,6 @@ class AscendBackend(Backend):
         return out.view(x.shape).to(x.dtype)
 
     # ---- MLA: a paged latent cache -----------------------------------------
-
-    mla_block_size = BLOCK_SIZE
 
     def mla_cache_spec(self, num_blocks, block_size, kv_lora_rank, rope_dim, dtype,
                        kv_cache_dtype="auto") -> CacheSpec:

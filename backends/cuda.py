@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import torch
 from dsv3.backends import fp8
-from dsv3.backends.chips import ChipInfo
 from dsv3.backends.errors import BackendUnavailable
-from dsv3.backends.probe import probe_device
+from dsv3.backends.platforms import NVIDIA, ChipInfo, probe_device
 from dsv3.backends.triton_backend import TritonBackend, check_scaled_mm
-from dsv3.backends.triton_kernels.configs import kernel_configs
-
-#: streaming multiprocessors assumed where the device cannot be asked (an H100 SXM's)
-DEFAULT_NUM_SMS = 132
 
 
 class CudaBackend(TritonBackend):
@@ -40,7 +35,8 @@ class CudaBackend(TritonBackend):
         on_gpu = torch.cuda.is_available()
         fp8_dtype = fp8.FP8_FORMATS.get(chip.fp8_format) if chip.fp8_format == "e4m3fn" else None
         super().__init__(
-            "cuda", device, chip, kernel_configs(chip.arch),
-            num_sms=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else DEFAULT_NUM_SMS,
+            NVIDIA, device, chip,
+            num_sms=(torch.cuda.get_device_properties(device).multi_processor_count if on_gpu
+                     else NVIDIA.num_compute_units(chip.arch)),
             fp8_dtype=fp8_dtype, fp8_max=chip.fp8_max, ue8m0=ue8m0,
             scaled_mm=check_scaled_mm(device, fp8_dtype) if on_gpu and fp8_dtype is not None else None)

@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
-from dsv3.backends.probe import cpu_name
+from dsv3.backends.platforms import CPU, Platform, cpu_name
 
 Precision = Literal["fp8", "bf16", "fp32"]
+#: the dtype of each dense precision
+DENSE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 #: The ops every backend reports an implementation for, in `Capabilities.ops`.
 OPS: tuple[str, ...] = (
@@ -468,9 +470,8 @@ class Backend(ABC):
 
     capabilities: Capabilities
     emulation: str | None = None
-    #: the block size of the paged latent cache this backend's attention runs fastest with (the engine's
-    #: default where the user names none); every backend takes any block size.
-    mla_block_size: int = 64
+    #: the vendor facts this backend runs with (backends/platforms); the reference backend's are the CPU's
+    platform: Platform = CPU
     #: activation scales rounded up to powers of two (DeepSeek-V3.1's scale_fmt "ue8m0"); the model sets it
     #: from the checkpoint's config before it runs
     ue8m0: bool = False
@@ -478,6 +479,12 @@ class Backend(ABC):
     @property
     def device(self) -> torch.device:
         return torch.device(self.capabilities.device)
+
+    @property
+    def mla_block_size(self) -> int:
+        """The block size of the paged latent cache this backend's attention runs fastest with, from its
+        platform (the engine's default where the user names none); every backend takes any block size."""
+        return self.platform.mla_block_size
 
     def supports(self, op: str, precision: str) -> bool:
         """Whether this backend runs `op` at `precision` (cautious default: FP8 only with an FP8 dtype)."""

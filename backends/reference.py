@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
-from dsv3.backends.chips import DENSE_DTYPES
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import (
+    DENSE_DTYPES,
     Backend,
     CacheSpec,
     Capabilities,

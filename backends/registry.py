@@ -5,14 +5,11 @@ from __future__ import annotations
 import importlib
 
 from dsv3.backends.interface import Backend
+from dsv3.backends.platforms import PLATFORMS
 
-#: name -> (module, class, pip extra that provides its vendor packages)
+#: name -> (module, class, pip extra that provides its vendor packages): each platform's backend
 BACKENDS: dict[str, tuple[str, str, str | None]] = {
-    "reference": ("dsv3.backends.reference", "ReferenceBackend", None),
-    "cuda": ("dsv3.backends.cuda", "CudaBackend", "cuda"),
-    "rocm": ("dsv3.backends.rocm", "RocmBackend", "rocm"),
-    "ascend": ("dsv3.backends.ascend", "AscendBackend", "ascend"),
-}
+    p.backend: (*p.backend_class.split(":"), p.pip_extra) for p in PLATFORMS}
 
 
 def create_backend(name: str, **options) -> Backend:

@@ -36,11 +36,9 @@ from typing import Callable, Mapping
 
 import torch
 from dsv3.backends import fp8
-from dsv3.backends.chips import ChipInfo
 from dsv3.backends.errors import BackendUnavailable
-from dsv3.backends.probe import probe_device
+from dsv3.backends.platforms import AMD, ChipInfo, probe_device
 from dsv3.backends.triton_backend import ScaledMM, TritonBackend, VendorGemm, check_scaled_mm, matches_block_math
-from dsv3.backends.triton_kernels import amd_configs
 
 #: the (M, N, K) of the aiter check product (aligned to every library's tiles)
 _PROBE_SHAPE = (32, 256, 384)
@@ -179,14 +177,14 @@ class RocmBackend(TritonBackend):
             raise BackendUnavailable(f"the rocm backend runs on AMD GPUs, got a {chip.vendor} {chip.arch}")
         on_gpu = device.type == "cuda" and torch.cuda.is_available() and not _interpreting()
         on_amd = on_gpu and torch.version.hip is not None
-        self.arch = amd_configs.base_arch(chip.arch)
+        self.arch = AMD.base_arch(chip.arch)
         self.amd_launch = on_amd
         fp8_dtype = fp8.FP8_FORMATS.get(chip.fp8_format) if chip.fp8_format else None
         env = dict(os.environ) if aiter is None else {**os.environ, "DSV3_ROCM_AITER": "1" if aiter else "0"}
         self.libraries = detect_libraries(device, fp8_dtype, probe=on_amd, env=env)
         self.emulation = None if on_amd else self._emulation_note(chip, device, on_gpu)
         num_sms = (torch.cuda.get_device_properties(device).multi_processor_count if on_gpu
-                   else 4 if device.type == "cpu" else amd_configs.COMPUTE_UNITS.get(self.arch, 304))
+                   else 4 if device.type == "cpu" else AMD.num_compute_units(self.arch))
         converted = ("weights converted from e4m3fn at load (0x80 -> 0, scales x2)"
                      if fp8_dtype == torch.float8_e4m3fnuz else None)
         self.op_notes = {
@@ -197,10 +195,8 @@ class RocmBackend(TritonBackend):
         }
         # where torch._scaled_mm is used, N is padded to 128: always safe, and not checked on AMD hardware
         scaled_mm = self.libraries.scaled_mm and ScaledMM(self.libraries.scaled_mm.scale_layout, pad_n=True)
-        super().__init__("rocm", device, chip, amd_configs.kernel_configs(self.arch, amd_launch=on_amd), num_sms,
-                         fp8_dtype, activation_max(chip, fp8_max), ue8m0, scaled_mm,
-                         vendor_gemm=self.libraries.vendor_gemm(),
-                         dist_backend="gloo" if device.type == "cpu" else "nccl")
+        super().__init__(AMD, device, chip, num_sms, fp8_dtype, activation_max(chip, fp8_max), ue8m0, scaled_mm,
+                         vendor_gemm=self.libraries.vendor_gemm(), native=on_amd)
 
     def _emulation_note(self, chip: ChipInfo, device: torch.device, on_gpu: bool) -> str:
         where = ("the CPU under TRITON_INTERPRET=1" if device.type == "cpu" else
@@ -208,6 +204,3 @@ class RocmBackend(TritonBackend):
         fmt = chip.fp8_format or "no FP8"
         return (f"the Triton kernels with {self.arch} tiles, without AMD-only launch settings, "
                 f"in {fmt}, on {where}")
-
-    def mla_decode_config(self, num_heads: int, cache_dtype: torch.dtype):
-        return amd_configs.mla_decode_config(self.arch, num_heads, cache_dtype, self.amd_launch)

@@ -3,8 +3,8 @@
 `decide` is a pure function of the chip, the request, the environment and the
 installed vendor packages, so every case is testable with a described chip.
 Rules: `--backend NAME` (the `requested` argument), else DSV3_BACKEND, else
-the chip's vendor: huawei -> ascend, amd -> rocm, nvidia -> cuda, cpu ->
-reference. Where auto picks a backend that is not installed, the reference
+the backend of the chip's platform (backends/platforms: huawei -> ascend,
+amd -> rocm, nvidia -> cuda, cpu -> reference). Where auto picks a backend that is not installed, the reference
 backend runs on the same device and the reason says what to install; a backend
 asked for by name that cannot run is an error that says the same.
 """
@@ -18,20 +18,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from dsv3.backends import fp8
-from dsv3.backends.chips import ChipInfo
 from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.interface import Backend
-from dsv3.backends.probe import probe
+from dsv3.backends.platforms import CPU, PLATFORMS, ChipInfo, platform, platform_of_backend, probe
 from dsv3.backends.registry import BACKENDS, create_backend
-
-#: chip vendor -> the backend auto picks
-VENDOR_BACKENDS = {"huawei": "ascend", "amd": "rocm", "nvidia": "cuda", "cpu": "reference"}
-#: hardware backend -> the chip vendor it runs on
-BACKEND_VENDORS = {backend: vendor for vendor, backend in VENDOR_BACKENDS.items() if backend != "reference"}
-#: chip vendor -> the torch device type PyTorch drives it with (ROCm builds use "cuda")
-TORCH_DEVICES = {"huawei": "npu", "amd": "cuda", "nvidia": "cuda", "cpu": "cpu"}
-#: pip extra -> the modules it installs that the backend imports
-EXTRA_PACKAGES = {"cuda": ("triton",), "rocm": ("triton",), "ascend": ("torch_npu",)}
 
 
 @dataclass(frozen=True)
@@ -70,9 +60,9 @@ def describe(chip: ChipInfo) -> str:
 
 
 def installed_packages() -> frozenset[str]:
-    """The vendor modules of EXTRA_PACKAGES that are installed (found, not imported)."""
+    """The platforms' vendor modules that are installed (found, not imported)."""
     found = set()
-    for name in {m for modules in EXTRA_PACKAGES.values() for m in modules}:
+    for name in {m for p in PLATFORMS for m in p.packages}:
         try:
             if importlib.util.find_spec(name) is not None:
                 found.add(name)
@@ -87,7 +77,8 @@ def missing_reason(name: str, available_packages: frozenset[str] | set[str],
     if name not in registry:
         return f"this dsv3 has no {name} backend (backends/{name}.py is not registered)"
     extra = registry[name][2]
-    missing = [m for m in EXTRA_PACKAGES.get(extra, ()) if m not in available_packages]
+    packages = next((p.packages for p in PLATFORMS if extra is not None and p.pip_extra == extra), ())
+    missing = [m for m in packages if m not in available_packages]
     if missing:
         return f"the {name} backend needs {', '.join(missing)}: pip install 'dsv3[{extra}]'"
     return None
@@ -115,8 +106,8 @@ def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str
     env = {} if env is None else env
     if chip.fp8_format is not None and env.get(fp8.FP8_MAX_ENV):
         chip = dataclasses.replace(chip, fp8_max=fp8.activation_max(chip.fp8_format, env))
+    known = ", ".join(sorted(set(registry) | {p.backend for p in PLATFORMS}))
     if requested == "":
-        known = ", ".join(sorted(set(registry) | set(BACKEND_VENDORS)))
         raise BackendUnavailable(f"an empty backend name was requested; choose auto, {known}")
     if requested not in (None, "auto"):
         name, source, said = requested, "requested", "requested"
@@ -125,15 +116,15 @@ def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str
     else:
         return _decide_auto(chip, available_packages, registry)
 
-    if name not in registry and name not in BACKEND_VENDORS:
-        known = ", ".join(sorted(set(registry) | set(BACKEND_VENDORS)))
+    if name not in registry and platform_of_backend(name) is None:
         raise BackendUnavailable(f"unknown backend {name!r} ({said}); choose auto, {known}")
     problem = missing_reason(name, available_packages, registry)
     if problem:
         raise BackendUnavailable(f"backend {name} ({said}) cannot run: {problem}")
     if name == "reference":
         return Decision("reference", chip, None, said, source)
-    vendor = BACKEND_VENDORS.get(name)
+    owner = platform_of_backend(name)
+    vendor = None if owner is None or owner is CPU else owner.vendor
     if vendor is None or vendor == chip.vendor:
         return Decision(name, chip, None, f"{said}; {describe(chip)} found", source)
     return Decision(name, None, None, f"{said}, though this machine has no {vendor} device "
@@ -141,7 +132,7 @@ def decide(chip: ChipInfo, requested: str | None = "auto", env: Mapping[str, str
 
 
 def _decide_auto(chip: ChipInfo, available_packages, registry) -> Decision:
-    wanted = VENDOR_BACKENDS.get(chip.vendor, "reference")
+    wanted = platform(chip.vendor).backend
     if wanted == "reference":
         return Decision("reference", chip, None, f"no accelerator found: {describe(chip)}")
     problem = missing_reason(wanted, available_packages, registry)
@@ -151,7 +142,7 @@ def _decide_auto(chip: ChipInfo, available_packages, registry) -> Decision:
 
 
 def _fallback(chip: ChipInfo, problem: str) -> Decision:
-    device = TORCH_DEVICES.get(chip.vendor, "cpu")
+    device = platform(chip.vendor).torch_device
     return Decision("reference", chip, device, f"{describe(chip)} found, but {problem}; running the "
                     f"reference backend (plain PyTorch, slow) on {device} meanwhile")
 
@@ -206,7 +197,10 @@ def select(requested: str | None = "auto", device: str | None = None, chip: Chip
     Returns:
         (backend, decision).
     """
-    chip = probe() if chip is None else chip
-    decision = decide(chip, requested, os.environ if env is None else env, installed_packages())
+    env = os.environ if env is None else env
+    if chip is None:  # a hardware backend asked for by name probes only its vendor's devices
+        named = platform_of_backend(requested if requested not in (None, "auto") else env.get("DSV3_BACKEND", ""))
+        chip = probe(vendor=None if named is None or named is CPU else named.vendor)
+    decision = decide(chip, requested, env, installed_packages())
     return build(decision, device, **options)
 

@@ -31,9 +31,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from dsv3.backends import fp8
-from dsv3.backends.chips import DENSE_DTYPES, ChipInfo
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import (
+    DENSE_DTYPES,
     Backend,
     Capabilities,
     ExpertWeights,
@@ -44,8 +44,8 @@ from dsv3.backends.interface import (
     QuantizedActivation,
     plain,
 )
+from dsv3.backends.platforms import ChipInfo, Platform
 from dsv3.backends.triton_kernels import elementwise, gemm, mla, moe, norm, quant, routing
-from dsv3.backends.triton_kernels.configs import KernelConfigs
 
 #: cuBLAS's 128x128 weight scales are [round_up(K/128, 4), N/128] with strides (1, that): the plain
 #: transposed scale tensor has this layout when K/128 is a multiple of 4 (every DeepSeek-V3 K is).
@@ -138,16 +138,16 @@ class TritonBackend(Backend):
     """The ops of the shared Triton kernels; cuda.py and rocm.py build it with their chip's facts.
 
     Args:
-        name: the backend's name ("cuda", "rocm").
+        platform: the vendor's Platform (the backend's name, the tile tables, the distributed backend).
         device: its torch device.
         chip: the chip it runs on.
-        configs: the kernel tile table for the chip.
         num_sms: streaming multiprocessors (compute units) the split-K GEMM spreads over.
         fp8_dtype, fp8_max: the FP8 dtype of the kernels and the activation max (None, None without FP8).
         ue8m0: round activation scales up to powers of two (DeepSeek-V3.1's scale_fmt).
         scaled_mm: how torch._scaled_mm takes block scales here, or None where it is not used.
         vendor_gemm: a vendor FP8 GEMM used from scaled_mm_min_m rows, or None.
-        dist_backend: torch.distributed backend.
+        native: on the platform's own hardware (False: an emulation, whose Triton rejects launch keywords
+            only the vendor's compiler takes).
     Capabilities.ops comes from `implementations`: one table for both vendors, written from the limits the
     dispatch reads (the tile tables, linear_impl); a vendor adds only data (`blas`, `op_notes`).
     """
@@ -157,16 +157,18 @@ class TritonBackend(Backend):
     #: op -> facts the vendor adds to its line in Capabilities.ops
     op_notes: dict[str, tuple[str, ...]] = {}
 
-    def __init__(self, name: str, device: torch.device, chip: ChipInfo, configs: KernelConfigs, num_sms: int,
+    def __init__(self, platform: Platform, device: torch.device, chip: ChipInfo, num_sms: int,
                  fp8_dtype: torch.dtype | None, fp8_max: float | None, ue8m0: bool, scaled_mm: ScaledMM | None,
-                 vendor_gemm: VendorGemm | None = None, dist_backend: str = "nccl"):
-        self.chip, self.configs, self.num_sms, self.ue8m0 = chip, configs, num_sms, ue8m0
+                 vendor_gemm: VendorGemm | None = None, native: bool = True):
+        self.platform, self.chip, self.num_sms, self.ue8m0, self.native = platform, chip, num_sms, ue8m0, native
+        self.configs = platform.kernel_configs(chip.arch, native)
         self.scaled_mm, self.vendor_gemm = scaled_mm, vendor_gemm
         self._graph_pool = self._graph_stream = None  # made on the first graph_runner call
         self._graphs = weakref.WeakSet()  # the live graphs recorded in _graph_pool
         fp8_max = fp8_max if fp8_dtype is not None else None
-        self.capabilities = Capabilities(name=name, device=str(device), fp8_dtype=fp8_dtype, fp8_max=fp8_max,
-                                         dist_backend=dist_backend, native_fp8=fp8_dtype is not None,
+        dist_backend = "gloo" if device.type == "cpu" else platform.dist_backend
+        self.capabilities = Capabilities(name=platform.backend, device=str(device), fp8_dtype=fp8_dtype,
+                                         fp8_max=fp8_max, dist_backend=dist_backend, native_fp8=fp8_dtype is not None,
                                          ops=self.implementations(fp8_dtype, fp8_max))
 
     def implementations(self, fp8_dtype: torch.dtype | None, fp8_max: float | None) -> dict[str, OpImpl]:
@@ -388,8 +390,8 @@ class TritonBackend(Backend):
         return mla.mla_decode(inputs, cache, batch, weights, softmax_scale, config=config, rope=rope)
 
     def mla_decode_config(self, num_heads: int, cache_dtype: torch.dtype):
-        """The decode kernel's tile for this chip, or None for the kernel's own choice."""
-        return None
+        """The decode kernel's tiles on this chip (its platform's table)."""
+        return self.platform.mla_decode_config(self.chip.arch, num_heads, cache_dtype, self.native)
 
     # ---- MoE ---------------------------------------------------------------
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsv3.backends.chips import DENSE_DTYPES
 from dsv3.backends.interface import (
+    DENSE_DTYPES,
     Backend,
     CacheSpec,
     LinearWeight,

@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-from dsv3.backends.chips import ChipInfo
 from dsv3.backends.interface import Capabilities
+from dsv3.backends.platforms import ChipInfo
 from dsv3.backends.select import describe
 from dsv3.errors import Dsv3Error
 

@@ -1,6 +1,6 @@
 """Tile sizes and launch settings of the shared Triton kernels on AMD Instinct GPUs, per arch.
 
-The same structures as configs.py (KernelConfigs of TileConfigs) and mla.py (DecodeConfig),
+The same structures as configs.py (KernelConfigs of TileConfigs, DecodeConfig),
 so the kernels take them unchanged. What differs from the NVIDIA tables:
 
 - A wavefront is 64 lanes, so num_warps=4 is 256 threads and num_warps=8 is 512 (the most
@@ -31,14 +31,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from dsv3.backends.triton_kernels.configs import NVIDIA_SM90, KernelConfigs, TileConfig
-from dsv3.backends.triton_kernels.mla import DecodeConfig, default_decode_config
+from dsv3.backends.triton_kernels.configs import (
+    NVIDIA_SM90,
+    DecodeConfig,
+    KernelConfigs,
+    TileConfig,
+    default_decode_config,
+)
 
 #: launch keywords that only Triton's AMD (HIP) backend accepts
 AMD_ONLY_LAUNCH_KEYS: tuple[str, ...] = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
-
-#: compute units per device, used to size split-K and the MLA splits before a device is seen
-COMPUTE_UNITS = {"gfx942": 304, "gfx950": 256, "gfx90a": 110}
 
 #: LDS bytes per CU, the budget every kernel's tiles must fit
 LDS_BYTES = {"gfx942": 64 * 1024, "gfx950": 160 * 1024, "gfx90a": 64 * 1024}
@@ -105,11 +107,6 @@ MLA_DECODE["gfx90a"] = (DecodeConfig(16, 16, num_warps=8, num_stages=1, launch={
                         DecodeConfig(32, 16, num_warps=8, num_stages=1, launch={"matrix_instr_nonkdim": 16}))
 
 
-def base_arch(arch: str) -> str:
-    """"gfx942" from "gfx942:sramecc+:xnack-" (gcnArchName carries feature flags)."""
-    return arch.split(":")[0].lower()
-
-
 def without_amd_launch(launch: dict) -> dict:
     """A launch dict without the AMD-only keywords."""
     return {key: value for key, value in launch.items() if key not in AMD_ONLY_LAUNCH_KEYS}
@@ -119,13 +116,13 @@ def kernel_configs(arch: str, amd_launch: bool = True) -> KernelConfigs:
     """The AMD table for `arch` (gfx942's for an AMD arch not listed).
 
     Args:
-        arch: "gfx942", "gfx950", "gfx90a" (feature flags after ':' are ignored).
+        arch: "gfx942", "gfx950", "gfx90a" (without the feature flags gcnArchName carries: AMD.base_arch).
         amd_launch: keep waves_per_eu, matrix_instr_nonkdim and kpack; False for a run that is
             not on an AMD GPU (the CPU interpreter, an NVIDIA GPU), whose Triton rejects them.
     Returns:
         KernelConfigs in the structure of configs.py.
     """
-    table = CONFIGS.get(base_arch(arch), GFX942)
+    table = CONFIGS.get(arch, GFX942)
     if amd_launch:
         return table
     tiles = {name: replace(tile, launch=without_amd_launch(tile.launch))
@@ -140,6 +137,6 @@ def mla_decode_config(arch: str, num_heads: int, dtype: torch.dtype, amd_launch:
     """
     if dtype == torch.float32:
         return default_decode_config(num_heads, dtype)
-    few_heads, many_heads = MLA_DECODE.get(base_arch(arch), MLA_DECODE["gfx942"])
+    few_heads, many_heads = MLA_DECODE.get(arch, MLA_DECODE["gfx942"])
     config = few_heads if num_heads <= 16 else many_heads
     return config if amd_launch else replace(config, launch=without_amd_launch(config.launch))

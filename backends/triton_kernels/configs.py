@@ -1,4 +1,5 @@
-"""Block sizes and launch settings of the shared Triton kernels, per chip arch.
+"""Block sizes and launch settings of the shared Triton kernels, per chip arch (NVIDIA's here, AMD's in
+amd_configs.py; a Platform hands its backend the table of its arch).
 
 A backend picks its table with `kernel_configs(arch)` and passes it to the
 kernels; nothing in the kernels' code depends on the vendor. `launch` holds
@@ -9,6 +10,8 @@ and on AMD also waves_per_eu and matrix_instr_nonkdim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,46 @@ PORTABLE = KernelConfigs(
     quant=TileConfig(2, 128, 1, {"num_warps": 4}),
     norm=TileConfig(4, 256, 1, {"num_warps": 4}),
 )
+
+
+# ---- MLA decode (backends/triton_kernels/mla.py): NVIDIA's tiles here, AMD's in amd_configs.MLA_DECODE ----
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes and split policy of the split-K decode kernel.
+
+    Attributes:
+        block_h: query heads per program.
+        block_n: cached tokens per KV tile.
+        num_warps, num_stages: Triton launch settings of the first kernel.
+        programs_per_sm: programs to aim for per SM when splitting the sequence (about the number of
+            programs one SM holds at once: one wave, no tail).
+        min_split_tokens: fewest tokens per split (each split writes a partial output of
+            heads x kv_lora_rank floats, which must stay small beside the cache bytes it reads).
+        launch: more Triton launch keywords of the first kernel (AMD: waves_per_eu, matrix_instr_nonkdim).
+    """
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 2
+    min_split_tokens: int = 256
+    launch: dict = field(default_factory=dict)
+
+
+def default_decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
+    """Tile sizes for `num_heads` query heads (swept on an H200 by `dsv3 bench mla`).
+
+    16 heads: 8 warps (4 warps spill at 255 registers and issue too slowly with one program an SM) and
+    splits as short as one tile, so that a batch of one sequence still spreads over the SMs.
+    """
+    if dtype == torch.float32:
+        return DecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
+    if num_heads <= 16:
+        return DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=3, programs_per_sm=2, min_split_tokens=64)
+    return DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=2, min_split_tokens=128)
+
 
 CONFIGS: dict[str, KernelConfigs] = {
     "sm_90": NVIDIA_SM90,

@@ -33,7 +33,7 @@ which is what the CPU interpreter (TRITON_INTERPRET=1) needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -55,54 +55,17 @@ from dsv3.backends.interface import (
     read_fp8_cache,
     write_fp8_cache,
 )
+from dsv3.backends.triton_kernels.configs import DecodeConfig, default_decode_config
 from dsv3.backends.triton_kernels.elementwise import NO_FMA, rotate_pairs
 from dsv3.backends.triton_kernels.quant import block_scale, cast_rne, fp8_constants, quantize_tile
 
 _LOG2E = 1.4426950408889634
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Tile sizes and split policy of the split-K decode kernel.
-
-    Attributes:
-        block_h: query heads per program.
-        block_n: cached tokens per KV tile.
-        num_warps, num_stages: Triton launch settings of the first kernel.
-        programs_per_sm: programs to aim for per SM when splitting the sequence (about the number of
-            programs one SM holds at once: one wave, no tail).
-        min_split_tokens: fewest tokens per split (each split writes a partial output of
-            heads x kv_lora_rank floats, which must stay small beside the cache bytes it reads).
-        launch: more Triton launch keywords of the first kernel (AMD: waves_per_eu, matrix_instr_nonkdim).
-    """
-
-    block_h: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    programs_per_sm: int = 2
-    min_split_tokens: int = 256
-    launch: dict = field(default_factory=dict)
-
-
 #: splits up to which one kernel combines the splits and projects through w_uv (one loop step per split).
 FUSED_COMBINE_MAX_SPLITS = 4
 #: latent columns per program of the combine kernel (more splits than FUSED_COMBINE_MAX_SPLITS).
 COMBINE_COLS = 64
-
-
-def default_decode_config(num_heads: int, dtype: torch.dtype) -> DecodeConfig:
-    """Tile sizes for `num_heads` query heads (swept on an H200 by scripts/gpu_mla_sweep.py,
-    docs/performance.md section 6).
-
-    16 heads: 8 warps (4 warps spill at 255 registers and issue too slowly with one program an SM) and
-    splits as short as one tile, so that a batch of one sequence still spreads over the SMs.
-    """
-    if dtype == torch.float32:
-        return DecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1)
-    if num_heads <= 16:
-        return DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=3, programs_per_sm=2, min_split_tokens=64)
-    return DecodeConfig(block_h=64, block_n=64, num_warps=8, num_stages=2, programs_per_sm=2, min_split_tokens=128)
 
 
 @triton.jit

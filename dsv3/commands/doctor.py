@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dsv3.backends.errors import BackendUnavailable
 from dsv3.backends.interface import OPS
-from dsv3.backends.probe import probe
+from dsv3.backends.platforms import probe
 from dsv3.backends.select import build, decide, describe, installed_packages
 from dsv3.checks import check_device, check_int, check_number
 from dsv3.errors import Dsv3Error

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
-from dsv3.backends.chips import describe_chip
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import OPS, MLAInputs, RoutingConfig
+from dsv3.backends.platforms import describe_chip
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.registry import create_backend
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import conformance_doubles as doubles
 import pytest
 import torch
-from dsv3.backends.chips import describe_chip
+from dsv3.backends.platforms import describe_chip
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.registry import BACKENDS
 

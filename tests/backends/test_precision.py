@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from dsv3.backends import fp8
-from dsv3.backends.chips import describe_chip
 from dsv3.backends.interface import Capabilities
+from dsv3.backends.platforms import describe_chip
 from dsv3.backends.reference import ReferenceBackend
 
 from dsv3 import tensor_specs

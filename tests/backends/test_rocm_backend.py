@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from dsv3.backends import fp8
-from dsv3.backends.chips import describe_chip
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import OPS
+from dsv3.backends.platforms import describe_chip
 from dsv3.backends.reference import ReferenceBackend
 
 from tests.run_helpers import check_ran, run_python
@@ -214,7 +214,7 @@ class FakeTorch:
 
 
 def test_probe_reads_gcn_arch_name_never_the_capability():
-    from dsv3.backends.probe import probe_device
+    from dsv3.backends.platforms import probe_device
 
     chip = probe_device("amd", torch.device("cuda"), FakeTorch())
     assert (chip.vendor, chip.arch, chip.fp8_format, chip.fp8_max, chip.count) == ("amd", "gfx942", "e4m3fnuz",
@@ -283,7 +283,7 @@ INTERPRETED = """
 import torch
 from dataclasses import replace
 from dsv3.backends import fp8
-from dsv3.backends.chips import describe_chip
+from dsv3.backends.platforms import describe_chip
 from dsv3.backends.interface import MLAInputs, MLAWeights
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.rocm import Libraries, RocmBackend
@@ -412,7 +412,7 @@ def test_backend_ops_under_triton_interpreter_match_the_fnuz_reference():
 MODEL_INTERPRETED = """
 import tempfile
 import torch
-from dsv3.backends.chips import describe_chip
+from dsv3.backends.platforms import describe_chip
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.rocm import RocmBackend
 from dsv3 import load_model
@@ -493,6 +493,7 @@ JITFunction.run = compile_only
 driver.set_active(CompileOnlyDriver(GPUTarget("hip", arch, 64)))
 
 from dsv3.backends.interface import MLAInputs, MLAWeights, PagedBatch
+from dsv3.backends.platforms import AMD
 from dsv3.backends.triton_kernels import amd_configs, gemm, mla, moe, norm, quant
 cfg = amd_configs.kernel_configs(arch)  # with waves_per_eu, matrix_instr_nonkdim, kpack
 dtype = {"e4m3fnuz": torch.float8_e4m3fnuz, "e4m3fn": torch.float8_e4m3fn}[fmt]
@@ -501,7 +502,7 @@ fp8_max, bf16 = 224.0, torch.bfloat16
 def gemm_case(m, n, k):
     a, sa = torch.zeros(m, k, dtype=dtype), quant.empty_scales(m, k, "cpu")
     w, sw = torch.zeros(n, k, dtype=dtype), torch.ones((n + 127) // 128, (k + 127) // 128)
-    return lambda: gemm.fp8_gemm(a, sa, w, sw, bf16, cfg, amd_configs.COMPUTE_UNITS[arch])
+    return lambda: gemm.fp8_gemm(a, sa, w, sw, bf16, cfg, AMD.num_compute_units(arch))
 
 def moe_case(tokens, fp8_weights):
     e, d, i, k = 4, 512, 256, 2

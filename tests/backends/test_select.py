@@ -10,10 +10,20 @@ from types import SimpleNamespace
 
 import pytest
 from dsv3.backends import fp8
-from dsv3.backends.chips import describe_chip
 from dsv3.backends.errors import BackendError, BackendUnavailable
 from dsv3.backends.interface import Capabilities
-from dsv3.backends.probe import ascend_arch, probe
+from dsv3.backends.platforms import (
+    AMD,
+    CPU,
+    HUAWEI,
+    NVIDIA,
+    PLATFORMS,
+    ascend_arch,
+    describe_chip,
+    platform,
+    platform_of_backend,
+    probe,
+)
 from dsv3.backends.reference import ReferenceBackend
 from dsv3.backends.registry import BACKENDS
 from dsv3.backends.select import build, decide, select
@@ -244,3 +254,43 @@ def test_ascend_arch_names():
     assert ascend_arch("Ascend910_9382") == "ascend910c"
     assert ascend_arch("Ascend910_9591") == "ascend950"
     assert ascend_arch("Ascend310P3") == "ascend310p3"
+
+
+def test_probe_fails_loudly_when_two_platforms_match():
+    """An Ascend NPU and an NVIDIA GPU in one machine: the probe names both and how to choose, and a
+    backend asked for by name probes only its vendor's devices."""
+    torch, find_spec, import_module = fake_ascend("Ascend910B3", 223)
+    torch.cuda = fake_torch(capability=(9, 0), name="NVIDIA H100", count=2).cuda
+    with pytest.raises(BackendUnavailable, match="found huawei ascend910b and nvidia sm_90 devices: choose one "
+                                                 "with --backend ascend or cuda"):
+        probe(torch, find_spec, import_module)
+    assert probe(torch, find_spec, import_module, vendor="nvidia").arch == "sm_90"
+    assert probe(torch, find_spec, import_module, vendor="huawei").arch == "ascend910b"
+
+
+# ---- the platform records ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("record", PLATFORMS, ids=lambda p: p.vendor)
+def test_each_platform_is_its_backend_entry(record):
+    """The registry, the pip extras and auto selection all read the platform: one record per vendor."""
+    module, cls, extra = BACKENDS[record.backend]
+    assert f"{module}:{cls}" == record.backend_class and extra == record.pip_extra
+    assert platform(record.vendor) is record and platform_of_backend(record.backend) is record
+    chip = describe_chip(record.vendor, {"nvidia": "sm_90", "amd": "gfx942", "huawei": "ascend910b"}
+                         .get(record.vendor, "cpu"))
+    decision = decide(chip, "auto", {}, ALL_PACKAGES, FULL_REGISTRY)
+    assert decision.backend == record.backend
+    if record.pip_extra:  # without its packages auto runs the reference backend on the platform's device
+        fallback = decide(chip, "auto", {}, frozenset(), FULL_REGISTRY)
+        assert fallback.device == record.torch_device and f"dsv3[{record.pip_extra}]" in fallback.reason
+
+
+def test_backends_take_their_mla_block_size_from_their_platform():
+    assert ReferenceBackend().mla_block_size == CPU.mla_block_size == 64
+    assert HUAWEI.mla_block_size == 128  # the block size both fused attention forms take
+    pytest.importorskip("triton")
+    from dsv3.backends.cuda import CudaBackend
+    from dsv3.backends.rocm import RocmBackend
+
+    assert CudaBackend("cuda", chip=describe_chip("nvidia", "sm_90")).mla_block_size == NVIDIA.mla_block_size == 64
+    assert RocmBackend("cuda", chip=describe_chip("amd", "gfx942")).mla_block_size == AMD.mla_block_size == 64

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from dsv3.backends.interface import OPS
-from dsv3.backends.probe import probe
+from dsv3.backends.platforms import probe
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -39,7 +39,7 @@ HANDOFF_INTERPRETED = """
 import tempfile
 import torch
 from dsv3.backends import fp8
-from dsv3.backends.chips import describe_chip
+from dsv3.backends.platforms import describe_chip
 from dsv3.backends.interface import QuantizedActivation
 from dsv3.backends.rocm import RocmBackend
 from dsv3 import load_model

@@ -194,8 +194,8 @@ def test_decode_gemm_tile_per_rows():
 
 def test_cuda_backend_capabilities_per_arch():
     """sm_90 has FP8 (e4m3fn, 448); sm_80 falls back to BF16; a non-NVIDIA chip is refused."""
-    from dsv3.backends.chips import describe_chip
     from dsv3.backends.cuda import CudaBackend
+    from dsv3.backends.platforms import describe_chip
 
     hopper = CudaBackend("cuda", chip=describe_chip("nvidia", "sm_90"))
     assert hopper.capabilities.fp8_dtype is not None and hopper.capabilities.fp8_max == 448.0
@@ -211,8 +211,8 @@ def test_cuda_backend_capabilities_per_arch():
 def test_linear_fp8_description_is_read_off_the_dispatch():
     """Capabilities.ops["linear_fp8"] names, per M range, the GEMM linear_impl picks: with torch._scaled_mm
     the split-K kernel stops at scaled_mm_min_m, without it at decode_max_m."""
-    from dsv3.backends.chips import describe_chip
     from dsv3.backends.cuda import CudaBackend
+    from dsv3.backends.platforms import describe_chip
     from dsv3.backends.triton_backend import ScaledMM
 
     hopper = CudaBackend("cuda", chip=describe_chip("nvidia", "sm_90"))
