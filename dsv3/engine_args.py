@@ -314,8 +314,7 @@ class EngineArgs:
         """The cache sized to what the device has left, and the engine over it."""
         backend = transformer.backend
         block_size = self.block_size or backend.mla_block_size
-        transformer.kv_cache_dtype = self.kv_cache_dtype
-        spec = transformer.cache_spec_for(1, block_size)
+        spec = transformer.cache_spec_for(1, block_size, self.kv_cache_dtype)
         if self.kv_cache_dtype == "fp8" and spec.kind != "fp8_ds_mla":
             # a warning, not a status line: printed under quiet too (not by the other ranks of a parallel model)
             info(f"warning: {self.name('kv_cache_dtype')} fp8: the {backend.capabilities.name} backend has no FP8 "
@@ -323,7 +322,8 @@ class EngineArgs:
                  plan is not None and not plan.is_primary)
         cache = plan_cache(transformer, block_size, max_model_len, self.max_num_seqs, self.max_num_batched_tokens,
                            self.gpu_memory_utilization, self.cache_tokens,
-                           agree=None if plan is None else parallel.agree_min, name=self.name)
+                           agree=None if plan is None else parallel.agree_min, name=self.name,
+                           kv_cache_dtype=self.kv_cache_dtype)
         info(cache.describe(), quiet)
         config = EngineConfig(max_model_len=max_model_len, block_size=block_size, num_blocks=cache.num_blocks,
                               max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,

@@ -342,34 +342,40 @@ class Transformer:
         self.cos, self.sin = rope_tables(config, max_model_len, device)
         self.cache_spec: CacheSpec | None = None
         self.caches: list[torch.Tensor] = []
-        #: --kv-cache-dtype: "auto" (the activation dtype), "bf16" or "fp8" (the FP8 latent cache)
+        #: the latent cache type of the pools allocate_cache made: "auto" (the activation dtype), "bf16" or "fp8"
         self.kv_cache_dtype = "auto"
 
     # ---- the paged cache -------------------------------------------------------------------------
 
-    def cache_spec_for(self, num_blocks: int, block_size: int) -> CacheSpec:
-        """One layer's pool of `num_blocks` blocks, as the backend lays it out."""
+    def cache_spec_for(self, num_blocks: int, block_size: int, kv_cache_dtype: str | None = None) -> CacheSpec:
+        """One layer's pool of `num_blocks` blocks, as the backend lays it out for `kv_cache_dtype` ("auto",
+        "bf16" or "fp8"; None: the type of the pools allocate_cache made)."""
         return self.backend.mla_cache_spec(num_blocks, block_size, self.config.kv_lora_rank,
-                                           self.config.qk_rope_head_dim, self.dtype, self.kv_cache_dtype)
+                                           self.config.qk_rope_head_dim, self.dtype,
+                                           kv_cache_dtype or self.kv_cache_dtype)
 
-    def cache_bytes_per_block(self, block_size: int) -> int:
+    def cache_bytes_per_block(self, block_size: int, kv_cache_dtype: str | None = None) -> int:
         """Bytes one block takes over all layers (the MTP module's, where loaded, included: speculative
         decoding gives it a pool of its own)."""
-        return self.cache_spec_for(1, block_size).bytes_per_block * (len(self.layers) + len(self.mtp))
+        return (self.cache_spec_for(1, block_size, kv_cache_dtype).bytes_per_block
+                * (len(self.layers) + len(self.mtp)))
 
-    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
-        """Allocate each layer's pool of `num_blocks` blocks of `block_size` tokens (replacing any)."""
+    def allocate_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> None:
+        """Allocate each layer's pool of `num_blocks` blocks of `block_size` tokens (replacing any), of the
+        latent cache type `kv_cache_dtype`."""
         self.caches = []
+        self.kv_cache_dtype = kv_cache_dtype
         self.cache_spec = self.cache_spec_for(num_blocks, block_size)
         self.caches = [self.backend.allocate_mla_cache(self.cache_spec) for _ in self.layers]
 
-    def _scratch_caches(self, num_sequences: int, length: int, layers: int) -> tuple[list[torch.Tensor], PagedBatch]:
+    def _scratch_caches(self, num_sequences: int, length: int, layers: int,
+                        kv_cache_dtype: str | None = None) -> tuple[list[torch.Tensor], PagedBatch]:
         """Pools of their own for `num_sequences` sequences of `length` tokens from position 0, and the
         batch that prefills them (block 0 unused, as in the engine's pools)."""
         device = self.backend.device
         block_size = min(64, length)
         per_seq = -(-length // block_size)
-        spec = self.cache_spec_for(1 + num_sequences * per_seq, block_size)
+        spec = self.cache_spec_for(1 + num_sequences * per_seq, block_size, kv_cache_dtype)
         caches = [self.backend.allocate_mla_cache(spec) for _ in range(layers)]
         tables = 1 + torch.arange(num_sequences * per_seq, device=device, dtype=torch.int32).view(num_sequences, -1)
         batch = PagedBatch(block_tables=tables,
@@ -415,13 +421,15 @@ class Transformer:
             h = h[batch.logits_indices]
         return self.project(h)
 
-    def _whole_sequences(self, tokens: torch.Tensor, layers: int) -> tuple[ForwardBatch, list[torch.Tensor]]:
-        """tokens [B, T] from position 0 as one prefill batch over scratch pools of their own."""
+    def _whole_sequences(self, tokens: torch.Tensor, layers: int,
+                         kv_cache_dtype: str | None = None) -> tuple[ForwardBatch, list[torch.Tensor]]:
+        """tokens [B, T] from position 0 as one prefill batch over scratch pools of their own (of the engine's
+        latent cache type where kv_cache_dtype is None)."""
         b, t = tokens.shape
         if t > self.max_model_len:
             raise Dsv3Error(f"tokens {list(tokens.shape)}: {t} positions exceed max_model_len={self.max_model_len}")
         tokens = tokens.to(self.backend.device)
-        caches, paged = self._scratch_caches(b, t, layers)
+        caches, paged = self._scratch_caches(b, t, layers, kv_cache_dtype)
         positions = torch.arange(t, device=tokens.device).repeat(b)
         return ForwardBatch(tokens.reshape(-1), positions, 0, None, paged), caches
 

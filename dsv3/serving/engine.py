@@ -36,7 +36,7 @@ class EngineConfig:
     Attributes:
         max_model_len: the longest sequence, prompt and output.
         block_size: tokens per cache block.
-        kv_cache_dtype: the latent cache's type (--kv-cache-dtype: auto, bf16 or fp8), the model's layout.
+        kv_cache_dtype: the latent cache's type (auto, bf16 or fp8), which the pools are allocated with.
         num_blocks: blocks per layer pool, the scratch block included (from cache_sizing).
         max_num_seqs: sequences running at once.
         max_num_batched_tokens: tokens per step.
@@ -120,8 +120,7 @@ class LLMEngine:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.generation_defaults = dict(generation_defaults or {})
-        model.kv_cache_dtype = config.kv_cache_dtype
-        model.allocate_cache(config.num_blocks, config.block_size)
+        model.allocate_cache(config.num_blocks, config.block_size, config.kv_cache_dtype)
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         spec = config.speculative_config

@@ -217,7 +217,7 @@ class MTPProposer:
     no block is held for a token that is not accepted.
 
     Args:
-        model: the model, its MTP module loaded and kv_cache_dtype set.
+        model: the model, its MTP module loaded and its cache allocated (the MTP pool takes its type).
         config: the speculative settings.
         num_blocks, block_size: the engine's pool.
         max_num_seqs: sequences running at once at most.

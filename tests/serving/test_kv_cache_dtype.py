@@ -54,6 +54,9 @@ def test_fp8_cache_holds_more_tokens_in_the_same_bytes():
     layers = len(bf16.transformer.layers)
     assert bf16.transformer.cache_bytes_per_block(16) == 16 * dense_bytes * layers
     assert fp8.transformer.cache_bytes_per_block(16) == 16 * fp8_bytes * layers
+    # the type is an argument: sizing an FP8 cache leaves the model's BF16 pools as they are
+    assert bf16.transformer.cache_bytes_per_block(16, "fp8") == 16 * fp8_bytes * layers
+    assert bf16.transformer.kv_cache_dtype == "auto" and bf16.transformer.caches[0].dtype == torch.bfloat16
     line = plan_cache(fp8.transformer, 16, 256, 4, 64, cache_tokens=4096).describe()
     assert line.endswith(f"; FP8 latent cache, {fp8_bytes} bytes per token per layer"), line
     assert plan_cache(bf16.transformer, 16, 256, 4, 64, cache_tokens=4096).describe().endswith("GiB)")
