@@ -124,6 +124,7 @@ class ModelRunner:
         self.device = model.backend.device
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.buckets = batch_buckets(max_num_seqs, rows_per_seq)
         self.graphs = not enforce_eager and model.supports_graphs()
         self._recorded: dict[tuple[int, bool], _Bucket] = {}  # (size, shared rows) -> bucket
@@ -135,7 +136,8 @@ class ModelRunner:
         writing only block 0), so that no step waits for a recording later; stops at the first the backend
         declines."""
         with torch.inference_mode():
-            for key in ((size, shared) for shared in (False, True) for size in self.buckets):
+            for key in ((size, shared) for shared in (False, True) for size in self.buckets
+                        if shared or size <= self.max_num_seqs):  # decodes alone never fill a larger one
                 if not self.graphs:
                     return
                 try:

@@ -121,6 +121,7 @@ def test_greedy_identical_through_recorded_rows(expected):
     module fills its cache through decode rows too: the same drafts are accepted as on the eager engine."""
     m = tiny(backend=Recording(), max_num_seqs=8, speculative_config=spec(2))
     assert set(m.engine.runner.recorded_row_buckets) >= {3, 6, 12, 24}  # (batch, k + 1) buckets
+    assert max(m.engine.runner.recorded_buckets) == 8  # decodes alone: up to max_num_seqs rows
     assert m.engine.proposer.rows_as_decode
     assert tokens_of(m.generate(PROMPTS, greedy())) == expected
     eager = tiny(max_num_seqs=8, speculative_config=spec(2))
