@@ -41,7 +41,7 @@ from dsv3.server.protocol import (
     random_id,
     sampling_kwargs,
 )
-from dsv3.server.reasoning import THINK_END, ReasoningStream, split_reasoning
+from dsv3.server.reasoning import THINK_END, ReasoningStream, reasoning_expected, split_reasoning
 from dsv3.server.render_pool import RenderPool
 from dsv3.server.runner import RequestGroup, ServerShuttingDown, cancel_on_disconnect
 from dsv3.server.tool_parser import ToolCallStream, call_format, parse_tool_calls
@@ -295,9 +295,9 @@ class OpenAIServing:
                                           request.chat_template_kwargs)
         [prompt] = await self.encode([text], "messages", add_bos=False)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
-        # with a reasoning parser the constraint starts after the reasoning, unless the prompt already ended it
-        reasoning_end = THINK_END if self.settings.reasoning_parser and not text.rstrip().endswith(THINK_END) \
-            else None
+        # where the output starts with reasoning, the parser splits it off and a constraint starts after it
+        thinks = reasoning_expected(self.settings.reasoning_parser, text, request.chat_template_kwargs or {})
+        reasoning_end = THINK_END if thinks else None
         constraint = request_constraint(request, reasoning_end)
         if parse_tools and request.tool_choice not in (None, "auto"):
             if constraint is not None:
@@ -311,7 +311,7 @@ class OpenAIServing:
             choices = []
             for completion in finals[0].outputs:
                 reasoning, content = None, completion.text
-                if self.settings.reasoning_parser:
+                if thinks:
                     reasoning, content = split_reasoning(content)
                 calls = []
                 if parse_tools:
@@ -328,7 +328,8 @@ class OpenAIServing:
                                           usage=self._usage(finals))
 
         return await self._run(raw, request, "chatcmpl-", [prompt], params, respond,
-                               lambda group, response_id: self._chat_stream(group, request, response_id, parse_tools))
+                               lambda group, response_id: self._chat_stream(group, request, response_id, parse_tools,
+                                                                            thinks))
 
     def _tool_parsing(self, request: ChatCompletionRequest) -> bool:
         """Whether this request's output is parsed for tool calls; 400 for what dsv3 cannot honour."""
@@ -347,7 +348,7 @@ class OpenAIServing:
         return True
 
     async def _chat_stream(self, group: RequestGroup, request: ChatCompletionRequest, response_id: str,
-                           parse_tools: bool) -> AsyncIterator[str]:
+                           parse_tools: bool, thinks: bool) -> AsyncIterator[str]:
         created, model = int(time.time()), self.settings.model_name
 
         def chunk(index: int, delta: DeltaMessage, finish_reason=None, stop_reason=None, logprobs=None) -> str:
@@ -360,7 +361,7 @@ class OpenAIServing:
             yield chunk(index, DeltaMessage(role="assistant", content=""))
         sent: dict[int, tuple[int, int]] = {}
         ended: set[int] = set()  # choices whose last chunk went out (siblings still running repeat them)
-        reasoning = {i: ReasoningStream() for i in range(request.n)} if self.settings.reasoning_parser else None
+        reasoning = {i: ReasoningStream() for i in range(request.n)} if thinks else None
         fmt = call_format(self.settings.tool_call_parser or "")
         tools = {i: ToolCallStream(fmt, stream_arguments=True) for i in range(request.n)} if parse_tools else None
         final = None

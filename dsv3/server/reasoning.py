@@ -1,4 +1,4 @@
-"""`--reasoning-parser deepseek-r1`: DeepSeek-R1's reasoning apart from its answer.
+"""`--reasoning-parser deepseek_r1` (or `deepseek_v3`): DeepSeek-R1's and V3.1's reasoning apart from the answer.
 
 R1 writes its reasoning, then `</think>`, then the answer. Newer R1 templates put `<think>\\n` in the
 generation prompt, so the output may start inside the reasoning without the opening tag; an opening tag at
@@ -10,8 +10,19 @@ from __future__ import annotations
 
 THINK_START, THINK_END = "<think>", "</think>"
 
-#: --reasoning-parser choices
-REASONING_PARSERS = ("deepseek-r1",)
+#: --reasoning-parser choices: vLLM's names (deepseek_v3: V3.1's thinking switch), and dsv3's first spelling
+REASONING_PARSERS = ("deepseek_r1", "deepseek_v3", "deepseek-r1")
+
+
+def reasoning_expected(parser: str | None, prompt: str, template_kwargs: dict) -> bool:
+    """Whether a chat output starts with reasoning: R1 always; V3.1 (`deepseek_v3`) only with
+    `chat_template_kwargs` `thinking` (or `enable_thinking`) on; never where the prompt already closed the
+    reasoning with `</think>` (V3.1's non-thinking prompt does)."""
+    if parser is None or prompt.rstrip().endswith(THINK_END):
+        return False
+    if parser == "deepseek_v3":
+        return bool(template_kwargs.get("thinking", template_kwargs.get("enable_thinking", False)))
+    return True
 
 
 def held_back(text: str, tag: str) -> int:

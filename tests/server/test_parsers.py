@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dsv3.server.reasoning import ReasoningStream, split_reasoning
+from dsv3.server.reasoning import ReasoningStream, reasoning_expected, split_reasoning
 from dsv3.server.tool_parser import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, ToolCallStream, parse_tool_calls
 
 
@@ -156,3 +156,16 @@ def test_streamed_arguments_assemble_to_the_whole_calls(fmt, text):
     stream = ToolCallStream(fmt, stream_arguments=True)
     argument_deltas = [d for piece in pieces for d in stream.feed(piece)[1] if d.id is None]
     assert len(argument_deltas) > 5
+
+
+@pytest.mark.parametrize("parser, prompt, kwargs, expected", [
+    (None, "<｜Assistant｜>", {}, False),
+    ("deepseek_r1", "<｜Assistant｜><think>\n", {}, True),
+    ("deepseek_r1", "<｜Assistant｜>", {}, True),
+    ("deepseek_r1", "<｜Assistant｜></think>", {}, False),  # the prompt closed the reasoning already
+    ("deepseek_v3", "<｜Assistant｜><think>", {"thinking": True}, True),  # V3.1 thinking on
+    ("deepseek_v3", "<｜Assistant｜></think>", {"thinking": False}, False),  # V3.1 thinking off
+    ("deepseek_v3", "<｜Assistant｜>", {}, False),  # V3 never thinks
+])
+def test_where_reasoning_is_expected(parser, prompt, kwargs, expected):
+    assert reasoning_expected(parser, prompt, kwargs) is expected
