@@ -177,9 +177,6 @@ class OpenAIServing:
 
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
         self.check_request(request)
-        if request.echo and request.logprobs is not None:
-            raise APIError("echo with logprobs needs the prompt's log-probabilities, which dsv3 does not compute",
-                           param="echo")
         prompt = request.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
@@ -197,21 +194,34 @@ class OpenAIServing:
         max_tokens = min(self.max_tokens(request.max_tokens, len(ids), "prompt") for ids in prompts)
         params = self.sampling_params(request, max_tokens, request.logprobs, request_constraint(request, None))
         echo = texts if request.echo else [""] * len(prompts)
+        echo_logprobs = request.echo and request.logprobs is not None
+        if echo_logprobs and params.prompt_logprobs is None:  # echo's log-probabilities: the prompt's
+            params.prompt_logprobs = request.logprobs
+
+        def logprobs(output, completion, start: int, offset: int) -> CompletionLogprobs | None:
+            generated = self._completion_logprobs(completion, start, request.logprobs, offset)
+            if not echo_logprobs or start > 0:
+                return generated
+            out = self._echo_logprobs(output, request.logprobs)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(out, name).extend(getattr(generated, name))
+            return out
 
         def respond(finals: list, response_id: str) -> CompletionResponse:
             choices = [CompletionChoice(index=i * request.n + completion.index, text=echo[i] + completion.text,
-                                        logprobs=self._completion_logprobs(completion, 0, request.logprobs,
-                                                                           len(echo[i])),
+                                        logprobs=logprobs(output, completion, 0, len(echo[i])),
+                                        prompt_logprobs=self._prompt_logprobs(output, request.prompt_logprobs),
                                         finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
                        for i, output in enumerate(finals) for completion in output.outputs]
             return CompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
                                       usage=self._usage(finals))
 
         return await self._run(raw, request, "cmpl-", prompts, params, respond,
-                               lambda group, response_id: self._completion_stream(group, request, response_id, echo))
+                               lambda group, response_id: self._completion_stream(group, request, response_id, echo,
+                                                                                  logprobs))
 
     async def _completion_stream(self, group: RequestGroup, request: CompletionRequest, response_id: str,
-                                 echo: list[str]) -> AsyncIterator[str]:
+                                 echo: list[str], logprobs: Callable) -> AsyncIterator[str]:
         created, model = int(time.time()), self.settings.model_name
         sent = {}  # (prompt, completion index) -> (text length, tokens) already streamed
         ended = set()  # completions whose last chunk went out (siblings still running repeat them)
@@ -227,7 +237,8 @@ class OpenAIServing:
                             continue
                         text_len, num_tokens = sent.get(key, (0, 0))
                         delta = completion.text[text_len:]
-                        if key not in sent:
+                        first = key not in sent
+                        if first:
                             delta = echo[i] + delta
                         if not delta and completion.finish_reason is None:
                             continue
@@ -237,7 +248,8 @@ class OpenAIServing:
                         offset = len(echo[i]) + text_len
                         choice = CompletionChoice(
                             index=i * request.n + completion.index, text=delta,
-                            logprobs=self._completion_logprobs(completion, num_tokens, request.logprobs, offset),
+                            logprobs=logprobs(output, completion, num_tokens, offset),
+                            prompt_logprobs=self._prompt_logprobs(output, request.prompt_logprobs) if first else None,
                             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
                         yield CompletionResponse(id=response_id, created=created, model=model,
                                                  choices=[choice]).model_dump_json()
@@ -325,7 +337,8 @@ class OpenAIServing:
                     logprobs=self._chat_logprobs(completion, 0, request.logprobs_count),
                     finish_reason=finish_reason, stop_reason=completion.stop_reason))
             return ChatCompletionResponse(id=response_id, model=self.settings.model_name, choices=choices,
-                                          usage=self._usage(finals))
+                                          usage=self._usage(finals),
+                                          prompt_logprobs=self._prompt_logprobs(finals[0], request.prompt_logprobs))
 
         return await self._run(raw, request, "chatcmpl-", [prompt], params, respond,
                                lambda group, response_id: self._chat_stream(group, request, response_id, parse_tools,
@@ -449,6 +462,42 @@ class OpenAIServing:
             out.text_offset.append(offset)
             offset += len(text)
         return out
+
+    def _echo_logprobs(self, output, k: int) -> CompletionLogprobs:
+        """The echoed prompt's part of a completion's logprobs (the first token has none, as OpenAI's)."""
+        out, offset = CompletionLogprobs(), 0
+        for token_id, entry in zip(output.prompt_token_ids, output.prompt_logprobs or ()):
+            text = self._token(token_id)
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                values = entry[0]
+                out.token_logprobs.append(max(values[token_id], -9999.0))
+                out.top_logprobs.append({self._token(i): max(lp, -9999.0) for i, lp in self._top(values, k)})
+        return out
+
+    def _prompt_logprobs(self, output, k: int | None) -> list | None:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} for the top k and the prompt's own token."""
+        if k is None or output.prompt_logprobs is None:
+            return None
+        result = []
+        for position, entry in enumerate(output.prompt_logprobs):
+            if entry is None:
+                result.append(None)
+                continue
+            values, rank = entry
+            token = output.prompt_token_ids[position]
+            top = dict(self._top(values, k))
+            ranked = {i: r + 1 for r, (i, _) in enumerate(self._top(values, len(values)))}
+            result.append({str(i): {"logprob": max(lp, -9999.0), "rank": rank if i == token else ranked[i],
+                                    "decoded_token": self._token(i)}
+                           for i, lp in values.items() if i in top or i == token})
+        return result
 
     @staticmethod
     def _usage(finals: list) -> UsageInfo:

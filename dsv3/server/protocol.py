@@ -100,6 +100,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # structured output (dsv3.server.constraints): OpenAI's field, vLLM's, and vLLM's older ones
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -221,6 +222,7 @@ def sampling_kwargs(request: SamplingFields, max_tokens: int, logprobs: int | No
                   top_k=request.top_k, min_p=request.min_p, seed=request.seed, stop=request.stop,
                   stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos, logprobs=logprobs,
                   repetition_penalty=request.repetition_penalty, skip_special_tokens=request.skip_special_tokens,
+                  prompt_logprobs=request.prompt_logprobs,
                   presence_penalty=request.presence_penalty or 0.0,
                   frequency_penalty=request.frequency_penalty or 0.0)
     return kwargs
@@ -246,6 +248,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -308,6 +311,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class Delta(BaseModel):

@@ -10,7 +10,7 @@ that still raise fail; their blocks are freed and the loop goes on.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +23,7 @@ from dsv3.serving.model_runner import ModelRunner
 from dsv3.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from dsv3.serving.params import SamplingParams
 from dsv3.serving.request import Sequence
-from dsv3.serving.sampler import Sampler, SamplerOutput
+from dsv3.serving.sampler import Sampler, SamplerOutput, prompt_logprobs
 from dsv3.serving.scheduler import ScheduledStep, Scheduler
 from dsv3.serving.spec_decode import MTPProposer, SpecDecodeStats, SpeculativeConfig
 from dsv3.serving.structured import StructuredOutputs, apply_token_bitmask
@@ -101,6 +101,7 @@ class LaunchedStep:
     logits: torch.Tensor | None
     changed: dict[str, _Request]
     bitmask: torch.Tensor | None = None  # the structured-output rows' allowed tokens, a row per sequence
+    prompt_logits: list = field(default_factory=list)  # ModelRunner.prompt_logits of this step
 
 
 class LLMEngine:
@@ -196,6 +197,8 @@ class LLMEngine:
             seq = Sequence(request_id if params.n == 1 else f"{request_id}#{index}", request_id, index, list(prompt),
                            len(prompt), params, self.max_model_len, leader=None if index == 0 else seqs[0],
                            logprobs=[] if params.logprobs is not None else None)
+            if params.prompt_logprobs is not None and index == 0:
+                seq.prompt_logprobs = [None]  # the first prompt token has none
             if params._grammar is not None:
                 seq.grammar = self.structured.matcher(params._grammar, params.structured_outputs.reasoning_end)
             if params.seed is not None:
@@ -244,6 +247,7 @@ class LLMEngine:
             if before_eager is not None and not self.runner.replays(step):
                 before_eager()
             launched.step, launched.seqs, launched.logits = self._run(step, launched.changed)
+            launched.prompt_logits = self.runner.prompt_logits
             # filled on the host while a replayed step still runs on the device
             launched.bitmask = self.structured.bitmask([seq.grammar for seq in launched.seqs])
         return launched
@@ -255,6 +259,7 @@ class LLMEngine:
         step, seqs, changed = launched.step, launched.seqs, launched.changed
         if not step.is_empty:
             spans = [(seq, seq.num_computed_tokens, count) for seq, count in step.scheduled()]
+            self._record_prompt_logprobs(launched.prompt_logits)
             self.scheduler.update(step)
             logits = launched.logits
             if launched.bitmask is not None:
@@ -301,13 +306,14 @@ class LLMEngine:
             return step, seqs, logits
         except Exception as error:  # noqa: BLE001
             first_error = error
-        kept, seqs, parts = ScheduledStep(), [], []
+        kept, seqs, parts, prompt_logits = ScheduledStep(), [], [], []
         for seq, count in step.scheduled():
             if seq.is_finished:
                 continue
             alone = ScheduledStep(decodes=[seq]) if count == 1 else ScheduledStep(prefills=[(seq, count)])
             try:
                 got, logits = self.runner.run(alone)
+                prompt_logits += self.runner.prompt_logits
             except Exception as e:  # noqa: BLE001
                 request = self.requests[seq.request_id]
                 self._fail(request, e if len(step.scheduled()) > 1 else first_error)
@@ -321,6 +327,7 @@ class LLMEngine:
         self.runner.hidden = None  # rows of separate runs: no drafts this step
         kept.decodes = [s for s in kept.decodes if not s.is_finished]
         kept.prefills = [(s, n) for s, n in kept.prefills if not s.is_finished]
+        self.runner.prompt_logits = prompt_logits
         return kept, [seqs[i] for i in live], logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], changed: dict):
@@ -344,6 +351,19 @@ class LLMEngine:
                     self._fail(request, e)
                     changed[request.request_id] = request
         return result
+
+    @staticmethod
+    def _record_prompt_logprobs(prompt_logits: list) -> None:
+        """Each prompt chunk's log-probabilities onto its sequence (positions not recorded yet: a preempted
+        sequence recomputes its prompt)."""
+        for seq, start, logits in prompt_logits:
+            if seq.is_finished:
+                continue
+            first = len(seq.prompt_logprobs) - 1 - start  # rows already recorded
+            if first < 0 or first >= logits.shape[0]:
+                continue
+            targets = seq.token_ids[start + 1 + first:start + 1 + logits.shape[0]]
+            seq.prompt_logprobs += prompt_logprobs(logits[first:], targets, seq.params.prompt_logprobs)
 
     @staticmethod
     def _constrain(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor) -> torch.Tensor:
@@ -435,9 +455,10 @@ class LLMEngine:
                                                 seq.finish_reason, seq.stop_reason))
         cached = request.seqs[0].num_cached_tokens or 0
         m = request.metrics
+        prompt_logprobs = request.seqs[0].prompt_logprobs
         return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.finished,
                              cached, RequestMetrics(m.arrival_time, m.first_token_time, m.last_token_time),
-                             request.error)
+                             request.error, None if prompt_logprobs is None else list(prompt_logprobs))
 
     # ---- stats -----------------------------------------------------------------------------------
 

@@ -130,6 +130,9 @@ class ModelRunner:
         self._recorded: dict[tuple[int, bool], _Bucket] = {}  # (size, shared rows) -> bucket
         self.keep_hidden = keep_hidden
         self.hidden: torch.Tensor | None = None
+        #: after `run`: (sequence, first position, logits [n, V]) of the prompt rows whose log-probabilities
+        #: were asked for (SamplingParams.prompt_logprobs): row j predicts the prompt token at position + j + 1
+        self.prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = []
 
     def record_all(self) -> None:
         """Record every bucket now, for decode steps and for steps with chunk rows (all rows padding,
@@ -177,12 +180,27 @@ class ModelRunner:
         verified position) for a sequence with draft tokens. With keep_hidden, `hidden` then holds every
         row's final-norm hidden state [num_tokens, D] (else None)."""
         scheduled = step.scheduled()
-        logits_rows, seqs, end = [], [], 0
+        logits_rows, seqs, end, prompt_spans = [], [], 0, []
         for seq, count in scheduled:
             end += count
             if seq.num_computed_tokens + count == len(seq.token_ids) + len(seq.draft_token_ids):
                 seqs.append(seq)
                 logits_rows += range(end - 1 - len(seq.draft_token_ids), end)
+            start = seq.num_computed_tokens
+            if seq.wants_prompt_logprobs and start + 1 < seq.num_prompt_tokens:
+                prompt_spans.append((seq, start, end - count, min(count, seq.num_prompt_tokens - 1 - start)))
+        num_sampling = len(logits_rows)
+        logits_rows += [row + j for _, _, row, n in prompt_spans for j in range(n)]
+        logits = self._logits(step, scheduled, logits_rows)
+        self.prompt_logits, row = [], num_sampling
+        for seq, start, _, n in prompt_spans:
+            self.prompt_logits.append((seq, start, logits[row:row + n]))
+            row += n
+        return seqs, logits[:num_sampling]
+
+    def _logits(self, step: ScheduledStep, scheduled: list[tuple[Sequence, int]],
+                logits_rows: list[int]) -> torch.Tensor:
+        """The step's forward: float32 logits of `logits_rows` (replayed where recorded, else eager)."""
         self.hidden = None
         size = self.bucket(step.num_tokens)
         if self.graphs and size is not None:
@@ -190,14 +208,14 @@ class ModelRunner:
             bucket = self._replay(size, bool(step.prefills), rows)
             if bucket is not None:
                 self.hidden = None if bucket.hidden is None else bucket.hidden[:len(rows)]
-                if len(logits_rows) == len(rows):
-                    return seqs, bucket.logits[:len(rows)]
-                return seqs, bucket.logits[torch.tensor(logits_rows, dtype=torch.long, device=self.device)]
+                if logits_rows == list(range(len(rows))):
+                    return bucket.logits[:len(rows)]
+                return bucket.logits[torch.tensor(logits_rows, dtype=torch.long, device=self.device)]
         batch = self._eager_batch(step, logits_rows)
         if not self.keep_hidden:
-            return seqs, self.model.forward(batch)
+            return self.model.forward(batch)
         self.hidden = self.model.hidden(batch)
-        return seqs, self.model.project(self.hidden[batch.logits_indices])
+        return self.model.project(self.hidden[batch.logits_indices])
 
     # ---- eager ------------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ class RequestOutput:
         num_cached_tokens: prompt tokens served from the prefix cache.
         metrics: arrival, first and latest token times.
         error: why the engine failed this request (the request then ends; AsyncEngine raises it).
+        prompt_logprobs: with SamplingParams.prompt_logprobs, per prompt token ({token: logprob}, the prompt
+            token's rank), None for the first token; complete once the prefill is done.
     """
 
     request_id: str
@@ -60,3 +62,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     error: str | None = None
+    prompt_logprobs: list[tuple[dict[int, float], int] | None] | None = None

@@ -41,6 +41,8 @@ class SamplingParams:
         logprobs: return the top `logprobs` log-probabilities (plus the sampled token's) of each token.
         skip_special_tokens: leave special tokens out of the text.
         structured_outputs: a grammar the output must match (JSON schema, regex, choice, EBNF, ...).
+        prompt_logprobs: return the top `prompt_logprobs` log-probabilities (plus the prompt's own token's) of
+            each prompt token after the first, computed in the prefill.
     """
 
     n: int = 1
@@ -59,6 +61,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    prompt_logprobs: int | None = None
     _resolved: bool = field(default=False, repr=False, compare=False)
     _grammar: object = field(default=None, repr=False, compare=False)  # the compiled structured_outputs
 
@@ -109,6 +112,8 @@ class SamplingParams:
                 raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}", param=name)
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise RequestError(f"structured_outputs must be a StructuredOutputsParams, got "
                                f"{type(self.structured_outputs).__name__}", param="structured_outputs")

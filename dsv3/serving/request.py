@@ -36,6 +36,8 @@ class Sequence:
         draft_token_ids: tokens the speculative proposer guessed to follow token_ids, verified next step.
         draft_probs: float32 [len(draft_token_ids), V], the distributions they were drawn from (None: greedy).
         grammar: its structured-output matcher, if the request has a grammar (it never drafts).
+        prompt_logprobs: per prompt token ({token: logprob} of the top `prompt_logprobs` and the prompt's own,
+            the prompt token's rank), None for the first; filled as its prefill runs. None when not asked for.
     """
 
     seq_id: str
@@ -59,6 +61,12 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
     grammar: "SequenceGrammar | None" = None
+    prompt_logprobs: list[tuple[dict[int, float], int] | None] | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's log-probabilities are asked for (completion 0 of a request with prompt_logprobs)."""
+        return self.prompt_logprobs is not None
 
     @property
     def num_tokens(self) -> int:

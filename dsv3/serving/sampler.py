@@ -98,6 +98,23 @@ def finite(logits: torch.Tensor) -> torch.Tensor:
     return logits.nan_to_num(nan=info.min, posinf=info.max, neginf=info.min)
 
 
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[dict[int, float], int]]:
+    """Per row, ({token: logprob} of the top k and of the row's target, the target's rank with 1 the
+    likeliest), from log_softmax of the raw logits, as vLLM returns prompt log-probabilities."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    target = torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None]
+    picked = logprobs.gather(1, target)
+    ranks = (logprobs > picked).sum(dim=-1).add(1).tolist()
+    top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
+    out = []
+    for values, ids, token, value, rank in zip(top_values[:, :k].tolist(), top_ids[:, :k].tolist(), targets,
+                                               picked[:, 0].tolist(), ranks):
+        entry = dict(zip(ids, values))
+        entry[token] = value
+        out.append((entry, rank))
+    return out
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens; presence and frequency over output tokens."""
     rows, vocab = logits.shape

@@ -116,7 +116,8 @@ class Scheduler:
             if leader is not None and leader.status is Status.RUNNING and leader.is_prefilling \
                     and bm.enable_prefix_caching:
                 break  # completions of one prompt share its blocks: wait while the first computes them
-            blocks, hashes = bm.cached_prefix(seq.token_ids)
+            # a prompt whose log-probabilities are asked for is computed whole: a cached block has none
+            blocks, hashes = ([], []) if seq.wants_prompt_logprobs else bm.cached_prefix(seq.token_ids)
             num_cached = len(blocks) * bm.block_size
             count = min(seq.num_tokens - num_cached, budget)
             if not bm.allocate(seq, count, blocks):
