@@ -49,7 +49,8 @@ def test_requests_map_onto_sampling_params_fields():
     kwargs = sampling_kwargs(request, max_tokens=12, logprobs=3)
     assert kwargs == dict(n=2, max_tokens=12, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=7, stop=["END"],
                           stop_token_ids=None, ignore_eos=True, logprobs=3, repetition_penalty=1.1,
-                          skip_special_tokens=True, presence_penalty=0.5, frequency_penalty=-0.5)
+                          skip_special_tokens=True, presence_penalty=0.5, frequency_penalty=-0.5,
+                          prompt_logprobs=None)
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=5,
                                  max_completion_tokens=7, logprobs=True, top_logprobs=2)
     assert chat.requested_max_tokens == 7 and chat.logprobs_count == 2
