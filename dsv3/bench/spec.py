@@ -256,9 +256,13 @@ def run_command(args, backend: Backend) -> int:
         print(f"projected V3 batch-1 speed-up at acceptance {args.acceptance:.2f}: "
               + ", ".join(f"k={k} {one[f'speedup{k}_v3']:.2f}x" for k in KS) + f" (best k={best}; goal >= 1.6x)")
     device = str(backend.device) if args.device else None
-    tiny = tiny_end_to_end(args, args.backend, device)
-    best = max(tiny[1:], key=lambda r: r["speedup"])
-    print(f"tiny checkpoint, batch 1, end to end: best k={best['k']} {best['speedup']:.2f}x (goal >= 1.3x)")
+    try:
+        tiny = tiny_end_to_end(args, args.backend, device)
+        best = max(tiny[1:], key=lambda r: r["speedup"])
+        print(f"tiny checkpoint, batch 1, end to end: best k={best['k']} {best['speedup']:.2f}x (goal >= 1.3x)")
+    except Exception as e:  # noqa: BLE001 - the step measurements above still stand
+        tiny = []
+        print(f"dsv3 bench spec: the tiny checkpoint's end-to-end run failed: {error_line(e)}")
     if args.json:
         from dsv3.bench.common import save_json
 
