@@ -1,4 +1,4 @@
-"""torch.distributed plumbing: who this process is, the process group, and rank 0 owning the terminal.
+"""torch.distributed plumbing: who this process is and the process group.
 
 Nothing here knows the model. The launcher (torchrun) sets RANK, LOCAL_RANK and
 WORLD_SIZE; the process-group backend (nccl, hccl, gloo) comes from the hardware
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,41 +116,3 @@ def all_gather_objects(value: Any) -> list[Any]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
-
-
-# ---- rank 0 owns the terminal -------------------------------------------------------------
-
-def broadcast_object(value: Any, src: int = 0) -> Any:
-    """Rank `src`'s picklable `value` on every rank (the value itself in a single process)."""
-    if not is_parallel():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def read_line(prompt: str) -> str:
-    """input() on rank 0, the same line on every rank; EOFError everywhere when rank 0's input ends."""
-    line = None
-    if is_primary():
-        try:
-            line = input(prompt)
-        except EOFError:
-            line = None
-    line = broadcast_object(line)
-    if line is None:
-        raise EOFError
-    return line
-
-
-def quiet_other_ranks() -> None:
-    """From now on only rank 0 writes to the terminal; another rank's crash still prints its traceback."""
-    if is_primary():
-        return
-    rank = launch().rank
-    sys.stdout = sys.stderr = open(os.devnull, "w")
-
-    def report_crash(kind, value, trace) -> None:
-        print(f"dsv3: rank {rank} failed:", file=sys.__stderr__)
-        traceback.print_exception(kind, value, trace, file=sys.__stderr__)
-    sys.excepthook = report_crash

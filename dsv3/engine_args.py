@@ -13,6 +13,7 @@ about a setting names it through `self.name(field)`: the keyword here, the flag 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import difflib
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3 import checks, parallel
+from dsv3 import checks, distributed, parallel
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import KV_CACHE_DTYPES, Backend
 from dsv3.backends.select import select
@@ -38,6 +39,7 @@ from dsv3.serving.cache_sizing import plan_cache
 from dsv3.serving.engine import EngineConfig, LLMEngine
 from dsv3.serving.params import generation_defaults
 from dsv3.serving.spec_decode import SpeculativeConfig
+from dsv3.serving.workers import LocalRanks, StepChannel
 from dsv3.tokenizer import Tokenizer
 
 #: what `model=None` loads: a two-layer checkpoint with a tokenizer, shipped in the package
@@ -49,7 +51,8 @@ Check = Callable[[str, object], None]  # (the setting's name as the caller knows
 
 
 def setting(default, help: str, check: Check | None = None, *, choices: tuple | None = None,
-            aliases: tuple[str, ...] = (), group: str = "engine", cli: bool = True, metavar: str | None = None):
+            aliases: tuple[str, ...] = (), group: str = "engine", cli: bool = True, metavar: str | None = None,
+            short: str | None = None):
     """A field of EngineArgs.
 
     Args:
@@ -61,9 +64,10 @@ def setting(default, help: str, check: Check | None = None, *, choices: tuple | 
         group: "model" or "engine": where --help lists the flag.
         cli: whether the commands have a flag for it.
         metavar: the flag's value placeholder in --help.
+        short: a short flag too (vLLM's -tp).
     """
     return field(default=default, metadata=dict(help=help, check=check, choices=choices, aliases=aliases,
-                                                group=group, cli=cli, metavar=metavar))
+                                                group=group, cli=cli, metavar=metavar, short=short))
 
 
 def _int(minimum: int | None = None, optional: bool = False) -> Check:
@@ -117,7 +121,9 @@ class EngineArgs:
         # the model
         model: a Hugging Face checkpoint directory; or a config (ModelConfig, a YAML/JSON path or a built-in
             config name) for synthetic weights; None for the built-in tiny checkpoint (TINY_CHECKPOINT).
-        backend, precision, device, load_format, load_mtp, seed, tp, ep: see each field's help.
+        backend, precision, device, load_format, load_mtp, seed: see each field's help.
+        # several ranks (dsv3.serving.workers)
+        tensor_parallel_size, data_parallel_size, enable_expert_parallel, ep: see each field's help.
         # the engine
         max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_dtype,
         gpu_memory_utilization, cache_tokens, enable_prefix_caching, enforce_eager: see each field's help.
@@ -142,10 +148,20 @@ class EngineArgs:
         "is enough)", choices=LOAD_FORMATS)
     load_mtp: bool = setting(False, "also load the MTP module", _bool, group="model", cli=False)
     seed: int = setting(0, "seed of synthetic weights", _int(), group="model", cli=False)
-    tp: int | None = setting(None, "under torchrun: ranks sharing attention, dense MLPs, embedding and head "
-                             "(default: all)", _int(1, optional=True), group="model")
-    ep: int | None = setting(None, "under torchrun: expert groups the routed experts are split into (default: "
-                             "one per rank); see docs/parallel.md", _int(1, optional=True), group="model")
+    tensor_parallel_size: int | None = setting(
+        None, "ranks sharing attention, dense MLPs, embedding and head; without torchrun this process becomes rank "
+        "0 and starts the others itself (default 1; under torchrun every rank, or the world / "
+        "data_parallel_size); see docs/parallel.md", _int(1, optional=True), aliases=("tp",), group="model",
+        short="-tp", metavar="N")
+    data_parallel_size: int = setting(
+        1, "data-parallel attention: groups of tensor_parallel_size ranks, each running attention for its own "
+        "requests over its own latent cache, the MoE layers expert-parallel over every rank", _int(1),
+        group="model", short="-dp", metavar="N")
+    enable_expert_parallel: bool = setting(
+        False, "spread the routed experts over every rank (what dsv3 does unless ep says fewer groups)", _bool,
+        group="model")
+    ep: int | None = setting(None, "expert groups the routed experts are split into (default: one per rank); "
+                             "see docs/parallel.md", _int(1, optional=True), group="model", metavar="N")
 
     # ---- the engine ------------------------------------------------------------------------------
     max_model_len: int | None = setting(
@@ -211,21 +227,52 @@ class EngineArgs:
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.data_parallel_size > 1:
+            raise UsageError(f"{self.name('data_parallel_size')} {self.data_parallel_size}: the engine does not "
+                             f"serve data-parallel attention yet; use {self.name('tensor_parallel_size')}")
+        if self.enable_expert_parallel and self.ep not in (None, self.world_size):
+            raise UsageError(f"{self.name('enable_expert_parallel')} spreads the experts over all "
+                             f"{self.world_size} ranks; {self.name('ep')} {self.ep} says otherwise: give one")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise UsageError(f"{self.name('max_num_batched_tokens')} {self.max_num_batched_tokens} is below "
                              f"{self.name('max_num_seqs')} {self.max_num_seqs}: a step could not decode every "
                              f"running sequence")
 
+    @property
+    def world_size(self) -> int:
+        """The ranks the sizes ask for (torchrun's world may be larger: then tensor_parallel_size defaults)."""
+        return (self.tensor_parallel_size or 1) * self.data_parallel_size
+
     # ---- building --------------------------------------------------------------------------------
 
     def build(self) -> Model:
-        """Check every setting, then load the model and start its engine."""
+        """Check every setting, then load the model and start its engine. Over several ranks without a launcher,
+        this process becomes rank 0 and starts the others first (each builds with these same settings)."""
         self.check()
         speculative = SpeculativeConfig.parse(self.speculative_config, self.name("speculative_config"))
-        plan = parallel.plan_for(self.tp, self.ep)  # None in a single process
-        if speculative is not None and plan is not None:
+        if speculative is not None and (self.world_size > 1 or distributed.launch().world_size > 1):
             raise UsageError(f"{self.name('speculative_config')}: MTP speculative decoding runs in one process only "
-                             f"(no {self.name('tp')}/{self.name('ep')} yet)")
+                             f"(no {self.name('tensor_parallel_size')}/{self.name('ep')} yet)")
+        ranks = None
+        if self.world_size > 1 and distributed.launch().world_size == 1:
+            if isinstance(self.backend, Backend):
+                raise UsageError(f"{self.name('tensor_parallel_size')}: every rank builds its own backend; give the "
+                                 f"backend's name, not a Backend")
+            ranks = LocalRanks(self.world_size, self)  # this process becomes rank 0
+        try:
+            model = self._build(speculative, ranks)
+        except BaseException:
+            if ranks is not None:
+                ranks.kill()
+            raise
+        if ranks is not None:
+            info(ranks.describe(), self.quiet)
+        if model.channel is not None and model.is_primary:
+            atexit.register(model.shutdown)  # before the process group goes: the other ranks are told to stop
+        return model
+
+    def _build(self, speculative: SpeculativeConfig | None, ranks: LocalRanks | None) -> Model:
+        plan = parallel.plan_for(self.tensor_parallel_size, self.ep, self.data_parallel_size)  # None: one process
         quiet = self.quiet or (plan is not None and not plan.is_primary)
         model = self.model
         if model is None:
@@ -252,8 +299,8 @@ class EngineArgs:
         if tokenizer is not None and tokenizer.eos_id is not None:
             eos.add(tokenizer.eos_id)
         engine = self._engine(transformer, plan, max_model_len, speculative, tokenizer, eos, sampling_defaults,
-                              quiet)
-        return Model(transformer, tokenizer, engine)
+                              quiet, ranks)
+        return Model(transformer, tokenizer, engine, ranks)
 
     def _backend(self, plan, quiet: bool) -> tuple[Backend, object]:
         """The backend (given, or selected for this process or rank) and the chip it found (None if given)."""
@@ -310,7 +357,8 @@ class EngineArgs:
         return transformer
 
     def _engine(self, transformer: Transformer, plan, max_model_len: int, speculative: SpeculativeConfig | None,
-                tokenizer: Tokenizer | None, eos: set, sampling_defaults: dict, quiet: bool) -> LLMEngine:
+                tokenizer: Tokenizer | None, eos: set, sampling_defaults: dict, quiet: bool,
+                ranks: LocalRanks | None) -> LLMEngine:
         """The cache sized to what the device has left, and the engine over it."""
         backend = transformer.backend
         block_size = self.block_size or backend.mla_block_size
@@ -329,9 +377,10 @@ class EngineArgs:
                               max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                               enable_prefix_caching=self.enable_prefix_caching, enforce_eager=self.enforce_eager,
                               kv_cache_dtype=self.kv_cache_dtype, speculative_config=speculative)
+        channel = None if plan is None else StepChannel(ranks)  # every rank, before the engine records any step
         try:
             return LLMEngine(transformer, config, None if tokenizer is None else tokenizer.backend_tokenizer, eos,
-                             sampling_defaults)
+                             sampling_defaults, channel)
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"out of memory allocating the cache ({cache.describe()}); lower "
                                    f"{self.name('gpu_memory_utilization')} or set {self.name('cache_tokens')}"

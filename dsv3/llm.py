@@ -6,18 +6,18 @@ EngineArgs.build (dsv3.engine_args) makes one; `dsv3.load_model` is the short wa
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Iterator
 
 import torch
 
-from dsv3 import checks
-from dsv3.errors import EngineRequestError, RequestError
+from dsv3 import checks, distributed
+from dsv3.errors import EngineRequestError, RequestError, UsageError
 from dsv3.model import Transformer
 from dsv3.serving.async_engine import AsyncEngine, EngineLoop
 from dsv3.serving.engine import LLMEngine
 from dsv3.serving.outputs import RequestOutput
 from dsv3.serving.params import SamplingParams
+from dsv3.serving.workers import LocalRanks, LogitsCall, RankFailure, StepChannel, serve_steps
 from dsv3.tokenizer import Tokenizer
 
 
@@ -32,9 +32,12 @@ class Model:
         tokenizer: the checkpoint's tokenizer, or None (synthetic weights).
         engine: the LLMEngine (cache, scheduler, sampler); one engine thread steps it for every caller.
         async_engine: the asyncio face of that thread (the HTTP server's).
+        is_primary: whether this process drives the engine: true but on ranks other than 0 of a model over
+            several ranks, which only run the steps rank 0 sends (`serve_steps`).
     """
 
-    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, engine: LLMEngine):
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer | None, engine: LLMEngine,
+                 ranks: LocalRanks | None = None):
         self.transformer = transformer
         self.config = transformer.config
         self.backend = transformer.backend
@@ -43,9 +46,12 @@ class Model:
         self.engine = engine
         self.engine_loop = EngineLoop(engine)
         self.async_engine = AsyncEngine(self.engine_loop, tokenizer, transformer.config)
-        # ranks of a parallel model must run identical steps: one caller at a time steps in its own thread
-        self._lockstep = transformer.runs_in_lockstep()
-        self._lock = threading.Lock()
+        self.channel: StepChannel | None = engine.runner.channel
+        self.is_primary = self.channel is None or distributed.is_primary()
+        self.ranks = ranks
+        if ranks is not None:
+            ranks.on_failure = lambda message: self.engine_loop.fail(RankFailure(message))
+        self.engine_loop.on_failure.append(self._stop_ranks)
 
     @property
     def max_model_len(self) -> int:
@@ -54,7 +60,27 @@ class Model:
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Float32 logits [B, T, vocab] for tokens [B, T] (an integer tensor, or a list of equal-length lists
         of ints), every position, from position 0."""
-        return self.transformer.logits(checks.token_batch(tokens, self.config.vocab_size))
+        tokens = checks.token_batch(tokens, self.config.vocab_size)
+        if self.channel is None:
+            return self.transformer.logits(tokens)
+        with self.channel.lock:  # the other ranks run the same forward
+            self.channel.send(LogitsCall(tokens))
+            return self.transformer.logits(tokens)
+
+    def serve_steps(self) -> None:
+        """On a rank other than 0 (torchrun, or a worker dsv3 started): run the steps rank 0 sends until
+        it shuts down."""
+        if self.is_primary:
+            raise UsageError("serve_steps runs on ranks other than 0; rank 0 drives the engine")
+        serve_steps(self)
+
+    def _stop_ranks(self, reason: str) -> None:
+        """A rank failed (the engine loop has failed every request): end the workers this process started;
+        those torchrun started end when their collectives with this process break."""
+        if self.channel is not None:
+            self.channel.broken = True
+        if self.ranks is not None:
+            self.ranks.kill()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
@@ -76,8 +102,6 @@ class Model:
             raise RequestError(f"{len(params)} sampling params for {len(ids)} prompts", param="sampling_params")
         for prompt, p in zip(ids, params, strict=True):
             self.engine.check_request(prompt, p)  # every request checked before any runs
-        if self._lockstep:
-            return next(self._generate_in_lockstep(ids, params))
         inbox: queue.Queue = queue.Queue()
         request_ids = [self.engine_loop.new_request_id() for _ in ids]
         submitted = []
@@ -115,13 +139,10 @@ class Model:
         if not (isinstance(prompt, str) or _is_token_list(prompt)):
             raise RequestError("generate_stream takes one prompt: a str or a list of token ids", param="prompt")
         (ids,) = self._prompt_ids(prompt)
-        if self._lockstep:
-            yield from self._generate_in_lockstep([ids], [sampling_params], stream=True)
-            return
         yield from self.engine_loop.stream(ids, sampling_params)
 
     def shutdown(self) -> None:
-        """Stop the engine thread (unfinished requests fail)."""
+        """Stop the engine thread (unfinished requests fail) and, over several ranks, every rank."""
         self.engine_loop.shutdown()
 
     def _prompt_ids(self, prompts) -> list[list[int]]:
@@ -143,33 +164,7 @@ class Model:
                                    param="prompt")
         return ids
 
-    def _generate_in_lockstep(self, ids, params, stream: bool = False):
-        """Every rank adds the same requests in the same order and steps until they finish (no thread)."""
-        with self._lock:
-            base = self.engine_loop.new_request_id()
-            request_ids = [f"{base}.{i}" for i in range(len(ids))]
-            for request_id, prompt, p in zip(request_ids, ids, params, strict=True):
-                self.engine.add_request(request_id, prompt, p)
-            finals: dict[str, RequestOutput] = {}
-            while len(finals) < len(ids):
-                for output in self.engine.step():
-                    if stream:
-                        _raise_error(output)
-                        yield output
-                    if output.finished:
-                        finals[output.request_id] = output
-            if not stream:
-                for output in finals.values():
-                    _raise_error(output)
-                yield [finals[r] for r in request_ids]
-
 
 def _is_token_list(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
-def _raise_error(output: RequestOutput) -> None:
-    if output.error is not None:
-        raise EngineRequestError(output.error)
-

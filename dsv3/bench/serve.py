@@ -115,8 +115,10 @@ def _check(args) -> None:
         raise UsageError(f"bench serve: --range-ratio must be in [0, 1), got {args.range_ratio}")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise UsageError(f"bench serve: --vocab-size must be at least 1, got {args.vocab_size}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (args.tp or 1) > 1 or (args.ep or 1) > 1:
-        raise UsageError("bench serve: it drives one engine in one process; run it without torchrun, --tp or --ep")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (args.tensor_parallel_size or 1) * args.data_parallel_size > 1 \
+            or (args.ep or 1) > 1:
+        raise UsageError("bench serve: it drives one engine in one process; run it without torchrun, -tp, -dp or "
+                         "--ep")
     if args.num_warmups is not None and args.num_warmups < 0:
         raise UsageError(f"bench serve: --num-warmups must be >= 0, got {args.num_warmups}")
     if args.baseline:

@@ -43,7 +43,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         meta = f.metadata
         if not meta["cli"]:
             continue
-        names = [flag(f.name), *(flag(alias) for alias in meta["aliases"])]
+        names = [flag(f.name), *([meta["short"]] if meta["short"] else []), *(flag(alias) for alias in meta["aliases"])]
         options: dict = dict(dest=f.name, default=f.default, help=meta["help"])
         if isinstance(f.default, bool):
             options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"

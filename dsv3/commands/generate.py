@@ -10,7 +10,7 @@ from dsv3.api import TINY_CHECKPOINT
 from dsv3.checks import check_sampling
 from dsv3.commands.args import add_engine_arguments, engine_args, load_from_args
 from dsv3.config import load_config
-from dsv3.distributed import broadcast_object, is_primary, quiet_other_ranks, read_line
+from dsv3.distributed import is_primary
 from dsv3.errors import Dsv3Error, UsageError
 from dsv3.serving.params import SamplingParams
 from dsv3.tokenizer import Tokenizer
@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
     if modes != 1:
         raise Dsv3Error("give exactly one of: a prompt, --input-file FILE, --interactive")
     prompts = [args.prompt] if args.prompt else None
-    if args.input_file and is_primary():  # under torchrun rank 0 reads, then broadcasts
+    if args.input_file and is_primary():  # under torchrun only rank 0 runs the engine, and reads
         prompts = read_prompts(Path(args.input_file))
     preflight(args, prompts)
     model = load_from_args(args)
-    prompts = broadcast_object(prompts)
-    quiet_other_ranks()
+    if not model.is_primary:  # a rank torchrun started: it runs the steps rank 0's engine sends
+        model.serve_steps()
+        return 0
     if model.tokenizer is None:
         raise Dsv3Error("generate needs a checkpoint with a tokenizer (--config runs synthetic weights)")
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -167,7 +168,7 @@ def chat_loop(model, sampling: dict, template) -> int:
     messages: list[dict[str, str]] = []
     while True:
         try:
-            line = read_line("> " if sys.stdin.isatty() else "")  # no prompt clutter when piped
+            line = input("> " if sys.stdin.isatty() else "")  # no prompt clutter when piped
         except EOFError:
             print(file=sys.stderr)
             return 0

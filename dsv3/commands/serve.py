@@ -7,6 +7,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -82,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key(args), max_request_bytes=args.max_request_bytes,
         chat_template_timeout=args.chat_template_timeout, request_body_timeout=args.request_body_timeout,
         allowed_hosts=allowed_hosts(args), allowed_origins=parse_list("--allowed-origins", args.allowed_origins))
-    engine = load_from_args(args).async_engine
+    model = load_from_args(args)
+    if not model.is_primary:  # a rank torchrun started: it runs the steps rank 0's engine sends
+        model.serve_steps()
+        return 0
+    engine = model.async_engine
+    # a rank that fails fails every request; then the server stops (SIGTERM's drain) and exits 1
+    engine.loop.on_failure.append(lambda reason: os.kill(os.getpid(), signal.SIGTERM))
     if template is None:
         print(f"dsv3: {checkpoint} has no chat template: /v1/chat/completions answers 400 "
               "(pass --chat-template FILE)", file=sys.stderr)
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         started = serve(app, args.host, args.port, args.shutdown_timeout)
     finally:
         engine.shutdown()
-    return 0 if started else 1
+    return 0 if started and engine.loop.failure is None else 1
 
 
 def allowed_hosts(args: argparse.Namespace) -> list[str] | None:

@@ -24,6 +24,7 @@ from dsv3.errors import EngineRequestError, RequestError
 from dsv3.serving.engine import EngineStats, LLMEngine
 from dsv3.serving.outputs import RequestOutput
 from dsv3.serving.params import SamplingParams
+from dsv3.serving.workers import RankFailure
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class EngineLoop:
         self._shutdown = False
         self._stats = engine.stats()
         self._ids = itertools.count()
+        #: why the engine stopped for good (a rank failed), or None
+        self.failure: str | None = None
+        #: called with that reason when it happens (the server stops on it)
+        self.on_failure: list[Callable[[str], None]] = []
         _LOOPS.add(self)
 
     def new_request_id(self) -> str:
@@ -97,12 +102,32 @@ class EngineLoop:
         return self._stats
 
     def shutdown(self) -> None:
+        """Stop the loop (unfinished requests fail) and the engine's other ranks, if any."""
         with self._cond:
             self._shutdown = True
             self._cond.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            # after a rank failed, the thread may wait in a collective that never ends
+            thread.join(None if self.failure is None else 5.0)
+        if self.failure is None:
+            self.engine.close()
+
+    def fail(self, error: Exception) -> None:
+        """The engine cannot go on (a rank failed): every request fails now with `error` (a 500), new ones
+        are refused, and the on_failure hooks run. Safe from any thread; the engine thread may be stuck."""
+        with self._cond:
+            if self.failure is not None:
+                return
+            self.failure = str(error)
+            log.error("%s; failing every request and stopping every rank", error)
+            self._shutdown = True
+            self._cond.notify()
+            sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            _call(sink, EngineRequestError(str(error)))
+        for hook in self.on_failure:
+            hook(str(error))
 
     def _start(self) -> None:
         if self._thread is None:
@@ -136,6 +161,9 @@ class EngineLoop:
                     launched = engine.launch_step(functools.partial(self._deliver_requests, previous))
                     self._deliver_requests(previous)
                     pending = engine.finish_step(launched)
+                except RankFailure as e:  # the ranks are out of step: nothing more can run
+                    self.fail(e)
+                    break
                 except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the loop
                     log.exception("an engine step failed; its requests fail with: %s", e)
                     self._deliver_requests(previous)  # where the launch raised

@@ -27,6 +27,7 @@ from dsv3.serving.sampler import Sampler, SamplerOutput, prompt_logprobs
 from dsv3.serving.scheduler import ScheduledStep, Scheduler
 from dsv3.serving.spec_decode import MTPProposer, SpecDecodeStats, SpeculativeConfig
 from dsv3.serving.structured import StructuredOutputs, apply_token_bitmask
+from dsv3.serving.workers import RankFailure
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,12 @@ class LLMEngine:
         tokenizer: a `tokenizers.Tokenizer` for text and stop strings, or None (token ids only).
         eos_token_ids: tokens that end a completion unless ignore_eos.
         generation_defaults: sampling defaults of the checkpoint (params.generation_defaults).
+        channel: over several ranks, where each step's plan goes to the other ranks (workers.StepChannel);
+            set on every rank, since they record the same steps.
     """
 
     def __init__(self, model: Transformer, config: EngineConfig, tokenizer=None, eos_token_ids=(),
-                 generation_defaults: dict | None = None):
+                 generation_defaults: dict | None = None, channel=None):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids)
@@ -128,6 +131,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.block_size, config.max_num_seqs, config.max_model_len,
                                   config.enforce_eager, rows_per_seq=1 + (spec.num_speculative_tokens if spec else 0),
                                   keep_hidden=spec is not None)
+        self.runner.channel = channel
         self.runner.record_all()
         self.sampler = Sampler(model.backend.device, config.seed)
         self.structured = StructuredOutputs(tokenizer, self.vocab_size, self.eos_token_ids)
@@ -228,6 +232,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def close(self) -> None:
+        """Over several ranks, on rank 0: stop every other rank (no step runs after this)."""
+        if self.runner.channel is not None:
+            self.runner.channel.close()
+
     # ---- the step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -300,11 +309,15 @@ class LLMEngine:
             self.requests.pop(request.request_id, None)
 
     def _run(self, step: ScheduledStep, changed: dict) -> tuple[ScheduledStep, list[Sequence], torch.Tensor]:
-        """The forward; where it raises, each sequence alone, failing the requests that still raise."""
+        """The forward; where it raises, each sequence alone, failing the requests that still raise. Over
+        several ranks a forward that raises leaves the ranks out of step: RankFailure, the engine stops."""
         try:
             seqs, logits = self.runner.run(step)
             return step, seqs, logits
         except Exception as error:  # noqa: BLE001
+            if self.runner.channel is not None:
+                self.runner.channel.wait_for_news()  # a worker that died broke the step: say which
+                raise RankFailure(f"rank 0 failed in a step: {type(error).__name__}: {error}") from error
             first_error = error
         kept, seqs, parts, prompt_logits = ScheduledStep(), [], [], []
         for seq, count in step.scheduled():

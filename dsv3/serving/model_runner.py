@@ -14,6 +14,10 @@ zeros, so they write only the scratch block 0, which no sequence owns.
 
 Every other step runs eagerly as one flat batch: decode tokens first (mla_decode), then the prefill
 chunks (mla_prefill). Only the rows of sequences that sample a token this step are projected to logits.
+
+A step is first written down as a StepPlan (host data only: tokens, positions, block tables, logits
+rows), then executed. Over several ranks (dsv3.serving.workers) rank 0 sends each plan to the other
+ranks before executing it, and every rank runs the same forward.
 """
 
 from __future__ import annotations
@@ -57,8 +61,38 @@ class _Bucket:
     batch: ForwardBatch | None = None  # what the recording reads: every tensor of it must outlive the recording
 
 
-#: a row of a step: (sequence, position of the token it runs)
-Row = tuple[Sequence, int]
+#: a row of a step: (token id, its position, its sequence's block table)
+Row = tuple[int, int, list[int]]
+
+
+@dataclass
+class StepPlan:
+    """One step's inputs as host data: what every rank needs to run the same forward.
+
+    Attributes:
+        tokens: per scheduled sequence (decodes first, then prefill chunks), the token ids it runs
+            (draft tokens included).
+        starts: per scheduled sequence, the position of its first token this step.
+        block_tables: per scheduled sequence, its block table.
+        num_decodes: how many of the first sequences decode (one token each).
+        logits_rows: the rows whose logits are wanted.
+        dp_num_tokens: under data-parallel attention, every DP rank's token count this step (None without).
+    """
+
+    tokens: list[list[int]]
+    starts: list[int]
+    block_tables: list[list[int]]
+    num_decodes: int
+    logits_rows: list[int]
+    dp_num_tokens: tuple[int, ...] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def rows(self) -> list[Row]:
+        return [(token, start + j, table) for tokens, start, table in zip(self.tokens, self.starts, self.block_tables)
+                for j, token in enumerate(tokens)]
 
 
 class _Staging:
@@ -82,15 +116,15 @@ class _Staging:
 
     def write(self, step_rows: list[Row]) -> None:
         n = len(step_rows)
-        self.np_positions[:n] = [position for _, position in step_rows]
+        self.np_positions[:n] = [position for _, position, _ in step_rows]
         self.np_positions[n:] = 0
-        self.np_tokens[:n] = [seq.token_at(position) for seq, position in step_rows]
+        self.np_tokens[:n] = [token for token, _, _ in step_rows]
         self.np_tokens[n:] = 0
         self.np_seq_lens[:n] = self.np_positions[:n] + 1
         self.np_seq_lens[n:] = 1
         rows = self.rows
-        for i, (seq, _) in enumerate(step_rows):
-            table, row = seq.block_table, rows[i]
+        for i, (_, _, table) in enumerate(step_rows):
+            row = rows[i]
             if row is None or row[0] is not table or row[1] != len(table):
                 known = row[1] if row is not None and row[0] is table else 0
                 self.np_tables[i, known:len(table)] = table[known:]
@@ -127,6 +161,8 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.buckets = batch_buckets(max_num_seqs, rows_per_seq)
         self.graphs = not enforce_eager and model.supports_graphs()
+        #: where other ranks run every step too: the channel each step's plan goes out on (workers.StepChannel)
+        self.channel = None
         self._recorded: dict[tuple[int, bool], _Bucket] = {}  # (size, shared rows) -> bucket
         self.keep_hidden = keep_hidden
         self.hidden: torch.Tensor | None = None
@@ -173,45 +209,62 @@ class ModelRunner:
         size = self.bucket(step.num_tokens)
         return size is not None and (size, bool(step.prefills)) in self._recorded
 
-    @torch.inference_mode()
-    def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
-        """Run a step; returns the sequences that sample now (their chunk reaches their last token) and
-        their float32 logits in that order: one row each, or 1 + len(draft_token_ids) rows (one per
-        verified position) for a sequence with draft tokens. With keep_hidden, `hidden` then holds every
-        row's final-norm hidden state [num_tokens, D] (else None)."""
-        scheduled = step.scheduled()
-        logits_rows, seqs, end, prompt_spans = [], [], 0, []
-        for seq, count in scheduled:
-            end += count
-            if seq.num_computed_tokens + count == len(seq.token_ids) + len(seq.draft_token_ids):
-                seqs.append(seq)
-                logits_rows += range(end - 1 - len(seq.draft_token_ids), end)
+    def plan(self, step: ScheduledStep) -> tuple[list[Sequence], list[tuple], StepPlan]:
+        """The step written down: the sequences that sample after it (their chunk reaches their last token),
+        the prompt spans whose log-probabilities it computes (seq, first position, first row, rows), and its
+        plan. Its logits rows: one per sampling sequence, or 1 + len(draft_token_ids) (one per verified
+        position) for a sequence with draft tokens; then each prompt span's rows."""
+        tokens, starts, tables, logits_rows, seqs, prompt_spans = [], [], [], [], [], []
+        end = 0
+        for seq, count in step.scheduled():
             start = seq.num_computed_tokens
+            drafts = seq.draft_token_ids
+            tokens.append([seq.token_at(p) for p in range(start, start + count)] if drafts else
+                          seq.token_ids[start:start + count])
+            starts.append(start)
+            tables.append(seq.block_table)
+            end += count
+            if start + count == len(seq.token_ids) + len(drafts):
+                seqs.append(seq)
+                logits_rows += range(end - 1 - len(drafts), end)
             if seq.wants_prompt_logprobs and start + 1 < seq.num_prompt_tokens:
                 prompt_spans.append((seq, start, end - count, min(count, seq.num_prompt_tokens - 1 - start)))
-        num_sampling = len(logits_rows)
         logits_rows += [row + j for _, _, row, n in prompt_spans for j in range(n)]
-        logits = self._logits(step, scheduled, logits_rows)
-        self.prompt_logits, row = [], num_sampling
+        return seqs, prompt_spans, StepPlan(tokens, starts, tables, len(step.decodes), logits_rows)
+
+    def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
+        """Run a step; returns the sequences that sample now and their float32 logits in that order (see
+        `plan`); the prompt spans' logits go to `prompt_logits`. Over several ranks the plan goes to the
+        other ranks first (self.channel)."""
+        seqs, prompt_spans, plan = self.plan(step)
+        if self.channel is None:
+            logits = self.execute(plan)
+        else:
+            with self.channel.lock:
+                self.channel.send(plan)
+                logits = self.execute(plan)
+        self.prompt_logits, row = [], len(plan.logits_rows) - sum(n for *_, n in prompt_spans)
+        num_sampling = row
         for seq, start, _, n in prompt_spans:
             self.prompt_logits.append((seq, start, logits[row:row + n]))
             row += n
         return seqs, logits[:num_sampling]
 
-    def _logits(self, step: ScheduledStep, scheduled: list[tuple[Sequence, int]],
-                logits_rows: list[int]) -> torch.Tensor:
-        """The step's forward: float32 logits of `logits_rows` (replayed where recorded, else eager)."""
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run a planned step: float32 logits [len(plan.logits_rows), V]. With keep_hidden, `hidden` then
+        holds every row's final-norm hidden state [num_tokens, D] (else None)."""
         self.hidden = None
-        size = self.bucket(step.num_tokens)
+        size = self.bucket(plan.num_tokens)
         if self.graphs and size is not None:
-            rows = [(seq, seq.num_computed_tokens + j) for seq, count in scheduled for j in range(count)]
-            bucket = self._replay(size, bool(step.prefills), rows)
+            rows = plan.rows()
+            bucket = self._replay(size, plan.num_decodes < len(plan.tokens), rows)
             if bucket is not None:
                 self.hidden = None if bucket.hidden is None else bucket.hidden[:len(rows)]
-                if logits_rows == list(range(len(rows))):
+                if plan.logits_rows == list(range(len(rows))):
                     return bucket.logits[:len(rows)]
-                return bucket.logits[torch.tensor(logits_rows, dtype=torch.long, device=self.device)]
-        batch = self._eager_batch(step, logits_rows)
+                return bucket.logits[torch.tensor(plan.logits_rows, dtype=torch.long, device=self.device)]
+        batch = self._eager_batch(plan)
         if not self.keep_hidden:
             return self.model.forward(batch)
         self.hidden = self.model.hidden(batch)
@@ -219,28 +272,28 @@ class ModelRunner:
 
     # ---- eager ------------------------------------------------------------------------------------
 
-    def _eager_batch(self, step: ScheduledStep, logits_rows: list[int]) -> ForwardBatch:
+    def _eager_batch(self, plan: StepPlan) -> ForwardBatch:
         """The step as one flat batch: decode tokens, then the prefill chunks through mla_prefill."""
         tokens, positions = [], []
-        for seq, count in step.scheduled():
-            start = seq.num_computed_tokens
-            tokens += [seq.token_at(p) for p in range(start, start + count)]
-            positions += range(start, start + count)
-        decode = self._paged(step.decodes, [1] * len(step.decodes)) if step.decodes else None
+        for chunk, start in zip(plan.tokens, plan.starts, strict=True):
+            tokens += chunk
+            positions += range(start, start + len(chunk))
+        d = plan.num_decodes
+        decode = self._paged(plan.block_tables[:d], plan.starts[:d], [1] * d) if d else None
         prefill = None
-        if step.prefills:
-            prefill = self._paged([s for s, _ in step.prefills], [n for _, n in step.prefills])
+        if d < len(plan.tokens):
+            prefill = self._paged(plan.block_tables[d:], plan.starts[d:], [len(t) for t in plan.tokens[d:]])
         device = self.device
         return ForwardBatch(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                             positions=torch.tensor(positions, dtype=torch.long, device=device),
-                            num_decode_tokens=len(step.decodes), decode=decode, prefill=prefill,
-                            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device))
+                            num_decode_tokens=d, decode=decode, prefill=prefill,
+                            logits_indices=torch.tensor(plan.logits_rows, dtype=torch.long, device=device),
+                            dp_num_tokens=plan.dp_num_tokens)
 
-    def _paged(self, seqs: list[Sequence], counts: list[int]) -> PagedBatch:
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [SCRATCH_BLOCK] * (width - len(s.block_table)) for s in seqs],
-                              dtype=torch.int32)
-        seq_lens = [s.num_computed_tokens + n for s, n in zip(seqs, counts, strict=True)]
+    def _paged(self, block_tables: list[list[int]], starts: list[int], counts: list[int]) -> PagedBatch:
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [SCRATCH_BLOCK] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        seq_lens = [start + n for start, n in zip(starts, counts, strict=True)]
         query_start = [0]
         for n in counts:
             query_start.append(query_start[-1] + n)

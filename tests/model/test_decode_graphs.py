@@ -160,7 +160,9 @@ def test_a_short_prompt_chunk_runs_as_decode_rows_like_a_prefill(model):
     for cache, saved in zip(t.caches, before, strict=True):
         cache.copy_(saved)
     with torch.inference_mode():
-        expected = t.forward(runner._eager_batch(step, [0, 3]))
+        plan = runner.plan(step)[2]
+        assert plan.logits_rows == [0, 3]
+        expected = t.forward(runner._eager_batch(plan))
     assert got.shape == expected.shape == (2, model.config.vocab_size)
     assert close(got, expected)
     for cache, rows in zip(t.caches, after_rows, strict=True):

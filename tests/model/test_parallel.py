@@ -87,13 +87,16 @@ def _worker(rank: int, world: int, port: int, checkpoints: dict, out: Path) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from dsv3 import distributed
     from dsv3.api import load_model
     try:
         results = {}
         for name, precision, tp, ep in CASES[world]:
             model = load_model(checkpoints[name], precision=precision, tp=tp, ep=ep, **LOAD)
-            results[name, precision, tp, ep] = (model.logits(TOKENS), model.greedy_tokens(PROMPTS, NEW_TOKENS))
+            if rank == 0:  # rank 0 drives the engine; every other rank runs its steps until it shuts down
+                results[name, precision, tp, ep] = (model.logits(TOKENS), model.greedy_tokens(PROMPTS, NEW_TOKENS))
+                model.shutdown()
+            else:
+                model.serve_steps()
         errors = {}
         if world == 2:
             reads = ReadCounter()
@@ -116,22 +119,6 @@ def _worker(rank: int, world: int, port: int, checkpoints: dict, out: Path) -> N
                     checkpoints["tiny"], precision="fp32", **LOAD)), reads.count)
             finally:
                 ReferenceBackend.memory_info = saved
-            import builtins
-            lines = iter(["hello", "/exit"])
-            builtins.input = lambda prompt: next(lines) if rank == 0 else "not rank 0's line"
-            first = distributed.read_line("> ")
-            second = distributed.read_line("> ")
-            def end_of_input(prompt):
-                if rank == 0:
-                    raise EOFError
-                return "no EOF here"
-            builtins.input = end_of_input
-            try:
-                distributed.read_line("> ")
-                third = "no EOFError"
-            except EOFError:
-                third = "EOFError"
-            errors["read_line"] = ([first, second, third], 0)
         torch.save({"results": results, "errors": errors}, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.failed").write_text(traceback.format_exc())
@@ -227,9 +214,6 @@ def test_matches_one_process(world, case, worlds, single):
     logits, tokens = ranks[0]["results"][case]
     _, want_logits, want_tokens = single(name, precision)
     assert logits.shape == want_logits.shape
-    for rank in range(1, world):  # every rank holds the same logits, so samples the same tokens
-        other_logits, other_tokens = ranks[rank]["results"][case]
-        assert torch.equal(other_logits, logits) and other_tokens == tokens, f"rank {rank} differs from rank 0"
     error = relative_error(logits, want_logits)
     if precision == "fp32":
         assert error.max() <= 1e-5
@@ -278,11 +262,6 @@ def test_a_rank_without_room_for_its_weights_stops_every_rank_before_reading(wor
         assert message.startswith("this layout puts 2.6 MiB of fp32 weights on each rank, but rank 1's cpu has "
                                   "1.0 MiB free of 1.0 GiB; use more ranks"), message
         assert reads == 0
-
-
-def test_rank0_reads_the_terminal_for_every_rank(worlds):
-    for result in worlds(2):
-        assert result["errors"]["read_line"][0] == ["hello", "/exit", "EOFError"]
 
 
 @pytest.mark.parametrize("world,tp,ep,expected", [

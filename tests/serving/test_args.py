@@ -64,7 +64,7 @@ def test_an_unknown_keyword_is_a_type_error_with_the_closest_name():
     ("max_num_seqs", 0, ("--max-num-seqs", "0")),
     ("max_model_len", 1, ("--max-model-len", "1")),
     ("kv_cache_dtype", "fp4", ("--kv-cache-dtype", "fp4")),
-    ("tp", 0, ("--tp", "0")),
+    ("tensor_parallel_size", 0, ("--tp", "0")),
 ])
 def test_bad_settings_are_named_as_the_caller_named_them(field, value, argv):
     with pytest.raises(UsageError, match=f"^{flag(field)} "):

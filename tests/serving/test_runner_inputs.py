@@ -46,7 +46,7 @@ def test_staging_written_in_place_equals_fresh_inputs():
             while len(s.block_table) * block_size < len(s.token_ids):
                 s.block_table.append(next(next_block))
         batch = rng.sample(seqs, rng.randrange(0, size + 1))
-        staging.write([(s, s.num_computed_tokens) for s in batch])
+        staging.write([(s.token_ids[s.num_computed_tokens], s.num_computed_tokens, s.block_table) for s in batch])
         expected = fresh(batch, size, width)
         for got, want in zip((staging.tokens, staging.positions, staging.seq_lens, staging.block_tables), expected):
             assert torch.equal(got, want)
