@@ -336,7 +336,13 @@ class LLMEngine:
             seqs += got
             parts.append(logits)
         live = [i for i, s in enumerate(seqs) if not s.is_finished]  # a failed sibling ended its request
-        logits = torch.cat(parts)[live] if parts else torch.empty(0)
+        rows, row = [], 0  # a sequence verifying drafts has a logits row per verified position
+        for s in seqs:
+            count = 1 + len(s.draft_token_ids)
+            if not s.is_finished:
+                rows += range(row, row + count)
+            row += count
+        logits = torch.cat(parts)[rows] if parts else torch.empty(0)
         self.runner.hidden = None  # rows of separate runs: no drafts this step
         kept.decodes = [s for s in kept.decodes if not s.is_finished]
         kept.prefills = [(s, n) for s, n in kept.prefills if not s.is_finished]

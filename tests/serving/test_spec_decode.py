@@ -167,6 +167,28 @@ def test_random_cancels_free_every_block():
     all_free(m)
 
 
+def test_a_failing_verify_step_fails_only_its_request(expected):
+    """The batched verify step raises; each sequence then runs alone with its drafts, and only the one that
+    still raises fails."""
+    m = tiny(speculative_config=spec(2))
+    engine, original = m.engine, m.engine.runner.run
+
+    def run(step):
+        if any(s.request_id == "bad" and s.draft_token_ids for s, _ in step.scheduled()):
+            raise RuntimeError("injected verify failure")
+        return original(step)
+
+    engine.runner.run = run
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request("bad" if i == 1 else f"r{i}", m.tokenizer.encode(prompt), greedy())
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert "injected verify failure" in finals["bad"].error
+    assert [finals[f"r{i}"].outputs[0].token_ids for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+    all_free(m)
+
+
 def test_seeded_sampling_is_reproducible():
     params = SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True)
     m = tiny(speculative_config=spec(2))
