@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from dsv3.checks import check_int
 from dsv3.commands.args import add_engine_arguments, load_from_args
 from dsv3.errors import UsageError
 from dsv3.server.reasoning import REASONING_PARSERS
@@ -39,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "into tool_calls (DeepSeek-V3's format)")
     p.add_argument("--max-request-bytes", type=int, default=16 << 20, metavar="N",
                    help="larger request bodies are refused with 413 (default 16 MiB)")
+    p.add_argument("--max-seqs-per-request", type=int, default=256, metavar="N",
+                   help="sequences one request may ask for, prompts x n; more is a 400 (default 256)")
+    p.add_argument("--max-tokens-per-request", type=int, default=1 << 20, metavar="N",
+                   help="tokens one request's sequences may hold, (prompt + max_tokens) x n summed over its prompts; "
+                   "more is a 400 (default 1048576)")
     p.add_argument("--chat-template-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a chat template that takes longer to render a request's messages is stopped and the "
                    "request refused with 400 (default 10)")
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
+    check_int("--max-seqs-per-request", args.max_seqs_per_request, 1)
+    check_int("--max-tokens-per-request", args.max_tokens_per_request, 2)
     if not math.isfinite(args.chat_template_timeout) or args.chat_template_timeout <= 0:
         raise UsageError(f"--chat-template-timeout must be a finite number of seconds > 0, got "
                          f"{args.chat_template_timeout}")
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         api_key=api_key(args), max_request_bytes=args.max_request_bytes,
         chat_template_timeout=args.chat_template_timeout, request_body_timeout=args.request_body_timeout,
+        max_seqs_per_request=args.max_seqs_per_request, max_tokens_per_request=args.max_tokens_per_request,
         allowed_hosts=allowed_hosts(args), allowed_origins=parse_list("--allowed-origins", args.allowed_origins))
     model = load_from_args(args)
     if not model.is_primary:  # a rank torchrun started: it runs the steps rank 0's engine sends

@@ -76,6 +76,8 @@ class ServerSettings:
     max_request_bytes: int = 16 << 20
     chat_template_timeout: float = 10.0
     request_body_timeout: float = 30.0
+    max_seqs_per_request: int = 256  # prompts x n
+    max_tokens_per_request: int = 1 << 20  # (prompt + max_tokens) x n, summed over the prompts
     allowed_hosts: list[str] | None = None  # Host header names answered (None: any)
     allowed_origins: list[str] | None = None  # pages that may read answers (CORS); None: none
 
@@ -127,6 +129,25 @@ class OpenAIServing:
             raise APIError(f"{unsupported} is not supported by dsv3", param=unsupported)
         if getattr(request, "suffix", None):
             raise APIError("suffix (fill in the middle) is not supported by dsv3", param="suffix")
+
+    def check_sequences(self, num_prompts: int, n: int) -> None:
+        """400 for a request of more sequences (prompts x n) than --max-seqs-per-request."""
+        limit = self.settings.max_seqs_per_request
+        if num_prompts * n > limit:
+            raise APIError(f"this request asks for {num_prompts * n} sequences ({num_prompts} prompts x n={n}); "
+                           f"the limit per request is {limit} (--max-seqs-per-request)",
+                           param="n" if n > 1 else "prompt")
+
+    def check_tokens(self, prompts: list[list[int]], n: int, max_tokens: int) -> None:
+        """400 for a request whose sequences may hold more tokens (prompt + max_tokens, each) than
+        --max-tokens-per-request."""
+        total = sum(len(ids) + max_tokens for ids in prompts) * n
+        limit = self.settings.max_tokens_per_request
+        if total > limit:
+            raise APIError(f"this request may take {total} tokens ({len(prompts)} prompts of {sum(map(len, prompts))} "
+                           f"tokens in all, plus max_tokens={max_tokens}, times n={n}); the limit per request is "
+                           f"{limit} (--max-tokens-per-request): lower max_tokens, n or the prompts",
+                           param="max_tokens")
 
     def max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
         """The tokens a completion may generate: requested, or up to the context; 400 beyond it."""
@@ -180,6 +201,7 @@ class OpenAIServing:
         prompt = request.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
+        self.check_sequences(len(prompt), request.n)
         encoded = iter(await self.encode([p for p in prompt if isinstance(p, str)], "prompt"))
         texts, prompts = [], []
         for p in prompt:
@@ -192,6 +214,7 @@ class OpenAIServing:
             texts.append(p)
             prompts.append(ids)
         max_tokens = min(self.max_tokens(request.max_tokens, len(ids), "prompt") for ids in prompts)
+        self.check_tokens(prompts, request.n, max_tokens)
         params = self.sampling_params(request, max_tokens, request.logprobs, request_constraint(request, None))
         echo = texts if request.echo else [""] * len(prompts)
         echo_logprobs = request.echo and request.logprobs is not None
@@ -307,6 +330,8 @@ class OpenAIServing:
                                           request.chat_template_kwargs)
         [prompt] = await self.encode([text], "messages", add_bos=False)
         max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
+        self.check_sequences(1, request.n)
+        self.check_tokens([prompt], request.n, max_tokens)
         # where the output starts with reasoning, the parser splits it off and a constraint starts after it
         thinks = reasoning_expected(self.settings.reasoning_parser, text, request.chat_template_kwargs or {})
         reasoning_end = THINK_END if thinks else None

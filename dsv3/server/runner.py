@@ -77,7 +77,8 @@ class RequestGroup:
 
     async def _pump(self, index: int) -> None:
         try:
-            async for output in self.engine.generate(self.prompts[index], self.params, self.ids[index]):
+            group = self.ids[0].rsplit("-", 1)[0]  # the HTTP request: its prompts share the slots as one
+            async for output in self.engine.generate(self.prompts[index], self.params, self.ids[index], group):
                 if output.finished:
                     self._finished.add(self.ids[index])
                 await self._queue.put((index, output))

@@ -70,8 +70,9 @@ class EngineLoop:
         return f"req-{next(self._ids)}"
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None,
-               sink: Sink) -> None:
-        """Validate and queue a request (RequestError now for a bad one); its outputs go to `sink`."""
+               sink: Sink, group: str = "") -> None:
+        """Validate and queue a request (RequestError now for a bad one); its outputs go to `sink`; `group`
+        as LLMEngine.add_request takes it."""
         if not isinstance(request_id, str) or not request_id:
             raise RequestError(f"request_id must be a non-empty string, got {request_id!r}", param="request_id")
         resolved = self.engine.check_request(prompt_token_ids, params)
@@ -81,7 +82,7 @@ class EngineLoop:
             if request_id in self._sinks:
                 raise RequestError(f"request {request_id!r} is already running", param="request_id")
             self._sinks[request_id] = sink
-            self._commands.append(("add", request_id, list(prompt_token_ids), resolved))
+            self._commands.append(("add", request_id, list(prompt_token_ids), resolved, group))
             self._start()
             self._cond.notify()
 
@@ -186,9 +187,9 @@ class EngineLoop:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt, params = command
+            _, request_id, prompt, params, group = command
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, group=group)
             except Exception as e:  # noqa: BLE001
                 self._deliver(request_id, e, True)
             self._stats = self.engine.stats()
@@ -302,12 +303,13 @@ class AsyncEngine:
         self.generation_defaults = dict(loop.engine.generation_defaults)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, group: str = "") -> AsyncIterator[RequestOutput]:
         """One output per engine step with news, the last with finished=True. Raises RequestError for a
-        bad request (before any output) and EngineRequestError where the engine failed it."""
+        bad request (before any output) and EngineRequestError where the engine failed it. Requests of one
+        `group` (the prompts of one HTTP request) share the scheduler's slots as one request."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
-        self.loop.submit(request_id, prompt_token_ids, params, AsyncSink(loop, inbox))
+        self.loop.submit(request_id, prompt_token_ids, params, AsyncSink(loop, inbox), group)
         finished = False
         try:
             while not finished:

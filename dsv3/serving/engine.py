@@ -188,8 +188,9 @@ class LLMEngine:
         return resolved
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request (RequestError for a bad one, nothing queued)."""
+                    arrival_time: float | None = None, group: str = "") -> None:
+        """Queue a request (RequestError for a bad one, nothing queued). Requests of one `group` (the prompts
+        of one HTTP request) share the scheduler's slots as one request."""
         if not isinstance(request_id, str) or not request_id:
             raise RequestError(f"request_id must be a non-empty string, got {request_id!r}", param="request_id")
         if request_id in self.requests:
@@ -200,7 +201,7 @@ class LLMEngine:
         for index in range(params.n):
             seq = Sequence(request_id if params.n == 1 else f"{request_id}#{index}", request_id, index, list(prompt),
                            len(prompt), params, self.max_model_len, leader=None if index == 0 else seqs[0],
-                           logprobs=[] if params.logprobs is not None else None)
+                           logprobs=[] if params.logprobs is not None else None, group=group)
             if params.prompt_logprobs is not None and index == 0:
                 seq.prompt_logprobs = [None]  # the first prompt token has none
             if params._grammar is not None:

@@ -33,6 +33,8 @@ class Sequence:
         num_cached_tokens: prompt tokens found in the prefix cache when it was first scheduled.
         generator: its own random generator when seeded.
         leader: for n > 1, completion 0, whose prompt blocks the others wait to share.
+        group: who the scheduler shares slots fairly between (an HTTP request of several prompts is one);
+            "" means its own request.
         draft_token_ids: tokens the speculative proposer guessed to follow token_ids, verified next step.
         draft_probs: float32 [len(draft_token_ids), V], the distributions they were drawn from (None: greedy).
         grammar: its structured-output matcher, if the request has a grammar (it never drafts).
@@ -53,6 +55,7 @@ class Sequence:
     num_cached_tokens: int | None = None
     generator: torch.Generator | None = None
     leader: "Sequence | None" = None
+    group: str = ""
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -67,6 +70,10 @@ class Sequence:
     def wants_prompt_logprobs(self) -> bool:
         """Its prompt's log-probabilities are asked for (completion 0 of a request with prompt_logprobs)."""
         return self.prompt_logprobs is not None
+
+    @property
+    def fairness_key(self) -> str:
+        return self.group or self.request_id
 
     @property
     def num_tokens(self) -> int:

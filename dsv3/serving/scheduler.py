@@ -7,13 +7,17 @@ One step function, no separate prefill and decode phases (vLLM v1's shape). Each
    cache has no block left for it, the newest running sequence is preempted: its blocks are freed and
    it goes back to the front of the queue, to be recomputed from its tokens later (greedy output is
    unchanged: the recomputed cache holds what the original did).
-2. If nothing was preempted, waiting sequences are admitted in arrival order while the budget, the
-   blocks and `max_num_seqs` allow; each starts after the longest prefix found in the prefix cache.
+2. If nothing was preempted, waiting sequences are admitted while the budget, the blocks and
+   `max_num_seqs` allow, those of the request with the fewest running sequences first (in arrival
+   order among equals); each starts after the longest prefix found in the prefix cache.
+Fair across requests: one request's many sequences (a list of prompts, n > 1) cannot hold every slot
+while another request waits. Where all `max_num_seqs` slots are taken and a request with none waits,
+the newest sequence of the request running the most is sent back to the queue to make room.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from dsv3.serving.block_manager import BlockManager
@@ -83,6 +87,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
+        self._make_room_for_a_waiting_request()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
         i = 0
@@ -111,18 +116,16 @@ class Scheduler:
         if step.preempted:
             return step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            leader = seq.leader
-            if leader is not None and leader.status is Status.RUNNING and leader.is_prefilling \
-                    and bm.enable_prefix_caching:
-                break  # completions of one prompt share its blocks: wait while the first computes them
+            seq = self._next_waiting()
+            if seq is None:
+                break
             # a prompt whose log-probabilities are asked for is computed whole: a cached block has none
             blocks, hashes = ([], []) if seq.wants_prompt_logprobs else bm.cached_prefix(seq.token_ids)
             num_cached = len(blocks) * bm.block_size
             count = min(seq.num_tokens - num_cached, budget)
             if not bm.allocate(seq, count, blocks):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.num_computed_tokens, seq.block_hashes = num_cached, list(hashes)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
@@ -132,6 +135,36 @@ class Scheduler:
             self._add(step, seq, count)
             budget -= count
         return step
+
+    def _next_waiting(self) -> Sequence | None:
+        """The waiting sequence to admit next: of the request with the fewest running sequences, the oldest
+        among equals. Completions of one prompt wait while the first computes the blocks they share."""
+        running = Counter(s.fairness_key for s in self.running)
+        best = None
+        for seq in self.waiting:
+            leader = seq.leader
+            if leader is not None and leader.status is Status.RUNNING and leader.is_prefilling \
+                    and self.block_manager.enable_prefix_caching:
+                continue
+            if best is None or running[seq.fairness_key] < running[best.fairness_key]:
+                best = seq
+                if not running[seq.fairness_key]:
+                    break
+        return best
+
+    def _make_room_for_a_waiting_request(self) -> None:
+        """Every slot taken and a request with no running sequence waiting: the newest sequence of the request
+        running the most (if more than one) goes back to the queue, so the waiting request starts this step."""
+        if len(self.running) < self.max_num_seqs or not self.waiting:
+            return
+        running = Counter(s.fairness_key for s in self.running)
+        if all(s.fairness_key in running for s in self.waiting):
+            return
+        key, count = running.most_common(1)[0]
+        if count > 1:
+            victim = next(s for s in reversed(self.running) if s.fairness_key == key)
+            self.running.remove(victim)
+            self._preempt(victim)
 
     @staticmethod
     def _add(step: ScheduledStep, seq: Sequence, count: int) -> None:

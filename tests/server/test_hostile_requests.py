@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -30,7 +32,7 @@ def server(tmp_path_factory):
     template.write_text(SPIN + BOOM + tiny)
     process = ServerProcess("--chat-template", str(template), "--chat-template-timeout", str(RENDER_TIMEOUT_S),
                             "--max-request-bytes", str(MAX_REQUEST_BYTES), "--request-body-timeout",
-                            str(BODY_TIMEOUT_S), "--api-key", API_KEY)
+                            str(BODY_TIMEOUT_S), "--api-key", API_KEY, "--max-tokens-per-request", "20000")
     yield process
     process.stop()
 
@@ -167,3 +169,41 @@ def test_no_cors_headers_without_allowed_origins(server):
     assert "access-control-allow-origin" not in preflight.headers
     response = post(server, "completions", {"prompt": "hi", "max_tokens": 1}, headers={"Origin": "http://page.example"})
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+
+
+# ---- class 2: one request cannot starve the rest
+
+def test_a_request_may_not_ask_for_too_many_sequences_or_tokens(server):
+    response = post(server, "completions", {"prompt": ["a"] * 40, "n": 8, "max_tokens": 1})
+    assert_error(response, 400, "n", "320 sequences (40 prompts x n=8)", "--max-seqs-per-request")
+    response = post(server, "completions", {"prompt": ["a"] * 300, "max_tokens": 1})
+    assert_error(response, 400, "prompt", "300 sequences")
+    response = post(server, "completions", {"prompt": ["a b c"] * 100, "n": 2, "max_tokens": 400})
+    assert_error(response, 400, "max_tokens", "may take 80800 tokens", "limit per request is 20000")
+
+
+def test_a_request_with_many_sequences_does_not_hold_back_a_small_one(server):
+    """The server runs 16 sequences at once; a request of 128 (16 prompts x n=8) used to take every slot
+    until nearly all of its own were done, while a 2-token request waited behind them."""
+    big = {"prompt": [f"prompt {i}" for i in range(16)], "n": 8, "max_tokens": 48, "ignore_eos": True,
+           "stream": True}
+    finishes, started, stop = [], threading.Event(), threading.Event()
+
+    def read_big():
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=big, headers=AUTH, timeout=120) as response:
+            for line in response.iter_lines():
+                started.set()
+                finishes.extend([time.monotonic()] * line.count('"finish_reason":"length"'))
+                if stop.is_set():
+                    return  # leaving the stream aborts the rest of the big request
+
+    reader = threading.Thread(target=read_big)
+    reader.start()
+    try:
+        assert started.wait(60)
+        assert post(server, "completions", {"prompt": "hello", "max_tokens": 2}).status_code == 200
+        small_done = time.monotonic()
+    finally:
+        stop.set()
+        reader.join()
+    assert sum(t < small_done for t in finishes) < 16, "the small request waited for the big one's sequences"

@@ -34,7 +34,7 @@ class ScriptedEngine:
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
 
-    async def generate(self, prompt_token_ids, params, request_id):
+    async def generate(self, prompt_token_ids, params, request_id, group=""):
         pieces, text = self.scripts.pop(0), ""
         for step, piece in enumerate(pieces):
             await asyncio.sleep(0)
@@ -131,7 +131,7 @@ def test_outputs_waiting_together_are_handed_on_as_the_latest_one():
     from dsv3.server.runner import RequestGroup
 
     class Burst(ScriptedEngine):
-        async def generate(self, prompt_token_ids, params, request_id):  # no await between steps
+        async def generate(self, prompt_token_ids, params, request_id, group=""):  # no await between steps
             for step in range(5):
                 yield RequestOutput(request_id, list(prompt_token_ids), [CompletionOutput(
                     0, "x" * (step + 1), list(range(step + 1)), None, "length" if step == 4 else None)], step == 4)

@@ -109,3 +109,21 @@ def test_completions_of_one_prompt_wait_for_the_first_to_compute_it():
     assert [s for s, _ in step.prefills] == [first]
     step = run(sched)
     assert second in step.decodes and second.num_cached_tokens == 8  # one token left to compute
+
+
+def test_a_request_with_many_sequences_does_not_hold_back_a_new_one():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=3, max_num_batched_tokens=64)
+    big = [Sequence(f"big#{i}", "big", i, [1, 2, 3], 3, SamplingParams().resolved(), max_model_len=1000)
+           for i in range(6)]
+    for s in big:
+        sched.add(s)
+    run(sched)
+    assert [s.seq_id for s in sched.running] == ["big#0", "big#1", "big#2"]
+    small = seq("small", 3, first=40)
+    sched.add(small)
+    step = run(sched)  # the newest of big's running sequences makes room: small starts at once
+    assert small in [s for s, _ in step.prefills] and big[2].status is Status.WAITING
+    assert [s.seq_id for s in sched.running] == ["big#0", "big#1", "small"]
+    sched.finish(big[0], "stop")
+    step = run(sched)  # the freed slot goes back to big, whose sequences wait in their order
+    assert [s.seq_id for s, _ in step.prefills] == ["big#2"]
