@@ -440,13 +440,17 @@ class AscendBackend(Backend):
                 or num_experts > MOE_MAX_EXPERTS):
             return self._plain.moe_experts(x, weights, ids, experts)
         tokens, top_k = ids.shape
+        # npu_grouped_matmul's group sizes must add up to x's rows (2.14 docs, group_type 0), so a skipped pair
+        # (id -1) cannot leave the GEMM without a host sync: it runs on expert 0 and its output is dropped
+        # below. It still costs a row here, unlike on the Triton backends.
+        skipped = ids < 0
         # Dropless routing (drop_pad_mode 0, quant_mode -1): expert_idx must be int32 [N, K]; it is flattened
         # row-major and sorted by expert; expanded_x [N*K, D] holds the tokens grouped by expert, and with
         # row_idx_type 0 expanded_row_idx[n*K + k] is the row of expanded_x holding token n's copy for its
         # k-th expert. expert_tokens_num_type 1 gives per-expert counts, int64 (only 1 and 2 are supported,
         # and expert_tokens_num_flag must be True). (2.14 docs; aclnnMoeInitRoutingV2.)
         expanded_x, expanded_row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
-            x, ids.to(torch.int32), active_num=tokens * top_k, expert_num=num_experts, drop_pad_mode=0,
+            x, ids.clamp(min=0).to(torch.int32), active_num=tokens * top_k, expert_num=num_experts, drop_pad_mode=0,
             expert_tokens_num_type=1, expert_tokens_num_flag=True, active_expert_range=[0, num_experts],
             quant_mode=-1, row_idx_type=0)
         # One x and one weight [E, K, N] with group_type 0 and split_item 2/3 give one y; group_list_type 1
@@ -459,4 +463,5 @@ class AscendBackend(Backend):
         # disagree on which way sorted_indices maps, and npu_moe_finalize_routing had accuracy problems in
         # vllm-ascend, so neither is relied on.
         per_choice = down[expanded_row_idx.long()].view(tokens, top_k, -1).float()
-        return (per_choice * weights[..., None]).sum(dim=1).to(x.dtype)
+        weighted = torch.where(skipped[..., None], 0.0, per_choice * weights[..., None])  # where: NaN rows too
+        return weighted.sum(dim=1).to(x.dtype)

@@ -647,8 +647,13 @@ class Backend(ABC):
                     experts: ExpertWeights) -> torch.Tensor:
         """sum_j weights[n, j] * down(silu(gate(x_n)) * up(x_n)) over the chosen experts ids[n, j].
 
+        A pair with expert id -1 is skipped: it contributes nothing (its weight is ignored) and costs no
+        rows of the grouped GEMM. Expert parallelism marks the pairs of other ranks' experts so; a row whose
+        pairs are all -1 comes out zero. The caller marks pairs without changing shapes or waiting.
+
         Args:
-            x: [N, D], or a QuantizedActivation of it; weights: [N, k] float32; ids: [N, k] int64.
+            x: [N, D], or a QuantizedActivation of it; weights: [N, k] float32; ids: [N, k] int64, an expert
+                in [0, E) or -1.
         Returns:
             [N, D] in x's dtype.
         """

@@ -199,6 +199,8 @@ class ReferenceBackend(Backend):
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         inter = experts.intermediate_size
         for expert in ids.unique().tolist():
+            if expert < 0:  # skipped pairs (see Backend.moe_experts)
+                continue
             token, slot = (ids == expert).nonzero(as_tuple=True)
             gate_up = self._matmul(x[token], experts.gate_up[expert],
                                    None if experts.gate_up_scale is None else experts.gate_up_scale[expert])

@@ -350,9 +350,10 @@ class ParallelMoE:
     """A MoE layer spread over every rank (see the module docstring), with no host sync and static shapes.
 
     Every rank routes all the tokens it sees with the replicated gate and runs its own experts over every
-    row: a (token, expert) pair routed to another rank's expert goes to local expert 0 with weight 0, so
-    the backend's grouped MoE op sees the one-process [N, k] shapes and nothing is counted or compacted on
-    the host. The shared experts' partial sum is added by one TP group (by every DP group for its rows).
+    row: a (token, expert) pair routed to another rank's expert is marked -1, which the backend's grouped
+    MoE op skips (no GEMM rows), so the op sees the one-process [N, k] shapes, runs only this rank's pairs,
+    and nothing is counted or compacted on the host. The shared experts' partial sum is added by one TP
+    group (by every DP group for its rows).
 
     Without DP attention every rank already holds every token: one all-reduce over the world sums the
     routed and shared contributions. With DP attention each DP group pads its tokens to StepRows.rows;
@@ -373,10 +374,7 @@ class ParallelMoE:
         weights, ids = self.backend.moe_route(values, self.gate_weight, self.bias, self.routing)
         local = ids - self.first_expert
         mine = (local >= 0) & (local < self.experts.num_experts)
-        # pairs of other ranks' experts: weight 0 on local expert 0, so a small decode batch reads at most one
-        # expert's weights more than its own pairs need (spread over the experts, they would touch up to k more)
-        local = torch.where(mine, local, 0)
-        return self.backend.moe_experts(x, weights.masked_fill(~mine, 0), local, self.experts)
+        return self.backend.moe_experts(x, weights, torch.where(mine, local, -1), self.experts)
 
     def __call__(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         flat = plain(x).reshape(-1, x.shape[-1])

@@ -62,6 +62,13 @@ class LeakyExpertsBackend(ReferenceBackend):
         return out + 0 * out.sum(0, keepdim=True)
 
 
+class UnskippedExpertsBackend(ReferenceBackend):
+    """Runs a pair marked -1 on expert 0 with its weight instead of skipping it."""
+
+    def moe_experts(self, x, weights, ids, experts):
+        return super().moe_experts(x, weights, ids.clamp(min=0), experts)
+
+
 class NoBiasRoutingBackend(ReferenceBackend):
     """Ignores the correction bias when choosing experts (DeepSeek-V3's noaux_tc needs it)."""
 

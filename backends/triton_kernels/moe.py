@@ -7,7 +7,9 @@
    expert's run is padded to a multiple of BLOCK_M, so that every row tile
    belongs to one expert. The grid covers the most tiles any routing can need;
    tiles past the end are marked with expert = E and exit at once. The op can
-   therefore be captured in a CUDA graph. `align_by_expert_reference` spells
+   therefore be captured in a CUDA graph. A pair whose expert id is -1 is
+   skipped: it gets no row, so the GEMMs never run it (the expert-parallel
+   exchange marks other ranks' pairs so). `align_by_expert_reference` spells
    the same in torch ops.
 2. `_gate_up_kernel`: per (tile, 128 columns of I), the gate and up rows of the
    tile's expert times the tile's tokens (gathered from x), SwiGLU in the
@@ -44,17 +46,19 @@ ALIGN_CELLS = 4096  # tiles x experts compared at once
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort (token, choice) pairs by expert, each expert's run padded to a multiple of block_m.
 
-    Stable: within an expert, pairs keep their order. Bit-identical to `align_by_expert_reference`
+    Stable: within an expert, pairs keep their order. Pairs of expert -1 are left out: no row holds
+    them and no tile runs for them (the sizes stay those of every pair). Bit-identical to `align_by_expert_reference`
     (which spells it in torch ops). One launch up to ALIGN_CHUNK pairs (decode: every program counts
     all pairs); above, two: a count per chunk of ALIGN_CHUNK pairs, then the placement. No host sync.
 
     Args:
-        ids: [N, k] int64 expert of each choice.
+        ids: [N, k] int64 expert of each choice, or -1 to skip it.
         num_experts: E.
         block_m: rows per tile.
     Returns:
         sorted_pairs: int32 [max_rows]: pair index n*k + j in expert order; padding rows hold N*k.
-        tile_expert: int32 [max_rows / block_m]: each tile's expert, E past the last used tile.
+        tile_expert: int32 [max_rows / block_m]: each tile's expert, E past the last used tile (with one
+            token, a tile per choice: -1 for a skipped one).
     """
     if ids.shape[0] == 1:  # one token (batch-1 decode): a tile per choice, no sort
         return _one_token_pairs(ids.shape[1], block_m, ids.device), ids.flatten().to(torch.int32)
@@ -99,16 +103,20 @@ def align_by_expert_reference(ids: torch.Tensor, num_experts: int, block_m: int)
     flat = ids.flatten()
     num_pairs = flat.numel()
     max_rows = _max_rows(num_pairs, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    expert = torch.where(flat >= 0, flat, num_experts)  # skipped pairs: a last expert E whose rows are dropped
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, expert, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    expert_of_sorted = flat[order]
+    order = torch.argsort(expert, stable=True)
+    expert_of_sorted = expert[order]
     rank = torch.arange(num_pairs, device=ids.device) - (counts.cumsum(0) - counts)[expert_of_sorted]
     dest = (padded_end - padded)[expert_of_sorted] + rank
-    sorted_pairs = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
+    dest = torch.where(expert_of_sorted < num_experts, dest, max_rows)  # into a scratch row past the end
+    sorted_pairs = torch.full((max_rows + 1,), num_pairs, dtype=torch.int32, device=ids.device)
     sorted_pairs[dest] = order.to(torch.int32)
+    sorted_pairs = sorted_pairs[:max_rows]
+    padded_end = padded_end[:num_experts]
     tile_start = torch.arange(0, max_rows, block_m, device=ids.device)
     tile_expert = torch.searchsorted(padded_end, tile_start, right=True).to(torch.int32)
     return sorted_pairs, tile_expert
@@ -116,7 +124,8 @@ def align_by_expert_reference(ids: torch.Tensor, num_experts: int, block_m: int)
 
 @triton.jit
 def _histogram(experts, valid, E_PAD: tl.constexpr):
-    """Pairs per expert among the valid ones."""
+    """Pairs per expert among the valid ones (a skipped pair, expert -1, is not valid)."""
+    valid = valid & (experts >= 0)
     hist = tl.histogram(tl.where(valid, experts, 0), E_PAD)
     num_invalid = tl.sum((valid == 0).to(tl.int32))
     return hist - tl.where(tl.arange(0, E_PAD) == 0, num_invalid, 0)
@@ -177,6 +186,7 @@ def _place_kernel(ids_ptr, counts_ptr, offsets_ptr, sorted_pairs_ptr, tile_exper
         pair = sub + lane
         valid = pair < num_pairs
         experts = tl.load(ids_ptr + pair, mask=valid, other=0).to(tl.int32)
+        valid = valid & (experts >= 0)  # a skipped pair gets no row
         tl.store(offsets + expert_ids, next_row)
         tl.debug_barrier()
         rank = tl.sum(((experts[None, :] == experts[:, None]) & earlier).to(tl.int32), axis=1)
@@ -234,14 +244,16 @@ def _dot(a, b, IEEE_FP32: tl.constexpr):
 def _tile_rows(tile_expert_ptr, sorted_pairs_ptr, num_pairs, num_experts, K, BLOCK_M: tl.constexpr):
     """This program's row tile: (expert, K blocks to run, rows, tile_used, pair of each row, valid rows).
 
-    A tile past the last used one (expert == num_experts) gets no K blocks and tile_used all False, so it
-    loops zero times and stores nothing; its expert is clamped so that addresses stay in bounds.
+    A tile past the last used one (expert == num_experts) or of a skipped choice (-1, one token) gets no
+    K blocks and tile_used all False, so it loops zero times and stores nothing; its expert is clamped so
+    that addresses stay in bounds.
     """
     tile_expert = tl.load(tile_expert_ptr + tl.program_id(0)).to(tl.int64)
-    expert = tl.minimum(tile_expert, num_experts - 1)
-    k_blocks = tl.where(tile_expert < num_experts, tl.cdiv(K, BLOCK_K), 0)
+    used = (tile_expert >= 0) & (tile_expert < num_experts)
+    expert = tl.where(used, tile_expert, 0)
+    k_blocks = tl.where(used, tl.cdiv(K, BLOCK_K), 0)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tile_used = tl.zeros((BLOCK_M,), dtype=tl.int64) + tile_expert < num_experts  # [BLOCK_M], all alike
+    tile_used = (tl.zeros((BLOCK_M,), dtype=tl.int32) + used.to(tl.int32)) != 0  # [BLOCK_M], all alike
     pair = tl.load(sorted_pairs_ptr + rows)
     valid = (pair < num_pairs) & tile_used
     return expert, k_blocks, rows, tile_used, pair, valid
@@ -397,7 +409,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_
 
     Args:
         x: [N, D] activations (bf16, fp16 or fp32).
-        weights: [N, k] float32 routing weights; ids: [N, k] int64 experts.
+        weights: [N, k] float32 routing weights; ids: [N, k] int64 experts, -1 for a pair to skip (no
+            rows, its weight unread).
         gate_up: [E, 2I, D] (gate rows, then up rows); down: [E, D, I]; FP8 with their
             block scales [E, 2I/128, D/128] and [E, D/128, I/128], or dense with None.
         configs: the arch's kernel table (moe_decode or moe_prefill by rows per expert).

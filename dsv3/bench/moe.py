@@ -1,5 +1,8 @@
 """`dsv3 bench moe`: one DeepSeek-V3 MoE layer's routed experts (256 experts, top-8, hidden 7168,
-expert intermediate 2048) at decode batches and a 4096-token prefill.
+expert intermediate 2048) at decode batches and a 4096-token prefill; and at the prefill, one rank of
+expert parallelism over EP_RANKS ranks (its 32 experts), the pairs of the other ranks' experts marked -1
+(skipped by the op) beside the same pairs sent to local expert 0 with weight 0 (what it runs without the
+skip: every pair's rows).
 
 Bytes counted: the weights of the experts the batch uses (each read once), the activations in
 and the output. Peers: the reference backend (batch 1 only: it loops over experts and K blocks),
@@ -20,6 +23,7 @@ NUM_EXPERTS, TOP_K, HIDDEN, INTER = 256, 8, 7168, 2048
 DECODE_BATCHES: tuple[int, ...] = (1, 16, 64, 128)
 PREFILL_TOKENS: tuple[int, ...] = (4096,)
 ROUTINGS = 3  # distinct routings rotated through
+EP_RANKS = 8  # the expert-parallel case: one rank of this many, holding experts [0, NUM_EXPERTS / EP_RANKS)
 
 
 def random_fp8_bytes(shape: tuple[int, ...], device, generator) -> torch.Tensor:
@@ -37,7 +41,16 @@ def make_routing(tokens: int, device, generator) -> tuple[torch.Tensor, torch.Te
 
 
 def expert_bytes(ids: torch.Tensor, weight_bytes_per_expert: int) -> int:
-    return int(ids.unique().numel()) * weight_bytes_per_expert
+    return int((ids.unique() >= 0).sum()) * weight_bytes_per_expert
+
+
+def rank_view(weights: torch.Tensor, ids: torch.Tensor, local: int, skip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert-parallel rank's routing (it holds experts [0, local)): the other pairs marked -1 (skip),
+    or sent to expert 0 with weight 0."""
+    mine = ids < local
+    if skip:
+        return weights, torch.where(mine, ids, -1)
+    return weights.masked_fill(~mine, 0), torch.where(mine, ids, 0)
 
 
 class ScaledMMLoop:
@@ -111,6 +124,21 @@ def run(backend: Backend, quick: bool = False, reference: bool = True) -> list[R
                      flops, moved, compute, graph=False, target_ms=30)
             del loop
     del experts, ref_experts
+    local = NUM_EXPERTS // EP_RANKS
+    rank_experts = backend.prepare_experts(gate_up[:local], gate_up_scale[:local], down[:local], down_scale[:local],
+                                           precision)
+    for tokens in PREFILL_TOKENS:
+        case = f"tokens={tokens} E={NUM_EXPERTS} top{TOP_K}, one EP{EP_RANKS} rank ({local} experts)"
+        routings = [make_routing(tokens, device, g) for _ in range(ROUTINGS)]
+        xs = [torch.randn(tokens, HIDDEN, device=device, generator=g, dtype=torch.bfloat16) for _ in routings]
+        local_pairs = int((routings[0][1] < local).sum())
+        flops = 6.0 * local_pairs * HIDDEN * INTER  # the rank's own pairs: the useful work of both rows
+        moved = expert_bytes(routings[0][1][routings[0][1] < local], per_expert) + 4.0 * tokens * HIDDEN
+        for skip, impl in ((True, "others' pairs -1 (skipped)"), (False, "others' pairs on expert 0, weight 0")):
+            inputs = [(x, *rank_view(w, i, local, skip), rank_experts) for x, (w, i) in zip(xs, routings)]
+            run_case(records, "moe", case, f"dsv3 {name} grouped moe ({precision}), {impl}", backend.moe_experts,
+                     inputs, backend, flops, moved, "fp8_blockwise" if has_fp8 else "bf16", ours=skip)
+    del rank_experts
     if has_fp8 and not quick:
         dense = backend.prepare_experts(gate_up, gate_up_scale, down, down_scale, "bf16")
         del gate_up, down

@@ -257,6 +257,14 @@ def moe_experts_cases(plan: Plan, precision: str) -> list[Case]:
             rows.append(torch.cat((torch.tensor([2]), others + (others >= 2).long())))
         return torch.stack(rows)
 
+    def skip_most(ids, g, num_experts, top_k):  # 3 in 4 pairs marked -1 (another rank's): token 0 all, token 1 none
+        skipped = torch.rand(ids.shape, generator=g) < 0.75
+        skipped[0], skipped[1] = True, False
+        return ids.masked_fill(skipped, -1)
+
+    def nan_skipped_weights(inp):  # a skipped pair's weight is ignored: NaN there must not reach the output
+        inp["weights"] = inp["weights"].masked_fill(inp["ids"] < 0, float("nan"))
+
     def non_finite(inp):
         poison(inp["x"], (1,), float("nan"))
         poison(inp["x"], (4,), float("inf"), 9)
@@ -268,6 +276,10 @@ def moe_experts_cases(plan: Plan, precision: str) -> list[Case]:
         case("experts with no tokens", main, 16, choose=few_experts),
         case(f"one expert with all {plan.large_tokens} tokens", main, plan.large_tokens, choose=one_expert_everywhere),
         case("zero token row", main, 4, transform=zero_row),
+        case("pairs marked -1 skipped (NaN weights), N=16", main, 16, choose=skip_most,
+             transform=nan_skipped_weights),
+        case(f"pairs marked -1 skipped (NaN weights), N={plan.large_tokens}", main, plan.large_tokens,
+             choose=skip_most, transform=nan_skipped_weights),
         case("NaN and inf tokens sharing an expert", main, 8, choose=one_expert_everywhere, transform=non_finite,
              check="propagate"),
     ]

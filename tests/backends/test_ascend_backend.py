@@ -219,6 +219,13 @@ def test_moe_experts(npu, calls, fused):
     weights = torch.rand(11, 3, generator=gen(30))
     assert_close_bf16(backend.moe_experts(x, weights, ids, experts), ref.moe_experts(x, weights, ids, ref_experts))
     assert ran(calls, "moe_experts") == fused
+    # pairs marked -1 are skipped and their (NaN) weights ignored; token 0 has only skipped pairs, token 1 none
+    skipped = torch.rand(11, 3, generator=gen(31)) < 0.6
+    skipped[0], skipped[1] = True, False
+    ids, weights = ids.masked_fill(skipped, -1), weights.masked_fill(skipped, float("nan"))
+    out = backend.moe_experts(x, weights, ids, experts)
+    assert_close_bf16(out, ref.moe_experts(x, weights, ids, ref_experts))
+    assert not out[0].any()
 
 
 def _attention_steps(num_heads, rank, rope_dim, block_size, seed=20):

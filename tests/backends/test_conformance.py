@@ -99,6 +99,11 @@ def test_nan_leaking_to_other_tokens_fails():
     assert "not fed a NaN/inf came out non-finite" in results[1].detail
 
 
+def test_experts_that_run_skipped_pairs_fail_the_skip_cases():
+    results = run_some(doubles.UnskippedExpertsBackend(), "moe_experts", "fp32", "N=4", "pairs marked -1")
+    assert [r.status for r in results] == [PASS, FAIL, FAIL], results
+
+
 def test_routing_without_the_correction_bias_fails_noaux_tc():
     report = run(doubles.NoBiasRoutingBackend(), ("moe_route",))
     failed = {r.case for r in by_status(report, FAIL)}

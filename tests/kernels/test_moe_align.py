@@ -2,9 +2,10 @@
 specification (`align_by_expert_reference`): bit for bit, sorted pairs and tile experts.
 
 Routings: random experts (repeats within a token), distinct top-k per token, every expert used (all of
-them in one token where E <= k), one expert for all; N from 2 to 1000 tokens, 8 to 256 experts, tiles of
-16 and 64 rows; both paths of the kernel (one launch up to ALIGN_CHUNK pairs, count + place above, with
-its edges). And the whole moe_experts output with the kernel's alignment against the reference one's.
+them in one token where E <= k), one expert for all, pairs marked -1 (skipped: some, all); N from 2 to
+1000 tokens, 8 to 256 experts, tiles of 16 and 64 rows; both paths of the kernel (one launch up to
+ALIGN_CHUNK pairs, count + place above, with its edges); the rows a tile of a real expert holds are exactly
+the pairs not marked -1. And the whole moe_experts output with the kernel's alignment against the reference one's.
 
 On the CPU the kernel runs under TRITON_INTERPRET=1, set in a subprocess before triton is imported;
 on an NVIDIA GPU the same checks run compiled, up to 16384 tokens, and in a CUDA graph.
@@ -33,6 +34,13 @@ def routing(pattern: str, tokens: int, num_experts: int, top_k: int, generator: 
         return (torch.arange(tokens * top_k) % num_experts).view(tokens, top_k)
     if pattern == "one_expert":  # the last one: every tile after its run is past the end
         return torch.full((tokens, top_k), num_experts - 1)
+    if pattern == "skip":  # top-k with 3 in 4 pairs marked -1 (other ranks' experts): token 0 all, token 1 none
+        ids = routing("top_k", tokens, num_experts, top_k, generator)
+        skipped = torch.rand(tokens, top_k, generator=generator) < 0.75
+        skipped[0], skipped[1] = True, False
+        return ids.masked_fill(skipped, -1)
+    if pattern == "all_skipped":
+        return torch.full((tokens, top_k), -1)
     raise ValueError(pattern)
 
 
@@ -45,6 +53,19 @@ def check(ids: torch.Tensor, num_experts: int, block_m: int, case: str) -> None:
     assert pairs.shape == expected_pairs.shape and tile_expert.shape == expected_tiles.shape, case
     assert torch.equal(pairs.cpu(), expected_pairs), f"{case}: sorted pairs\n{pairs}\n!=\n{expected_pairs}"
     assert torch.equal(tile_expert.cpu(), expected_tiles), f"{case}: tile experts\n{tile_expert}\n!=\n{expected_tiles}"
+    check_rows_run(ids.cpu(), expected_pairs, expected_tiles, num_experts, block_m, case)
+
+
+def check_rows_run(ids, pairs, tile_expert, num_experts: int, block_m: int, case: str) -> None:
+    """The rows the grouped GEMM runs (tiles of a real expert) hold every pair of an expert in [0, E) once, in
+    its expert's tiles, and no pair marked -1; and there are only as many tiles as those pairs need."""
+    flat = ids.flatten()
+    runs = (tile_expert < num_experts).repeat_interleave(block_m)
+    held = pairs[runs & (pairs < flat.numel())].long()
+    assert sorted(held.tolist()) == (flat >= 0).nonzero().flatten().tolist(), f"{case}: pairs in the GEMM's rows"
+    assert torch.equal(flat[held], tile_expert.repeat_interleave(block_m)[runs & (pairs < flat.numel())].long()), case
+    counts = torch.bincount(flat[flat >= 0], minlength=num_experts)
+    assert int(runs.sum()) == int(((counts + block_m - 1) // block_m * block_m).sum()), f"{case}: rows run"
 
 
 def check_all(device: str, token_counts: tuple[int, ...] = (2, 3, 64, 1000)) -> None:
@@ -54,7 +75,8 @@ def check_all(device: str, token_counts: tuple[int, ...] = (2, 3, 64, 1000)) -> 
     g = torch.Generator().manual_seed(0)
     for num_experts, top_k in SHAPES:
         for tokens in token_counts:
-            patterns = ("random", "top_k", "every_expert", "one_expert") if tokens < 1000 else ("random", "one_expert")
+            patterns = (("random", "top_k", "every_expert", "one_expert", "skip", "all_skipped") if tokens < 1000
+                        else ("random", "one_expert", "skip"))
             for pattern in patterns:
                 ids = routing(pattern, tokens, num_experts, top_k, g).to(device)
                 for block_m in (16, 64):
@@ -87,8 +109,8 @@ def check_moe_experts(device: str) -> None:
     experts = ref.prepare_experts(torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5, None,
                                   torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5, None, "fp8")
     args = [t.to(device) for t in (experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)]
-    for tokens in (2, 40):
-        ids = routing("top_k", tokens, num_experts, top_k, g).to(device)
+    for tokens, pattern in ((2, "top_k"), (40, "top_k"), (40, "skip"), (3, "all_skipped")):
+        ids = routing(pattern, tokens, num_experts, top_k, g).to(device)
         weights = (torch.rand(tokens, top_k, generator=g) + 0.1).to(device)
         x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(device)
         got = moe.moe_experts(x, weights, ids, *args, PORTABLE, quant=(448.0, False))
@@ -99,9 +121,10 @@ def check_moe_experts(device: str) -> None:
         finally:
             moe.align_by_expert = kernel
         if device == "cpu":
-            assert torch.equal(got, expected), tokens
+            assert torch.equal(got, expected), (tokens, pattern)
         else:
-            assert row_error(got.float().cpu(), expected.float().cpu()) <= 1e-2, tokens
+            assert row_error(got.float().cpu(), expected.float().cpu()) <= 1e-2, (tokens, pattern)
+        assert not got[(ids < 0).all(-1)].any(), f"{pattern}: a token whose pairs are all skipped must get 0"
 
 
 @pytest.mark.emulated
@@ -135,7 +158,7 @@ def test_align_cuda_graph_replay():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             pairs, tile_expert = moe.align_by_expert(ids, num_experts, block_m)
-        for pattern in ("top_k", "random", "one_expert"):
+        for pattern in ("top_k", "random", "one_expert", "skip"):
             ids.copy_(routing(pattern, tokens, num_experts, top_k, g))
             graph.replay()
             expected_pairs, expected_tiles = moe.align_by_expert_reference(ids.cpu(), num_experts, block_m)

@@ -117,7 +117,14 @@ def routing(pattern):
         ids[:, 1] = torch.where(ids[:, 1] == 4, 5, ids[:, 1])
     elif pattern == "few_experts":  # experts 2..5 receive nothing
         ids = torch.stack((torch.zeros(tokens, dtype=torch.long), torch.ones(tokens, dtype=torch.long)), dim=1)
-    return torch.rand(tokens, top_k, generator=g) + 0.1, ids
+    elif pattern == "skipped":  # pairs marked -1 (another rank's experts): token 0 both, token 1 neither
+        skipped = torch.rand(tokens, top_k, generator=g) < 0.5
+        skipped[0], skipped[1] = True, False
+        ids = ids.masked_fill(skipped, -1)
+    elif pattern == "all_skipped":
+        ids = torch.full((tokens, top_k), -1)
+    weights = torch.rand(tokens, top_k, generator=g) + 0.1
+    return weights.masked_fill(ids < 0, float("nan")), ids  # a skipped pair's weight is never read
 gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
 down = torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5
 for name, dtype, fp8_max in FORMATS:
@@ -126,7 +133,7 @@ for name, dtype, fp8_max in FORMATS:
         if precision == "bf16" and name == "e4m3fnuz":
             continue
         experts = ref.prepare_experts(gate_up, None, down, None, precision)
-        for pattern in ("random", "one_expert_gets_all", "few_experts"):
+        for pattern in ("random", "one_expert_gets_all", "few_experts", "skipped", "all_skipped"):
             weights, ids = routing(pattern)
             x = adversarial(tokens, hidden)
             got = moe.moe_experts(x, weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
@@ -134,6 +141,7 @@ for name, dtype, fp8_max in FORMATS:
             expected = ref.moe_experts(x, weights, ids, experts)
             assert row_error(got, expected) <= 8e-3, (name, precision, pattern, row_error(got, expected))
             assert (got[-1] == 0).all()
+            assert (got[(ids < 0).all(-1)] == 0).all(), pattern
 # the sorting: every pair lands once, in its expert's tiles, padding rows hold the sentinel
 ids = torch.tensor([[3, 0], [3, 1], [3, 0]])
 pairs, tile_expert = moe.align_by_expert(ids, 4, 2)
@@ -151,11 +159,13 @@ assert pairs.tolist() == [0, 2, 2, 2, 1, 2, 2, 2] and tile_expert.tolist() == [5
 for name, dtype, fp8_max in FORMATS:
     ref = ReferenceBackend(fp8_format=name, fp8_max=fp8_max)
     experts = ref.prepare_experts(gate_up, None, down, None, "fp8")
-    weights, ids = torch.rand(1, top_k, generator=g) + 0.1, torch.tensor([[5, 2]])
     x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
-    got = moe.moe_experts(x, weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
-                          experts.down_scale, PORTABLE, quant=(fp8_max, False))
-    assert row_error(got, ref.moe_experts(x, weights, ids, experts)) <= 8e-3, name
+    for ids in (torch.tensor([[5, 2]]), torch.tensor([[-1, 2]]), torch.tensor([[-1, -1]])):  # -1: a skipped choice
+        weights = (torch.rand(1, top_k, generator=g) + 0.1).masked_fill(ids < 0, float("nan"))
+        got = moe.moe_experts(x, weights, ids, experts.gate_up, experts.gate_up_scale, experts.down,
+                              experts.down_scale, PORTABLE, quant=(fp8_max, False))
+        assert row_error(got, ref.moe_experts(x, weights, ids, experts)) <= 8e-3, (name, ids)
+        assert (ids >= 0).any() or (got == 0).all(), ids
 print("moe ok")
 """
 

@@ -73,11 +73,13 @@ class SyncCounter:
 def sync_free_backend(device="cpu"):
     """The reference backend with a grouped MoE that never waits for the device: every expert runs on every
     row, weighted by the routing (0 where not chosen). A step on it must make no host sync at all. Its
-    graph_runner "records" a step by keeping it (and counts), so the engine's decode steps run as replays."""
+    graph_runner "records" a step by keeping it (and counts), so the engine's decode steps run as replays.
+    Each call keeps (pairs not marked -1, those of them on a local expert, all pairs) for the tests."""
     from dsv3.backends.reference import ReferenceBackend
 
     class SyncFree(ReferenceBackend):
         recorded = 0
+        pairs: list[torch.Tensor] = []
 
         def graph_runner(self, step):
             self.recorded += 1
@@ -85,6 +87,9 @@ def sync_free_backend(device="cpu"):
 
         def moe_experts(self, x, weights, ids, experts):
             x = plain(x)
+            kept = ids >= 0
+            self.pairs.append(torch.stack((kept.sum(), (kept & (ids < experts.num_experts)).sum(),
+                                           ids.new_tensor(ids.numel()))))
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
             inter = experts.intermediate_size
             for expert in range(experts.num_experts):
@@ -156,7 +161,8 @@ def _worker(rank: int, world: int, port: int, job: tuple[str, str, dict], out: P
                                        progress=False)
                 tokens, syncs = run_group(model, plan, GROUP_PROMPTS[group], GROUP_NEW_TOKENS[group],
                                           eager=name == "reference")
-                result = {"tokens": tokens, "syncs": dict(syncs), "recorded": getattr(backend, "recorded", 0)}
+                result = {"tokens": tokens, "syncs": dict(syncs), "recorded": getattr(backend, "recorded", 0),
+                          "pairs": torch.stack(backend.pairs) if name == "sync-free" else None}
                 if name == "reference":
                     result["logits"] = model.logits(GROUP_LOGITS[group])
                     if dp > 1:  # group 1 idles through a round: group 0's requests stay out of its cache
@@ -245,6 +251,19 @@ def test_a_step_makes_no_host_sync(world, layout, worlds):
         assert result[tp, ep, dp, "sync-free"]["recorded"] > 0, f"rank {rank}"
         syncs = result[tp, ep, dp, "reference"]["syncs"]
         assert syncs and {where for _, where in syncs} == {"backends/reference.py"}, f"rank {rank}: {syncs}"
+
+
+@pytest.mark.parametrize("world,layout", cases())
+def test_each_rank_runs_only_its_own_pairs(world, layout, worlds):
+    """Every MoE call hands the grouped op this rank's pairs (local expert ids) and marks the rest -1, so over
+    the ranks each (token, expert) pair runs once per slice of its expert (world / ep slices)."""
+    tp, ep, dp = layout
+    pairs = torch.stack([result[tp, ep, dp, "sync-free"]["pairs"] for result in _world(world, layout, worlds)])
+    kept, local, total = pairs.unbind(-1)  # [rank, call]
+    assert torch.equal(kept, local), "a pair not marked -1 names an expert this rank does not hold"
+    assert (total == total[0]).all()
+    assert torch.equal(kept.sum(0), total[0] * (world // ep)), (kept, total)
+    assert (kept < total).any(), "no pair was marked -1: the test routed nothing to another rank"
 
 
 @pytest.mark.parametrize("world,layout", cases(data_parallel_only=True))
