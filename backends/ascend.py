@@ -37,7 +37,6 @@ from dsv3.backends.errors import BackendError, BackendUnavailable
 from dsv3.backends.interface import (
     DENSE_DTYPES,
     Backend,
-    CacheSpec,
     Capabilities,
     ExpertWeights,
     LinearWeight,
@@ -48,9 +47,9 @@ from dsv3.backends.interface import (
     PagedBatch,
     Precision,
     RoutingConfig,
-    dense_cache_dtype,
     plain,
 )
+from dsv3.backends.latent_cache import CacheSpec, dense_cache_dtype
 from dsv3.backends.platforms import HUAWEI, ChipInfo, ascend_chip
 from dsv3.backends.reference import ReferenceBackend, paged_attention, route_experts
 

@@ -17,7 +17,6 @@ from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import (
     DENSE_DTYPES,
     Backend,
-    CacheSpec,
     Capabilities,
     ExpertWeights,
     LinearWeight,
@@ -27,11 +26,14 @@ from dsv3.backends.interface import (
     PagedBatch,
     Precision,
     RoutingConfig,
+    plain,
+)
+from dsv3.backends.latent_cache import (
+    CacheSpec,
     dense_cache_dtype,
     fp8_latent_cache_spec,
     is_fp8_cache,
     paged_cache_spec,
-    plain,
     read_fp8_cache,
     write_fp8_cache,
 )

@@ -26,7 +26,8 @@ import torch
 
 from dsv3 import checks, distributed, parallel
 from dsv3.backends.errors import BackendError
-from dsv3.backends.interface import KV_CACHE_DTYPES, Backend
+from dsv3.backends.interface import Backend
+from dsv3.backends.latent_cache import KV_CACHE_DTYPES
 from dsv3.backends.select import select
 from dsv3.checkpoint import CheckpointSource, RandomSource, WeightLoader
 from dsv3.config import ModelConfig, load_config

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from dsv3.backends.interface import (
     DENSE_DTYPES,
     Backend,
-    CacheSpec,
     LinearWeight,
     MLAInputs,
     NormOutput,
@@ -31,6 +30,7 @@ from dsv3.backends.interface import (
     RoutingConfig,
     plain,
 )
+from dsv3.backends.latent_cache import CacheSpec
 from dsv3.checkpoint import WeightLoader
 from dsv3.checks import token_batch
 from dsv3.config import ModelConfig, yarn_get_mscale

@@ -4,7 +4,7 @@ The cache of one layer is a pool [num_blocks, block_size, kv_lora_rank + rope_di
 the normalized latent (C = 512 for DeepSeek-V3) followed by the rotated shared rope key
 (R = 64), contiguous, so one token is one 1152-byte row in BF16. Token p of sequence b is row
 p % block_size of block block_tables[b, p // block_size]. The FP8 latent cache (--kv-cache-dtype
-fp8, interface.fp8_latent_cache_spec) keeps the same blocks with 656-byte rows: the latent in FP8,
+fp8, latent_cache.fp8_latent_cache_spec) keeps the same blocks with 656-byte rows: the latent in FP8,
 a float32 scale per 128 latent values, the rope key in BF16. Decode reads those bytes and
 dequantizes in registers; every write quantizes as fp8.quantize_activation does.
 
@@ -41,11 +41,9 @@ import triton
 import triton.language as tl
 from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
-from dsv3.backends.interface import (
+from dsv3.backends.interface import MLAInputs, MLAWeights, PagedBatch
+from dsv3.backends.latent_cache import (
     CacheSpec,
-    MLAInputs,
-    MLAWeights,
-    PagedBatch,
     dense_cache_dtype,
     fp8_cache_max,
     fp8_cache_views,
@@ -287,7 +285,7 @@ def _combine_project_kernel(
 def mla_cache_spec(num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
                    kv_cache_dtype: str = "auto", fp8_dtype: torch.dtype | None = None) -> CacheSpec:
     """[num_blocks, block_size, kv_lora_rank + rope_dim]: latent then rope key, one row per token; with
-    kv_cache_dtype "fp8" the FP8 latent cache in `fp8_dtype` (interface.fp8_latent_cache_spec), where the
+    kv_cache_dtype "fp8" the FP8 latent cache in `fp8_dtype` (latent_cache.fp8_latent_cache_spec), where the
     chip has one (else the dense cache in `dtype`, its layout saying so)."""
     if kv_cache_dtype == "fp8" and fp8_dtype is not None:
         return fp8_latent_cache_spec(num_blocks, block_size, kv_lora_rank, rope_dim, dtype, fp8_dtype)
@@ -486,7 +484,7 @@ def compute_dtype(cache: torch.Tensor, inputs: MLAInputs) -> torch.dtype:
 
 def write_tokens(inputs: MLAInputs, cache: torch.Tensor, batch: PagedBatch) -> None:
     """Store each new token's latent and rope key at its position, through the block tables (no sync);
-    an FP8 latent cache gets the latent quantized per 128 values (interface.write_fp8_cache)."""
+    an FP8 latent cache gets the latent quantized per 128 values (latent_cache.write_fp8_cache)."""
     seq, position = batch.token_positions(inputs.latent.shape[0])
     rows = batch.cache_rows(seq, position, cache.shape[1])
     if is_fp8_cache(cache):

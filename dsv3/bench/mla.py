@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from dsv3.backends.interface import Backend, MLAInputs, MLAWeights, PagedBatch, write_fp8_cache
+from dsv3.backends.interface import Backend, MLAInputs, MLAWeights, PagedBatch
+from dsv3.backends.latent_cache import write_fp8_cache
 from dsv3.bench.common import Record, op_record, rotation_count, run_case
 
 NOPE, ROPE, RANK, V_DIM = 128, 64, 512, 128

@@ -14,13 +14,8 @@ import pytest
 import torch
 from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
-from dsv3.backends.interface import (
-    MLAInputs,
-    fp8_cache_views,
-    paged_cache_spec,
-    read_fp8_cache,
-    write_fp8_cache,
-)
+from dsv3.backends.interface import MLAInputs
+from dsv3.backends.latent_cache import fp8_cache_views, paged_cache_spec, read_fp8_cache, write_fp8_cache
 from dsv3.backends.reference import ReferenceBackend
 
 from dsv3.conformance.paged import block_tables, paged_batch
