@@ -173,12 +173,15 @@ def routing(tokens: int, num_experts: int, top_k: int, pattern: str, seed: int =
         ids = torch.cat((torch.full_like(others[:, :1], 7), others + (others >= 7).long()), dim=1)
     elif pattern == "few_experts":  # all but 3 * top_k experts receive nothing
         ids = torch.stack([ids[:, 0] % 3 + 3 * j for j in range(top_k)], dim=1)
+    elif pattern == "skipped":  # one EP4 rank's view: pairs outside experts 8..15 marked -1 (weights ignored)
+        ids = torch.where((ids >= 8) & (ids < 16), ids, -1)
     weights = torch.rand(tokens, top_k, device="cuda", generator=g) + 0.1
-    return weights / weights.sum(-1, keepdim=True) * 2.5, ids
+    weights = (weights / weights.sum(-1, keepdim=True) * 2.5).masked_fill(ids < 0, float("nan"))
+    return weights, ids
 
 
 @pytest.mark.parametrize("tokens", [1, 256])
-@pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "few_experts"])
+@pytest.mark.parametrize("pattern", ["random", "one_expert_gets_all", "few_experts", "skipped"])
 @pytest.mark.parametrize("precision", ["fp8", "bf16"])
 def test_moe_experts(backends, oracle, tokens, pattern, precision):
     cuda, _ = backends
