@@ -205,6 +205,21 @@ def check_target(source: Path, target: Path, overwrite: bool) -> None:
     if target.is_dir() and any(target.iterdir()) and not is_checkpoint_dir(target):
         raise Dsv3Error(f"{target}: not empty and not a checkpoint (no config.json and *.safetensors); "
                         f"--overwrite replaces only a checkpoint directory")
+    if target.is_dir():
+        foreign = sorted(p.name for p in target.iterdir() if not _written_by_convert(p, source))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise Dsv3Error(f"{target}: holds {shown}, which a converted checkpoint does not; --overwrite "
+                            f"replaces the whole directory, so it refuses one holding anything else (move those "
+                            f"out, or choose another output)")
+
+
+def _written_by_convert(path: Path, source: Path) -> bool:
+    """A file of the kind convert writes: config, index, shards, or a file it copies from this source."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return path.name in ("config.json", INDEX_FILE) or path.suffix == ".safetensors" or (
+        _is_other_file(path) and (source / path.name).is_file())
 
 
 def _check_links(source: Path) -> dict[Path, Path]:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -51,6 +52,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     try:
         with _sigterm_interrupts():
             yield tmp
+        with _signals_deferred():  # from here the result is whole: a signal must not report failure over it
             _make_readable(tmp)
             _replace(tmp, target)
     finally:
@@ -119,7 +121,11 @@ def _replace(new: Path, target: Path) -> None:
         os.rename(aside / target.name, target)
         aside.rmdir()
         raise
-    shutil.rmtree(aside)
+    # the new checkpoint is in place: the old one is garbage now, renamed so that a run after a kill
+    # mid-delete removes it (as a partial directory) instead of asking the user to move it back
+    garbage = Path(tempfile.mkdtemp(prefix=f".{target.name}.{PARTIAL}-{os.getpid()}-", dir=target.parent))
+    os.rename(aside, garbage / "old")
+    shutil.rmtree(garbage)
 
 
 @contextmanager
@@ -136,6 +142,24 @@ def _sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and Ctrl-C wait until the block is done (the final rename and cleanup: a few system calls)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        print("dsv3: the output was complete when the signal came; finished", file=sys.stderr)
 
 
 def _make_readable(directory: Path) -> None:

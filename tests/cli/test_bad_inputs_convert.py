@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -74,10 +75,38 @@ def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(source):
 def test_overwrite_replaces_a_checkpoint_and_leaves_no_temporary_directories(source, tmp_path):
     out = tmp_path / "bf16"
     convert_checkpoint(source, out, progress=False)
-    (out / "stale-marker").write_text("from the first run")
+    (out / "model-00009-of-00009.safetensors").write_text("a stale shard of an earlier checkpoint")
     convert_checkpoint(source, out, overwrite=True, progress=False)
-    assert not (out / "stale-marker").exists() and (out / "config.json").is_file()
+    assert not (out / "model-00009-of-00009.safetensors").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "models"]
+
+
+def test_overwrite_refuses_a_checkpoint_directory_holding_anything_else(source, tmp_path):
+    out = tmp_path / "bf16"
+    convert_checkpoint(source, out, progress=False)
+    (out / "notes.txt").write_text("eval results")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (out / "README.md").write_text("ours; the source has no README")
+    before = snapshot(out)
+    result = convert_cli(str(source), str(out), "--overwrite")
+    assert_refused(result, "holds .git, README.md, notes.txt, which a converted checkpoint does not")
+    assert snapshot(out) == before
+
+
+def test_a_signal_during_the_final_cleanup_does_not_fail_a_complete_result(source, tmp_path, monkeypatch):
+    out = tmp_path / "bf16"
+    convert_checkpoint(source, out, progress=False)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_interrupted(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the old checkpoint is being deleted
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(dsv3.checkpoint.write.shutil, "rmtree", rmtree_interrupted)
+    convert_checkpoint(source, out, overwrite=True, progress=False)  # returns: the result is whole
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "models"]  # no half-deleted copy aside
 
 
 def test_replace_puts_the_old_checkpoint_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):

@@ -198,13 +198,12 @@ def test_interrupted_overwrite_keeps_the_old_output(fp8_checkpoint, tmp_path, mo
     old = tmp_path / "out"
     old.mkdir()
     (old / "config.json").write_text("{}")  # --overwrite replaces only a checkpoint directory
-    (old / "model.safetensors").write_text("")
-    (old / "marker").write_text("previous conversion")
+    (old / "model.safetensors").write_text("previous conversion")
     interrupt_after(monkeypatch, 30, [])
     with pytest.raises(Interrupt):
         convert_checkpoint(fp8_checkpoint, old, overwrite=True, max_shard_bytes=64 << 10, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert (old / "marker").read_text() == "previous conversion"
+    assert (old / "model.safetensors").read_text() == "previous conversion"
 
 
 def test_fp8_weight_without_scale_is_named(tmp_path):
