@@ -12,7 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from dsv3 import checks
+from dsv3.backends.latent_cache import fp8_row_bytes
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error, UsageError
 from dsv3.parallel import ParallelPlan
@@ -138,8 +141,7 @@ def memory_plan(config: ModelConfig, kind: DeviceKind, num_devices: int, tp: int
     weights, _ = checks.model_bytes(config, precision, 0, 0, plan)
     c = config
     if kv_cache_dtype == "fp8":  # the latent in FP8 with a float32 scale per 128 values, the rope key in BF16
-        per_layer = c.kv_lora_rank + 4 * -(-c.kv_lora_rank // 128) + 2 * c.qk_rope_head_dim
-        per_token = per_layer * c.num_hidden_layers
+        per_token = fp8_row_bytes(c.kv_lora_rank, c.qk_rope_head_dim, torch.bfloat16) * c.num_hidden_layers
     else:
         per_token = c.latent_cache_bytes_per_token(2)
     return MemoryPlan(plan, kind, num_devices, precision, weights, int(kind.memory_bytes * gpu_memory_utilization),

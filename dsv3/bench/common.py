@@ -25,9 +25,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from dsv3.backends.fp8 import BLOCK
 from dsv3.backends.interface import Backend
 
-BLOCK = 128
 ROTATION_BYTES = 256 << 20  # rotate input sets until they span this many bytes (several L2s)
 MAX_ROTATION = 64
 

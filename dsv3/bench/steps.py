@@ -13,12 +13,12 @@ from typing import Sequence
 
 import torch
 
+from dsv3.backends.fp8 import BLOCK
 from dsv3.bench.common import Record, Roofline
 from dsv3.config import ModelConfig
 from dsv3.errors import Dsv3Error
 from dsv3.model import ACTIVATION_DTYPES
 
-BLOCK = 128
 WEIGHT_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4}
 
 
