@@ -104,6 +104,11 @@ def _device(name: str, value) -> None:
     checks.check_device(value, name)
 
 
+def _generation_config(name: str, value) -> None:
+    if not isinstance(value, (str, Path)) or (value not in ("auto", "vllm") and not Path(value).is_dir()):
+        raise UsageError(f"{name} must be auto, vllm or a directory with a generation_config.json, got {value!r}")
+
+
 def _speculative(name: str, value) -> None:
     SpeculativeConfig.parse(value, name)
 
@@ -148,7 +153,12 @@ class EngineArgs:
         "tokenizer and generation defaults (for benchmarks: a directory with config.json and tokenizer files "
         "is enough)", choices=LOAD_FORMATS)
     load_mtp: bool = setting(False, "also load the MTP module", _bool, group="model", cli=False)
-    seed: int = setting(0, "seed of synthetic weights", _int(), group="model", cli=False)
+    seed: int = setting(0, "random seed (vLLM's --seed): of the sampling of requests that bring no seed, and of "
+                        "synthetic weights", _int(), group="model", cli=False)
+    generation_config: str = setting(
+        "auto", "sampling defaults (vLLM's --generation-config): auto, the checkpoint's generation_config.json; "
+        "vllm, none (temperature 1, no truncation); or a directory holding a generation_config.json",
+        _generation_config, group="model", metavar="{auto,vllm,DIR}")
     tensor_parallel_size: int | None = setting(
         None, "ranks sharing attention, dense MLPs, embedding and head; without torchrun this process becomes rank "
         "0 and starts the others itself (default 1; under torchrun every rank, or the world / "
@@ -177,7 +187,8 @@ class EngineArgs:
     kv_cache_dtype: str = setting(
         "auto", "the latent cache's type: auto (the activation dtype), bf16, or fp8: the latent in FP8 with a "
         "float32 scale per 128 values and the rope key in BF16, 656 instead of 1152 bytes per token per layer, "
-        "so the same memory holds about 1.75x the tokens (cuda, rocm, reference; ascend keeps BF16 and says so)",
+        "so the same memory holds about 1.75x the tokens (cuda, rocm, reference; ascend keeps BF16 and says so); "
+        "the commands take vLLM's names too (fp8_e4m3, bfloat16)",
         choices=KV_CACHE_DTYPES, metavar="{" + ",".join(KV_CACHE_DTYPES) + "}")
     gpu_memory_utilization: float = setting(
         0.9, "fraction of the accelerator's memory for weights, activations and cache", _fraction)
@@ -329,7 +340,9 @@ class EngineArgs:
         source = CheckpointSource(model) if self.load_format == "auto" else None
         config = load_config(model)
         tokenizer = Tokenizer(model) if (Path(model) / "tokenizer.json").exists() else None
-        return config, source, tokenizer, generation_defaults(model), True
+        defaults = {} if self.generation_config == "vllm" else \
+            generation_defaults(model if self.generation_config == "auto" else self.generation_config)
+        return config, source, tokenizer, defaults, True
 
     def _transformer(self, plan, config: ModelConfig, backend: Backend, source, precision: str,
                      max_model_len: int, load_mtp: bool, quiet: bool) -> Transformer:
@@ -377,7 +390,7 @@ class EngineArgs:
         config = EngineConfig(max_model_len=max_model_len, block_size=block_size, num_blocks=cache.num_blocks,
                               max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                               enable_prefix_caching=self.enable_prefix_caching, enforce_eager=self.enforce_eager,
-                              kv_cache_dtype=self.kv_cache_dtype, speculative_config=speculative)
+                              kv_cache_dtype=self.kv_cache_dtype, speculative_config=speculative, seed=self.seed)
         channel = None if plan is None else StepChannel(ranks)  # every rank, before the engine records any step
         try:
             return LLMEngine(transformer, config, None if tokenizer is None else tokenizer.backend_tokenizer, eos,

@@ -30,10 +30,21 @@ class FlagArgs(EngineArgs):
         return flag(field_name)
 
 
+#: vLLM's --dtype values -> dsv3's precision (dsv3 has no float16 path)
+DTYPES = {"auto": "auto", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+#: vLLM's --kv-cache-dtype names -> dsv3's
+KV_CACHE_DTYPE_NAMES = {"fp8_e4m3": "fp8", "bfloat16": "bf16"}
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The model options (--ckpt, --config, --random-weights and the EngineArgs of group "model": --backend,
     --precision, --device, --tp, --ep, --quiet) and, in their own group, the engine's (cache, scheduler, graphs)."""
     p.add_argument("--ckpt", metavar="DIR", help="Hugging Face checkpoint directory (default: the built-in tiny one)")
+    p.add_argument("--dtype", choices=(*DTYPES, "half", "float16"), help="vLLM's name for the compute type: "
+                   "bfloat16 is --precision bf16, float32 --precision fp32, auto leaves --precision (float16: "
+                   "refused, dsv3 computes in FP8, BF16 or FP32)")
+    p.add_argument("--trust-remote-code", action="store_true", help="accepted for vLLM's command lines; dsv3 "
+                   "runs no code from a checkpoint, so there is nothing to trust")
     p.add_argument("--config", metavar="YAML", help="with --random-weights: run a config (a YAML/JSON file or a "
                    "built-in name) on synthetic weights instead of a checkpoint")
     p.add_argument("--random-weights", action="store_true", help="confirm --config: build random weights of "
@@ -85,6 +96,7 @@ def engine_args(args: argparse.Namespace, **overrides) -> FlagArgs:
         check_model_arguments(args)
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)
                 if f.metadata["cli"] and hasattr(args, f.name)}
+    _vllm_names(args, settings)
     if "model" not in overrides:
         settings["model"] = args.ckpt or args.config
         if args.config and getattr(args, "layers", None):
@@ -92,6 +104,23 @@ def engine_args(args: argparse.Namespace, **overrides) -> FlagArgs:
     result = FlagArgs(**{**settings, **overrides})
     result.check()
     return result
+
+
+def _vllm_names(args: argparse.Namespace, settings: dict) -> None:
+    """vLLM's spellings of dsv3 settings: --dtype as --precision, --kv-cache-dtype fp8_e4m3 as fp8."""
+    dtype = getattr(args, "dtype", None)
+    if dtype in ("half", "float16"):
+        raise UsageError(f"--dtype {dtype}: dsv3 computes in FP8, BF16 or FP32 (--dtype bfloat16 or float32), "
+                         "not float16")
+    if dtype not in (None, "auto"):
+        if settings.get("precision", "auto") not in ("auto", DTYPES[dtype]):
+            raise UsageError(f"--dtype {dtype} and --precision {settings['precision']} disagree: give one")
+        settings["precision"] = DTYPES[dtype]
+    kv = settings.get("kv_cache_dtype")
+    if kv == "fp8_e5m2":
+        raise UsageError("--kv-cache-dtype fp8_e5m2: dsv3's FP8 latent cache is e4m3 (fp8_e4m3, or fp8)")
+    if kv in KV_CACHE_DTYPE_NAMES:
+        settings["kv_cache_dtype"] = KV_CACHE_DTYPE_NAMES[kv]
 
 
 def load_from_args(args: argparse.Namespace) -> Model:

@@ -13,20 +13,27 @@ import sys
 from pathlib import Path
 
 from dsv3.checks import check_int
-from dsv3.commands.args import add_engine_arguments, load_from_args
+from dsv3.commands.args import add_engine_arguments, engine_args
 from dsv3.errors import UsageError
 from dsv3.server.reasoning import REASONING_PARSERS
 from dsv3.server.tool_parser import TOOL_CALL_PARSERS
 
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the checkpoint directory, as `vllm serve MODEL` "
+                   "takes it (the same as --ckpt / --model)")
+    p.add_argument("--model", dest="model_flag", metavar="DIR", help="vLLM's name for --ckpt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling of requests that bring no seed "
+                   "(default 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                    "only; 0.0.0.0 listens on every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--served-model-name", metavar="NAME", help="the model name clients send and /v1/models "
                    "lists (default: --ckpt as given, or 'tiny')")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1 route "
-                   "(default: $DSV3_API_KEY; none when unset)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1 route, "
+                   "/tokenize and /detokenize (default: $DSV3_API_KEY, else $VLLM_API_KEY; none when unset)")
     p.add_argument("--allowed-hosts", metavar="NAMES", help="Host header names the server answers to, comma-separated "
                    "or a JSON list; '*' any (default: on a loopback --host, only localhost, 127.0.0.1 and ::1, "
                    "against DNS rebinding; elsewhere any)")
@@ -35,9 +42,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the "
                    "checkpoint's (tokenizer_config.json chat_template)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, help="return the text up to </think> as "
-                   "reasoning_content (DeepSeek-R1)")
+                   "reasoning_content (deepseek_r1: DeepSeek-R1; deepseek_v3: V3.1 with chat_template_kwargs "
+                   "thinking on)")
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, help="parse the model's tool-call tokens "
-                   "into tool_calls (DeepSeek-V3's format)")
+                   "into tool_calls (deepseek_v3: V3's and R1's format; deepseek_v31: V3.1's)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true", help="vLLM's switch for tool_choice 'auto'; "
+                   "dsv3 parses tool calls whenever --tool-call-parser is given, and takes it beside it")
+    p.add_argument("--max-waiting-requests", type=int, metavar="N", help="at most N requests wait for their first "
+                   "token (queued or in their prefill); more are answered 503 with Retry-After (default: no cap; "
+                   "vLLM has no such flag)")
+    p.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    p.add_argument("--enable-log-requests", action="store_true", help="a log line per request (the default; "
+                   "vLLM's newer spelling)")
+    p.add_argument("--uvicorn-log-level", choices=UVICORN_LOG_LEVELS, default="warning",
+                   help="uvicorn's log level; info and below print an access line per HTTP request (default warning)")
     p.add_argument("--max-request-bytes", type=int, default=16 << 20, metavar="N",
                    help="larger request bodies are refused with 413 (default 16 MiB)")
     p.add_argument("--max-seqs-per-request", type=int, default=256, metavar="N",
@@ -79,6 +97,19 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.request_body_timeout}")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        raise UsageError(f"--max-waiting-requests must be at least 1, got {args.max_waiting_requests}")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise UsageError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 or deepseek_v31)")
+    if args.disable_log_requests and args.enable_log_requests:
+        raise UsageError("give --disable-log-requests or --enable-log-requests, not both")
+    for name in ("model_tag", "model_flag"):
+        value = getattr(args, name)
+        if value is not None:
+            if args.ckpt is not None and args.ckpt != value:
+                raise UsageError(f"the model is given twice ({args.ckpt} and {value}): give one of MODEL, --model "
+                                 "and --ckpt")
+            args.ckpt = value
     check_address(args.host, args.port)
     if args.config and not args.ckpt:
         raise UsageError("dsv3 serve needs a checkpoint with its tokenizer (--ckpt DIR, or none for the built-in "
@@ -91,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key(args), max_request_bytes=args.max_request_bytes,
         chat_template_timeout=args.chat_template_timeout, request_body_timeout=args.request_body_timeout,
         max_seqs_per_request=args.max_seqs_per_request, max_tokens_per_request=args.max_tokens_per_request,
-        allowed_hosts=allowed_hosts(args), allowed_origins=parse_list("--allowed-origins", args.allowed_origins))
-    model = load_from_args(args)
+        allowed_hosts=allowed_hosts(args), allowed_origins=parse_list("--allowed-origins", args.allowed_origins),
+        max_waiting_requests=args.max_waiting_requests, log_requests=not args.disable_log_requests)
+    model = engine_args(args, seed=args.seed).build()
     if not model.is_primary:  # a rank torchrun started: it runs the steps rank 0's engine sends
         model.serve_steps()
         return 0
@@ -107,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dsv3: serving {settings.model_name} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if settings.api_key else ''}", file=sys.stderr, flush=True)
     try:
-        started = serve(app, args.host, args.port, args.shutdown_timeout)
+        started = serve(app, args.host, args.port, args.shutdown_timeout, args.uvicorn_log_level)
     finally:
         engine.shutdown()
     return 0 if started and engine.loop.failure is None else 1
@@ -126,9 +158,9 @@ def allowed_hosts(args: argparse.Namespace) -> list[str] | None:
 def api_key(args: argparse.Namespace) -> str | None:
     """--api-key or $DSV3_API_KEY without the surrounding whitespace a shell or a key file leaves (clients strip
     it too; kept, it would lock everyone out); one of only whitespace is refused, not taken for no key."""
-    key = args.api_key or os.environ.get("DSV3_API_KEY")
+    key = args.api_key or os.environ.get("DSV3_API_KEY") or os.environ.get("VLLM_API_KEY")
     if key and not key.strip():
-        raise UsageError("the API key (--api-key or DSV3_API_KEY) is only whitespace")
+        raise UsageError("the API key (--api-key, DSV3_API_KEY or VLLM_API_KEY) is only whitespace")
     return key.strip() if key else None
 
 

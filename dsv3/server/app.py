@@ -23,18 +23,27 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
+from dsv3 import __version__
 from dsv3.errors import Dsv3Error, RequestError
 from dsv3.server.cross_site import HostCheck, check_json_body
 from dsv3.server.handlers import OpenAIServing, ServerSettings
 from dsv3.server.metrics import ServerMetrics
-from dsv3.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from dsv3.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
 from dsv3.server.runner import ServerShuttingDown
 
 log = logging.getLogger("dsv3.server")
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 #: what a field that takes several shapes accepts, for its type errors
@@ -189,7 +198,30 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
+        """200 while the engine can serve; 503 once its loop has died (a restart is needed)."""
+        error = engine.error
+        if error is not None:
+            return error_response(APIError(f"the engine cannot serve: {error}", status=503))
         return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # SageMaker's health check, as vLLM answers it
+        return await health()
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize(request: Request):
+        body = await read_json(request, TokenizeRequest, settings.max_request_bytes, settings.request_body_timeout)
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize(request: Request):
+        body = await read_json(request, DetokenizeRequest, settings.max_request_bytes,
+                               settings.request_body_timeout)
+        return serving.detokenize(body)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -251,14 +283,15 @@ class _Server(uvicorn.Server):
             end_requests.cancel()
 
 
-def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float) -> bool:
+def serve(app: FastAPI, host: str, port: int, shutdown_timeout: float, log_level: str = "warning") -> bool:
     """Serve until SIGTERM or Ctrl-C: then stop accepting, let in-flight requests (streams too) run up to
     `shutdown_timeout` seconds, end what is left explicitly (which aborts its engine requests) and return.
     Returns False if the server could not start (the port is taken, say)."""
     from sse_starlette.sse import AppStatus
 
     AppStatus.disable_automatic_graceful_drain()  # streams finish within the timeout instead of ending at once
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            access_log=log_level in ("info", "debug", "trace"),
                             timeout_graceful_shutdown=shutdown_timeout)
     server = _Server(config)
     server.run()

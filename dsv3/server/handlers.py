@@ -35,6 +35,8 @@ from dsv3.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    TokenizeRequest,
     TokenLogprob,
     TopLogprob,
     UsageInfo,
@@ -80,6 +82,10 @@ class ServerSettings:
     max_tokens_per_request: int = 1 << 20  # (prompt + max_tokens) x n, summed over the prompts
     allowed_hosts: list[str] | None = None  # Host header names answered (None: any)
     allowed_origins: list[str] | None = None  # pages that may read answers (CORS); None: none
+    max_waiting_requests: int | None = None  # more requests without a first token get 503; None: no cap
+    log_requests: bool = True  # one log line per request
+    #: seconds a 503 for a full queue tells the client to wait (Retry-After)
+    retry_after: int = 1
 
 
 class OpenAIServing:
@@ -188,11 +194,11 @@ class OpenAIServing:
         except Dsv3Error as e:  # text the tokenizer refuses (not valid UTF-8)
             raise APIError(str(e), param=param) from None
 
-    def check_token_ids(self, ids: list[int]) -> None:
+    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise APIError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+            raise APIError(f"{param} token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
     # ------------------------------------------------------------------------------------- completions
 
@@ -295,15 +301,63 @@ class OpenAIServing:
                    stream: Callable[[RequestGroup, str], AsyncIterator[str]]) -> Response:
         """Send one API request's prompts to the engine under one response id (prefix + random); stream the
         outputs, or wait for all of them and answer respond(finals, response_id) (499 where the client left)."""
+        self.check_queue()
         group = RequestGroup(self.engine, random_id(prefix), prompts, params, self.metrics.timer())
         self.groups.add(group)
         response_id = group.ids[0].rsplit("-", 1)[0]
+        if self.settings.log_requests:
+            log.info("request %s: %d prompt(s) of %s tokens, stream=%s, params: %s", response_id, len(prompts),
+                     "/".join(str(len(p)) for p in prompts[:4]) + ("/..." if len(prompts) > 4 else ""),
+                     request.stream, params.summary())
         if request.stream:
             return EventSourceResponse(stream(group, response_id), sep="\n")
         finals = await cancel_on_disconnect(raw, self._collect(group))
         if finals is None:
             return Response(status_code=499)
         return JSONResponse(respond(finals, response_id).model_dump())
+
+    # ------------------------------------------------------------------------------- tokenize, detokenize
+
+    async def tokenize(self, request: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: the prompt's ids, or the chat prompt's as /v1/chat/completions renders it."""
+        if request.model and request.model != self.settings.model_name:
+            raise APIError(f"the model {request.model!r} does not exist (this server serves "
+                           f"{self.settings.model_name!r})", status=404, param="model")
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError("give either prompt or messages", param="prompt")
+        if request.prompt is not None:
+            [ids] = await self.encode([request.prompt], "prompt", add_bos=request.add_special_tokens)
+        else:
+            if self.settings.chat_template is None:
+                raise no_template_error(self.settings.checkpoint)
+            tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+            text = await self.renderer.render([m.template_dict() for m in request.messages], tools=tools,
+                                              add_generation_prompt=request.add_generation_prompt,
+                                              **(request.chat_template_kwargs or {}))
+            [ids] = await self.encode([text], "messages", add_bos=False)
+        pieces = self.tokenizer.backend_tokenizer.id_to_token  # the vocabulary's own strings, as vLLM returns
+        strs = [pieces(i) for i in ids] if request.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, request: DetokenizeRequest) -> dict:
+        if request.model and request.model != self.settings.model_name:
+            raise APIError(f"the model {request.model!r} does not exist (this server serves "
+                           f"{self.settings.model_name!r})", status=404, param="model")
+        self.check_token_ids(request.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(request.tokens)}
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests in flight that have no output yet (queued, or in their prefill)."""
+        return sum(1 for group in list(self.groups) if not group.started and group.timer is not None)
+
+    def check_queue(self) -> None:
+        """503 with Retry-After when --max-waiting-requests requests already wait: shed load, stay healthy."""
+        cap = self.settings.max_waiting_requests
+        if cap is not None and self.num_waiting >= cap:
+            raise APIError(f"the server is at capacity: {cap} requests are already waiting "
+                           "(--max-waiting-requests); retry later", status=503,
+                           headers={"Retry-After": str(self.settings.retry_after)})
 
     async def _collect(self, group: RequestGroup) -> list:
         finals = [None] * len(group.prompts)

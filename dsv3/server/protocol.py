@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
 
+from dsv3 import __version__
+
 #: The most top log-probabilities a request may ask for per token (OpenAI's limit for top_logprobs).
 MAX_LOGPROBS = 20
 
@@ -30,6 +32,10 @@ UNSUPPORTED = {
 }
 
 
+#: what this build's responses say in `system_fingerprint` (the software that produced them)
+SYSTEM_FINGERPRINT = f"dsv3-{__version__}"
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
@@ -41,9 +47,9 @@ class APIError(Exception):
              413: "RequestEntityTooLargeError", 415: "UnsupportedMediaTypeError", 500: "InternalServerError",
              503: "ServiceUnavailableError"}
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.message, self.status, self.param = message, status, param
+        self.message, self.status, self.param, self.headers = message, status, param, headers
 
     def body(self) -> dict:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.TYPES.get(self.status, "APIError"),
@@ -260,6 +266,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -309,6 +316,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
@@ -356,8 +364,29 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered with the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
 
 
 class ModelCard(BaseModel):

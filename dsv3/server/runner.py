@@ -44,6 +44,7 @@ class RequestGroup:
         self._reasons: list[str | None] = [None] * len(prompts)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self.started = False  # an output (a first token) has come: it no longer waits (--max-waiting-requests)
 
     async def outputs(self) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, RequestOutput) as outputs arrive; raises the first engine error.
@@ -91,6 +92,7 @@ class RequestGroup:
         await self._queue.put((index, _DONE))
 
     def _observe(self, index: int, output) -> None:
+        self.started = True
         self._tokens[index] = sum(len(c.token_ids) for c in output.outputs)
         self.timer.tokens(sum(self._tokens))
         if output.finished:
@@ -100,6 +102,11 @@ class RequestGroup:
         """Cancel what still runs and abort its engine requests; records the end-to-end latency once."""
         if self.timer is None:
             return
+        # counted before anything is awaited: a stream the client dropped closes in a cancelled task, whose
+        # next await raises before it could count the request as aborted
+        reasons = [r for r in self._reasons if r]
+        self.timer.finish(reasons[0] if len(reasons) == len(self._reasons) else "abort")
+        self.timer = None
         for task in self._tasks:
             task.cancel()
         for request_id in self.ids:
@@ -108,9 +115,6 @@ class RequestGroup:
                     await self.engine.abort(request_id)
                 except Exception:  # the request may be gone already; aborting is best effort
                     log.exception("aborting %s failed", request_id)
-        reasons = [r for r in self._reasons if r]
-        self.timer.finish(reasons[0] if len(reasons) == len(self._reasons) else "abort")
-        self.timer = None
 
 
 async def _disconnected(request: Request) -> None:

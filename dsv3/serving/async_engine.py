@@ -132,8 +132,22 @@ class EngineLoop:
 
     def _start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run_or_fail, name="dsv3-engine", daemon=True)
             self._thread.start()
+
+    def _run_or_fail(self) -> None:
+        """The loop; should it break outside a step (where nothing isolates the failure), the engine fails for
+        good (`fail`): every caller hears why, new requests are refused and the server's /health answers 503."""
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 - said to every caller and to /health, not swallowed
+            log.exception("the engine loop died")
+            with self._cond:
+                commands, self._commands = self._commands, []
+            for command in commands:
+                if command[0] == "abort":
+                    command[2].set()
+            self.fail(EngineRequestError(f"the engine loop died: {type(e).__name__}: {e}"))
 
     def _run(self) -> None:
         engine = self.engine
@@ -326,6 +340,11 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.loop.stats()
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine stopped for good (its loop died, or a rank failed); None while it can serve."""
+        return self.loop.failure
 
     def shutdown(self) -> None:
         self.loop.shutdown()

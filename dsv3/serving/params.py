@@ -136,6 +136,13 @@ class SamplingParams:
         out._resolved = True
         return out
 
+    def summary(self) -> str:
+        """max_tokens and the settings that differ from the defaults, for a log line."""
+        default = SamplingParams()
+        shown = [(f.name, repr(getattr(self, f.name))) for f in dataclasses.fields(self) if f.name == "max_tokens"
+                 or not f.name.startswith("_") and getattr(self, f.name) != getattr(default, f.name)]
+        return ", ".join(f"{name}={value if len(value) <= 80 else value[:77] + '...'}" for name, value in shown)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

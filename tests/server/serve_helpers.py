@@ -31,14 +31,17 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m dsv3 serve` in a subprocess; `url` once /health answers 200."""
 
-    def __init__(self, *flags: str, api_key_env: str | None = None):
+    def __init__(self, *flags: str, api_key_env: str | None = None, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")  # the server's output, for failure messages
+        extra_env = env or {}
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         env.pop("DSV3_API_KEY", None)
+        env.pop("VLLM_API_KEY", None)
         if api_key_env is not None:
             env["DSV3_API_KEY"] = api_key_env
+        env.update(extra_env)
         started = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dsv3", "serve", "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN),
