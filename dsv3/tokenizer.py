@@ -48,6 +48,14 @@ class Tokenizer:
                                 f"{{\"content\": string}}, found {settings.get(name)!r}")
         self.bos_id = self._tok.token_to_id(self.bos_token)
         self.eos_id = self._tok.token_to_id(self.eos_token)
+        for name in ("bos_token", "eos_token"):  # named but missing: dropped or never matched, without a word
+            if _token_text(settings.get(name)) and not self.has_token(getattr(self, name)):
+                raise Dsv3Error(f"{path / 'tokenizer_config.json'}: {name} {getattr(self, name)!r} is not a token "
+                                f"of {file} (a tokenizer_config.json from another model?)")
+
+    def has_token(self, text: str) -> bool:
+        """Whether `text` is one token of the vocabulary (a special token, say)."""
+        return self._tok.token_to_id(text) is not None
 
     @property
     def backend_tokenizer(self):

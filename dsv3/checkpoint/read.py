@@ -38,6 +38,29 @@ def check_regular_file(path: Path) -> None:
         raise CheckpointError(f"{path}: is {kind}; checkpoint files must be regular files")
 
 
+#: a shard whose last this-many bytes are all zero is taken for a download cut short and padded with zeros
+ZERO_TAIL_BYTES = 1 << 20
+
+
+def check_tail(shard: Path) -> None:
+    """Refuse a shard whose data ends in ZERO_TAIL_BYTES of zero bytes: no trained weights are exactly zero
+    over a megabyte, but a download cut short into a preallocated (sparse) file is. Its tensors would
+    load, pass the NaN/Inf check and compute nonsense."""
+    size = shard.stat().st_size
+    try:
+        with open(shard, "rb") as f:
+            data_start = 8 + int.from_bytes(f.read(8), "little")
+            if size - data_start < ZERO_TAIL_BYTES:
+                return
+            f.seek(size - ZERO_TAIL_BYTES)
+            tail = f.read(ZERO_TAIL_BYTES)
+    except OSError as e:
+        raise CheckpointError(f"{shard}: unreadable ({e.strerror or e})") from None
+    if tail == bytes(len(tail)):
+        raise CheckpointError(f"{shard}: its last {ZERO_TAIL_BYTES >> 20} MiB are all zero bytes, as a download "
+                              f"cut short leaves a preallocated file; download it again")
+
+
 def read_json(path: Path, what: str = "JSON file") -> object:
     """A small JSON file, refused with one line when it is not a regular file, not UTF-8 or not JSON."""
     check_regular_file(path)
@@ -105,6 +128,7 @@ class CheckpointSource:
                 if not shard.exists():
                     raise CheckpointError(f"{index}: names shard {shard.name}, which does not exist")
                 check_regular_file(shard)
+                check_tail(shard)
         else:
             shards = sorted(self.path.glob("*.safetensors"))
             if not shards:
@@ -112,6 +136,7 @@ class CheckpointSource:
             self.files = {}
             for shard in shards:
                 check_regular_file(shard)
+                check_tail(shard)
                 for name in self._open(shard).keys():
                     if name in self.files:
                         raise CheckpointError(f"{self.path}: tensor {name} is in two shards, {self.files[name].name} "

@@ -98,6 +98,12 @@ def preflight(args: argparse.Namespace, prompts: list[str] | None) -> None:
             checkpoint, tokenizer):
         raise UsageError(f"{checkpoint}: no chat template (no chat_template in tokenizer_config.json, no "
                          f"chat_template.jinja), so --chat/--interactive cannot format a conversation")
+    if args.chat or args.interactive:
+        from dsv3.server.chat_template import check_template_tokens
+
+        for note in check_template_tokens(chat_template(args), tokenizer):
+            if not args.quiet:
+                print(f"dsv3: note: {note}", file=sys.stderr)
     config = load_config(checkpoint)
     max_seq_len = args.max_model_len or min(4096, config.max_position_embeddings)
     if max_seq_len > config.max_position_embeddings:

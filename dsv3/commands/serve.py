@@ -77,9 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsv3.api import TINY_CHECKPOINT
     from dsv3.server.app import build_app, serve
-    from dsv3.server.chat_template import ChatTemplate
+    from dsv3.server.chat_template import ChatTemplate, check_template_tokens
     from dsv3.server.cross_site import parse_list
     from dsv3.server.handlers import ServerSettings
+    from dsv3.tokenizer import Tokenizer
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
@@ -116,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
                          "tiny one); --config builds random weights without a tokenizer")
     checkpoint = str(args.ckpt or TINY_CHECKPOINT)
     template = ChatTemplate.load(checkpoint, override=args.chat_template)
+    if template is not None:  # before the weights load: a template the tokenizer cannot encode is refused
+        for note in check_template_tokens(template, Tokenizer(checkpoint)):
+            print(f"dsv3: note: {note}", file=sys.stderr)
     settings = ServerSettings(
         model_name=args.served_model_name or args.ckpt or "tiny", checkpoint=checkpoint, chat_template=template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,

@@ -11,6 +11,7 @@ chat_template.jinja. A checkpoint with none gets a clear error on chat requests,
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jinja2
@@ -119,6 +120,33 @@ def check_template_kwargs(kwargs: dict) -> None:
     if taken:
         raise RequestError(f"chat_template_kwargs may not set {', '.join(map(repr, taken))}: the server passes "
                            f"{', '.join(RESERVED)} itself", param="chat_template_kwargs")
+
+
+#: what the special tokens of DeepSeek's (and most) chat templates look like
+SPECIAL_TOKEN_PATTERN = re.compile(r"<｜[^<>｜]*｜>|<\|[^<>|]*\|>")
+PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+         {"role": "user", "content": "u"}]
+
+
+def check_template_tokens(template: ChatTemplate, tokenizer) -> list[str]:
+    """The special tokens the template writes must be tokens of the tokenizer, or prompts carry them as plain
+    text. Those of a plain conversation missing: Dsv3Error naming them and the files. Those only in other
+    paths of the template (tool calls, say) missing: returned as notes for the caller to print."""
+    try:
+        rendered = template.render(PROBE)
+    except RequestError:  # a template that refuses this conversation: nothing to learn from it
+        rendered = ""
+    written = set(SPECIAL_TOKEN_PATTERN.findall(rendered))
+    written |= {t for t in template.special_tokens.values() if isinstance(t, str) and t and t in rendered}
+    missing = sorted(t for t in written if not tokenizer.has_token(t))
+    if missing:
+        raise Dsv3Error(f"{template.origin}: the chat template writes {', '.join(missing)}, which the checkpoint's "
+                        f"tokenizer.json does not have as tokens: every prompt would carry them as plain text (use "
+                        f"the tokenizer files that belong to this template)")
+    named = {t for source in template.sources.values() for t in SPECIAL_TOKEN_PATTERN.findall(source)}
+    unknown = sorted(t for t in named - written if not tokenizer.has_token(t))
+    return [f"{template.origin}: the chat template can write {', '.join(unknown)}, which tokenizer.json does not have "
+            "as tokens (they would be plain text where the template uses them)"] if unknown else []
 
 
 def no_template_error(checkpoint: str | Path) -> NoChatTemplateError:

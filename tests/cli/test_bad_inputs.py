@@ -97,6 +97,14 @@ def no_chat_template(path: Path) -> Path:
     return path
 
 
+def zero_tail(path: Path) -> Path:
+    """The shard's last megabyte zero, as a download cut short into a preallocated file leaves it."""
+    with open(path / SHARD, "r+b") as f:
+        f.seek(-(1 << 20), os.SEEK_END)
+        f.write(bytes(1 << 20))
+    return path
+
+
 def nan_in(name: str):
     def change(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
@@ -124,6 +132,11 @@ BROKEN = {  # name -> how a copy of the tiny checkpoint is broken
     "bad_tokenizer_config": lambda p: with_json(p, "tokenizer_config.json", "{not json"),
     "no_tokenizer": lambda p: (p / "tokenizer.json").unlink() or p,
     "no_template": no_chat_template,
+    "zero_tail": zero_tail,
+    "bos_not_a_token": lambda p: with_json(p, "tokenizer_config.json", json.dumps(
+        {**json.loads((p / "tokenizer_config.json").read_text()), "bos_token": "<｜nope｜>"})),
+    "template_tokens_missing": lambda p: with_json(p, "tokenizer.json", (p / "tokenizer.json").read_text().replace(
+        "<｜User｜>", "<｜Usr｜>")),
     "bad_generation_config": lambda p: with_json(p, "generation_config.json", '{"temperature": "warm"}'),
 }
 
@@ -190,6 +203,7 @@ def cases(broken: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
         **{f"ckpt_{name}": gen + ["--ckpt", str(path)] for name, path in broken.items()
            if name != "no_template"},
         "chat_without_template": gen + ["--chat", "--ckpt", str(broken["no_template"])],
+        "chat_tokens_missing": gen + ["--chat", "--ckpt", str(broken["template_tokens_missing"])],
     }
 
 
@@ -272,6 +286,17 @@ def test_tokenizer_problems_are_found_before_loading(batch):
     before_loading(case(batch, "ckpt_no_tokenizer", 2, "no tokenizer.json"))
     before_loading(case(batch, "ckpt_bad_tokenizer_config", 2, "tokenizer_config.json", "not a valid tokenizer "
                                                                                          "config"))
+
+
+def test_what_the_tokenizer_config_and_template_promise_is_checked_before_loading(batch):
+    before_loading(case(batch, "ckpt_bos_not_a_token", 2, "tokenizer_config.json: bos_token '<｜nope｜>' is not a "
+                                                          "token of", "tokenizer.json"))
+    before_loading(case(batch, "chat_tokens_missing", 2, "the chat template writes <｜User｜>, which the "
+                                                         "checkpoint's tokenizer.json does not have as tokens"))
+
+
+def test_a_shard_with_a_zero_filled_tail_is_refused(batch):
+    case(batch, "ckpt_zero_tail", 2, "model-00001-of-00001.safetensors: its last 1 MiB are all zero bytes")
 
 
 def test_chat_without_a_template_fails_before_loading(batch):
