@@ -6,15 +6,12 @@ capabilities (9, 4) and (9, 5) that pass a naive ">= 9.0 means Hopper" check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from dsv3.backends.platforms.base import ChipInfo, Platform
 from dsv3.backends.triton_kernels import amd_configs
 from dsv3.backends.triton_kernels.configs import DecodeConfig, KernelConfigs
 
 
-@dataclass(frozen=True)
 class AmdPlatform(Platform):
     def probe(self, torch_module, find_spec=None, import_module=None, index: int = 0) -> ChipInfo | None:
         """An AMD GPU on a ROCm build of PyTorch."""
@@ -41,4 +38,4 @@ class AmdPlatform(Platform):
 AMD = AmdPlatform(
     vendor="amd", backend="rocm", backend_class="dsv3.backends.rocm:RocmBackend", torch_device="cuda",
     dist_backend="nccl", pip_extra="rocm", packages=("triton",),
-    compute_units=(("gfx942", 304), ("gfx950", 256), ("gfx90a", 110)), default_compute_units=304)
+    compute_units={"gfx942": 304, "gfx950": 256, "gfx90a": 110}, default_compute_units=304)

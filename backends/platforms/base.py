@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from dsv3.backends import fp8
@@ -38,7 +38,7 @@ class ChipInfo:
         return self.fp8_format is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per vendor: compared and hashed by identity
 class Platform:
     """One vendor's facts: how to find its chips, what each arch can do, what runs it.
 
@@ -66,7 +66,7 @@ class Platform:
     pip_extra: str | None = None
     packages: tuple[str, ...] = ()
     mla_block_size: int = 64
-    compute_units: tuple[tuple[str, int], ...] = ()
+    compute_units: Mapping[str, int] = field(default_factory=dict)
     default_compute_units: int = 4
 
     def probe(self, torch_module: ModuleType, find_spec: Callable, import_module: Callable) -> ChipInfo | None:
@@ -83,7 +83,7 @@ class Platform:
 
     def num_compute_units(self, arch: str) -> int:
         """Multiprocessors per device of `arch` as the table says (a device, where there is one, says better)."""
-        return dict(self.compute_units).get(self.base_arch(arch), self.default_compute_units)
+        return self.compute_units.get(self.base_arch(arch), self.default_compute_units)
 
     def kernel_configs(self, arch: str, native: bool = True) -> KernelConfigs:
         """The Triton kernels' tile table for `arch`; native=False for a run off this vendor's hardware (the

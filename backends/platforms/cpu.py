@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 
 from dsv3.backends.platforms.base import ChipInfo, Platform
 
 
-@dataclass(frozen=True)
 class CpuPlatform(Platform):
     def probe(self, torch_module=None, find_spec=None, import_module=None) -> ChipInfo:
         """The host CPU (always there): its model name and physical memory."""

@@ -6,8 +6,6 @@ after importlib finds it installed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from dsv3.backends.platforms.base import ChipInfo, Platform
 
 #: Ascend SoC ids (torch_npu._C._npu_get_soc_version()) -> arch
@@ -27,7 +25,6 @@ ASCEND_NAME_PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
 class HuaweiPlatform(Platform):
     def probe(self, torch_module, find_spec, import_module) -> ChipInfo | None:
         """An Ascend NPU when torch_npu is installed, imports (it needs Huawei's CANN) and sees a device."""

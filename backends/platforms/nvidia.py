@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from dsv3.backends.platforms.base import ChipInfo, Platform
 from dsv3.backends.triton_kernels import configs
 
 
-@dataclass(frozen=True)
 class NvidiaPlatform(Platform):
     def probe(self, torch_module, find_spec=None, import_module=None, index: int = 0) -> ChipInfo | None:
         """An NVIDIA GPU on a CUDA build of PyTorch; arch sm_XY from its compute capability."""
