@@ -150,23 +150,3 @@ def token_batch(tokens, vocab_size: int):
         bad = low if low < 0 else high
         raise UsageError(f"token id {bad} is out of range for the vocabulary of {vocab_size} tokens")
     return tokens.long()
-
-
-def token_lists(prompts, vocab_size: int) -> list[list[int]]:
-    """Token-id prompts for generation: a list of non-empty lists of ints in [0, vocab_size)."""
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise TypeError(f"prompts must be a str, a non-empty list of str or a list of token-id lists, "
-                        f"got {type(prompts).__name__}")
-    out = []
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise TypeError(f"prompt {i} must be a list of int token ids, got {type(prompt).__name__}")
-        if not prompt:
-            raise UsageError(f"prompt {i} is empty")
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise UsageError(f"prompt {i}: token id {bad[0]} is out of range for the vocabulary of {vocab_size} "
-                             f"tokens")
-        out.append(list(prompt))
-    return out

@@ -144,32 +144,19 @@ class OpenAIServing:
                            f"the limit per request is {limit} (--max-seqs-per-request)",
                            param="n" if n > 1 else "prompt")
 
-    def check_tokens(self, prompts: list[list[int]], n: int, max_tokens: int) -> None:
-        """400 for a request whose sequences may hold more tokens (prompt + max_tokens, each) than
-        --max-tokens-per-request."""
-        total = sum(len(ids) + max_tokens for ids in prompts) * n
+    def check_tokens(self, prompts: list[list[int]], n: int, max_tokens: int | None) -> None:
+        """400 for a request whose sequences may hold more tokens (prompt + max_tokens, each; without
+        max_tokens, up to the context) than --max-tokens-per-request."""
+        total = sum(self.max_model_len if max_tokens is None else len(ids) + max_tokens for ids in prompts) * n
         limit = self.settings.max_tokens_per_request
         if total > limit:
+            generated = "up to the context" if max_tokens is None else f"max_tokens={max_tokens}"
             raise APIError(f"this request may take {total} tokens ({len(prompts)} prompts of {sum(map(len, prompts))} "
-                           f"tokens in all, plus max_tokens={max_tokens}, times n={n}); the limit per request is "
+                           f"tokens in all, plus {generated}, times n={n}); the limit per request is "
                            f"{limit} (--max-tokens-per-request): lower max_tokens, n or the prompts",
                            param="max_tokens")
 
-    def max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
-        """The tokens a completion may generate: requested, or up to the context; 400 beyond it."""
-        if prompt_len >= self.max_model_len:
-            raise APIError(f"the prompt is {prompt_len} tokens, and this model's context is {self.max_model_len} "
-                           "tokens: shorten the prompt", param=prompt_param)
-        room = self.max_model_len - prompt_len
-        if requested is None:
-            return room
-        if requested > room:
-            raise APIError(f"this model's context is {self.max_model_len} tokens, but {prompt_len + requested} "
-                           f"were requested ({prompt_len} in the prompt, {requested} to generate): lower max_tokens",
-                           param="max_tokens")
-        return requested
-
-    def sampling_params(self, request, max_tokens: int, logprobs: int | None, constraint=None):
+    def sampling_params(self, request, max_tokens: int | None, logprobs: int | None, constraint=None):
         from dsv3.serving.params import SamplingParams
 
         try:
@@ -194,11 +181,21 @@ class OpenAIServing:
         except Dsv3Error as e:  # text the tokenizer refuses (not valid UTF-8)
             raise APIError(str(e), param=param) from None
 
-    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Token ids the tokenizer can decode (/detokenize: not an engine request)."""
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(f"{param} token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+
+    def check_prompts(self, prompts: list[list[int]], params, prompt_param: str) -> None:
+        """Each prompt with its params by the engine's rules (LLMEngine.check_request, the one owner): a 400
+        naming the field (`prompt_param` for the prompt) before anything runs, a stream's 200 included."""
+        for ids in prompts:
+            try:
+                self.engine.check_request(ids, params)
+            except RequestError as e:
+                raise APIError(str(e), param=prompt_param if e.param == "prompt" else e.param) from None
 
     # ------------------------------------------------------------------------------------- completions
 
@@ -209,23 +206,14 @@ class OpenAIServing:
             prompt = [prompt]
         self.check_sequences(len(prompt), request.n)
         encoded = iter(await self.encode([p for p in prompt if isinstance(p, str)], "prompt"))
-        texts, prompts = [], []
-        for p in prompt:
-            if isinstance(p, str):
-                ids = next(encoded)
-            else:
-                ids = list(p)
-                self.check_token_ids(ids)
-                p = self.tokenizer.decode(ids) if request.echo else ""
-            texts.append(p)
-            prompts.append(ids)
-        max_tokens = min(self.max_tokens(request.max_tokens, len(ids), "prompt") for ids in prompts)
-        self.check_tokens(prompts, request.n, max_tokens)
-        params = self.sampling_params(request, max_tokens, request.logprobs, request_constraint(request, None))
-        echo = texts if request.echo else [""] * len(prompts)
+        prompts = [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
+        params = self.sampling_params(request, request.max_tokens, request.logprobs, request_constraint(request, None))
         echo_logprobs = request.echo and request.logprobs is not None
         if echo_logprobs and params.prompt_logprobs is None:  # echo's log-probabilities: the prompt's
             params.prompt_logprobs = request.logprobs
+        self.check_prompts(prompts, params, "prompt")
+        self.check_tokens(prompts, request.n, request.max_tokens)
+        echo = [(p if isinstance(p, str) else self.tokenizer.decode(p)) if request.echo else "" for p in prompt]
 
         def logprobs(output, completion, start: int, offset: int) -> CompletionLogprobs | None:
             generated = self._completion_logprobs(completion, start, request.logprobs, offset)
@@ -383,9 +371,7 @@ class OpenAIServing:
         text = await self.renderer.render(messages, tools, request.add_generation_prompt,
                                           request.chat_template_kwargs)
         [prompt] = await self.encode([text], "messages", add_bos=False)
-        max_tokens = self.max_tokens(request.requested_max_tokens, len(prompt), "messages")
         self.check_sequences(1, request.n)
-        self.check_tokens([prompt], request.n, max_tokens)
         # where the output starts with reasoning, the parser splits it off and a constraint starts after it
         thinks = reasoning_expected(self.settings.reasoning_parser, text, request.chat_template_kwargs or {})
         reasoning_end = THINK_END if thinks else None
@@ -396,7 +382,9 @@ class OpenAIServing:
                                "send one", param="tool_choice")
             constraint = tool_call_constraint(tools, request.tool_choice, self.settings.tool_call_parser,
                                               reasoning_end)
-        params = self.sampling_params(request, max_tokens, request.logprobs_count, constraint)
+        params = self.sampling_params(request, request.requested_max_tokens, request.logprobs_count, constraint)
+        self.check_prompts([prompt], params, "messages")
+        self.check_tokens([prompt], request.n, request.requested_max_tokens)
 
         def respond(finals: list, response_id: str) -> ChatCompletionResponse:
             choices = []

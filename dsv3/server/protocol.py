@@ -222,7 +222,7 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def sampling_kwargs(request: SamplingFields, max_tokens: int, logprobs: int | None) -> dict:
+def sampling_kwargs(request: SamplingFields, max_tokens: int | None, logprobs: int | None) -> dict:
     """The engine's SamplingParams fields for a request; None leaves the checkpoint's default to the engine."""
     kwargs = dict(n=request.n, max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                   top_k=request.top_k, min_p=request.min_p, seed=request.seed, stop=request.stop,

@@ -20,7 +20,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from dsv3.errors import EngineRequestError, RequestError
+from dsv3.errors import EngineRequestError
 from dsv3.serving.engine import EngineStats, LLMEngine
 from dsv3.serving.outputs import RequestOutput
 from dsv3.serving.params import SamplingParams
@@ -71,16 +71,13 @@ class EngineLoop:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None,
                sink: Sink, group: str = "") -> None:
-        """Validate and queue a request (RequestError now for a bad one); its outputs go to `sink`; `group`
-        as LLMEngine.add_request takes it."""
-        if not isinstance(request_id, str) or not request_id:
-            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}", param="request_id")
+        """Validate (LLMEngine.check_request: RequestError now for a bad one) and queue a request; its outputs
+        go to `sink`; `group` as LLMEngine.add_request takes it."""
         resolved = self.engine.check_request(prompt_token_ids, params)
         with self._cond:
             if self._shutdown:
                 raise EngineRequestError("the engine is shut down")
-            if request_id in self._sinks:
-                raise RequestError(f"request {request_id!r} is already running", param="request_id")
+            self.engine.check_request_id(request_id, running=self._sinks)
             self._sinks[request_id] = sink
             self._commands.append(("add", request_id, list(prompt_token_ids), resolved, group))
             self._start()
@@ -216,15 +213,8 @@ class EngineLoop:
             done.set()
 
     def _fail_all(self, error: Exception) -> list[RequestOutput]:
-        outputs = []
-        for request_id in list(self.engine.requests):
-            request = self.engine.requests[request_id]
-            self.engine._fail(request, error)
-            out = self.engine.abort(request_id)
-            if out is not None:
-                out.error = request.error
-                outputs.append(out)
-        return outputs
+        outputs = [self.engine.fail(request_id, error) for request_id in list(self.engine.requests)]
+        return [output for output in outputs if output is not None]
 
     def _deliver_requests(self, requests: list) -> None:
         """The outputs of the requests a step changed (LLMEngine.finish_step), delivered once: the list empties."""
@@ -315,6 +305,10 @@ class AsyncEngine:
         self.loop, self.tokenizer, self.model_config = loop, tokenizer, model_config
         self.max_model_len = loop.engine.max_model_len
         self.generation_defaults = dict(loop.engine.generation_defaults)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams | None) -> SamplingParams:
+        """The engine's check of a request (LLMEngine.check_request): RequestError naming the field."""
+        return self.loop.engine.check_request(prompt_token_ids, params)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None,
                        request_id: str, group: str = "") -> AsyncIterator[RequestOutput]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Container
 
 import torch
 
@@ -148,12 +148,21 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------------
 
+    def check_request_id(self, request_id, running: Container[str] | None = None) -> None:
+        """RequestError unless `request_id` is a non-empty string not in `running` (default: this engine's
+        requests; the engine loop passes the requests it has in flight)."""
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}", param="request_id")
+        if request_id in (self.requests if running is None else running):
+            raise RequestError(f"request {request_id!r} is already running", param="request_id")
+
     def check_request(self, prompt_token_ids, params: SamplingParams | None) -> SamplingParams:
         """Validate a request without touching the engine (safe from any thread); returns the resolved params.
+        The one place a request is checked: the engine loop, the Python API and the HTTP server ask it.
 
         Raises:
-            RequestError naming the field: bad params, empty prompt, ids outside the vocabulary, a
-            prompt that leaves no room in max_model_len, or max_tokens beyond it.
+            RequestError naming the field: bad params, an empty prompt, ids outside the vocabulary, a prompt
+            that leaves no room in the context, or max_tokens beyond it.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -170,11 +179,12 @@ class LLMEngine:
                                    param="prompt")
         n, limit = len(prompt_token_ids), self.max_model_len
         if n >= limit:
-            raise RequestError(f"the prompt has {n} tokens; the context (max_model_len={limit}, --max-model-len) "
-                               f"leaves no room to generate", param="prompt")
+            raise RequestError(f"the prompt is {n} tokens, and this model's context is {limit} tokens: shorten the "
+                               f"prompt", param="prompt")
         if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise RequestError(f"max_tokens={params.max_tokens} with a prompt of {n} tokens exceeds the context "
-                               f"(max_model_len={limit}); at most {limit - n}", param="max_tokens")
+            raise RequestError(f"this model's context is {limit} tokens, but {n + params.max_tokens} were requested "
+                               f"({n} in the prompt, {params.max_tokens} to generate): lower max_tokens to at most "
+                               f"{limit - n}", param="max_tokens")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer (this model has none; use stop_token_ids)",
                                param="stop")
@@ -191,10 +201,7 @@ class LLMEngine:
                     arrival_time: float | None = None, group: str = "") -> None:
         """Queue a request (RequestError for a bad one, nothing queued). Requests of one `group` (the prompts
         of one HTTP request) share the scheduler's slots as one request."""
-        if not isinstance(request_id, str) or not request_id:
-            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}", param="request_id")
-        if request_id in self.requests:
-            raise RequestError(f"request {request_id!r} is already running", param="request_id")
+        self.check_request_id(request_id)
         params = self.check_request(prompt_token_ids, params)
         prompt = list(prompt_token_ids)
         seqs, detokenizers = [], []
@@ -229,6 +236,15 @@ class LLMEngine:
                 self.scheduler.finish(seq, "abort")
         request.finished = True
         return self._output(request)
+
+    def fail(self, request_id: str, error: BaseException) -> RequestOutput | None:
+        """End a request now with `error` (its blocks freed); its final output, carrying the error, or None
+        if unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._fail(request, error)
+        return self.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

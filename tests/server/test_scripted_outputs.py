@@ -34,6 +34,9 @@ class ScriptedEngine:
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
 
+    def check_request(self, prompt_token_ids, params):
+        return params  # every scripted request runs
+
     async def generate(self, prompt_token_ids, params, request_id, group=""):
         pieces, text = self.scripts.pop(0), ""
         for step, piece in enumerate(pieces):

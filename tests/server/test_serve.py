@@ -307,3 +307,16 @@ def sse_events_lazy(response: httpx.Response):
     for line in response.iter_lines():
         if line.startswith("data: "):
             yield line[len("data: "):]
+
+
+def test_a_streamed_request_the_engine_refuses_is_a_400_with_the_engines_message(server):
+    """The engine owns the request checks (LLMEngine.check_request): the server asks it before a stream's 200
+    goes out, and answers with the message a Python caller of the engine gets."""
+    body = {**COMPLETION, "prompt": [5, 6, 7], "max_tokens": MAX_MODEL_LEN, "stream": True}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "max_tokens"
+    assert error["message"] == (f"this model's context is {MAX_MODEL_LEN} tokens, but {MAX_MODEL_LEN + 3} were "
+                                f"requested (3 in the prompt, {MAX_MODEL_LEN} to generate): lower max_tokens to at "
+                                f"most {MAX_MODEL_LEN - 3}")

@@ -243,3 +243,29 @@ def test_a_string_is_one_prompt_and_token_lists_are_prompts(model, alone):
     assert len(model.generate(ids(model, PROMPTS), greedy(3))) == len(PROMPTS)
     with pytest.raises(RequestError, match="one prompt"):
         next(model.generate_stream(PROMPTS, greedy(3)))
+
+
+def test_the_engine_names_a_request_too_long_for_its_context(model):
+    """LLMEngine.check_request is the one owner of request checks: this is the message the server's 400 carries
+    (tests/server/test_serve.py)."""
+    n = model.max_model_len
+    with pytest.raises(RequestError, match=rf"^this model's context is {n} tokens, but {n + 3} were requested \(3 in "
+                                           rf"the prompt, {n} to generate\): lower max_tokens to at most {n - 3}$"):
+        model.generate([[5, 6, 7]], SamplingParams(max_tokens=n))
+    with pytest.raises(RequestError, match=f"^the prompt is {n} tokens, and this model's context is {n} tokens"):
+        model.generate([[5] * n], SamplingParams(max_tokens=1))
+
+
+def test_fail_ends_one_request_with_its_error_and_frees_its_blocks():
+    model = tiny(cache_tokens=256, max_model_len=64)
+    engine = model.engine  # stepped here, without the engine loop's thread
+    engine.add_request("doomed", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0.0))
+    engine.add_request("kept", [8, 9], SamplingParams(max_tokens=2, temperature=0.0))
+    engine.step()
+    output = engine.fail("doomed", RuntimeError("the device went away"))
+    assert output.finished and output.error == "request doomed failed: RuntimeError: the device went away"
+    assert engine.fail("doomed", RuntimeError("again")) is None and set(engine.requests) == {"kept"}
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    model.shutdown()
