@@ -46,6 +46,7 @@ from dsv3.bench.serve_records import (
     summarize,
 )
 from dsv3.errors import Dsv3Error, UsageError
+from dsv3.serving.structured import StructuredOutputsParams
 
 
 def add_arguments(p) -> None:
@@ -58,8 +59,10 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("serve (the load)")
     g.add_argument("--num-prompts", type=int, help="requests to send (default 1000 on an accelerator, 64 on the "
                    "CPU; --quick: 4 x the concurrency)")
-    g.add_argument("--input-len", type=int, default=1024, help="prompt tokens per request (default 1024)")
-    g.add_argument("--output-len", type=int, default=128, help="tokens each request generates (default 128)")
+    g.add_argument("--input-len", type=int, help=f"prompt tokens per request (default {INPUT_LEN}, less where the "
+                   "model's context is shorter)")
+    g.add_argument("--output-len", type=int, help=f"tokens each request generates (default {OUTPUT_LEN}, less where "
+                   "the model's context is shorter)")
     g.add_argument("--range-ratio", type=float, default=0.0, help="lengths drawn uniformly within +- this "
                    "fraction of --input-len and --output-len (default 0)")
     g.add_argument("--prefix-len", type=int, default=0, help="random tokens shared by every prompt, before its "
@@ -77,6 +80,11 @@ def add_arguments(p) -> None:
                    "$OPENAI_API_KEY)")
     g.add_argument("--vocab-size", type=int, help="--url: prompt token ids are drawn below this (default: the "
                    "vocabulary of --ckpt, else of the built-in tiny checkpoint)")
+    g.add_argument("--structured-output", choices=("json",), help="in-process: run the load a second time on the "
+                   "same engine with a JSON schema on every request and report the grammar's cost: median TPOT "
+                   "and output tokens/s of both runs (json_tpot_overhead: the schema run's median TPOT over the "
+                   "plain run's, minus 1). Needs a checkpoint whose tokenizer has JSON's characters (--ckpt; "
+                   "make_dummy_checkpoint.py --real-tokenizer for V3's)")
     g.add_argument("--baseline", metavar="FILE", help="an earlier bench serve JSON (e.g. the in-process run) to "
                    "print this run's output throughput against")
     g.add_argument("--static-decode-baseline", action=argparse.BooleanOptionalAction, default=None,
@@ -98,6 +106,20 @@ def _load(args, num_prompts: int) -> dict:
     return {"num_prompts": num_prompts, "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
             "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
             "prefix_len": args.prefix_len}
+
+
+INPUT_LEN, OUTPUT_LEN = 1024, 128
+
+
+def _default_lengths(args, context: int | None) -> None:
+    """--input-len and --output-len where not given: 1024 and 128, scaled down to fit `context` (the model's
+    max_position_embeddings; None: no limit known) with the prefix, so the tiny checkpoint runs as it is."""
+    room = None if context is None else context - args.prefix_len
+    fits = room is None or INPUT_LEN + OUTPUT_LEN <= room
+    if args.output_len is None:
+        args.output_len = OUTPUT_LEN if fits else max(1, room * OUTPUT_LEN // (INPUT_LEN + OUTPUT_LEN))
+    if args.input_len is None:
+        args.input_len = INPUT_LEN if fits else max(1, room - args.output_len)
 
 
 def _check(args) -> None:
@@ -180,6 +202,7 @@ def _payload(device: str, backend: str, ops: dict, model: dict, notes: list[str]
 
 def run_url(args) -> int:
     """`dsv3 bench serve --url URL`."""
+    _default_lengths(args, None)
     _check(args)
     num_prompts = _num_prompts(args, on_host=False)
     vocab_size = args.vocab_size or _vocab_size(args)
@@ -298,6 +321,9 @@ def static_prefill_ms(model, tokens: int, quick: bool = False) -> float:
 
 def run_engine(args) -> int:
     """`dsv3 bench serve` in this process."""
+    from dsv3.config import load_config
+
+    _default_lengths(args, load_config(args.ckpt or args.config).max_position_embeddings)
     _check(args)
     static_context = args.prefix_len + args.input_len + args.output_len // 2
     if args.max_model_len is None:
@@ -317,6 +343,15 @@ def run_engine(args) -> int:
         name = model.backend.capabilities.name
         record = summarize(results, duration, f"dsv3 engine in-process ({name})", "in-process",
                            _load(args, num_prompts), before, after, peak)
+        if args.structured_output:  # the same load again on the same engine, every request under a grammar
+            target = EngineTarget(model.async_engine)
+            target.structured_outputs = StructuredOutputsParams(json=BENCH_SCHEMA)
+
+            async def constrained():
+                return await _drive(target, args, model.config.vocab_size, num_prompts)
+
+            add_structured(record, summarize(*asyncio.run(constrained())[:2], "JSON schema on every request",
+                                             "in-process", _load(args, num_prompts)))
         if model.engine.proposer is not None:  # the same load again on the same engine, its proposer detached
             model.engine.proposer = None
             plain = summarize(*asyncio.run(main())[:2], "without speculation", "in-process", _load(args, num_prompts))
@@ -336,6 +371,24 @@ def run_engine(args) -> int:
     ops = dict(model.backend.capabilities.ops)
     _report(args, record, _payload(model.backend.device_name(), name, ops, described, notes))
     return 0 if record.metrics["completed"] else 1
+
+
+#: the schema of --structured-output json: an object whose one field can run to any length, so requests keep
+#: decoding (a grammar that ends stops its request, ignore_eos or not)
+BENCH_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+
+
+def add_structured(record: Record, constrained: Record) -> None:
+    """The grammar's cost beside the plain run: json_median_tpot_ms, json_output_throughput, json_tpot_overhead."""
+    m, c = record.metrics, constrained.metrics
+    m["json_median_tpot_ms"], m["json_output_throughput"] = c["median_tpot_ms"], c["output_throughput"]
+    m["json_completed"] = c["completed"]
+    m["json_tpot_overhead"] = (c["median_tpot_ms"] / m["median_tpot_ms"] - 1
+                               if c["median_tpot_ms"] and m["median_tpot_ms"] else None)
+    print(f"dsv3 bench serve: JSON schema on every request: median TPOT {c['median_tpot_ms']:.2f} ms vs "
+          f"{m['median_tpot_ms']:.2f} ms plain ({m['json_tpot_overhead']:+.1%}), output "
+          f"{c['output_throughput']:.1f} vs {m['output_throughput']:.1f} tok/s" if m["json_tpot_overhead"] is not None
+          else "dsv3 bench serve: JSON schema run: no TPOT to compare", file=sys.stderr)
 
 
 def run_command(args) -> int:

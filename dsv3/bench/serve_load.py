@@ -116,11 +116,13 @@ class EngineTarget:
 
     def __init__(self, engine):
         self.engine = engine
+        self.structured_outputs = None  # a grammar every request carries (bench serve --structured-output)
 
     def sampling_params(self, output_len: int):
         from dsv3.serving.params import SamplingParams
 
-        return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                              structured_outputs=self.structured_outputs)
 
     async def send(self, request: BenchRequest, request_id: str) -> RequestResult:
         result = RequestResult(len(request.prompt_token_ids), request.output_len)

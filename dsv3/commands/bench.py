@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=WHAT, help="which ops to time (all: gemm, moe and mla), whole decode or "
                    "prefill steps, their kernels (profile), requests through the serving engine (serve), or MTP "
                    "speculative decoding's steps beside the plain decode step (spec)")
-    p.add_argument("--backend", default="cuda", help="backend under test (default cuda)")
+    p.add_argument("--backend", help="backend under test (default cuda; serve: picked from the hardware, as dsv3 "
+                   "serve picks it)")
     p.add_argument("--device", help="torch device for the backend (default: the backend's)")
     p.add_argument("--json", metavar="FILE", help="also write the roofline, environment and records as JSON")
     p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
@@ -62,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "serve":  # the engine builds its own backend; --url needs none
         from dsv3.bench import serve
 
+        args.backend = args.backend or "auto"
         return serve.run_command(args)
+    args.backend = args.backend or "cuda"
     try:
         backend = create_backend(args.backend, **({"device": args.device} if args.device else {}))
     except (ValueError, RuntimeError) as e:

@@ -245,3 +245,29 @@ def test_url_against_dsv3_serve(dsv3_server, tmp_path, capsys):
 
     assert cli.main([*load, "--api-key", "wrong"]) == 2  # /v1/models answers 401: one line, no run
     assert "401" in capsys.readouterr().err
+
+
+def test_structured_output_run_with_the_backend_from_the_hardware(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    code = cli.main(["bench", "serve", "--ckpt", str(TINY_CHECKPOINT), "--num-prompts", "4", "--input-len", "16",
+                     "--output-len", "6", "--max-concurrency", "2", "--num-warmups", "0", "--structured-output",
+                     "json", "--json", str(out)])  # no --backend: picked from the hardware, as dsv3 serve does
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err
+    r = json.loads(out.read_text())["records"][0]
+    assert r["json_completed"] == 4 and r["json_median_tpot_ms"] > 0 and r["json_tpot_overhead"] is not None
+    assert "JSON schema on every request" in printed.err
+
+
+@pytest.mark.parametrize("given, context, expected", [
+    ({}, None, (1024, 128)), ({}, 1024, (911, 113)), ({"input_len": 100}, 1024, (100, 113)),
+    ({"prefix_len": 512}, 1024, (456, 56)), ({"output_len": 7}, 4096, (1024, 7)),
+])
+def test_default_lengths_fit_the_models_context(given, context, expected):
+    import argparse
+
+    from dsv3.bench.serve import _default_lengths
+
+    args = argparse.Namespace(**{"input_len": None, "output_len": None, "prefix_len": 0, **given})
+    _default_lengths(args, context)
+    assert (args.input_len, args.output_len) == expected
