@@ -159,7 +159,6 @@ def read_prompts(path: Path) -> list[str]:
 
 def chat_template(args: argparse.Namespace):
     """The checkpoint's chat template (or --chat-template FILE), as `dsv3 serve` renders it."""
-    from dsv3.api import TINY_CHECKPOINT
     from dsv3.server.chat_template import ChatTemplate, no_template_error
 
     checkpoint = args.ckpt or TINY_CHECKPOINT

@@ -87,3 +87,24 @@ def test_a_load_time_error_names_the_flag_under_the_command(capsys):
                  "--max-new-tokens", "1", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dsv3: error: cache: ") and err.endswith("raise --cache-tokens or lower --max-model-len\n")
+
+
+def test_the_engine_package_knows_nothing_of_the_command_line_or_the_api():
+    """dsv3/serving/ sits below EngineArgs: no argparse, no import of dsv3.commands, dsv3.api, dsv3.engine_args
+    or dsv3.llm, and no dsv3 import inside a function (where a cycle would hide)."""
+    import ast
+    from pathlib import Path
+
+    import dsv3.serving
+
+    above = ("argparse", "dsv3.commands", "dsv3.api", "dsv3.engine_args", "dsv3.llm")
+    for path in sorted(Path(dsv3.serving.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n == a or n.startswith(a + ".") for n in names for a in above), (path.name, names)
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dsv3"):
+                    raise AssertionError(f"{path.name}: {node.module} imported inside {function.name}")
