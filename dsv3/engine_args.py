@@ -30,6 +30,7 @@ from dsv3.backends.interface import Backend
 from dsv3.backends.latent_cache import KV_CACHE_DTYPES
 from dsv3.backends.select import select
 from dsv3.checkpoint import CheckpointSource, RandomSource, WeightLoader
+from dsv3.checkpoint.read import check_config_fits
 from dsv3.config import ModelConfig, load_config
 from dsv3.errors import BackendSetupError, ConfigError, OutOfMemoryError, UsageError
 from dsv3.llm import Model
@@ -339,6 +340,8 @@ class EngineArgs:
             raise ConfigError(f"{model}: not a checkpoint directory (no config.json)")
         source = CheckpointSource(model) if self.load_format == "auto" else None
         config = load_config(model)
+        if source is not None:  # before any per-layer work: sizes the shards cannot hold are refused
+            check_config_fits(config, source)
         tokenizer = Tokenizer(model) if (Path(model) / "tokenizer.json").exists() else None
         defaults = {} if self.generation_config == "vllm" else \
             generation_defaults(model if self.generation_config == "auto" else self.generation_config)

@@ -342,6 +342,39 @@ class FiniteSource:
         return tensor
 
 
+def check_config_fits(config, source: "CheckpointSource") -> None:
+    """Refuse a config.json whose sizes the shards cannot hold, before any per-layer work: a layer or
+    expert count of 10**9 passes every field check and would otherwise build per-layer layouts for minutes
+    and fill memory. The bound: weights the config needs at the least (each at least one byte, so at most
+    the shards' total size), each term named by the fields that make it."""
+    c = config
+    hidden, heads = c.hidden_size, c.num_attention_heads
+    q = c.q_lora_rank * (hidden + heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)) if c.q_lora_rank else \
+        hidden * heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+    attention = q + (c.kv_lora_rank + c.qk_rope_head_dim) * hidden + c.kv_lora_rank * heads * (
+        c.qk_nope_head_dim + c.v_head_dim) + heads * c.v_head_dim * hidden + 2 * hidden
+    num_dense = min(c.first_k_dense_replace, c.num_hidden_layers) if c.n_routed_experts else c.num_hidden_layers
+    num_moe = (c.num_hidden_layers - num_dense) // max(c.moe_layer_freq, 1) if c.n_routed_experts else 0
+    experts = (c.n_routed_experts or 0) + (c.n_shared_experts or 0)
+    terms = {
+        "vocab_size x hidden_size": c.vocab_size * hidden,
+        "num_hidden_layers and the attention sizes": c.num_hidden_layers * attention,
+        "the dense layers' intermediate_size": num_dense * 3 * c.intermediate_size * hidden,
+        "n_routed_experts and n_shared_experts x moe_intermediate_size": num_moe * experts * 3 * c.moe_intermediate_size
+        * hidden,
+    }
+    shards = sorted(set(source.files.values()))
+    for shard in shards:  # a truncated or unreadable shard is named as such first
+        source._open(shard)
+    capacity = sum(shard.stat().st_size for shard in shards)
+    if sum(terms.values()) > capacity:
+        field, needed = max(terms.items(), key=lambda item: item[1])
+        raise CheckpointError(f"{source.path / 'config.json'}: {field} need at least {needed:.3g} weights, but the "
+                              f"{len(shards)} shards hold at most {capacity:.3g} ({capacity} bytes): config.json "
+                              f"does not describe these weights (num_hidden_layers={c.num_hidden_layers}, "
+                              f"n_routed_experts={c.n_routed_experts}, hidden_size={hidden})")
+
+
 class WeightLoader:
     """Hands the model its tensors, checked against the layout, with a progress bar.
 

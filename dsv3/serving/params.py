@@ -198,6 +198,8 @@ def generation_defaults(checkpoint: str | Path | None) -> dict:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{path}: {name} must be a finite number, found {value!r}")
+        if name == "top_k" and value != int(value):  # int() would make 2.7 a 2 without a word
+            raise ConfigError(f"{path}: top_k must be an integer, found {value!r}")
         defaults[name] = int(value) if name == "top_k" else float(value)
     if raw.get("do_sample") is False:
         defaults["temperature"] = 0.0

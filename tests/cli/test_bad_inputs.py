@@ -133,6 +133,8 @@ BROKEN = {  # name -> how a copy of the tiny checkpoint is broken
     "no_tokenizer": lambda p: (p / "tokenizer.json").unlink() or p,
     "no_template": no_chat_template,
     "zero_tail": zero_tail,
+    "layers_1e9": config_with(num_hidden_layers=10**9),
+    "experts_1e12": config_with(n_routed_experts=10**12),
     "bos_not_a_token": lambda p: with_json(p, "tokenizer_config.json", json.dumps(
         {**json.loads((p / "tokenizer_config.json").read_text()), "bos_token": "<｜nope｜>"})),
     "template_tokens_missing": lambda p: with_json(p, "tokenizer.json", (p / "tokenizer.json").read_text().replace(
@@ -293,6 +295,14 @@ def test_what_the_tokenizer_config_and_template_promise_is_checked_before_loadin
                                                           "token of", "tokenizer.json"))
     before_loading(case(batch, "chat_tokens_missing", 2, "the chat template writes <｜User｜>, which the "
                                                          "checkpoint's tokenizer.json does not have as tokens"))
+
+
+def test_sizes_the_shards_cannot_hold_are_refused_before_any_per_layer_work(batch):
+    """These used to build per-layer layouts for minutes (and all memory) before any check."""
+    case(batch, "ckpt_layers_1e9", 2, "config.json: ", "need at least", "but the 1 shards hold at most",
+         "num_hidden_layers=1000000000")
+    case(batch, "ckpt_experts_1e12", 2, "n_routed_experts and n_shared_experts x moe_intermediate_size need at least",
+         "n_routed_experts=1000000000000")
 
 
 def test_a_shard_with_a_zero_filled_tail_is_refused(batch):

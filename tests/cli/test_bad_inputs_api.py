@@ -129,3 +129,14 @@ def test_tokenizer_prompt_types():
         tokenizer.encode(b"hello")
     with pytest.raises(UsageError, match="not valid UTF-8"):
         tokenizer.encode("caf\udce9")
+
+
+def test_a_fractional_top_k_in_generation_config_is_refused(tmp_path):
+    from dsv3.errors import ConfigError
+    from dsv3.serving.params import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text('{"top_k": 2.7}')
+    with pytest.raises(ConfigError, match="generation_config.json: top_k must be an integer, found 2.7"):
+        generation_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"top_k": 40.0}')
+    assert generation_defaults(tmp_path) == {"top_k": 40}
