@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError, BackendUnavailable
 from dsv3.backends.interface import (
-    DENSE_DTYPES,
     Backend,
     Capabilities,
     ExpertWeights,
@@ -209,9 +208,7 @@ class AscendBackend(Backend):
             if scale is None:
                 return fp8.quantize_blocks(weight.to(self.device), self.capabilities.fp8_dtype)
             return weight.to(self.device), scale.to(self.device, torch.float32)
-        dtype = DENSE_DTYPES[precision]
-        dense = fp8.dequantize_blocks(weight, scale, dtype) if scale is not None else weight.to(dtype)
-        return dense.to(self.device), None
+        return self.dense_weight(weight, scale, precision).to(self.device), None
 
     def prepare_linear(self, weight, scale_inv, precision: Precision) -> LinearWeight:
         w, s = self._prepare(weight, scale_inv, precision)
@@ -223,11 +220,9 @@ class AscendBackend(Backend):
             return ExpertWeights(gu, gus, d, ds)
         # npu_grouped_matmul multiplies x [M, K] by weight [E, K, N] (2.14 docs, group_type 0, "单单单"), so the
         # experts are kept as [E, in, out] and ExpertWeights holds transposed views of them (no second copy).
-        dtype = DENSE_DTYPES[precision]
         kn = []
         for w, s in ((gate_up, gate_up_scale), (down, down_scale)):
-            dense = fp8.dequantize_blocks(w, s, dtype) if s is not None else w.to(dtype)
-            kn.append(dense.transpose(1, 2).contiguous().to(self.device))
+            kn.append(self.dense_weight(w, s, precision).transpose(1, 2).contiguous().to(self.device))
         gate_up_kn, down_kn = kn
         return ExpertWeights(gate_up_kn.transpose(1, 2), None, down_kn.transpose(1, 2), None,
                              extra={"gate_up_kn": gate_up_kn, "down_kn": down_kn})

@@ -367,6 +367,12 @@ class Backend(ABC):
                     v_head_dim: int, dtype: torch.dtype) -> MLAWeights:
         """Split a dense kv_b_proj weight [H*(nope+v), kv_lora_rank] into w_uk and w_uv."""
 
+    def dense_weight(self, weight: torch.Tensor, scale_inv: torch.Tensor | None, precision: Precision) -> torch.Tensor:
+        """`weight` as a dense precision ("bf16", "fp32") keeps it, on the device it is on: FP8 blocks times
+        their scales (stacked experts one matrix at a time), any other weight cast."""
+        dtype = DENSE_DTYPES[precision]
+        return weight.to(dtype) if scale_inv is None else fp8.dequantize_blocks(weight, scale_inv, dtype)
+
     # ---- GEMM --------------------------------------------------------------
 
     @abstractmethod

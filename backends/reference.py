@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import (
-    DENSE_DTYPES,
     Backend,
     Capabilities,
     ExpertWeights,
@@ -88,16 +87,11 @@ class ReferenceBackend(Backend):
             return fp8.fn_to_fnuz(weight, scale.float())
         return weight, scale.float()
 
-    def _dense(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        if scale is not None:
-            return fp8.dequantize_blocks(weight, scale, dtype)
-        return weight.to(dtype)
-
     def _prepare(self, weight, scale, precision):
         if precision == "fp8":
             return self._to_fp8(weight.to(self.device), None if scale is None else scale.to(self.device))
-        return self._dense(weight.to(self.device), None if scale is None else scale.to(self.device),
-                           DENSE_DTYPES[precision]), None
+        return self.dense_weight(weight.to(self.device), None if scale is None else scale.to(self.device),
+                                 precision), None
 
     def prepare_linear(self, weight, scale_inv, precision: Precision) -> LinearWeight:
         w, s = self._prepare(weight, scale_inv, precision)

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from dsv3.backends import fp8
 from dsv3.backends.errors import BackendError
 from dsv3.backends.interface import (
-    DENSE_DTYPES,
     Backend,
     Capabilities,
     ExpertWeights,
@@ -230,8 +229,7 @@ class TritonBackend(Backend):
         weight = weight.to(self.device)
         scale_inv = None if scale_inv is None else scale_inv.to(self.device, torch.float32)
         if precision != "fp8":
-            dense = (fp8.dequantize_blocks(weight, scale_inv, DENSE_DTYPES[precision]) if scale_inv is not None
-                     else weight.to(DENSE_DTYPES[precision]))
+            dense = self.dense_weight(weight, scale_inv, precision)
             return LinearWeight(dense.contiguous(), None, out_features, in_features)
         w, s = self._to_fp8(weight, scale_inv)
         extra = {}
@@ -271,13 +269,8 @@ class TritonBackend(Backend):
             s = None if s is None else s.to(self.device, torch.float32)
             if precision == "fp8":
                 parts += self._to_fp8(w, s)
-            elif s is not None:  # one expert at a time: a whole layer in fp32 would not fit
-                dense = torch.empty(w.shape, dtype=DENSE_DTYPES[precision], device=self.device)
-                for e in range(w.shape[0]):
-                    dense[e] = fp8.dequantize_blocks(w[e], s[e], dense.dtype)
-                parts += [dense, None]
-            else:
-                parts += [w.to(DENSE_DTYPES[precision]).contiguous(), None]
+            else:  # dequantized one expert at a time: a whole layer in fp32 would not fit
+                parts += [self.dense_weight(w, s, precision).contiguous(), None]
         return ExpertWeights(*parts)
 
     def prepare_mla(self, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, dtype):
