@@ -38,6 +38,7 @@ from dsv3.model import Transformer
 from dsv3.precision import CHOICES as PRECISIONS
 from dsv3.precision import resolve_precision
 from dsv3.serving.cache_sizing import plan_cache
+from dsv3.serving.data_parallel import DataParallelEngine
 from dsv3.serving.engine import EngineConfig, LLMEngine
 from dsv3.serving.params import generation_defaults
 from dsv3.serving.spec_decode import SpeculativeConfig
@@ -240,9 +241,6 @@ class EngineArgs:
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        if self.data_parallel_size > 1:
-            raise UsageError(f"{self.name('data_parallel_size')} {self.data_parallel_size}: the engine does not "
-                             f"serve data-parallel attention yet; use {self.name('tensor_parallel_size')}")
         if self.enable_expert_parallel and self.ep not in (None, self.world_size):
             raise UsageError(f"{self.name('enable_expert_parallel')} spreads the experts over all "
                              f"{self.world_size} ranks; {self.name('ep')} {self.ep} says otherwise: give one")
@@ -271,6 +269,7 @@ class EngineArgs:
             if isinstance(self.backend, Backend):
                 raise UsageError(f"{self.name('tensor_parallel_size')}: every rank builds its own backend; give the "
                                  f"backend's name, not a Backend")
+            self._check_layout()
             ranks = LocalRanks(self.world_size, self)  # this process becomes rank 0
         try:
             model = self._build(speculative, ranks)
@@ -283,6 +282,15 @@ class EngineArgs:
         if model.channel is not None and model.is_primary:
             atexit.register(model.shutdown)  # before the process group goes: the other ranks are told to stop
         return model
+
+    def _check_layout(self) -> None:
+        """A layout the model cannot be cut into, refused before any rank starts (the ranks check it again, FP8
+        blocks included once the precision is known, before any weight is read)."""
+        model = TINY_CHECKPOINT if self.model is None else self.model
+        config = model if isinstance(model, ModelConfig) else load_config(model)
+        world, dp = self.world_size, self.data_parallel_size
+        plan = parallel.ParallelPlan(0, world, 0, self.tensor_parallel_size or 1, self.ep or world, dp)
+        plan.check(config, self.precision, self.load_mtp)
 
     def _build(self, speculative: SpeculativeConfig | None, ranks: LocalRanks | None) -> Model:
         plan = parallel.plan_for(self.tensor_parallel_size, self.ep, self.data_parallel_size)  # None: one process
@@ -392,12 +400,20 @@ class EngineArgs:
         info(cache.describe(), quiet)
         config = EngineConfig(max_model_len=max_model_len, block_size=block_size, num_blocks=cache.num_blocks,
                               max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                              enable_prefix_caching=self.enable_prefix_caching, enforce_eager=self.enforce_eager,
+                              enable_prefix_caching=self.enable_prefix_caching,
+                              enforce_eager=self.enforce_eager or (plan is not None and plan.dp > 1),
                               kv_cache_dtype=self.kv_cache_dtype, speculative_config=speculative, seed=self.seed)
         channel = None if plan is None else StepChannel(ranks)  # every rank, before the engine records any step
+        text = None if tokenizer is None else tokenizer.backend_tokenizer
         try:
-            return LLMEngine(transformer, config, None if tokenizer is None else tokenizer.backend_tokenizer, eos,
-                             sampling_defaults, channel)
+            engine = LLMEngine(transformer, config, text, eos, sampling_defaults, channel)
+            if plan is None or plan.dp == 1 or not plan.is_primary:
+                return engine
+            # DP attention: rank 0 schedules every group (data_parallel); the others' caches are on their ranks.
+            # Its steps run eagerly (above): each group would replay its own bucket, not one size for all
+            others = [LLMEngine(transformer, config, text, eos, sampling_defaults, channel, local=False)
+                      for _ in range(plan.dp - 1)]
+            return DataParallelEngine([engine, *others], plan.tp)
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"out of memory allocating the cache ({cache.describe()}); lower "
                                    f"{self.name('gpu_memory_utilization')} or set {self.name('cache_tokens')}"

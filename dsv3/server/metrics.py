@@ -48,6 +48,17 @@ class EngineCollector(Collector):
                 ("dsv3:generation_tokens", "Tokens generated.", stats.generation_tokens),
                 ("dsv3:num_preemptions", "Requests preempted for lack of cache blocks.", stats.num_preemptions)):
             yield self._family(CounterMetricFamily, name, doc, value)
+        used = getattr(stats, "used_blocks_per_rank", ())
+        if used:  # the engine's (a stand-in's stats may not say)
+            yield self._family(GaugeMetricFamily, "dsv3:cache_blocks_per_rank",
+                               "Cache blocks each rank holds (under DP attention each group its own).",
+                               stats.num_blocks)
+            family = GaugeMetricFamily("dsv3:kv_cache_used_blocks", "Cache blocks held by sequences, per DP group "
+                                       "(every rank of a group holds the same blocks).",
+                                       labels=[*self._labels, "dp_rank"])
+            for group, blocks in enumerate(used):
+                family.add_metric([*self._labels.values(), str(group)], float(blocks))
+            yield family
         spec = getattr(stats, "spec_decode", None)
         if spec is not None:  # speculative decoding (--speculative-config)
             for name, doc, value in (

@@ -74,6 +74,7 @@ class EngineStats:
     num_blocks: int = 0
     block_size: int = 0
     spec_decode: SpecDecodeStats | None = None  # with speculative decoding
+    used_blocks_per_rank: tuple[int, ...] = ()  # blocks held by sequences, per DP group (one without DP)
 
 
 @dataclass(eq=False)
@@ -116,10 +117,12 @@ class LLMEngine:
         generation_defaults: sampling defaults of the checkpoint (params.generation_defaults).
         channel: over several ranks, where each step's plan goes to the other ranks (workers.StepChannel);
             set on every rank, since they record the same steps.
+        local: False for the engine of another DP group hosted on rank 0 (data_parallel): it schedules and
+            samples, its group's ranks hold its cache and run its steps.
     """
 
     def __init__(self, model: Transformer, config: EngineConfig, tokenizer=None, eos_token_ids=(),
-                 generation_defaults: dict | None = None, channel=None):
+                 generation_defaults: dict | None = None, channel=None, local: bool = True):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids)
@@ -132,7 +135,10 @@ class LLMEngine:
                                   config.enforce_eager, rows_per_seq=1 + (spec.num_speculative_tokens if spec else 0),
                                   keep_hidden=spec is not None)
         self.runner.channel = channel
-        self.runner.record_all()
+        if local:
+            self.runner.record_all()
+        else:
+            self.runner.graphs = False
         self.sampler = Sampler(model.backend.device, config.seed)
         self.structured = StructuredOutputs(tokenizer, self.vocab_size, self.eos_token_ids)
         self.proposer = None if spec is None else MTPProposer(
@@ -260,13 +266,15 @@ class LLMEngine:
         """Run one step; the outputs of every request that changed (finished ones for the last time)."""
         return self.outputs(self.finish_step(self.launch_step()))
 
-    def launch_step(self, before_eager: Callable[[], None] | None = None) -> "LaunchedStep":
+    def launch_step(self, before_eager: Callable[[], None] | None = None,
+                    scheduled: ScheduledStep | None = None) -> "LaunchedStep":
         """The first part of a step: schedule it and start its forward. A replayed decode step runs on
         the device after this returns (nothing waits for it before finish_step reads the logits), so the
         caller can do other host work meanwhile (`outputs` of the previous step); no add or abort before
         finish_step. `before_eager` is called first where the step runs eagerly instead (its forward may
-        keep the host busy for all of its length: work left for later would wait as long)."""
-        step = self.scheduler.schedule()
+        keep the host busy for all of its length: work left for later would wait as long). `scheduled`: the
+        step where the scheduler chose it already (data_parallel)."""
+        step = self.scheduler.schedule() if scheduled is None else scheduled
         self.idle = step.is_empty  # nothing could run (the loop then waits rather than spins)
         launched = LaunchedStep(step, [], None, {})
         if not step.is_empty:
@@ -507,5 +515,6 @@ class LLMEngine:
                            num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens,
                            generation_tokens=self.generation_tokens, num_blocks=self.config.num_blocks,
                            block_size=self.config.block_size,
+                           used_blocks_per_rank=(bm.num_usable_blocks - bm.num_free_blocks,),
                            spec_decode=None if self.proposer is None else self.proposer.stats.copy())
 

@@ -163,6 +163,8 @@ class ModelRunner:
         self.graphs = not enforce_eager and model.supports_graphs()
         #: where other ranks run every step too: the channel each step's plan goes out on (workers.StepChannel)
         self.channel = None
+        #: the logits of the next `run`'s step where it was run already (data_parallel.DataParallelEngine)
+        self.precomputed: torch.Tensor | None = None
         self._recorded: dict[tuple[int, bool], _Bucket] = {}  # (size, shared rows) -> bucket
         self.keep_hidden = keep_hidden
         self.hidden: torch.Tensor | None = None
@@ -237,7 +239,9 @@ class ModelRunner:
         `plan`); the prompt spans' logits go to `prompt_logits`. Over several ranks the plan goes to the
         other ranks first (self.channel)."""
         seqs, prompt_spans, plan = self.plan(step)
-        if self.channel is None:
+        if self.precomputed is not None:  # run already, with the other DP groups' steps (data_parallel)
+            logits, self.precomputed = self.precomputed, None
+        elif self.channel is None:
             logits = self.execute(plan)
         else:
             with self.channel.lock:

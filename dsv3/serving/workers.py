@@ -105,6 +105,7 @@ class StepChannel:
 
 def serve_steps(model) -> None:
     """On a rank other than 0: run every step rank 0 sends until it sends None (Model.shutdown)."""
+    from dsv3.serving.data_parallel import DataParallelStep, run_group_step  # it imports the engine, which imports this
     runner = model.engine.runner
     channel = runner.channel
     while True:
@@ -113,6 +114,9 @@ def serve_steps(model) -> None:
             return
         if isinstance(message, LogitsCall):
             model.transformer.logits(message.tokens)
+        elif isinstance(message, DataParallelStep):
+            plan = model.transformer.plan
+            run_group_step(runner, message, (plan.dp_rank, plan.tp_rank), channel)
         else:
             runner.execute(message)
 

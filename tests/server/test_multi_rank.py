@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serve_helpers import ServerProcess
+from serve_helpers import ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -105,16 +107,61 @@ def check_like_one_process(got: dict, want: dict) -> None:
     assert m["dsv3:num_requests_running"] == 0 and m["dsv3:kv_cache_usage_perc"] == 0  # every block free
 
 
-def test_tp2_serves_what_one_process_serves_and_stops_every_rank_on_sigterm(one_process):
+@pytest.fixture(scope="module")
+def tp2():
     server = start("--tensor-parallel-size", "2")
-    try:
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dp2():
+    server = start("--data-parallel-size", "2", "--enable-expert-parallel")
+    yield server
+    server.stop()
+
+
+def test_tp2_serves_what_one_process_serves(one_process, tp2):
+    assert len(worker_pids(tp2)) == 1
+    check_like_one_process(outcomes(tp2), one_process)
+
+
+def test_dp2_serves_what_one_process_serves(one_process, dp2):
+    assert len(worker_pids(dp2)) == 1
+    check_like_one_process(outcomes(dp2), one_process)
+
+
+def used_blocks_while_four_run(server: ServerProcess) -> list[float]:
+    """Blocks each DP group holds while four requests of two blocks each run (a prompt of 17 tokens and 15
+    more: 32 tokens, two blocks of 16, from admission to the end)."""
+    c = client(server)
+    prompts = [[100 + 20 * i + j for j in range(17)] for i in range(4)]  # no shared prefix
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(c.completions.create, model="tiny", prompt=p, max_tokens=15, temperature=0,
+                               extra_body={"ignore_eos": True}) for p in prompts]
+        seen = []
+        while not all(f.done() for f in futures):
+            m = httpx.get(f"{server.url}/metrics", timeout=10).text
+            samples = [s for family in text_string_to_metric_families(m) for s in family.samples]
+            if next(s.value for s in samples if s.name == "dsv3:num_requests_running") == 4:
+                seen = [s.value for s in samples if s.name == "dsv3:kv_cache_used_blocks"]
+                break
+        for f in futures:
+            f.result()
+    return seen
+
+
+def test_dp2_holds_half_the_latent_cache_per_rank_that_tp2_does(tp2, dp2):
+    assert used_blocks_while_four_run(tp2) == [8]  # every rank of the one TP group holds all eight blocks
+    assert used_blocks_while_four_run(dp2) == [4, 4]  # each DP group (here one rank) its two requests' four
+
+
+def test_sigterm_stops_every_rank(tp2, dp2):
+    for server in (tp2, dp2):
         pids = worker_pids(server)
-        assert len(pids) == 1 and all(alive(pid) for pid in pids)
-        check_like_one_process(outcomes(server), one_process)
+        assert all(alive(pid) for pid in pids)
         assert server.terminate() == 0
         assert not any(alive(pid) for pid in pids), server.output()
-    finally:
-        server.stop()
 
 
 def test_a_killed_worker_fails_in_flight_requests_with_500_and_the_server_exits():
@@ -149,8 +196,17 @@ def test_a_killed_worker_fails_in_flight_requests_with_500_and_the_server_exits(
         server.stop()
 
 
+def test_a_layout_the_model_cannot_take_is_refused_before_any_rank_starts():
+    result = subprocess.run([sys.executable, "-m", "dsv3", "serve", "--port", str(free_port()), "-tp", "3"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert "has 4 attention heads (num_attention_heads), which 3 ranks cannot share evenly" in result.stderr
+    assert "started ranks" not in result.stderr and "loaded" not in result.stderr
+
+
 @pytest.mark.exhaustive
-@pytest.mark.parametrize("flags", [("-tp", "4")], ids=["tp4"])
+@pytest.mark.parametrize("flags", [("-tp", "4"), ("-dp", "2", "-tp", "2", "--enable-expert-parallel")],
+                         ids=["tp4", "dp2xtp2"])
 def test_more_ranks_serve_what_one_process_serves(one_process, flags):
     server = start(*flags)
     try:
