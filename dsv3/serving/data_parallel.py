@@ -77,12 +77,13 @@ class DataParallelEngine:
     def check_request(self, prompt_token_ids, params):
         return self.local.check_request(prompt_token_ids, params)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params=None, arrival_time=None) -> None:
-        """Queue a request on the least loaded group."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params=None, arrival_time=None,
+                    group: str = "") -> None:
+        """Queue a request on the least loaded group (LLMEngine.add_request)."""
         if request_id in self._owner:
             raise RequestError(f"request {request_id!r} is already running", param="request_id")
         engine = min(self.engines, key=lambda e: (len(e.requests), -e.block_manager.num_free_blocks))
-        engine.add_request(request_id, prompt_token_ids, params, arrival_time)
+        engine.add_request(request_id, prompt_token_ids, params, arrival_time, group)
         self._owner[request_id] = engine
 
     def abort(self, request_id: str) -> RequestOutput | None:

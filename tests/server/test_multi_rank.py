@@ -132,20 +132,21 @@ def test_dp2_serves_what_one_process_serves(one_process, dp2):
 
 
 def used_blocks_while_four_run(server: ServerProcess) -> list[float]:
-    """Blocks each DP group holds while four requests of two blocks each run (a prompt of 17 tokens and 15
-    more: 32 tokens, two blocks of 16, from admission to the end)."""
+    """Blocks each DP group holds once four requests of two blocks each all hold both (a prompt of 17 tokens
+    and 15 more: 32 tokens, two blocks of 16, from the end of the prefill to the end)."""
     c = client(server)
     prompts = [[100 + 20 * i + j for j in range(17)] for i in range(4)]  # no shared prefix
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(c.completions.create, model="tiny", prompt=p, max_tokens=15, temperature=0,
                                extra_body={"ignore_eos": True}) for p in prompts]
         seen = []
-        while not all(f.done() for f in futures):
+        while not seen and not all(f.done() for f in futures):
             m = httpx.get(f"{server.url}/metrics", timeout=10).text
             samples = [s for family in text_string_to_metric_families(m) for s in family.samples]
-            if next(s.value for s in samples if s.name == "dsv3:num_requests_running") == 4:
-                seen = [s.value for s in samples if s.name == "dsv3:kv_cache_used_blocks"]
-                break
+            used = [s.value for s in samples if s.name == "dsv3:kv_cache_used_blocks"]
+            running = next(s.value for s in samples if s.name == "dsv3:num_requests_running")
+            if running == 4 and sum(used) == 8:
+                seen = used
         for f in futures:
             f.result()
     return seen
