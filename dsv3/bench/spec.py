@@ -78,8 +78,9 @@ def _layers(model: Transformer, count: int):
         model.layers, model.caches = layers, caches
 
 
-def _step_ms(model: Transformer, batch: ForwardBatch, keep_hidden: bool, quick: bool) -> float:
-    """The engine's recorded step on `batch`: every row's logits (and hidden state, for the proposer)."""
+def _step_ms(model: Transformer, batch: ForwardBatch, keep_hidden: bool, quick: bool) -> tuple[float, bool]:
+    """The engine's recorded step on `batch`: every row's logits (and hidden state, for the proposer); its
+    median ms and whether the backend recorded it."""
     rows = batch.num_tokens
     hidden = torch.empty(rows, model.config.hidden_size, dtype=model.dtype, device=batch.tokens.device)
     logits = torch.empty(rows, model.config.vocab_size, dtype=torch.float32, device=batch.tokens.device)
@@ -92,15 +93,16 @@ def _step_ms(model: Transformer, batch: ForwardBatch, keep_hidden: bool, quick: 
             logits.copy_(model.forward(batch))
 
     with torch.inference_mode():
-        return time_op(step, [()], model.backend, graph=True, target_ms=40.0 if quick else 200.0,
-                       min_reps=2 if quick else 5, max_reps=50, warmup=1 if quick else 2).median_ms
+        timing = time_op(step, [()], model.backend, graph=True, target_ms=40.0 if quick else 200.0,
+                         min_reps=2 if quick else 5, max_reps=50, warmup=1 if quick else 2)
+    return timing.median_ms, timing.mode == "graph"
 
 
-def _draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, context: int, quick: bool) -> float:
+def _draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, context: int, quick: bool,
+              rows: bool) -> float:
     """The proposer's work for `batch` sequences that accepted everything (eager, as the engine runs it: its
-    cache fill as chunk rows where the backend records steps, else as prefill chunks)."""
+    cache fill as chunk rows where the backend records steps (`rows`), else as prefill chunks)."""
     device, module = model.backend.device, model.mtp[0]
-    rows = model.backend.graph_runner(lambda: None) is not None
     fill = _rows_batch(batch, k + 1, context, device, shared=rows, vocab_size=model.config.vocab_size)
     if not rows:
         fill = ForwardBatch(fill.tokens, fill.positions, 0, None, PagedBatch(
@@ -163,7 +165,7 @@ def model_steps(args, backend: Backend) -> list[dict]:
     print(f"dsv3 bench spec: built {layers} layers ({dense} dense, {moe} MoE) and the MTP module of {args.config} "
           f"({precision}) on {backend.capabilities.name} in {time.perf_counter() - started:.1f} s; context {context}",
           flush=True)
-    rows = []
+    rows, records = [], False
     for b in batches:
         row = {"batch": b}
         for k in (0, *KS):
@@ -171,11 +173,11 @@ def model_steps(args, backend: Backend) -> list[dict]:
             times = {}
             for count in sorted({0, dense, layers}):
                 with _layers(model, count):
-                    times[count] = _step_ms(model, batch, keep_hidden=k > 0, quick=args.quick)
+                    times[count], records = _step_ms(model, batch, keep_hidden=k > 0, quick=args.quick)
             name = "plain" if k == 0 else f"verify{k}"
             row[f"{name}_ms"], row[f"{name}_v3_ms"] = times[layers], _projected(times, dense, moe)
             if k:
-                row[f"draft{k}_ms"] = _draft_ms(model, mtp_cache, b, k, context, args.quick)
+                row[f"draft{k}_ms"] = _draft_ms(model, mtp_cache, b, k, context, args.quick, rows=records)
         for k in KS:
             row[f"verify{k}_x"] = row[f"verify{k}_ms"] / row["plain_ms"]
             row[f"verify{k}_v3_x"] = row[f"verify{k}_v3_ms"] / row["plain_v3_ms"]
@@ -183,6 +185,8 @@ def model_steps(args, backend: Backend) -> list[dict]:
                 row[f"verify{k}_v3_ms"] + row[f"draft{k}_ms"])
         rows.append(row)
         print(_format_row(row), flush=True)
+    del model, mtp_cache
+    free_memory(backend.device)  # the tiny checkpoint's engine sizes its cache from what is free after this
     return rows
 
 
@@ -213,7 +217,8 @@ def tiny_end_to_end(args, backend_name: str, device: str | None) -> list[dict]:
     for k in (None, *KS):
         spec = None if k is None else {"method": "mtp", "num_speculative_tokens": k}
         model = load_model(backend=backend_name, device=device, precision=args.precision, quiet=True,
-                           max_model_len=max_tokens + 64, max_num_seqs=4, speculative_config=spec)
+                           max_model_len=max_tokens + 64, max_num_seqs=4, cache_tokens=4 * (max_tokens + 64),
+                           speculative_config=spec)
         try:
             model.generate([TINY_PROMPTS[0]], SamplingParams(max_tokens=16, temperature=0.0))  # warm-up
             before = model.engine.stats().spec_decode

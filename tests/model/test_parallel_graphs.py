@@ -29,8 +29,10 @@ def one_rank(backend_name: str, precision: str, port: int, out: str) -> None:
         from dsv3.checkpoint import CheckpointSource
         from dsv3.serving.engine import LLMEngine
 
+        # Both models share the engine config: a cache sized in tokens, since two caches of
+        # gpu_memory_utilization x the GPU each would not fit in one process.
         one = load_model(TINY_CHECKPOINT, backend=backend_name, precision=precision, quiet=True, max_model_len=64,
-                         max_num_seqs=4)
+                         max_num_seqs=4, cache_tokens=1024)
         plan = parallel.ParallelPlan(rank=0, world_size=1, local_rank=0, tp=1, ep=1)
         transformer = parallel.build(plan, one.config, one.backend, CheckpointSource(TINY_CHECKPOINT),
                                      one.precision, 64, progress=False)
