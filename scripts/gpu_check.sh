@@ -5,6 +5,10 @@
 #     bash scripts/gpu_check.sh                 # or: OUT=/tmp/out BUDGET=560 bash scripts/gpu_check.sh
 #     bash scripts/gpu_check.sh serve           # the serving engine and server instead (see below)
 #     bash scripts/gpu_check.sh final           # the GPU tests, conformance, then the serving runs
+#     BASELINE=DIR bash scripts/gpu_check.sh compare
+#                                               # the one-process engine beside an older checkout in DIR
+#                                               # (same call, same load), the grammar's cost on every
+#                                               # request, MTP speculation's steps and its GPU tests
 #
 # Steps, each with its own time limit (cut to what is left of BUDGET seconds, 560 by default so that
 # installing and the summary fit in 10 minutes); a failing step does not stop the next:
@@ -62,6 +66,32 @@ python3 -c "import openai" 2>/dev/null || ignore=(--ignore=tests/server)
 if [ "$MODE" = "final" ]; then
   step tests 150 python3 -m pytest -q -p no:cacheprovider -m "gpu and not exhaustive" "${ignore[@]}"
   step conformance 150 python3 -m dsv3 conformance --backend cuda --quick --quiet --json "$OUT/conformance_cuda.json"
+fi
+if [ "$MODE" = "compare" ]; then
+  LAYERS=${LAYERS:-8}
+  CKPT=/tmp/dsv3-v3-$LAYERS
+  rm -rf "$CKPT"
+  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers "$LAYERS" > "$OUT/serve_setup.log" 2>&1
+  load=(--ckpt "$CKPT" --load-format dummy --num-prompts 128 --input-len 1024 --output-len 256 --max-concurrency 64)
+  if [ -n "${BASELINE:-}" ]; then
+    # the older checkout installed apart; first on PYTHONPATH, it shadows the editable install of this one
+    python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/baseline "$BASELINE" \
+      > "$OUT/baseline_install.log" 2>&1
+    step engine_baseline 130 env PYTHONPATH="/tmp/baseline:${PYTHONPATH:-}" python3 -m dsv3 bench serve "${load[@]}" \
+      --json "$OUT/engine_baseline.json"
+  fi
+  step engine 190 python3 -m dsv3 bench serve "${load[@]}" --structured-output json --json "$OUT/engine.json"
+  step spec 150 python3 -m dsv3 bench spec --backend cuda --json "$OUT/spec.json"
+  step spec_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_spec_decode_cuda.py \
+    tests/model/test_parallel_graphs.py
+  echo
+  echo "================ compare summary ($SECONDS s) ================"
+  cat "$OUT/gpu.txt" "$OUT/steps.txt"
+  for f in "$OUT"/engine*.log "$OUT"/spec*.log; do
+    echo "== $(basename "$f")"
+    grep -E "Output token throughput|Median ITL|Median TPOT|vs static|grammar|schema|speed-up|batch +[0-9]+:|passed|failed|rror" "$f" | head -16
+  done
+  exit 0
 fi
 if [ "$MODE" = "serve" ] || [ "$MODE" = "final" ]; then
   # The serving runs on a weightless checkpoint of DeepSeek-V3's dimensions with
