@@ -5,8 +5,10 @@
    - the plain decode step at each batch (one token per sequence), and the verify step for k = 1, 2, 3
      (1 + k query tokens per sequence, as the engine runs it: chunk rows through the paged MLA decode path,
      every row's hidden state and logits kept), both replayed from a recording where the backend makes one;
-   - the draft step, eager as the engine runs it: the MTP module over 1 + k positions per sequence (its cache
-     fill, the most a step can accept), its head, and k - 1 recurrent one-token passes with their heads.
+   - the draft step as the engine runs it: the MTP module over 1 + k positions per sequence (its cache fill,
+     the most a step can accept), its head, and k - 1 recurrent one-token passes with their heads; replayed
+     from the engine's recording (dsv3/serving/draft_recording.py, host side included) where the backend
+     records steps, else eager.
    Each step is timed with no layer, with the dense layers only and with all of them, so the full model's
    step is projected as base + 3 dense + 58 MoE layers (V3's 61); the verify step is printed as a multiple
    of the plain one, and the projected speed-up at batch b is (1 + a + ... + a^k) x plain / (verify + draft)
@@ -30,6 +32,7 @@ from dsv3.bench.harness import BLOCK_SIZE, bench_config, fill_caches, fit_layers
 from dsv3.checkpoint import RandomSource, WeightLoader
 from dsv3.config import load_config
 from dsv3.model import ForwardBatch, Transformer
+from dsv3.serving.draft_recording import DraftRecordings
 
 V3_LAYERS, V3_DENSE = 61, 3
 KS = (1, 2, 3)
@@ -100,15 +103,17 @@ def _step_ms(model: Transformer, batch: ForwardBatch, keep_hidden: bool, quick: 
 
 def _draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, context: int, quick: bool,
               rows: bool) -> float:
-    """The proposer's work for `batch` sequences that accepted everything (eager, as the engine runs it: its
-    cache fill as chunk rows where the backend records steps (`rows`), else as prefill chunks)."""
+    """The proposer's work for `batch` sequences that accepted everything, as the engine runs it: where the
+    backend records steps (`rows`), the recorded draft step with its host side (buffers written, replay, the
+    drafts read back); else eagerly, its cache fill as prefill chunks."""
+    if rows:
+        return _recorded_draft_ms(model, mtp_cache, batch, k, context, quick)
     device, module = model.backend.device, model.mtp[0]
-    fill = _rows_batch(batch, k + 1, context, device, shared=rows, vocab_size=model.config.vocab_size)
-    if not rows:
-        fill = ForwardBatch(fill.tokens, fill.positions, 0, None, PagedBatch(
-            block_tables=fill.decode.block_tables[::k + 1], seq_lens=fill.decode.seq_lens[k::k + 1],
-            query_start=torch.arange(0, batch * (k + 1) + 1, k + 1, dtype=torch.int32, device=device),
-            max_query_len=k + 1, max_seq_len=context + k + 1))
+    fill = _rows_batch(batch, k + 1, context, device, shared=False, vocab_size=model.config.vocab_size)
+    fill = ForwardBatch(fill.tokens, fill.positions, 0, None, PagedBatch(
+        block_tables=fill.decode.block_tables[::k + 1], seq_lens=fill.decode.seq_lens[k::k + 1],
+        query_start=torch.arange(0, batch * (k + 1) + 1, k + 1, dtype=torch.int32, device=device),
+        max_query_len=k + 1, max_seq_len=context + k + 1))
     step = _rows_batch(batch, 1, context + k + 1, device, shared=False, vocab_size=model.config.vocab_size)
     hidden = torch.randn(batch * (k + 1), model.config.hidden_size, device=device).to(model.dtype)
     last = torch.arange(k, batch * (k + 1), k + 1, device=device)
@@ -120,6 +125,28 @@ def _draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, c
         for _ in range(k - 1):
             h = module(h, step.tokens, mtp_cache, step, model.cos[step.positions], model.sin[step.positions])
             module.project(h).argmax(dim=-1)
+
+    with torch.inference_mode():
+        return time_op(draft, [()], model.backend, graph=False, target_ms=40.0 if quick else 200.0,
+                       min_reps=2 if quick else 5, max_reps=50, warmup=1 if quick else 2).median_ms
+
+
+def _recorded_draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, context: int,
+                       quick: bool) -> float:
+    """The engine's recorded draft step (DraftRecordings.run) for `batch` sequences of 1 + k fill rows each."""
+    device, rows = model.backend.device, k + 1
+    fill = _rows_batch(batch, rows, context, device, shared=True, vocab_size=model.config.vocab_size)
+    tables = [t + [0] for t in fill.decode.block_tables[::rows].tolist()]  # past its blocks: the scratch block
+    recordings = DraftRecordings(model, model.mtp[0], mtp_cache, k, tuple(sorted({batch, batch * rows})),
+                                 max(len(t) for t in tables), context + 2 * k + 2)
+    hidden = torch.randn(batch * rows, model.config.hidden_size, device=device).to(model.dtype)
+    args = (hidden, list(range(batch * rows)), fill.tokens.tolist(), fill.positions.tolist(),
+            [t for t in tables for _ in range(rows)], list(range(k, batch * rows, rows)),
+            [[(context + k + 1 + s, t) for s in range(k - 1)] for t in tables])
+
+    def draft():
+        if recordings.run(*args) is None:
+            raise ValueError("the backend records steps but declined the draft step")
 
     with torch.inference_mode():
         return time_op(draft, [()], model.backend, graph=False, target_ms=40.0 if quick else 200.0,
@@ -147,7 +174,7 @@ def model_steps(args, backend: Backend) -> list[dict]:
     batches = args.batch or [1, 8, 32, 64, 128]
     context = (args.context or [1024])[0]
     precision = args.precision if args.precision != "auto" else "fp8" if backend.capabilities.has_fp8 else "bf16"
-    max_seq = context + max(KS) + 2
+    max_seq = context + 2 * max(KS) + 2  # the recurrent drafts run past the verified positions
     layers = args.layers
     if layers is None:
         free = free_memory(backend.device)

@@ -143,7 +143,7 @@ class LLMEngine:
         self.structured = StructuredOutputs(tokenizer, self.vocab_size, self.eos_token_ids)
         self.proposer = None if spec is None else MTPProposer(
             model, spec, config.num_blocks, config.block_size, config.max_num_seqs, config.max_model_len, self.sampler,
-            rows_as_decode=self.runner.graphs)
+            rows_as_decode=self.runner.graphs, buckets=self.runner.buckets)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = self.generation_tokens = 0
         self.idle = True

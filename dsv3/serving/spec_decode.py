@@ -4,7 +4,8 @@ Each step, after the target model's tokens are appended, the MTP module runs ove
 computed (the target's final-norm hidden state at each and the token after it), writing its own paged
 latent cache through the sequences' block tables, and proposes k draft tokens per decoding sequence from
 its output at the last position: the first from that pass, the others by applying the one module again to
-its own output and draft (as vLLM does for k > 1). The next step verifies them: the scheduler runs each
+its own output and draft (as vLLM does for k > 1). Where the backend records steps, greedy drafts replay a recording
+of all of it (dsv3.serving.draft_recording). The next step verifies them: the scheduler runs each
 sequence's last token and its drafts as one chunk of 1 + k query tokens (the paged MLA prefill path, or
 the chunk-row recording of its bucket), and the rejection sampler keeps a prefix of the drafts plus one
 token of the target's own:
@@ -26,6 +27,7 @@ from dsv3.backends.interface import PagedBatch
 from dsv3.config import ModelConfig
 from dsv3.errors import UsageError
 from dsv3.model import ForwardBatch, Transformer
+from dsv3.serving.draft_recording import DraftRecordings
 from dsv3.serving.request import Sequence
 from dsv3.serving.sampler import Sampler, apply_penalties, truncate
 
@@ -226,10 +228,13 @@ class MTPProposer:
         rows_as_decode: run several positions of a sequence as decode rows that attend to the rows before
             them (PagedBatch.shared_rows: absorbed attention over the cached context, as the engine's recorded
             chunk rows do; for backends that record steps), else as prefill chunks.
+        buckets: with rows_as_decode, record the draft step per pair of these row counts (the model runner's
+            buckets; dsv3.serving.draft_recording), and run greedy drafts by replaying it.
     """
 
     def __init__(self, model: Transformer, config: SpeculativeConfig, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_model_len: int, sampler: Sampler, rows_as_decode: bool = False):
+                 max_num_seqs: int, max_model_len: int, sampler: Sampler, rows_as_decode: bool = False,
+                 buckets: tuple[int, ...] = ()):
         self.model, self.config, self.sampler = model, config, sampler
         self.rows_as_decode = rows_as_decode
         self.module = model.mtp[0]
@@ -239,6 +244,11 @@ class MTPProposer:
         spec = model.cache_spec_for(num_blocks + max_num_seqs * self.spares_per_row, block_size)
         self.cache = model.backend.allocate_mla_cache(spec)
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.k)
+        self.recordings = None
+        if rows_as_decode and buckets:
+            self.recordings = DraftRecordings(model, self.module, self.cache, self.k, buckets,
+                                              -(-max_model_len // block_size) + self.spares_per_row,
+                                              max_model_len + self.k)
 
     def enabled(self, num_running: int) -> bool:
         limit = self.config.disable_by_batch_size
@@ -295,6 +305,10 @@ class MTPProposer:
             rows += range(row, row + count)
             tokens += seq.token_ids[start + 1:start + count + 1]
             positions += range(start, start + count)
+        drafting = self._drafting(spans) if draft else []
+        recorded = self.recordings is not None and self.recordings.enabled
+        if recorded and self._replay(spans, hidden, rows, tokens, positions, drafting):
+            return
         if self.rows_as_decode:
             decodes = [(seq.block_table, p + 1, 1) for seq, _, start, count in spans
                        for p in range(start, start + count)]
@@ -305,16 +319,6 @@ class MTPProposer:
         device = hidden.device
         out = self._run(hidden[torch.tensor(rows, device=device)], tokens, positions, decodes, chunks,
                         shared_rows=self.rows_as_decode and len(decodes) > len(spans))
-        if not draft:
-            return
-        ends, end = [], -1
-        for _, _, _, count in spans:
-            end += count
-            ends.append(end)
-        drafting = [(i, seq, min(self.k, seq.max_tokens - seq.num_output_tokens - 1,
-                                 self.max_model_len - seq.num_tokens))
-                    for i, (seq, _, _, _) in enumerate(spans) if seq.num_computed_tokens == seq.num_tokens - 1]
-        drafting = [(ends[i], seq, n) for i, seq, n in drafting if n > 0]
         if not drafting:
             return
         h = out[torch.tensor([row for row, _, _ in drafting], device=device)]
@@ -342,6 +346,36 @@ class MTPProposer:
                           [(t, p + 1, 1) for t, p in zip(tables, position, strict=True)], [])
         for seq, p in zip(seqs, probs, strict=True):
             seq.draft_probs = torch.stack(p) if p else None
+
+    def _drafting(self, spans: list[tuple[Sequence, int, int, int]]) -> list[tuple[int, Sequence, int]]:
+        """(last row of its span, sequence, draft count) of each sequence that drafts after this step: those
+        now decoding, as many as max_tokens and max_model_len leave room for."""
+        ends, end = [], -1
+        for _, _, _, count in spans:
+            end += count
+            ends.append(end)
+        drafting = [(i, seq, min(self.k, seq.max_tokens - seq.num_output_tokens - 1,
+                                 self.max_model_len - seq.num_tokens))
+                    for i, (seq, _, _, _) in enumerate(spans) if seq.num_computed_tokens == seq.num_tokens - 1]
+        return [(ends[i], seq, n) for i, seq, n in drafting if n > 0]
+
+    def _replay(self, spans, hidden: torch.Tensor, rows: list[int], tokens: list[int], positions: list[int],
+                drafting: list[tuple[int, Sequence, int]]) -> bool:
+        """The cache fill and greedy drafts by replaying a recording; False where it cannot (a sampled draft,
+        rows past the largest bucket, a backend that declines), the caller then runs them eagerly."""
+        if any(seq.params.temperature != 0 for _, seq, _ in drafting):
+            return False
+        tables = [seq.block_table for seq, _, start, count in spans for _ in range(count)]
+        steps = [[None if step + 1 >= n else
+                  (seq.num_tokens - 1 + step, self._table_with_spares(seq.block_table, slot, seq.num_tokens + step))
+                  for step in range(self.k - 1)] for slot, (_, seq, n) in enumerate(drafting)]
+        drafts = self.recordings.run(hidden, rows, tokens, positions, tables, [end for end, _, _ in drafting], steps)
+        if drafts is None:
+            return False
+        for (_, seq, n), tokens_of_seq in zip(drafting, drafts, strict=True):
+            seq.drop_drafts()
+            seq.draft_token_ids += tokens_of_seq[:n]
+        return True
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, torch.Tensor | None]]:
         """A draft per row: the argmax for greedy sequences; else drawn from the module's distribution

@@ -38,3 +38,27 @@ def test_bench_spec_on_the_cpu(tmp_path, capsys):
     assert [r["batch"] for r in data["steps"]] == [1, 2]
     assert all(r[f"draft{k}_ms"] > 0 and r[f"verify{k}_ms"] > 0 for r in data["steps"] for k in (1, 2, 3))
     assert [r["k"] for r in data["tiny"]] == [0, 1, 2, 3] and all(r["acceptance"] > 0 for r in data["tiny"][1:])
+
+
+def test_bench_spec_times_the_recorded_draft_where_steps_record(monkeypatch):
+    """With a backend that records (the CPU stand-in), the draft is timed through the engine's recorded draft
+    step, for every k."""
+    import argparse
+
+    from dsv3.backends.reference import ReferenceBackend
+
+    from dsv3.bench import spec
+    from dsv3.serving.draft_recording import DraftRecordings
+
+    class Recording(ReferenceBackend):  # tests/serving/test_recorded_rows.py's stand-in: the step is its recording
+        def graph_runner(self, step):
+            return step
+
+    runs = []
+    original = DraftRecordings.run
+    monkeypatch.setattr(DraftRecordings, "run", lambda self, *a: runs.append(self.k) or original(self, *a))
+    args = argparse.Namespace(config=str(TINY_CHECKPOINT / "config.json"), batch=[2], context=[16], precision="fp32",
+                              layers=2, quick=True, acceptance=0.85)
+    [row] = spec.model_steps(args, Recording("cpu"))
+    assert set(runs) == {1, 2, 3}
+    assert all(row[f"draft{k}_ms"] > 0 for k in (1, 2, 3))

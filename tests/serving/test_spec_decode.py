@@ -131,6 +131,60 @@ def test_greedy_identical_through_recorded_rows(expected):
     all_free(m)
 
 
+class CountingRecording(Recording):
+    """The CPU stand-in for recorded steps, counting the replays of the draft steps it recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.draft_replays = 0
+
+    def graph_runner(self, step):
+        if "draft_recording" not in step.__code__.co_filename:
+            return step
+
+        def replay():
+            self.draft_replays += 1
+            step()
+        return replay
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_recorded_drafts_equal_the_eager_drafts(expected, k):
+    """Greedy drafts replay the recorded draft step (cache fill and k proposals per bucket pair): the output is
+    the plain engine's, and exactly the drafts the same backend's eager proposer makes are accepted."""
+    backend = CountingRecording()
+    m = tiny(backend=backend, max_num_seqs=8, speculative_config=spec(k))
+    assert tokens_of(m.generate(PROMPTS, greedy())) == expected
+    assert m.engine.proposer.recordings.recorded and backend.draft_replays > 0
+    eager = tiny(backend=Recording(), max_num_seqs=8, speculative_config=spec(k))
+    eager.engine.proposer.recordings = None  # the same decode rows, run eagerly
+    assert tokens_of(eager.generate(PROMPTS, greedy())) == expected
+    got, want = m.engine.stats().spec_decode, eager.engine.stats().spec_decode
+    assert (got.num_drafts, got.num_draft_tokens, got.num_accepted_tokens) == (
+        want.num_drafts, want.num_draft_tokens, want.num_accepted_tokens)
+    all_free(m)
+
+
+def test_recorded_drafts_beside_sampled_ones_and_with_speculation_off(expected):
+    """A step with a sampled draft runs eagerly, a greedy one replays; past disable_by_batch_size only the
+    module's cache fill replays. Greedy output stays the plain engine's, every block comes back."""
+    backend = CountingRecording()
+    m = tiny(backend=backend, max_num_seqs=8, speculative_config=spec(2, disable_by_batch_size=3))
+    engine = m.engine
+    for i, prompt in enumerate(PROMPTS):  # four run, then three with a sampled one, then two greedy ones
+        params = greedy() if i % 2 else SamplingParams(max_tokens=6 * (i + 1), temperature=0.8, ignore_eos=True,
+                                                       seed=i)
+        engine.add_request(f"r{i}", m.tokenizer.encode(prompt), params)
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert [finals[f"r{i}"].outputs[0].token_ids for i in (1, 3)] == [expected[i] for i in (1, 3)]
+    assert any(drafting == 0 for _, drafting in engine.proposer.recordings.recorded)  # fill only
+    assert any(drafting for _, drafting in engine.proposer.recordings.recorded)
+    assert engine.stats().spec_decode.num_drafts > 0
+    all_free(m)
+
+
 def test_requests_see_accepted_tokens_one_by_one():
     """Stop tokens, max_tokens, logprobs, penalties and n > 1 act as on the plain engine."""
     plain, fast = tiny(), tiny(speculative_config=spec(3))
