@@ -1,5 +1,6 @@
 """MTP speculative decoding on CUDA, where verify steps replay the chunk-row recordings of (batch, k + 1)
-buckets and the MTP module fills its cache through decode rows: greedy tokens as the plain engine's on the
+buckets and the MTP module's draft step (cache fill through decode rows, greedy proposals) replays its own
+recordings: greedy tokens as the plain engine's on the
 same GPU, drafts accepted on the tiny checkpoint's own text, every block back. Skipped without an NVIDIA GPU."""
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def test_greedy_tokens_as_the_plain_engine_on_cuda(k):
         assert ((top2[0] - top2[1]) / row.abs().max()).item() < 1e-4, f"{prompt!r}: tokens part at {parted}"
     stats = fast.engine.stats().spec_decode
     assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0.2 * stats.num_draft_tokens
+    recordings = fast.engine.proposer.recordings  # greedy drafts replayed CUDA graphs, none declined
+    assert recordings.enabled and any(drafting for _, drafting in recordings.recorded)
     assert fast.engine.block_manager.check_all_free() == []
     plain.shutdown()
     fast.shutdown()
