@@ -8,7 +8,6 @@ import importlib.metadata
 import os
 import sys
 
-from dsv3.backends.errors import BackendError
 from dsv3.errors import Dsv3Error, Terminated
 
 #: subcommand -> (module in dsv3.commands, one-line help)
@@ -40,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        from dsv3.backends.errors import BackendError  # imports torch: Ctrl-C meanwhile is handled below
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
     try:
         args = build_parser().parse_args(argv)
         return args.run(args) or 0

@@ -420,3 +420,13 @@ def test_conformance_that_checked_nothing_exits_non_zero():
     result = dsv3("conformance", "--backend", "ascend", "--quick", "--op", "rms_norm", "--quiet", text=True)
     assert_error(result.returncode, result.stderr, 5, "nothing was checked", "skipped")
     assert "-> exit 5" in result.stdout
+
+
+def test_ctrl_c_while_importing_is_one_line():
+    """SIGINT 0.3 s in: `dsv3` is still importing torch (seconds), which used to end in a traceback."""
+    script = ("import os, runpy, signal, sys, threading; "
+              "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start(); "
+              "sys.argv = ['dsv3', 'doctor']; runpy.run_module('dsv3', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 130 and result.stderr.strip() == "dsv3: interrupted", result.stderr[-2000:]
