@@ -3,7 +3,9 @@ the runs complete and report what the lead reads on a GPU. Timings on a shared C
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 
@@ -42,7 +44,7 @@ def test_bench_spec_on_the_cpu(tmp_path, capsys):
 
 def test_bench_spec_times_the_recorded_draft_where_steps_record(monkeypatch):
     """With a backend that records (the CPU stand-in), the draft is timed through the engine's recorded draft
-    step, for every k."""
+    step, for every k; and nothing keeps the model alive after model_steps."""
     import argparse
 
     from dsv3.backends.reference import ReferenceBackend
@@ -54,6 +56,8 @@ def test_bench_spec_times_the_recorded_draft_where_steps_record(monkeypatch):
         def graph_runner(self, step):
             return step
 
+    built, build = [], spec._build
+    monkeypatch.setattr(spec, "_build", lambda *a: built.append(weakref.ref((r := build(*a))[0])) or r)
     runs = []
     original = DraftRecordings.run
     monkeypatch.setattr(DraftRecordings, "run", lambda self, *a: runs.append(self.k) or original(self, *a))
@@ -62,3 +66,5 @@ def test_bench_spec_times_the_recorded_draft_where_steps_record(monkeypatch):
     [row] = spec.model_steps(args, Recording("cpu"))
     assert set(runs) == {1, 2, 3}
     assert all(row[f"draft{k}_ms"] > 0 for k in (1, 2, 3))
+    gc.collect()
+    assert built and built[0]() is None, "the V3-dimension model outlives model_steps (the tiny run needs its memory)"
