@@ -81,9 +81,9 @@ if [ "$MODE" = "compare" ]; then
       --json "$OUT/engine_baseline.json"
   fi
   step engine 190 python3 -m dsv3 bench serve "${load[@]}" --structured-output json --json "$OUT/engine.json"
-  step spec 150 python3 -m dsv3 bench spec --backend cuda --json "$OUT/spec.json"
   step spec_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_spec_decode_cuda.py \
     tests/model/test_parallel_graphs.py
+  step spec 150 python3 -m dsv3 bench spec --backend cuda --json "$OUT/spec.json"
   echo
   echo "================ compare summary ($SECONDS s) ================"
   cat "$OUT/gpu.txt" "$OUT/steps.txt"
