@@ -205,6 +205,7 @@ def model_steps(args, backend: Backend) -> list[dict]:
             row[f"{name}_ms"], row[f"{name}_v3_ms"] = times[layers], _projected(times, dense, moe)
             if k:
                 row[f"draft{k}_ms"] = _draft_ms(model, mtp_cache, b, k, context, args.quick, rows=records)
+                row["draft"] = "recorded" if records else "eager"
         for k in KS:
             row[f"verify{k}_x"] = row[f"verify{k}_ms"] / row["plain_ms"]
             row[f"verify{k}_v3_x"] = row[f"verify{k}_v3_ms"] / row["plain_v3_ms"]
@@ -222,7 +223,8 @@ def _format_row(row: dict) -> str:
     draft = " ".join(f"{row[f'draft{k}_ms']:.2f}" for k in KS)
     gain = " ".join(f"{row[f'speedup{k}_v3']:.2f}" for k in KS)
     return (f"batch {row['batch']:>4}: plain {row['plain_ms']:.3f} ms (V3 61 layers {row['plain_v3_ms']:.2f} ms); "
-            f"verify / plain (built / V3): {verify}; draft ms k=1,2,3: {draft}; projected V3 speed-up k=1,2,3: {gain}")
+            f"verify / plain (built / V3): {verify}; draft ms ({row['draft']}) k=1,2,3: {draft}; "
+            f"projected V3 speed-up k=1,2,3: {gain}")
 
 
 def stops_paying(rows: list[dict]) -> str:
