@@ -118,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = str(args.ckpt or TINY_CHECKPOINT)
     template = ChatTemplate.load(checkpoint, override=args.chat_template)
     if template is not None:  # before the weights load: a template the tokenizer cannot encode is refused
-        for note in check_template_tokens(template, Tokenizer(checkpoint)):
-            print(f"dsv3: note: {note}", file=sys.stderr)
+        check_template_tokens(template, Tokenizer(checkpoint))  # (its notes on tool-call tokens: generate --chat)
     settings = ServerSettings(
         model_name=args.served_model_name or args.ckpt or "tiny", checkpoint=checkpoint, chat_template=template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
