@@ -102,12 +102,15 @@ def _step_ms(model: Transformer, batch: ForwardBatch, keep_hidden: bool, quick: 
 
 
 def _draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, context: int, quick: bool,
-              rows: bool) -> float:
-    """The proposer's work for `batch` sequences that accepted everything, as the engine runs it: where the
-    backend records steps (`rows`), the recorded draft step with its host side (buffers written, replay, the
-    drafts read back); else eagerly, its cache fill as prefill chunks."""
+              rows: bool) -> tuple[float, bool]:
+    """The proposer's work for `batch` sequences that accepted everything, as the engine runs it, and whether
+    it was recorded: where the backend records steps (`rows`), the recorded draft step with its host side
+    (buffers written, replay, the drafts read back); else (or where the backend declines it) eagerly, its
+    cache fill as prefill chunks."""
     if rows:
-        return _recorded_draft_ms(model, mtp_cache, batch, k, context, quick)
+        recorded = _recorded_draft_ms(model, mtp_cache, batch, k, context, quick)
+        if recorded is not None:
+            return recorded, True
     device, module = model.backend.device, model.mtp[0]
     fill = _rows_batch(batch, k + 1, context, device, shared=False, vocab_size=model.config.vocab_size)
     fill = ForwardBatch(fill.tokens, fill.positions, 0, None, PagedBatch(
@@ -128,12 +131,13 @@ def _draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, c
 
     with torch.inference_mode():
         return time_op(draft, [()], model.backend, graph=False, target_ms=40.0 if quick else 200.0,
-                       min_reps=2 if quick else 5, max_reps=50, warmup=1 if quick else 2).median_ms
+                       min_reps=2 if quick else 5, max_reps=50, warmup=1 if quick else 2).median_ms, False
 
 
 def _recorded_draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, k: int, context: int,
-                       quick: bool) -> float:
-    """The engine's recorded draft step (DraftRecordings.run) for `batch` sequences of 1 + k fill rows each."""
+                       quick: bool) -> float | None:
+    """The engine's recorded draft step (DraftRecordings.run) for `batch` sequences of 1 + k fill rows each;
+    None where the backend declines to record it."""
     device, rows = model.backend.device, k + 1
     fill = _rows_batch(batch, rows, context, device, shared=True, vocab_size=model.config.vocab_size)
     tables = [t + [0] for t in fill.decode.block_tables[::rows].tolist()]  # past its blocks: the scratch block
@@ -144,13 +148,12 @@ def _recorded_draft_ms(model: Transformer, mtp_cache: torch.Tensor, batch: int, 
             [t for t in tables for _ in range(rows)], list(range(k, batch * rows, rows)),
             [[(context + k + 1 + s, t) for s in range(k - 1)] for t in tables])
 
-    def draft():
-        if recordings.run(*args) is None:
-            raise ValueError("the backend records steps but declined the draft step")
-
     with torch.inference_mode():
-        return time_op(draft, [()], model.backend, graph=False, target_ms=40.0 if quick else 200.0,
-                       min_reps=2 if quick else 5, max_reps=50, warmup=1 if quick else 2).median_ms
+        if recordings.run(*args) is None:
+            return None
+        return time_op(lambda: recordings.run(*args), [()], model.backend, graph=False,
+                       target_ms=40.0 if quick else 200.0, min_reps=2 if quick else 5, max_reps=50,
+                       warmup=1 if quick else 2).median_ms
 
 
 def _projected(times: dict[int, float], dense: int, moe: int) -> float:
@@ -204,8 +207,8 @@ def model_steps(args, backend: Backend) -> list[dict]:
             name = "plain" if k == 0 else f"verify{k}"
             row[f"{name}_ms"], row[f"{name}_v3_ms"] = times[layers], _projected(times, dense, moe)
             if k:
-                row[f"draft{k}_ms"] = _draft_ms(model, mtp_cache, b, k, context, args.quick, rows=records)
-                row["draft"] = "recorded" if records else "eager"
+                row[f"draft{k}_ms"], recorded = _draft_ms(model, mtp_cache, b, k, context, args.quick, rows=records)
+                row["draft"] = "recorded" if recorded and row.get("draft", "recorded") == "recorded" else "eager"
         for k in KS:
             row[f"verify{k}_x"] = row[f"verify{k}_ms"] / row["plain_ms"]
             row[f"verify{k}_v3_x"] = row[f"verify{k}_v3_ms"] / row["plain_v3_ms"]

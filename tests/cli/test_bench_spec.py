@@ -64,7 +64,7 @@ def test_bench_spec_times_the_recorded_draft_where_steps_record(monkeypatch):
     args = argparse.Namespace(config=str(TINY_CHECKPOINT / "config.json"), batch=[2], context=[16], precision="fp32",
                               layers=2, quick=True, acceptance=0.85)
     [row] = spec.model_steps(args, Recording("cpu"))
-    assert set(runs) == {1, 2, 3}
+    assert set(runs) == {1, 2, 3} and row["draft"] == "recorded"
     assert all(row[f"draft{k}_ms"] > 0 for k in (1, 2, 3))
     gc.collect()
     assert built and built[0]() is None, "the V3-dimension model outlives model_steps (the tiny run needs its memory)"
