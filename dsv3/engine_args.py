@@ -86,6 +86,11 @@ def _bool(name: str, value) -> None:
         raise UsageError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
+def _text(name: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{name} must be a non-empty string, got {value!r}")
+
+
 def _model(name: str, value) -> None:
     if not isinstance(value, (str, Path, ModelConfig, type(None))):
         raise TypeError(f"load_model takes a checkpoint directory, a config name or path, or a ModelConfig; "
@@ -131,7 +136,8 @@ class EngineArgs:
             config name) for synthetic weights; None for the built-in tiny checkpoint (TINY_CHECKPOINT).
         backend, precision, device, load_format, load_mtp, seed: see each field's help.
         # several ranks (dsv3.serving.workers)
-        tensor_parallel_size, data_parallel_size, enable_expert_parallel, ep: see each field's help.
+        tensor_parallel_size, data_parallel_size, enable_expert_parallel, ep, nnodes, node_rank, master_addr,
+        master_port: see each field's help.
         # the engine
         max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_dtype,
         gpu_memory_utilization, cache_tokens, enable_prefix_caching, enforce_eager: see each field's help.
@@ -173,6 +179,15 @@ class EngineArgs:
     enable_expert_parallel: bool = setting(
         False, "spread the routed experts over every rank (what dsv3 does unless ep says fewer groups)", _bool,
         group="model")
+    nnodes: int = setting(
+        1, "nodes the ranks are spread over without torchrun: the same command runs on each node with its "
+        "node_rank and starts that node's share of the ranks; node 0 serves", _int(1), group="model", metavar="N")
+    node_rank: int = setting(0, "this node's index among nnodes (0: the node that serves)", _int(0), group="model",
+                             metavar="N")
+    master_addr: str = setting("127.0.0.1", "node 0's address, where the ranks meet (torch.distributed's "
+                               "rendezvous)", _text, group="model", metavar="ADDRESS")
+    master_port: int | None = setting(None, "the rendezvous port on node 0 (default: a free one; needed with "
+                                      "nnodes > 1)", _int(1, optional=True), group="model", metavar="PORT")
     ep: int | None = setting(None, "expert groups the routed experts are split into (default: one per rank); "
                              "see docs/parallel.md", _int(1, optional=True), group="model", metavar="N")
 
@@ -241,6 +256,16 @@ class EngineArgs:
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.nnodes > 1:
+            if self.master_port is None:
+                raise UsageError(f"{self.name('nnodes')} {self.nnodes}: give {self.name('master_port')} (and "
+                                 f"{self.name('master_addr')}, node 0's address) so the nodes can meet")
+            if self.world_size % self.nnodes:
+                raise UsageError(f"{self.name('nnodes')} {self.nnodes} does not divide the {self.world_size} ranks "
+                                 f"({self.name('data_parallel_size')} x {self.name('tensor_parallel_size')})")
+        if self.node_rank >= self.nnodes:
+            raise UsageError(f"{self.name('node_rank')} {self.node_rank} is not below {self.name('nnodes')} "
+                             f"{self.nnodes}")
         if self.enable_expert_parallel and self.ep not in (None, self.world_size):
             raise UsageError(f"{self.name('enable_expert_parallel')} spreads the experts over all "
                              f"{self.world_size} ranks; {self.name('ep')} {self.ep} says otherwise: give one")
@@ -270,7 +295,9 @@ class EngineArgs:
                 raise UsageError(f"{self.name('tensor_parallel_size')}: every rank builds its own backend; give the "
                                  f"backend's name, not a Backend")
             self._check_layout()
-            ranks = LocalRanks(self.world_size, self)  # this process becomes rank 0
+            per_node = self.world_size // self.nnodes  # this process becomes its node's first rank (0 on node 0)
+            ranks = LocalRanks(self.world_size, self, self.node_rank * per_node, per_node, self.master_addr,
+                               self.master_port)
         try:
             model = self._build(speculative, ranks)
         except BaseException:
@@ -397,7 +424,11 @@ class EngineArgs:
                            self.gpu_memory_utilization, self.cache_tokens,
                            agree=None if plan is None else parallel.agree_min, name=self.name,
                            kv_cache_dtype=self.kv_cache_dtype)
-        info(cache.describe(), quiet)
+        if plan is None:
+            info(cache.describe(), quiet)
+        else:  # each DP group holds its own requests' cache; the TP ranks of a group hold the same blocks
+            info(f"{cache.describe()} per rank; {plan.dp * cache.num_tokens} tokens in total over {plan.dp} "
+                 f"DP group{'s' if plan.dp > 1 else ''} of {plan.tp} rank{'s' if plan.tp > 1 else ''}", quiet)
         config = EngineConfig(max_model_len=max_model_len, block_size=block_size, num_blocks=cache.num_blocks,
                               max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                               enable_prefix_caching=self.enable_prefix_caching,

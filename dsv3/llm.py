@@ -73,6 +73,8 @@ class Model:
         if self.is_primary:
             raise UsageError("serve_steps runs on ranks other than 0; rank 0 drives the engine")
         serve_steps(self)
+        if self.ranks is not None:  # another node's first rank: its node's workers were told to stop too
+            self.ranks.stop()
 
     def _stop_ranks(self, reason: str) -> None:
         """A rank failed (the engine loop has failed every request): end the workers this process started;

@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"the model is given twice ({args.ckpt} and {value}): give one of MODEL, --model "
                                  "and --ckpt")
             args.ckpt = value
-    check_address(args.host, args.port)
+    if args.node_rank == 0:  # only node 0 serves
+        check_address(args.host, args.port)
     if args.config and not args.ckpt:
         raise UsageError("dsv3 serve needs a checkpoint with its tokenizer (--ckpt DIR, or none for the built-in "
                          "tiny one); --config builds random weights without a tokenizer")

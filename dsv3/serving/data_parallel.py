@@ -14,7 +14,6 @@ sequences exactly as a one-process engine would (seeded requests carry their own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,30 +21,8 @@ import torch.distributed as dist
 
 from dsv3.errors import RequestError
 from dsv3.serving.engine import EngineStats, LaunchedStep, LLMEngine
-from dsv3.serving.model_runner import ModelRunner, StepPlan
 from dsv3.serving.outputs import RequestOutput
-
-
-@dataclass
-class DataParallelStep:
-    """What rank 0 sends for one step under DP attention: plans[g] is DP group g's plan."""
-
-    plans: list[StepPlan]
-
-
-def empty_plan() -> StepPlan:
-    return StepPlan([], [], [], 0, [])
-
-
-def run_group_step(runner: ModelRunner, message: DataParallelStep, plan_of_rank, channel) -> torch.Tensor:
-    """On any rank: run this rank's group's plan; a group's first rank (not group 0's) then sends its logits to
-    rank 0. Returns the logits."""
-    dp_rank, tp_rank = plan_of_rank
-    plan = message.plans[dp_rank]
-    logits = runner.execute(plan)
-    if dp_rank > 0 and tp_rank == 0 and plan.logits_rows:
-        dist.send(logits.float().cpu().contiguous(), dst=0, group=channel.group)
-    return logits
+from dsv3.serving.workers import DataParallelStep, empty_plan, run_group_step
 
 
 class DataParallelEngine:
@@ -74,6 +51,9 @@ class DataParallelEngine:
     def requests(self) -> dict:
         return {request_id: request for engine in self.engines for request_id, request in engine.requests.items()}
 
+    def check_request_id(self, request_id, running=None) -> None:
+        self.local.check_request_id(request_id, self._owner if running is None else running)
+
     def check_request(self, prompt_token_ids, params):
         return self.local.check_request(prompt_token_ids, params)
 
@@ -90,8 +70,9 @@ class DataParallelEngine:
         engine = self._owner.pop(request_id, None)
         return None if engine is None else engine.abort(request_id)
 
-    def _fail(self, request, error: BaseException) -> None:
-        self._owner[request.request_id]._fail(request, error)
+    def fail(self, request_id: str, error: BaseException) -> RequestOutput | None:
+        engine = self._owner.pop(request_id, None)
+        return None if engine is None else engine.fail(request_id, error)
 
     def has_unfinished_requests(self) -> bool:
         return any(engine.has_unfinished_requests() for engine in self.engines)

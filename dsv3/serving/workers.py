@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.errors import Dsv3Error
+from dsv3.serving.model_runner import ModelRunner, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,30 @@ class StepChannel:
         return box[0]
 
 
+@dataclass
+class DataParallelStep:
+    """What rank 0 sends for one step under DP attention: plans[g] is DP group g's plan."""
+
+    plans: list[StepPlan]
+
+
+def empty_plan() -> StepPlan:
+    return StepPlan([], [], [], 0, [])
+
+
+def run_group_step(runner: ModelRunner, message: DataParallelStep, plan_of_rank, channel) -> torch.Tensor:
+    """On any rank: run this rank's group's plan; a group's first rank (not group 0's) then sends its logits to
+    rank 0. Returns the logits."""
+    dp_rank, tp_rank = plan_of_rank
+    plan = message.plans[dp_rank]
+    logits = runner.execute(plan)
+    if dp_rank > 0 and tp_rank == 0 and plan.logits_rows:
+        dist.send(logits.float().cpu().contiguous(), dst=0, group=channel.group)
+    return logits
+
+
 def serve_steps(model) -> None:
     """On a rank other than 0: run every step rank 0 sends until it sends None (Model.shutdown)."""
-    from dsv3.serving.data_parallel import DataParallelStep, run_group_step  # it imports the engine, which imports this
     runner = model.engine.runner
     channel = runner.channel
     while True:
@@ -185,8 +207,8 @@ class LocalRanks:
     def _watch(self) -> None:
         while not self._stopping:
             for rank, process in self.processes.items():
-                code = process.poll()
-                if code is not None and not self._stopping:
+                code = process.poll()  # 0: told to stop by rank 0 (another node's process may be rank 0)
+                if code not in (None, 0) and not self._stopping:
                     self.on_failure(f"rank {rank} (pid {process.pid}) {self._reason(rank, code)}")
                     return
             time.sleep(POLL_SECONDS)

@@ -206,6 +206,31 @@ def test_a_layout_the_model_cannot_take_is_refused_before_any_rank_starts():
 
 
 @pytest.mark.exhaustive
+def test_two_nodes_meet_through_their_flags_and_stop_together(one_process):
+    """--nnodes 2: node 1's command (here on the same machine) runs rank 1 and serves nothing; node 0 serves."""
+    port = str(free_port())
+    node = ("-tp", "2", "--nnodes", "2", "--master-port", port)
+    same = ("--max-num-seqs", "16", *FLAGS)  # as ServerProcess gives node 0: every rank the same settings
+    other = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", *same, *node, "--node-rank", "1"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        server = start(*node, "--node-rank", "0")
+        try:
+            assert worker_pids(server) == []  # node 0 started no rank of its own: rank 1 is node 1's command
+            c = client(server)
+            got = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+            assert got.choices[0].text == one_process["greedy"][0][0]
+            assert server.terminate() == 0
+        finally:
+            server.stop()
+        assert other.wait(30) == 0, other.stdout.read()
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+
+
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("flags", [("-tp", "4"), ("-dp", "2", "-tp", "2", "--enable-expert-parallel")],
                          ids=["tp4", "dp2xtp2"])
 def test_more_ranks_serve_what_one_process_serves(one_process, flags):
