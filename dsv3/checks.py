@@ -83,19 +83,22 @@ def check_device(device: str | None, name: str = "device") -> None:
                          f"visible (indices 0..{count - 1})")
 
 
-def model_bytes(config, precision: str, max_batch_size: int, max_seq_len: int, plan=None) -> tuple[int, int]:
+def model_bytes(config, precision: str, max_batch_size: int, max_seq_len: int, plan=None,
+                include_mtp: bool | None = None) -> tuple[int, int]:
     """(weight bytes, latent cache bytes) the model needs on its device, roughly, for the OOM message and
     `dsv3 doctor --plan`.
 
     FP8 linears count their float32 block scales; kv_b_proj (dequantized at load) and the routers
     (float32) count as loaded. With `plan` (a ParallelPlan) the weights are that rank's: its slice of each
-    cut tensor and its routed experts, without the MTP module.
+    cut tensor and its routed experts, without the MTP module. `include_mtp` overrides whether the MTP
+    module counts (default: without a plan).
     """
     from dsv3 import tensor_specs
 
     dense = 4 if precision == "fp32" else 2
     weights = 0
-    for module, spec in tensor_specs.module_specs(config, include_mtp=plan is None).items():
+    mtp = plan is None if include_mtp is None else include_mtp
+    for module, spec in tensor_specs.module_specs(config, include_mtp=mtp).items():
         if plan is not None and not plan.holds(module, config.n_routed_experts):
             continue
         shape = list(spec.shape)
@@ -111,6 +114,42 @@ def model_bytes(config, precision: str, max_batch_size: int, max_seq_len: int, p
             weights += numel * dense
     cache = config.latent_cache_bytes_per_token(dense) * max_batch_size * max_seq_len
     return weights, cache
+
+
+def available_bytes(device) -> int | None:
+    """Free bytes on `device`: the accelerator's free memory, or on the CPU the host's available memory
+    (MemAvailable); None where neither can be read."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+    info = getattr(torch.get_device_module(device), "mem_get_info", None)
+    try:
+        return int(info(device)[0]) if info is not None else None
+    except Exception:  # noqa: BLE001 - a backend that cannot tell: no check
+        return None
+
+
+def check_synthetic_fits(config, precision: str, device, plan=None, include_mtp: bool = False) -> None:
+    """Before random weights are built (--load-format dummy, or a config): OutOfMemoryError when they cannot fit
+    in what `device` has free, rather than minutes of building that end in a crash or the OOM killer."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    weights, _ = model_bytes(config, precision, 0, 0, plan, include_mtp)
+    if weights > free:
+        raise OutOfMemoryError(
+            f"the model's synthetic weights need about {weights / 1e9:.1f} GB in {precision} and {device} has "
+            f"{free / 1e9:.1f} GB free: use fewer layers (scripts/make_dummy_checkpoint.py --layers N, or "
+            f"bench's --layers), --precision fp8 where the chip has it, or more devices")
 
 
 def out_of_memory(error: BaseException, config, precision: str, max_batch_size: int, max_seq_len: int,

@@ -336,6 +336,8 @@ class EngineArgs:
         if source is None:  # synthetic weights: a config, or a checkpoint's config with load_format="dummy"
             # a dummy load makes V3-sized experts already stacked on the device, as bench decode does
             fast = self.load_format == "dummy" and plan is None and precision == "fp8"
+            checks.check_synthetic_fits(config, precision, backend.device, plan,
+                                        self.load_mtp or self.speculative_config is not None)
             source = RandomSource(config, fp8=precision == "fp8", seed=self.seed, device=backend.device, fast=fast)
         max_model_len = self.max_model_len or min(4096, config.max_position_embeddings)
         if max_model_len > config.max_position_embeddings:
