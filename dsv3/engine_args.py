@@ -331,7 +331,7 @@ class EngineArgs:
         if speculative is not None:
             speculative.check_model(config, str(model) if checkpoint else "the model's config")
         precision, why = resolve_precision(self.precision, backend.capabilities, config.is_fp8 or not checkpoint,
-                                           chip)
+                                           chip, self.name("precision"))
         info(why, quiet)
         if source is None:  # synthetic weights: a config, or a checkpoint's config with load_format="dummy"
             # a dummy load makes V3-sized experts already stacked on the device, as bench decode does

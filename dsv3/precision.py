@@ -24,7 +24,7 @@ def _dequantized(precision: str = "bf16") -> str:
 
 
 def resolve_precision(requested: str, capabilities: Capabilities, checkpoint_fp8: bool,
-                      chip: ChipInfo | None = None) -> tuple[str, str]:
+                      chip: ChipInfo | None = None, name: str = "--precision") -> tuple[str, str]:
     """Pick the compute precision.
 
     Args:
@@ -32,13 +32,14 @@ def resolve_precision(requested: str, capabilities: Capabilities, checkpoint_fp8
         capabilities: the chosen backend's capabilities.
         checkpoint_fp8: the checkpoint stores FP8 block-quantized linears.
         chip: the chip the backend runs on, named in messages (the backend's device when None).
+        name: how messages name the setting (EngineArgs.name: "precision" for a Python caller).
     Returns:
         (precision, a one-line explanation to print once).
     Raises:
         Dsv3Error: an unknown choice, or fp8 on a backend without FP8.
     """
     if requested not in CHOICES:
-        raise Dsv3Error(f"--precision must be one of {', '.join(CHOICES)}, got {requested!r}")
+        raise Dsv3Error(f"{name} must be one of {', '.join(CHOICES)}, got {requested!r}")
     where = _where(capabilities, chip)
     if requested == "auto":
         if checkpoint_fp8 and capabilities.native_fp8:
@@ -50,7 +51,7 @@ def resolve_precision(requested: str, capabilities: Capabilities, checkpoint_fp8
         return "bf16", "precision bf16: BF16 checkpoint"
     if requested == "fp8":
         if capabilities.fp8_dtype is None:
-            raise Dsv3Error(f"--precision fp8: {where} has no FP8; use --precision bf16 or auto "
+            raise Dsv3Error(f"{name} fp8: {where} has no FP8; use {name} bf16 or auto "
                             "(an FP8 checkpoint is then dequantized to BF16 while it loads)")
         how = "native" if capabilities.native_fp8 else "emulated in fp32, slow"
         quantized = "" if checkpoint_fp8 else "; the BF16 checkpoint is block-quantized 128x128 at load"

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config and not args.ckpt:
         raise UsageError("dsv3 serve needs a checkpoint with its tokenizer (--ckpt DIR, or none for the built-in "
                          "tiny one); --config builds random weights without a tokenizer")
+    engine_settings = engine_args(args, seed=args.seed)  # every engine flag checked before anything is read
     checkpoint = str(args.ckpt or TINY_CHECKPOINT)
     template = ChatTemplate.load(checkpoint, override=args.chat_template)
     if template is not None:  # before the weights load: a template the tokenizer cannot encode is refused
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         max_seqs_per_request=args.max_seqs_per_request, max_tokens_per_request=args.max_tokens_per_request,
         allowed_hosts=allowed_hosts(args), allowed_origins=parse_list("--allowed-origins", args.allowed_origins),
         max_waiting_requests=args.max_waiting_requests, log_requests=not args.disable_log_requests)
-    model = engine_args(args, seed=args.seed).build()
+    model = engine_settings.build()
     if not model.is_primary:  # a rank torchrun started: it runs the steps rank 0's engine sends
         model.serve_steps()
         return 0
