@@ -87,31 +87,30 @@ class KernelConfigs:
 
 
 # NVIDIA Hopper (sm_90) and newer; also the default for NVIDIA chips with FP8 (sm_89). Each tile is the
-# fastest of a sweep on an H100 (the scripts named below re-run them; docs/performance.md has the numbers).
+# fastest of a sweep on an H100 (docs/performance.md has the numbers; `dsv3 bench` re-times each op).
 NVIDIA_SM90 = KernelConfigs(
     gemm_prefill=TileConfig(128, 128, 8, {"num_warps": 8, "num_stages": 4}),
     # M = 1 reads each weight once: 64-column tiles with 8 warps, 3 stages and 4 programs per SM keep
-    # enough loads in flight on all seven V3 decode weights (scripts/gpu_decode_gemm_sweep.py)
+    # enough loads in flight on all seven V3 decode weights
     gemm_decode=TileConfig(16, 64, 1, {"num_warps": 8, "num_stages": 3}),
     decode_max_m=64,
     scaled_mm_min_m=17,
     moe_decode=TileConfig(16, 128, 1, {"num_warps": 4, "num_stages": 3}),
     # prefill: 256-column down tiles with 4 stages halve the passes over each expert's activations;
-    # 128-row tiles leave too few programs per expert (scripts/gpu_moe_sweep.py)
+    # 128-row tiles leave too few programs per expert
     moe_prefill=TileConfig(64, 256, 8, {"num_warps": 8, "num_stages": 4}),
     moe_prefill_min_rows=32,
     moe_dense_max_stages=2,
     quant=TileConfig(4, 128, 1, {"num_warps": 4}),
     # up to 16 rows the row is split over 1024-column programs, so the quantization's division and
     # rounding spread over more SMs; from 64 rows there are enough rows, and every part re-reading the
-    # whole row for its sum costs more than it gains (scripts/gpu_norm_sweep.py)
+    # whole row for its sum costs more than it gains
     norm=TileConfig(16, 1024, 1, {"num_warps": 8}),
     # prefill-sized M: 16 rows a program amortise the launch over more bytes; at decode 4 rows a program
-    # keep more programs (scripts/gpu_quant_sweep.py)
+    # keep more programs
     quant_prefill=TileConfig(16, 128, 1, {"num_warps": 4}),
     decode_waves=4.0,
     # 2-16 rows: 4 warps per tile; the M = 1 tile's 8 warps idle on the extra rows' loads
-    # (scripts/gpu_decode_gemm_sweep.py --few)
     gemm_decode_batch=TileConfig(16, 64, 1, {"num_warps": 4, "num_stages": 3}),
 )
 

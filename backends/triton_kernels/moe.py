@@ -99,7 +99,7 @@ def _max_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def align_by_expert_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`align_by_expert` in torch ops (a stable argsort and about 15 launches): the specification the
-    kernel is tested against (tests/kernels/test_moe_align.py, scripts/gpu_moe_align.py). N >= 2."""
+    kernel is tested against (tests/kernels/test_moe_align.py). N >= 2."""
     flat = ids.flatten()
     num_pairs = flat.numel()
     max_rows = _max_rows(num_pairs, num_experts, block_m)

@@ -293,7 +293,7 @@ def _checked(item) -> RequestOutput:
 
 
 class AsyncEngine:
-    """The engine for asyncio callers (the HTTP server, bench serve), Contract B.
+    """The engine for asyncio callers (the HTTP server, bench serve).
 
     Args:
         loop: the engine loop (one per model; Model.engine shares it with the sync API).

@@ -1,5 +1,5 @@
 """Bad inputs to the `dsv3` command end in one line naming the problem and a non-zero exit, never a
-traceback, a hang, silent garbage or lost data (issue 18).
+traceback, a hang, silent garbage or lost data.
 
 Most cases fail before any weight is read; they run through `dsv3.cli.main` in one fresh interpreter
 (a real `python -m dsv3` start per case would cost a second each) and each test asserts its own case's

@@ -1,4 +1,4 @@
-"""The Python API's bad inputs (issue 18): a Dsv3Error subclass or a TypeError with a message, raised
+"""The Python API's bad inputs: a Dsv3Error subclass or a TypeError with a message, raised
 before anything reaches torch; out of memory and backend failures come back as Dsv3Errors."""
 
 from __future__ import annotations

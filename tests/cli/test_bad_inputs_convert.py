@@ -1,4 +1,4 @@
-"""`dsv3 convert` never destroys data (issue 18): outputs that hold, lie in or are not checkpoints are
+"""`dsv3 convert` never destroys data: outputs that hold, lie in or are not checkpoints are
 refused before any work, replacement is atomic, SIGTERM cleans up, killed runs' leftovers are found,
 and only the regular files a checkpoint needs are copied, links leaving the source refused."""
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_MODEL_LEN = 512
-#: issue 20's target: start to the first 200 on /health within this on a CPU
+#: the start-up target: the first 200 on /health within this on a CPU
 STARTUP_LIMIT_S = 15.0
 
 

@@ -24,7 +24,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 class ScriptedEngine:
-    """Contract B's AsyncEngine surface; each request's output is the next script, one piece per step."""
+    """AsyncEngine's surface; each request's output is the next script, one piece per step."""
 
     def __init__(self):
         self.tokenizer = Tokenizer(TINY_CHECKPOINT)

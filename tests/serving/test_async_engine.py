@@ -1,4 +1,4 @@
-"""AsyncEngine (Contract B): streams, aborts that free blocks at once, no leak under random load."""
+"""AsyncEngine: streams, aborts that free blocks at once, no leak under random load."""
 
 from __future__ import annotations
 
