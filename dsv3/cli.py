@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import os
+import signal
 import sys
+import threading
 
 from dsv3.errors import Dsv3Error, Terminated
 
@@ -39,12 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with _leave_on_ctrl_c():  # importing torch and the commands takes seconds
+        from dsv3.backends.errors import BackendError
+        parser = build_parser()
     try:
-        from dsv3.backends.errors import BackendError  # imports torch: Ctrl-C meanwhile is handled below
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         return args.run(args) or 0
     except (Dsv3Error, BackendError) as e:
         return _fail(f"error: {e}", 2)
@@ -63,6 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, torch.OutOfMemoryError):
             return _fail(f"error: the device ran out of memory: {str(e).splitlines()[0]}", 2)
         raise
+
+
+@contextlib.contextmanager
+def _leave_on_ctrl_c():
+    """Ctrl-C inside: one line and exit 130 at once. A KeyboardInterrupt raised in an import can be swallowed
+    by a library's bare `except:` (the command then ran on as if nothing happened), and nothing has been
+    written yet, so leaving without unwinding loses nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):
+        _fail("interrupted", 130)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _fail(message: str, code: int) -> int:
