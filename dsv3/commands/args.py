@@ -51,21 +51,32 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    "that config's size (for DeepSeek-V3, 671B of them)")
     groups = {"model": p, "engine": p.add_argument_group("engine")}
     for f in dataclasses.fields(EngineArgs):
-        meta = f.metadata
-        if not meta["cli"]:
-            continue
-        names = [flag(f.name), *([meta["short"]] if meta["short"] else []), *(flag(alias) for alias in meta["aliases"])]
-        options: dict = dict(dest=f.name, default=f.default, help=meta["help"])
-        if isinstance(f.default, bool):
-            options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
-        else:
-            kind = str(f.type).split("|")[0].strip()
-            options.update(type={"int": int, "float": float}.get(kind, str), metavar=meta["metavar"])
-            if meta["metavar"] is None and meta["choices"] is not None:
-                options["choices"] = meta["choices"]
-            if f.default is not None:
-                options["help"] += f" (default {f.default})"
-        groups[meta["group"]].add_argument(*names, **options)
+        if f.metadata["cli"]:
+            _add_field(groups[f.metadata["group"]], f, f.default)
+
+
+def add_setting_arguments(p, field_names: list[str], **defaults) -> None:
+    """The flags of these EngineArgs fields only, with other defaults where given: for a command that plans a
+    layout instead of loading it (`dsv3 doctor --plan`)."""
+    fields = {f.name: f for f in dataclasses.fields(EngineArgs)}
+    for name in field_names:
+        _add_field(p, fields[name], defaults.get(name, fields[name].default))
+
+
+def _add_field(p, f: dataclasses.Field, default) -> None:
+    meta = f.metadata
+    names = [flag(f.name), *([meta["short"]] if meta["short"] else []), *(flag(alias) for alias in meta["aliases"])]
+    options: dict = dict(dest=f.name, default=default, help=meta["help"])
+    if isinstance(f.default, bool):
+        options["action"] = argparse.BooleanOptionalAction if default else "store_true"
+    else:
+        kind = str(f.type).split("|")[0].strip()
+        options.update(type={"int": int, "float": float}.get(kind, str), metavar=meta["metavar"])
+        if meta["metavar"] is None and meta["choices"] is not None:
+            options["choices"] = meta["choices"]
+        if f.default is not None:  # a field whose default is None says what None means in its help
+            options["help"] += f" (default {default})"
+    p.add_argument(*names, **options)
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:

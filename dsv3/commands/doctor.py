@@ -20,7 +20,8 @@ from dsv3.backends.interface import OPS
 from dsv3.backends.platforms import probe
 from dsv3.backends.select import build, decide, describe, installed_packages
 from dsv3.checks import check_device, check_int, check_number
-from dsv3.errors import Dsv3Error
+from dsv3.commands.args import KV_CACHE_DTYPE_NAMES, add_setting_arguments
+from dsv3.errors import Dsv3Error, UsageError
 from dsv3.precision import resolve_precision
 
 #: distribution names that provide each library, first found wins
@@ -41,19 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default deepseek-v3)")
     g.add_argument("--devices", default="H200x8", help="device kind and count: H200x8, H100x8, MI300Xx8 or 910Bx32 "
                    "(default H200x8)")
-    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks sharing attention (default 1)")
-    g.add_argument("-dp", "--data-parallel-size", type=int, default=1,
-                   help="data-parallel attention groups of tp ranks (default 1)")
-    g.add_argument("--enable-expert-parallel", action="store_true",
-                   help="whole experts per rank (expert parallelism over every rank)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp8", "bf16"),
-                   help="auto: fp8 where the checkpoint and the device have it, else bf16")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bf16", "fp8"), help="latent cache type")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of each device used "
-                   "(default 0.9)")
+    add_setting_arguments(g, ["tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "precision",
+                              "kv_cache_dtype", "gpu_memory_utilization", "max_model_len"], tensor_parallel_size=1)
     g.add_argument("--reserve-gib", type=float, default=5.0, help="GiB per rank kept for the runtime context, "
                    "communication buffers and activations (default 5)")
-    g.add_argument("--max-model-len", type=int, help="the longest request (default min(4096, the model's))")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,10 +67,15 @@ def run_plan(args: argparse.Namespace) -> int:
     check_int("--max-model-len", args.max_model_len, 1, optional=True)
     check_number("--gpu-memory-utilization", args.gpu_memory_utilization, 0.0, 1.0, low_open=True)
     check_number("--reserve-gib", args.reserve_gib, 0.0)
+    kv_cache_dtype = KV_CACHE_DTYPE_NAMES.get(args.kv_cache_dtype, args.kv_cache_dtype)
+    if kv_cache_dtype not in ("auto", "bf16", "fp8"):
+        raise UsageError(f"--kv-cache-dtype {args.kv_cache_dtype}: a plan takes auto, bf16 or fp8 (fp8_e4m3)")
+    if args.precision not in ("auto", "fp8", "bf16"):
+        raise UsageError(f"--precision {args.precision}: a plan takes auto, fp8 or bf16")
     kind, count = parse_devices(args.devices)
     config = load_config(args.model)
     plan = memory_plan(config, kind, count, args.tensor_parallel_size, args.data_parallel_size,
-                       args.enable_expert_parallel, args.precision, args.kv_cache_dtype, args.gpu_memory_utilization,
+                       args.enable_expert_parallel, args.precision, kv_cache_dtype, args.gpu_memory_utilization,
                        int(args.reserve_gib * GiB), args.max_model_len)
     print(json.dumps({"model": args.model, **plan.to_dict()}, indent=2) if args.json else format_plan(plan, args.model))
     if plan.fits:

@@ -126,3 +126,15 @@ def test_v2_lite_on_one_h100(dsv3):
     assert "model      deepseek-v2-lite: bf16 weights" in out.stdout
     assert "layout     tp 1, dp 1, ep 1: 1 rank: the whole model on one device" in out.stdout
     assert "(31,104 bytes per token)" in out.stdout  # 27 layers x 576 x 2
+
+
+def test_plan_flags_are_the_engine_flags(dsv3):
+    """The layout flags come from EngineArgs (dsv3.commands.args), so serve's spellings plan too: --tp and vLLM's
+    fp8_e4m3 cache name; a value a plan cannot size is one line naming the flag."""
+    fp8 = dsv3("--plan", "--tp", "8", "--enable-expert-parallel", "--kv-cache-dtype", "fp8_e4m3", "--json")
+    assert fp8.returncode == 0, fp8.stderr
+    bf16 = dsv3("--plan", "--tp", "8", "--enable-expert-parallel", "--json")
+    assert json.loads(fp8.stdout)["cache_tokens_per_rank"] > json.loads(bf16.stdout)["cache_tokens_per_rank"]
+    refused = dsv3("--plan", "--precision", "fp32")
+    assert refused.returncode == 2
+    assert refused.stderr == "dsv3: error: --precision fp32: a plan takes auto, fp8 or bf16\n"
