@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = str(args.ckpt or TINY_CHECKPOINT)
     template = ChatTemplate.load(checkpoint, override=args.chat_template)
     if template is not None:  # before the weights load: a template the tokenizer cannot encode is refused
-        check_template_tokens(template, Tokenizer(checkpoint))  # (its notes on tool-call tokens: generate --chat)
+        # (its notes on tool-call tokens: generate --chat)
+        check_template_tokens(template, Tokenizer(checkpoint), timeout=args.chat_template_timeout)
     settings = ServerSettings(
         model_name=args.served_model_name or args.ckpt or "tiny", checkpoint=checkpoint, chat_template=template,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,

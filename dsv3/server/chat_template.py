@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import jinja2
@@ -128,14 +129,32 @@ PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {
          {"role": "user", "content": "u"}]
 
 
-def check_template_tokens(template: ChatTemplate, tokenizer) -> list[str]:
+def check_template_tokens(template: ChatTemplate, tokenizer, timeout: float | None = None) -> list[str]:
     """The special tokens the template writes must be tokens of the tokenizer, or prompts carry them as plain
     text. Those of a plain conversation missing: Dsv3Error naming them and the files. Those only in other
-    paths of the template (tool calls, say) missing: returned as notes for the caller to print."""
-    try:
-        rendered = template.render(PROBE)
-    except RequestError:  # a template that refuses this conversation: nothing to learn from it
-        rendered = ""
+    paths of the template (tool calls, say) missing: returned as notes for the caller to print.
+
+    A template still rendering the plain conversation after `timeout` seconds is a Dsv3Error too: the render
+    runs in a daemon thread, which a caller about to exit leaves behind (a thread cannot be stopped)."""
+    outcome: list = []
+
+    def render() -> None:
+        try:
+            outcome.append(template.render(PROBE))
+        except RequestError:  # a template that refuses this conversation: nothing to learn from it
+            outcome.append("")
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=render, name="chat-template-check", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise Dsv3Error(f"{template.origin}: the chat template did not render a plain four-message conversation "
+                        f"within {timeout:g} s (a loop?); fix it or pass another with --chat-template FILE")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    rendered = outcome[0]
     written = set(SPECIAL_TOKEN_PATTERN.findall(rendered))
     written |= {t for t in template.special_tokens.values() if isinstance(t, str) and t and t in rendered}
     missing = sorted(t for t in written if not tokenizer.has_token(t))

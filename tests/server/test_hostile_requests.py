@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
-from serve_helpers import MAX_MODEL_LEN, HealthPoller, ServerProcess
+from serve_helpers import MAX_MODEL_LEN, HealthPoller, ServerProcess, free_port
 
 from dsv3.api import TINY_CHECKPOINT
 
@@ -207,3 +209,19 @@ def test_a_request_with_many_sequences_does_not_hold_back_a_small_one(server):
         stop.set()
         reader.join()
     assert sum(t < small_done for t in finishes) < 16, "the small request waited for the big one's sequences"
+
+
+def test_a_template_looping_on_a_plain_conversation_stops_the_start_in_one_line(tmp_path):
+    """serve checks the template's special tokens by rendering a plain conversation before the weights load;
+    a template that loops there is refused within --chat-template-timeout instead of hanging the start."""
+    template = tmp_path / "loop.jinja"
+    template.write_text(SPIN.replace("{% if spin %}", "").replace("{% endif %}", ""))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dsv3", "serve", "--port", str(free_port()), "--chat-template",
+                             str(template), "--chat-template-timeout", "1"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dsv3: error: {template}: the chat template did not render a plain four-message conversation within 1 s "
+        "(a loop?); fix it or pass another with --chat-template FILE")
+    assert time.monotonic() - start < 60
