@@ -44,9 +44,7 @@ from dsv3.bench.common import (
     save_json,
     time_op,
 )
-from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests use them as model_steps.*
-    HEADROOM,
-    WORKSPACE_BYTES,
+from dsv3.bench.harness import (
     ExpertCounter,
     StaticDecode,
     bench_config,
@@ -55,28 +53,16 @@ from dsv3.bench.harness import (  # noqa: F401 - re-exported: tests use them as 
     fit_layers,
     format_profile,
     free_memory,
-    model_memory_bytes,
     model_weight_bytes,
     prefill_last_logits,
     profile_step,
 )
-from dsv3.bench.steps import (  # noqa: F401 - re-exported: tests use them as model_steps.*
-    BLOCK,
-    WEIGHT_BYTES,
-    Floor,
-    StepCost,
+from dsv3.bench.steps import (
     _moe_layers,
-    attention_linears,
     decode_cost,
-    expected_experts_hit,
-    expert_bytes,
-    layer_read_bytes,
-    linear_bytes,
     link_reference,
     make_record,
-    mlp_linears,
     prefill_cost,
-    step_floor,
     summary_lines,
 )
 from dsv3.config import ModelConfig

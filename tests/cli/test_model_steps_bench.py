@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsv3 import cli
-from dsv3.bench import model_steps
+from dsv3.bench import harness, model_steps, steps
 from dsv3.bench.common import Roofline, save_json
 from dsv3.checkpoint import RandomSource, WeightLoader
 from dsv3.config import load_config
@@ -41,7 +41,7 @@ MOE_MACS = LINEAR_MACS + 3 * 128 * (2 * 128 + 128)     # two routed experts and 
 
 def test_decode_cost_by_hand(tiny_config):
     batch, context, hits = 2, 10, [3, 4]
-    cost = model_steps.decode_cost(tiny_config, "fp8", batch, context, hits)
+    cost = steps.decode_cost(tiny_config, "fp8", batch, context, hits)
     layers = (ATTENTION_BYTES + DENSE_MLP_BYTES) + sum(ATTENTION_BYTES + ROUTER_BYTES + (h + 1) * EXPERT_BYTES
                                                       for h in hits)
     assert cost.weight_bytes == layers + batch * 128 * 2 + 128 * 2 + 512 * 128 * 2  # embed rows, norm, head
@@ -55,7 +55,7 @@ def test_decode_cost_by_hand(tiny_config):
 
 def test_prefill_cost_by_hand(tiny_config):
     tokens, hits = 6, [5, 6]
-    cost = model_steps.prefill_cost(tiny_config, "fp8", tokens, hits)
+    cost = steps.prefill_cost(tiny_config, "fp8", tokens, hits)
     layers = (ATTENTION_BYTES + DENSE_MLP_BYTES) + sum(ATTENTION_BYTES + ROUTER_BYTES + (h + 1) * EXPERT_BYTES
                                                       for h in hits)
     assert cost.weight_bytes == layers + tokens * 128 * 2 + 128 * 2 + 512 * 128 * 2
@@ -68,59 +68,59 @@ def test_prefill_cost_by_hand(tiny_config):
 
 
 def test_bf16_weights_count_two_bytes_and_no_fp8_flops(tiny_config):
-    fp8 = model_steps.decode_cost(tiny_config, "fp8", 1, 4, [2, 2])
-    bf16 = model_steps.decode_cost(tiny_config, "bf16", 1, 4, [2, 2])
+    fp8 = steps.decode_cost(tiny_config, "fp8", 1, 4, [2, 2])
+    bf16 = steps.decode_cost(tiny_config, "bf16", 1, 4, [2, 2])
     assert bf16.fp8_flops == 0 and bf16.dense_flops == fp8.dense_flops + fp8.fp8_flops
-    assert model_steps.linear_bytes(256, 384, "bf16") == 256 * 384 * 2
-    assert model_steps.linear_bytes(256, 384, "fp8") == 256 * 384 + 4 * 2 * 3
+    assert steps.linear_bytes(256, 384, "bf16") == 256 * 384 * 2
+    assert steps.linear_bytes(256, 384, "fp8") == 256 * 384 + 4 * 2 * 3
 
 
 def test_floor_is_the_larger_term():
     roofline = Roofline("test", copy_gbps=2000.0, bf16_tflops=500.0, fp8_tensorwise_tflops=None,
                         fp8_blockwise_tflops=1000.0)
-    memory_bound = model_steps.StepCost(4e9, 1e9, 0.0, 1e12, 1e11)
-    floor = model_steps.step_floor(memory_bound, roofline)
+    memory_bound = steps.StepCost(4e9, 1e9, 0.0, 1e12, 1e11)
+    floor = steps.step_floor(memory_bound, roofline)
     assert floor.memory_ms == pytest.approx(5e9 / 2000e9 * 1e3)  # 2.5 ms
     assert floor.compute_ms == pytest.approx((1e12 / 1000e12 + 1e11 / 500e12) * 1e3)  # 1.2 ms
     assert (floor.ms, floor.limit) == (pytest.approx(2.5), "memory")
-    compute_bound = model_steps.StepCost(1e9, 0.0, 0.0, 4e12, 0.0)
-    assert model_steps.step_floor(compute_bound, roofline).limit == "compute"
+    compute_bound = steps.StepCost(1e9, 0.0, 0.0, 4e12, 0.0)
+    assert steps.step_floor(compute_bound, roofline).limit == "compute"
     no_fp8 = Roofline("test", 2000.0, 500.0, None, None)  # FP8 FLOPs then count at the BF16 rate
-    assert model_steps.step_floor(compute_bound, no_fp8).compute_ms == pytest.approx(8.0)
+    assert steps.step_floor(compute_bound, no_fp8).compute_ms == pytest.approx(8.0)
 
 
 def test_expected_experts_hit():
-    assert model_steps.expected_experts_hit(256, 8, 1) == pytest.approx(8.0)
-    assert model_steps.expected_experts_hit(256, 8, 16) == pytest.approx(256 * (1 - (248 / 256) ** 16))
-    assert 250 < model_steps.expected_experts_hit(256, 8, 128) < 256
+    assert steps.expected_experts_hit(256, 8, 1) == pytest.approx(8.0)
+    assert steps.expected_experts_hit(256, 8, 16) == pytest.approx(256 * (1 - (248 / 256) ** 16))
+    assert 250 < steps.expected_experts_hit(256, 8, 128) < 256
 
 
 def test_deepseek_v3_expert_and_layer_sizes():
     v3 = load_config("deepseek-v3")
-    assert model_steps.expert_bytes(v3, "fp8") == 3 * 2048 * 7168 + 4 * 3 * 16 * 56
-    assert 11.2e9 < 256 * model_steps.expert_bytes(v3, "fp8") < 11.4e9  # one MoE layer's routed experts
+    assert steps.expert_bytes(v3, "fp8") == 3 * 2048 * 7168 + 4 * 3 * 16 * 56
+    assert 11.2e9 < 256 * steps.expert_bytes(v3, "fp8") < 11.4e9  # one MoE layer's routed experts
 
 
 def test_bench_config_keeps_dense_layers_first_and_one_moe_layer():
     v3 = load_config("deepseek-v3")
     for layers, dense in ((1, 0), (2, 1), (4, 3), (7, 3)):
-        c = model_steps.bench_config(v3, layers)
+        c = harness.bench_config(v3, layers)
         assert (c.num_hidden_layers, c.first_k_dense_replace) == (layers, dense)
         assert [c.is_moe_layer(i) for i in range(layers)] == [False] * dense + [True] * (layers - dense)
     with pytest.raises(Dsv3Error):
-        model_steps.bench_config(v3, 0)
+        harness.bench_config(v3, 0)
 
 
 def test_fit_layers_takes_the_most_that_fit():
     v3 = load_config("deepseek-v3")
-    five = model_steps.model_memory_bytes(model_steps.bench_config(v3, 5), "fp8", 128, 8193)
-    six = model_steps.model_memory_bytes(model_steps.bench_config(v3, 6), "fp8", 128, 8193)
+    five = harness.model_memory_bytes(harness.bench_config(v3, 5), "fp8", 128, 8193)
+    six = harness.model_memory_bytes(harness.bench_config(v3, 6), "fp8", 128, 8193)
     assert six - five > 11.2e9  # a MoE layer: its experts plus its cache
-    assert model_steps.fit_layers(v3, "fp8", five / 0.85 + 1, 128, 8193) == 5
-    assert model_steps.fit_layers(v3, "fp8", five / 0.85 - 1, 128, 8193) == 4
-    assert model_steps.fit_layers(v3, "fp8", 84e9, 128, 8193) == 7  # an H100: 3 dense + 4 MoE
+    assert harness.fit_layers(v3, "fp8", five / 0.85 + 1, 128, 8193) == 5
+    assert harness.fit_layers(v3, "fp8", five / 0.85 - 1, 128, 8193) == 4
+    assert harness.fit_layers(v3, "fp8", 84e9, 128, 8193) == 7  # an H100: 3 dense + 4 MoE
     with pytest.raises(Dsv3Error, match="one layer needs"):
-        model_steps.fit_layers(v3, "fp8", 10e9, 128, 8193)
+        harness.fit_layers(v3, "fp8", 10e9, 128, 8193)
 
 
 # ---- synthetic weights --------------------------------------------------------------------------
@@ -145,9 +145,9 @@ def test_expert_counter_counts_each_moe_layer(tiny_config):
     from dsv3.backends.reference import ReferenceBackend
 
     backend = ReferenceBackend()
-    model = model_steps.build_model(tiny_config, backend, "fp8", 2, 16)
-    with model_steps.ExpertCounter(backend) as counter:
-        logits = model_steps.StaticDecode(model, torch.tensor([3, 9]), 7).eager()
+    model = harness.build_model(tiny_config, backend, "fp8", 2, 16)
+    with harness.ExpertCounter(backend) as counter:
+        logits = harness.StaticDecode(model, torch.tensor([3, 9]), 7).eager()
     assert torch.isfinite(logits).all()
     assert len(counter.hits) == 2 and all(2 <= h <= 4 for h in counter.hits)
     assert "moe_experts" not in vars(backend)
@@ -210,8 +210,8 @@ def test_bench_rejects_bad_sizes(capsys):
 
 def test_summary_reads_a_saved_run(tmp_path, capsys):
     roofline = Roofline("H100", 3000.0, 700.0, None, 1000.0)
-    cost = model_steps.decode_cost(load_config("tiny"), "fp8", 64, 1024, None)
-    record = model_steps.make_record("decode", "dsv3 cuda (graph)", True, 64, 1024, 7, cost, roofline, 30.0, 64, None)
+    cost = steps.decode_cost(load_config("tiny"), "fp8", 64, 1024, None)
+    record = steps.make_record("decode", "dsv3 cuda (graph)", True, 64, 1024, 7, cost, roofline, 30.0, 64, None)
     record.metrics["vs_reference"] = 12.0
     path = tmp_path / "run.json"
     save_json(path, roofline, [record], {"device": "H100", "model": {"layers": 7}})
